@@ -1,0 +1,31 @@
+"""lens_alti: ALTI and ALTI+ contributions from TransformerLens caches.
+
+    logits, cache = model.run_with_cache(tokens)
+    result = lens_alti.attribute(cache)          # result.layers, result.rollout
+"""
+
+from lens_alti.api import attribute, hook_names
+from lens_alti.errors import (
+    LensAltiError,
+    MissingHooksError,
+    NonFiniteError,
+    NotACacheError,
+    ReconstructionError,
+    UnsupportedModelError,
+    WeightProcessingWarning,
+)
+from lens_alti.result import AltiResult
+
+__all__ = [
+    "AltiResult",
+    "LensAltiError",
+    "MissingHooksError",
+    "NonFiniteError",
+    "NotACacheError",
+    "ReconstructionError",
+    "UnsupportedModelError",
+    "WeightProcessingWarning",
+    "attribute",
+    "hook_names",
+]
+__version__ = "0.1.0"

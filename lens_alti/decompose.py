@@ -1,0 +1,172 @@
+"""Decompose an attention block into transformed vectors T_i(x_j) (spec §1).
+
+The transformed vectors are never materialised for all (i, j) at once. They are kept
+in the factored form
+
+    T_i(x_j) = s_i ⊙ Σ_h A[h,i,j] · VO[h,j]  (+ residual_i if j is the residual source)
+
+where `VO[h,j] = v[j,h] @ W_O[h]` (centred for a post-LayerNorm), `s_i` is the
+receiver's linearised norm scale (γ/σ_i, g/rms_i, or 1 for pre-norm blocks), and the
+residual term is x_i passed through the same linear map when the norm follows the
+residual sum. Terms belonging to no source go to `bias_i`, so that
+`y_i = Σ_j T_i(x_j) + bias_i` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_alti.errors import ReconstructionError
+from lens_alti.records import AttentionBlock
+
+RECONSTRUCTION_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class TransformedVectors:
+    """Factored transformed vectors of one block; see the module docstring.
+
+    `weights[b,h,q,k]` attention probabilities; `vo[b,h,k,d]` per-head value vectors
+    after W_O (and centring); `scale[b,q,d]` or None for 1; `residual[b,q,d]` the
+    residual's transformed vector; `bias[b,q,d]` the part of y owned by no source;
+    `resultant[b,q,d]` y_i = Σ_j T_i(x_j) + bias_i.
+    """
+
+    name: str
+    weights: Float[Tensor, "b h q k"]
+    vo: Float[Tensor, "b h k d"]
+    scale: Float[Tensor, "b q d"] | None
+    residual: Float[Tensor, "b q d"]
+    bias: Float[Tensor, "b q d"]
+    resultant: Float[Tensor, "b q d"]
+    residual_column: Literal["diagonal", "last"]
+    causal: bool
+    z: Float[Tensor, "b q h e"]
+    W_O: Float[Tensor, "h e d"]
+    centred: bool
+
+    def head_outputs(self) -> Float[Tensor, "b h q d"]:
+        """Each head's whole transformed output o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]."""
+        o = torch.einsum("bqhe,hed->bhqd", self.z, self.W_O)
+        if self.centred:
+            o = _centre(o)
+        return o if self.scale is None else o * self.scale[:, None]
+
+    @property
+    def n_sources(self) -> int:
+        """Columns of the contribution matrix: the keys, plus the residual if it is separate."""
+        return self.weights.shape[-1] + (self.residual_column == "last")
+
+
+def _centre(x: Tensor) -> Tensor:
+    return x - x.mean(dim=-1, keepdim=True)
+
+
+def is_causal(pattern: Float[Tensor, "b h q k"], valid_rows: Tensor | None = None) -> bool:
+    """True when no receiver attends to a later source (so j > i can be skipped)."""
+    q, k = pattern.shape[-2:]
+    if q != k:
+        return False
+    upper = torch.ones(q, k, dtype=torch.bool, device=pattern.device).triu(1)
+    above = pattern.masked_select(upper) if valid_rows is None else (
+        pattern * valid_rows[:, None, :, None].to(pattern.dtype)
+    ).masked_select(upper)
+    return bool((above == 0).all())
+
+
+def decompose(
+    block: AttentionBlock,
+    dtype: torch.dtype = torch.float32,
+    valid_rows: Tensor | None = None,
+) -> TransformedVectors:
+    """Turn a block record into factored transformed vectors, computed in `dtype`."""
+    f = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    A = f(block.pattern)
+    v = f(block.values)
+    W_O = f(block.W_O)
+    b_O = f(block.b_O)
+    x = f(block.residual)
+    b, h, q, k = A.shape
+    d = W_O.shape[-1]
+
+    vo = torch.einsum("bkhe,hed->bhkd", v, W_O)
+    bias_vec = b_O if b_O is not None else torch.zeros(d, dtype=dtype, device=A.device)
+    scale: Tensor | None = None
+    residual = x
+    norm = block.norm
+    if norm is not None:
+        weight = f(norm.weight)
+        scale = weight / f(norm.scale)[..., None]  # [b, q, d]
+        if norm.kind == "layernorm":
+            vo = _centre(vo)
+            bias_vec = _centre(bias_vec)
+        if norm.placement == "block":
+            residual = scale * (_centre(x) if norm.kind == "layernorm" else x)
+        bias = scale * bias_vec
+        if norm.bias is not None:
+            bias = bias + f(norm.bias)
+    else:
+        bias = bias_vec.expand(b, q, d)
+
+    # Σ_j Σ_h A·VO through z = A @ v, far cheaper than summing VO over (i, j).
+    z = torch.einsum("bhqk,bkhe->bqhe", A, v)
+    attn = torch.einsum("bqhe,hed->bqd", z, W_O)
+    if norm is not None and norm.kind == "layernorm":
+        attn = _centre(attn)
+    if scale is not None:
+        attn = attn * scale
+    resultant = attn + residual + bias
+    return TransformedVectors(
+        name=block.name,
+        weights=A,
+        vo=vo,
+        scale=scale,
+        residual=residual,
+        bias=bias,
+        resultant=resultant,
+        residual_column=block.residual_column,
+        causal=block.residual_column == "diagonal" and is_causal(A, valid_rows),
+        z=z,
+        W_O=W_O,
+        centred=norm is not None and norm.kind == "layernorm",
+    )
+
+
+def reconstruction_error(
+    tv: TransformedVectors, block: AttentionBlock, valid_rows: Tensor | None = None
+) -> tuple[float, float]:
+    """(max|Σ_j T_i(x_j) + bias_i − y_real|, max|y_real|) over valid receivers."""
+    target = block.target.to(tv.resultant.dtype)
+    diff = (tv.resultant - target).abs()
+    mag = target.abs()
+    if valid_rows is not None:
+        keep = valid_rows[..., None].to(diff.dtype)
+        diff, mag = diff * keep, mag * keep
+    return float(diff.max()), float(mag.max())
+
+
+def check_reconstruction(
+    tv: TransformedVectors,
+    block: AttentionBlock,
+    valid_rows: Tensor | None = None,
+    tolerance: float = RECONSTRUCTION_TOLERANCE,
+) -> float:
+    """Raise ReconstructionError unless max|Δ| ≤ tolerance · max|y|; return the relative error."""
+    err, mag = reconstruction_error(tv, block, valid_rows)
+    if not err <= tolerance * mag:
+        raise ReconstructionError(
+            f"{block.name} (layer {block.layer}, {block.architecture})",
+            err,
+            mag,
+            tolerance,
+            "The block's output is not the sum the decomposition assumes: the architecture's "
+            "block layout is not supported, or the cache was produced with settings that "
+            "break it (hooks that modified activations, a different attention mask). "
+            "Pass check=False only if you know why.",
+        )
+    return err / max(mag, 1e-30)

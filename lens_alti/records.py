@@ -1,0 +1,58 @@
+"""The neutral record of one attention block, read from a cache.
+
+Readers (one per model family) fill these records; everything after them is
+model-agnostic mathematics. Shapes use `b` batch, `h` query heads, `q` receivers
+(query positions), `k` sources (key positions), `e` d_head, `d` d_model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from jaxtyping import Float
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class NormAfterAttention:
+    """A normalisation applied after the attention block (post-norm models).
+
+    `placement="block"`: `y_i = Norm(x_i + attn_out_i)` (post-LN BERT/Marian/BART, post-RMS).
+    `placement="attn_out"`: `y_i = x_i + Norm(attn_out_i)` (Gemma-2/3, OLMo-2 post-attention norm).
+    `scale[b, q]` is σ_i (LayerNorm, biased std with eps inside the root) or the RMS,
+    computed from the real input of the norm, so it is fixed per receiver and the
+    norm is linear in each summand.
+    """
+
+    kind: Literal["layernorm", "rmsnorm"]
+    placement: Literal["block", "attn_out"]
+    weight: Float[Tensor, " d"]
+    bias: Float[Tensor, " d"] | None
+    scale: Float[Tensor, "b q"]
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Everything needed to write one attention block's output as a sum over sources.
+
+    `values` are already expanded to one per query head (grouped-query attention is
+    undone by the reader) and contain `b_V` and the pre-norm of each source token.
+    `residual[b, q, d]` is the residual stream added to receiver q (for self-attention
+    it is the receiver's own input x_q; for cross-attention the decoder stream).
+    `target[b, q, d]` is the real activation the decomposition must reproduce.
+    `residual_column`: "diagonal" — the residual belongs to source j = q (self-attention);
+    "last" — it is a separate, extra source after the k keys (cross-attention).
+    """
+
+    name: str
+    layer: int
+    pattern: Float[Tensor, "b h q k"]
+    values: Float[Tensor, "b k h e"]
+    W_O: Float[Tensor, "h e d"]
+    b_O: Float[Tensor, " d"] | None
+    residual: Float[Tensor, "b q d"]
+    target: Float[Tensor, "b q d"]
+    residual_column: Literal["diagonal", "last"] = "diagonal"
+    norm: NormAfterAttention | None = None
+    architecture: str = "unknown"
