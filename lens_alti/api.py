@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,10 +19,10 @@ from lens_alti.contributions import (
 )
 from lens_alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
 from lens_alti.errors import LensAltiError, NonFiniteError, WeightProcessingWarning
-from lens_alti.reading import cache_and_model, check_hooks, model_layout
+from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.records import AttentionBlock
-from lens_alti.result import AltiResult
-from lens_alti.rollout import rollout
+from lens_alti.result import AltiResult, Seq2SeqAltiResult
+from lens_alti.rollout import encoder_decoder_rollout, rollout
 
 # Attention a real query may give a padded key before we call the mask inconsistent.
 _MASK_LEAK_TOLERANCE = 1e-6
@@ -35,49 +36,103 @@ def hook_names(model: Any, parallel_mlp: str = "exclude") -> list[str]:
     return model_layout(model, parallel_mlp).hook_names()
 
 
-def _prepare_mask(attention_mask: Tensor | None, batch: int, pos: int, device: torch.device) -> Tensor:
+def _prepare_mask(attention_mask: Tensor | None, batch: int, pos: int, device: torch.device, what: str) -> Tensor:
     if attention_mask is None:
         return torch.ones(batch, pos, dtype=torch.bool, device=device)
     mask = torch.as_tensor(attention_mask, device=device)
     if mask.shape != (batch, pos):
-        raise ValueError(
-            f"attention_mask has shape {tuple(mask.shape)}, but the cache has [batch, pos] = [{batch}, {pos}]"
-        )
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but the cache has [batch, pos] = [{batch}, {pos}]")
     if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        raise ValueError(f"{what} must hold only 0 (padding) and 1 (real token)")
     return mask.bool()
 
 
-def _check_finite(block: AttentionBlock, valid: Tensor) -> None:
-    rows = valid[:, None, :, None]
+def _check_finite(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> None:
     checks = {
-        "hook_pattern": torch.where(rows, block.pattern, 0),
-        "hook_v": torch.where(valid[:, :, None, None], block.values, 0),
-        "residual stream": torch.where(valid[..., None], block.residual, 0),
-        "block output": torch.where(valid[..., None], block.target, 0),
+        "hook_pattern": torch.where(valid_q[:, None, :, None], block.pattern, 0),
+        "hook_v": torch.where(valid_k[:, :, None, None], block.values, 0),
+        "residual stream": torch.where(valid_q[..., None], block.residual, 0),
+        "block output": torch.where(valid_q[..., None], block.target, 0),
     }
     for what, t in checks.items():
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"{block.name}: the cache holds NaN or Inf in its {what} (layer {block.layer})")
 
 
-def _masked_block(block: AttentionBlock, valid: Tensor) -> AttentionBlock:
+def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> AttentionBlock:
     """Zero padded receivers' rows and padded sources' columns of the pattern.
 
     Raises if real receivers gave padded sources real attention: the cache was then made
     without the mask given here.
     """
-    if bool(valid.all()):
+    if bool(valid_q.all()) and bool(valid_k.all()):
         return block
     pattern = block.pattern
-    leak = (pattern * valid[:, None, :, None] * ~valid[:, None, None, :]).amax() if pattern.numel() else 0
+    leak = (pattern * valid_q[:, None, :, None] * ~valid_k[:, None, None, :]).amax() if pattern.numel() else 0
     if float(leak) > _MASK_LEAK_TOLERANCE:
         raise LensAltiError(
-            f"{block.name}: real tokens attend to positions that attention_mask marks as padding "
-            f"(attention up to {float(leak):.3g}); pass the same attention_mask to run_with_cache"
+            f"{block.name}: real tokens attend to positions that the mask marks as padding "
+            f"(attention up to {float(leak):.3g}); pass the same attention_mask "
+            "(and decoder_attention_mask) that run_with_cache was given"
         )
-    keep = (valid[:, None, :, None] & valid[:, None, None, :]).to(pattern.dtype)
+    keep = (valid_q[:, None, :, None] & valid_k[:, None, None, :]).to(pattern.dtype)
     return AttentionBlock(**{**block.__dict__, "pattern": pattern * keep})
+
+
+@dataclass
+class _Stacked:
+    """Per-layer outputs of one kind of block, stacked along dim 1."""
+
+    layers: Tensor
+    errors: Tensor
+    heads: Tensor | None = None
+    heads_residual: Tensor | None = None
+    head_outputs: Tensor | None = None
+    head_outputs_residual: Tensor | None = None
+
+
+def _run_blocks(
+    readers: list[BlockReader],
+    cache: Any,
+    valid_q: Tensor,
+    valid_k: Tensor,
+    *,
+    measure: str,
+    heads: bool,
+    check: bool,
+    dtype: torch.dtype,
+    max_chunk_bytes: int,
+    progress: Any,
+) -> _Stacked:
+    """Read, decompose and measure every block of one kind (encoder, decoder self, cross...)."""
+    q_mask = valid_q.to(dtype)
+    layers, head_list, head_res, out_list, out_res, errors = [], [], [], [], [], []
+    for reader in readers:
+        block = reader.build(cache)
+        _check_finite(block, valid_q, valid_k)
+        block = _masked_block(block, valid_q, valid_k)
+        tv = decompose(block, dtype=dtype, valid_rows=valid_q)
+        tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
+        errors.append(check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))
+        layers.append(token_contributions(tv, measure, max_chunk_bytes) * q_mask[:, :, None])
+        if heads:
+            h, r = head_contributions(tv, max_chunk_bytes)
+            head_list.append(h * q_mask[:, None, :, None])
+            head_res.append(r * q_mask)
+            o, o_r = head_output_contributions(tv)
+            out_list.append(o * q_mask[:, None])
+            out_res.append(o_r * q_mask)
+        del tv, block
+        progress.update(1)
+    stack = (lambda xs: torch.stack(xs, dim=1)) if heads else (lambda xs: None)
+    return _Stacked(
+        layers=torch.stack(layers, dim=1),
+        errors=torch.tensor(errors, dtype=torch.float64),
+        heads=stack(head_list),
+        heads_residual=stack(head_res),
+        head_outputs=stack(out_list),
+        head_outputs_residual=stack(out_res),
+    )
 
 
 def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
@@ -95,14 +150,37 @@ def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
     return out
 
 
-def _progress(iterable: Any, enabled: bool | None, n_pos: int, total: int, desc: str) -> Any:
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool | None, n_pos: int, total: int) -> Any:
     if enabled is None:
         enabled = n_pos >= 512 and sys.stderr.isatty()
     if not enabled:
-        return iterable
+        return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc)
+    return tqdm(total=total, desc="lens_alti", unit="block")
+
+
+def _check_decoder_input(cache: Any) -> None:
+    """TransformerLens feeds the source shifted right when decoder_input is missing."""
+    if "embed.hook_in" not in cache.keys() or "decoder_embed.hook_in" not in cache.keys():
+        return
+    src, tgt = cache["embed.hook_in"], cache["decoder_embed.hook_in"]
+    if src.dtype.is_floating_point or tgt.shape != src.shape or src.shape[-1] < 2:
+        return
+    if torch.equal(tgt[:, 1:], src[:, :-1]) and bool((tgt[:, 0] == tgt[0, 0]).all()):
+        raise LensAltiError(
+            "this encoder-decoder cache was run without a target: TransformerLens then feeds the "
+            "source shifted right as the decoder input. Run "
+            "`model.run_with_cache(src_tokens, decoder_input=tgt_tokens)` with the target prefix to explain."
+        )
 
 
 @torch.no_grad()
@@ -112,35 +190,42 @@ def attribute(
     measure: str = "l1",
     heads: bool = False,
     attention_mask: Tensor | None = None,
+    decoder_attention_mask: Tensor | None = None,
     check: bool = True,
     tokens: Any = None,
+    decoder_tokens: Any = None,
     parallel_mlp: str = "exclude",
     dtype: torch.dtype = torch.float32,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool | None = None,
-) -> AltiResult:
+) -> AltiResult | Seq2SeqAltiResult:
     """ALTI contributions for every layer (and head), with rollout, from a cache.
 
     Args:
         cache: the ActivationCache of `logits, cache = model.run_with_cache(tokens)` for a
-            TransformerLens TransformerBridge (weights are read from `cache.model`).
+            TransformerLens TransformerBridge (weights are read from `cache.model`); for an
+            encoder-decoder, `model.run_with_cache(src, decoder_input=tgt)`.
         measure: "l1" (ALTI, default), "l2", "koba" (‖T_i(x_j)‖₂) or "attention" (head-mean
             attention weights, a baseline).
         heads: also compute per-head (token-through-head) contributions, always with L1.
         attention_mask: `[batch, pos]` 1 for real tokens, 0 for padding (left or right); the
-            same mask the cache was produced with.
+            same mask the cache was produced with. For encoder-decoders: the source mask.
+        decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
         check: verify each block's decomposition reproduces the real activation to
             max|Δ| ≤ 1e-4·max|y| and raise ReconstructionError otherwise.
-        tokens: token ids `[batch, pos]` or strings, used only for labels.
+        tokens / decoder_tokens: token ids `[batch, pos]` or strings, used only for labels.
         parallel_mlp: for parallel attention+MLP blocks (GPT-J, NeoX): "exclude" (y = x + attn)
             or "residual" (the MLP output, a function of x_i alone, joins x_i's own term).
         dtype: computation dtype (fp16/bf16 caches are always computed in at least fp32).
         max_chunk_bytes: memory budget for one chunk of receivers' intermediates.
-        progress: show a progress bar over layers (default: for long inputs in a terminal).
+        progress: show a progress bar over blocks (default: for long inputs in a terminal).
 
     Returns:
-        An AltiResult with `layers`, `rollout` (`[batch, layer, query, key]`) and, with
-        `heads=True`, `heads` (`[batch, layer, head, query, key]`) and `heads_residual`.
+        Decoder-only and encoder models: an AltiResult with `layers`, `rollout`
+        (`[batch, layer, query, key]`) and, with `heads=True`, `heads`
+        (`[batch, layer, head, query, key]`) and `heads_residual`.
+        Encoder-decoder models: a Seq2SeqAltiResult (`encoder`, `decoder_self`, `cross`,
+        `total`, `source_contribution`).
     """
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; expected one of {', '.join(MEASURES)}")
@@ -157,43 +242,72 @@ def attribute(
             WeightProcessingWarning,
             stacklevel=2,
         )
+    opts = {"measure": measure, "heads": heads, "check": check, "dtype": dtype, "max_chunk_bytes": max_chunk_bytes}
+    n_blocks = sum(len(r) for r in layout.blocks.values())
 
-    readers = layout.blocks["self"]
-    first = cache[readers[0].hooks[0]]
-    batch, pos, device = first.shape[0], first.shape[-1], first.device
-    valid = _prepare_mask(attention_mask, batch, pos, device)
-    rowmask = valid[:, :, None].to(dtype)
+    if layout.family != "encoder_decoder":
+        if decoder_attention_mask is not None:
+            raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
+        readers = layout.blocks["self"]
+        batch, _, _, pos = cache[readers[0].hooks[0]].shape
+        valid = _prepare_mask(attention_mask, batch, pos, cache[readers[0].hooks[0]].device, "attention_mask")
+        bar = _progress(progress, pos, n_blocks)
+        try:
+            out = _run_blocks(readers, cache, valid, valid, progress=bar, **opts)
+        finally:
+            bar.close()
+        return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch))
 
-    layers, head_list, head_res, out_list, out_res, errors = [], [], [], [], [], []
-    for reader in _progress(readers, progress, pos, len(readers), "lens_alti"):
-        block = reader.build(cache)
-        _check_finite(block, valid)
-        block = _masked_block(block, valid)
-        tv = decompose(block, dtype=dtype, valid_rows=valid)
-        tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
-        errors.append(check_reconstruction(tv, block, valid, tolerance) if check else float("nan"))
-        layers.append(token_contributions(tv, measure, max_chunk_bytes) * rowmask)
-        if heads:
-            h, r = head_contributions(tv, max_chunk_bytes)
-            head_list.append(h * rowmask[:, None])
-            head_res.append(r * valid.to(dtype))
-            o, o_r = head_output_contributions(tv)
-            out_list.append(o * valid[:, None].to(dtype))
-            out_res.append(o_r * valid.to(dtype))
-        del tv, block
-
-    stacked = torch.stack(layers, dim=1)
-    return AltiResult(
-        layers=stacked,
-        rollout=rollout(stacked),
-        attention_mask=valid.long(),
-        reconstruction_error=torch.tensor(errors, dtype=torch.float64),
+    _check_decoder_input(cache)
+    enc, dec, crs = layout.blocks["encoder"], layout.blocks["decoder_self"], layout.blocks["cross"]
+    batch, _, _, src_len = cache[enc[0].hooks[0]].shape
+    tgt_len = cache[dec[0].hooks[0]].shape[-1]
+    device = cache[enc[0].hooks[0]].device
+    src_valid = _prepare_mask(attention_mask, batch, src_len, device, "attention_mask")
+    tgt_valid = _prepare_mask(decoder_attention_mask, batch, tgt_len, device, "decoder_attention_mask")
+    bar = _progress(progress, max(src_len, tgt_len), n_blocks)
+    try:
+        enc_out = _run_blocks(enc, cache, src_valid, src_valid, progress=bar, **opts)
+        self_out = _run_blocks(dec, cache, tgt_valid, tgt_valid, progress=bar, **opts)
+        cross_out = _run_blocks(crs, cache, tgt_valid, src_valid, progress=bar, **opts)
+    finally:
+        bar.close()
+    encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch))
+    total = encoder_decoder_rollout(encoder.rollout[:, -1], cross_out.layers, self_out.layers)
+    return Seq2SeqAltiResult(
+        encoder=encoder,
+        decoder_self=self_out.layers,
+        cross=cross_out.layers,
+        total=total * tgt_valid[:, None, :, None].to(total.dtype),
+        source_mask=src_valid.long(),
+        target_mask=tgt_valid.long(),
+        reconstruction_error={"encoder": enc_out.errors, "decoder_self": self_out.errors, "cross": cross_out.errors},
         measure=measure,
         architecture=layout.architecture,
         weight_processing=layout.weight_processing,
-        heads=torch.stack(head_list, dim=1) if heads else None,
-        heads_residual=torch.stack(head_res, dim=1) if heads else None,
-        head_outputs=torch.stack(out_list, dim=1) if heads else None,
-        head_outputs_residual=torch.stack(out_res, dim=1) if heads else None,
-        str_tokens=_str_tokens(model, tokens, batch),
+        decoder_self_heads=self_out.heads,
+        decoder_self_heads_residual=self_out.heads_residual,
+        cross_heads=cross_out.heads,
+        cross_heads_residual=cross_out.heads_residual,
+        source_str_tokens=encoder.str_tokens,
+        target_str_tokens=_str_tokens(model, decoder_tokens, batch),
+    )
+
+
+def _self_result(
+    out: _Stacked, valid: Tensor, layout: ModelLayout, measure: str, str_tokens: list[list[str]] | None
+) -> AltiResult:
+    return AltiResult(
+        layers=out.layers,
+        rollout=rollout(out.layers),
+        attention_mask=valid.long(),
+        reconstruction_error=out.errors,
+        measure=measure,
+        architecture=layout.architecture,
+        weight_processing=layout.weight_processing,
+        heads=out.heads,
+        heads_residual=out.heads_residual,
+        head_outputs=out.head_outputs,
+        head_outputs_residual=out.head_outputs_residual,
+        str_tokens=str_tokens,
     )

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from lens_alti.errors import MissingHooksError, NotACacheError, UnsupportedModelError
-from lens_alti.records import AttentionBlock
+from lens_alti.records import AttentionBlock, NormAfterAttention
 
 Family = Literal["decoder", "encoder", "encoder_decoder"]
 
@@ -116,6 +117,137 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     return ModelLayout("decoder", arch, _weight_processing(model), {"self": readers})
 
 
+def _norm_params(component: Any, name: str, default_kind: str) -> tuple[str, Tensor, Tensor | None, float]:
+    """(kind, weight, bias, eps) of a bridge normalisation component."""
+    inner = getattr(component, "_original_component", component)
+    is_rms = "rms" in type(component).__name__.lower() or default_kind == "RMS"
+    eps = getattr(inner, "eps", None)
+    if eps is None:
+        eps = getattr(inner, "variance_epsilon", None)
+    weight = getattr(inner, "weight", None)
+    if eps is None or weight is None:
+        raise UnsupportedModelError(f"{name}: cannot read the normalisation's weight and epsilon to linearise it")
+    bias = getattr(inner, "bias", None)
+    return ("rmsnorm" if is_rms else "layernorm"), weight.detach(), _detach(bias), float(eps)
+
+
+def _post_norm(component: Any, z: Tensor, name: str, default_kind: str) -> NormAfterAttention:
+    """The linearised norm that follows the residual sum z (spec 1b, 1d).
+
+    The scale is computed here from the norm's real input: biased variance with eps
+    inside the root (LayerNorm) or the RMS (TransformerLens 4.3 reports a mean-centred
+    `hook_scale` for T5, so that hook is not used).
+    """
+    kind, weight, bias, eps = _norm_params(component, name, default_kind)
+    z32 = z.to(torch.float64)
+    if kind == "layernorm":
+        scale = (z32.var(dim=-1, unbiased=False) + eps).sqrt()
+    else:
+        scale = (z32.pow(2).mean(dim=-1) + eps).sqrt()
+    return NormAfterAttention(kind=kind, placement="block", weight=weight, bias=bias, scale=scale)
+
+
+def _is_post_norm(cache: Any, prefix: str) -> bool:
+    """Post-norm when the first norm does not read the block input (it reads input + attention)."""
+    x, ln_in = cache[f"{prefix}.hook_resid_pre"], cache[f"{prefix}.ln1.hook_in"]
+    return not torch.allclose(ln_in, x, rtol=1e-5, atol=1e-6 * float(x.abs().max().clamp(min=1)))
+
+
+def _sublayer_block(
+    cache: Any,
+    model: Any,
+    attn: Any,
+    names: dict[str, str],
+    *,
+    layer: int,
+    arch: str,
+    residual: Tensor,
+    post: bool,
+    norm_component: Any,
+    column: Literal["diagonal", "last"],
+) -> AttentionBlock:
+    """Record of one (self- or cross-) attention sublayer of an encoder or seq2seq block."""
+    W_O = _detach(attn.W_O)
+    norm = None
+    if post:
+        target = cache[f"{names['norm']}.hook_out"]
+        kind = str(getattr(model.cfg, "normalization_type", "LN"))
+        norm = _post_norm(norm_component, cache[f"{names['norm']}.hook_in"], names["norm"], kind)
+    else:
+        target = cache[names["output"]]
+    return AttentionBlock(
+        name=names["attn"],
+        layer=layer,
+        pattern=cache[f"{names['attn']}.hook_pattern"],
+        values=_expand_kv(cache[f"{names['attn']}.hook_v"], W_O.shape[0], names["attn"]),
+        W_O=W_O,
+        b_O=_detach(attn.b_O),
+        residual=residual,
+        target=target,
+        residual_column=column,
+        norm=norm,
+        architecture=arch,
+    )
+
+
+def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[BlockReader]:
+    """Self-attention of encoder layers (BERT `blocks`, seq2seq `encoder_blocks`)."""
+    readers = []
+    for layer in range(len(blocks)):
+        p = f"{stack}.{layer}"
+        names = {"attn": f"{p}.attn", "norm": f"{p}.ln1", "output": f"{p}.ln2.hook_in"}
+        hooks = (
+            f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre",
+            f"{p}.ln1.hook_in", f"{p}.ln1.hook_out", f"{p}.ln2.hook_in",
+        )
+
+        def build(cache: Any, layer: int = layer, p: str = p, names: dict[str, str] = names) -> AttentionBlock:
+            block = blocks[layer]
+            return _sublayer_block(
+                cache, model, block.attn, names, layer=layer, arch=arch, residual=cache[f"{p}.hook_resid_pre"],
+                post=_is_post_norm(cache, p), norm_component=block.ln1, column="diagonal",
+            )
+
+        readers.append(BlockReader(names["attn"], hooks, build))
+    return readers
+
+
+def _decoder_readers(model: Any, arch: str) -> tuple[list[BlockReader], list[BlockReader]]:
+    """Decoder self-attention and cross-attention sublayers of a seq2seq model."""
+    self_readers, cross_readers = [], []
+    for layer in range(len(model.decoder_blocks)):
+        p = f"decoder_blocks.{layer}"
+        self_names = {"attn": f"{p}.self_attn", "norm": f"{p}.ln1", "output": f"{p}.ln2.hook_in"}
+        cross_names = {"attn": f"{p}.cross_attn", "norm": f"{p}.ln2", "output": f"{p}.ln3.hook_in"}
+        common = (f"{p}.hook_resid_pre", f"{p}.ln1.hook_in", f"{p}.ln1.hook_out", f"{p}.ln2.hook_in")
+        self_hooks = (f"{p}.self_attn.hook_pattern", f"{p}.self_attn.hook_v", *common)
+        cross_hooks = (
+            f"{p}.cross_attn.hook_pattern", f"{p}.cross_attn.hook_v", *common,
+            f"{p}.ln2.hook_out", f"{p}.ln3.hook_in",
+        )
+
+        def build_self(cache: Any, layer: int = layer, p: str = p, names: dict = self_names) -> AttentionBlock:
+            block = model.decoder_blocks[layer]
+            return _sublayer_block(
+                cache, model, block.self_attn, names, layer=layer, arch=arch, residual=cache[f"{p}.hook_resid_pre"],
+                post=_is_post_norm(cache, p), norm_component=block.ln1, column="diagonal",
+            )
+
+        def build_cross(cache: Any, layer: int = layer, p: str = p, names: dict = cross_names) -> AttentionBlock:
+            block = model.decoder_blocks[layer]
+            post = _is_post_norm(cache, p)
+            # The residual entering cross-attention is the self-attention sublayer's output.
+            residual = cache[f"{p}.ln1.hook_out"] if post else cache[f"{p}.ln2.hook_in"]
+            return _sublayer_block(
+                cache, model, block.cross_attn, names, layer=layer, arch=arch, residual=residual,
+                post=post, norm_component=block.ln2, column="last",
+            )
+
+        self_readers.append(BlockReader(self_names["attn"], self_hooks, build_self))
+        cross_readers.append(BlockReader(cross_names["attn"], cross_hooks, build_cross))
+    return self_readers, cross_readers
+
+
 def _is_bridge(model: Any) -> bool:
     try:
         from transformer_lens.model_bridge import TransformerBridge
@@ -134,10 +266,22 @@ def model_layout(model: Any, parallel_mlp: str = "exclude") -> ModelLayout:
             "transformer_lens TransformerBridge models (model.run_with_cache(tokens))"
         )
     cfg = model.cfg
-    if getattr(cfg, "is_encoder_decoder", False) or hasattr(model, "encoder_blocks"):
-        raise UnsupportedModelError(f"{cfg.architecture}: encoder-decoder models are not supported yet")
-    if getattr(cfg, "attention_dir", "causal") != "causal":
-        raise UnsupportedModelError(f"{cfg.architecture}: encoder (bidirectional) models are not supported yet")
+    arch = str(getattr(cfg, "architecture", None) or type(model).__name__)
+    processing = _weight_processing(model)
+    if hasattr(model, "encoder_blocks") and hasattr(model, "decoder_blocks"):
+        if len(model.decoder_blocks) == 0 or len(model.encoder_blocks) == 0:
+            raise UnsupportedModelError(f"{arch}: the model has no encoder or no decoder layers")
+        dec_self, cross = _decoder_readers(model, arch)
+        blocks = {
+            "encoder": _encoder_readers(model, model.encoder_blocks, "encoder_blocks", arch),
+            "decoder_self": dec_self,
+            "cross": cross,
+        }
+        return ModelLayout("encoder_decoder", arch, processing, blocks)
+    if not hasattr(model, "blocks"):
+        raise UnsupportedModelError(f"{arch}: no attention blocks found (neither `blocks` nor `encoder_blocks`)")
+    if getattr(cfg, "attention_dir", "causal") == "bidirectional":
+        return ModelLayout("encoder", arch, processing, {"self": _encoder_readers(model, model.blocks, "blocks", arch)})
     return _bridge_decoder_layout(model, parallel_mlp)
 
 

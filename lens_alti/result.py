@@ -107,3 +107,77 @@ class AltiResult:
             f"architecture={self.architecture!r}, weight_processing={self.weight_processing!r}, "
             f"max_reconstruction_error={float(self.reconstruction_error.nan_to_num(0).max()):.2e})"
         )
+
+
+@dataclass
+class Seq2SeqAltiResult:
+    """ALTI+ contributions of an encoder-decoder cache (`S` source, `T` target positions).
+
+    Attributes:
+        encoder: an AltiResult for the encoder (`layers`, `rollout` `[batch, enc_layer, S, S]`).
+        decoder_self: `[batch, dec_layer, T, T]` decoder self-attention blocks (causal).
+        cross: `[batch, dec_layer, T, S+1]` cross-attention blocks; the decoder residual
+            entering the block is the LAST column.
+        total: `[batch, dec_layer, T, S+T]` ALTI+ rollout: source tokens first, then the
+            target prefix (decoder input) tokens. `total[:, -1]` explains each prediction.
+        source_contribution: `[batch, T]` share of the source in each prediction.
+        decoder_self_heads / cross_heads: `[batch, dec_layer, head, T, T]` / `[..., T, S]`
+            token-through-head contributions, with `*_heads_residual` `[batch, dec_layer, T]`
+            (None unless `heads=True`).
+        source_mask / target_mask: `[batch, S]` / `[batch, T]`, 1 for real tokens.
+        reconstruction_error: per block kind ("encoder", "decoder_self", "cross"), `[layer]`.
+    """
+
+    encoder: AltiResult
+    decoder_self: Float[Tensor, "batch layer tgt tgt"]
+    cross: Float[Tensor, "batch layer tgt src_plus_1"]
+    total: Float[Tensor, "batch layer tgt src_plus_tgt"]
+    source_mask: Float[Tensor, "batch src"]
+    target_mask: Float[Tensor, "batch tgt"]
+    reconstruction_error: dict[str, Tensor]
+    measure: str
+    architecture: str
+    weight_processing: str
+    decoder_self_heads: Float[Tensor, "batch layer head tgt tgt"] | None = None
+    decoder_self_heads_residual: Float[Tensor, "batch layer tgt"] | None = None
+    cross_heads: Float[Tensor, "batch layer head tgt src"] | None = None
+    cross_heads_residual: Float[Tensor, "batch layer tgt"] | None = None
+    source_str_tokens: list[list[str]] | None = None
+    target_str_tokens: list[list[str]] | None = None
+
+    @property
+    def source_contribution(self) -> Float[Tensor, "batch tgt"]:
+        s = self.source_mask.shape[-1]
+        return self.total[:, -1, :, :s].sum(-1)
+
+    @property
+    def target_contribution(self) -> Float[Tensor, "batch tgt"]:
+        s = self.source_mask.shape[-1]
+        return self.total[:, -1, :, s:].sum(-1)
+
+    def top_sources(self, position: int = -1, k: int = 5, *, batch: int = 0) -> list[tuple[str, int, str, float]]:
+        """The `k` tokens contributing most to target `position` in the ALTI+ total:
+        ("source" or "target", index, token, value)."""
+        s = self.source_mask.shape[-1]
+        if position < 0:
+            real = torch.nonzero(self.target_mask[batch]).flatten()
+            position = int(real[position])
+        row = self.total[batch, -1, position]
+        vals, idx = row.topk(min(k, row.numel()))
+        out = []
+        for v, i in zip(vals.tolist(), idx.tolist(), strict=True):
+            side, j = ("source", i) if i < s else ("target", i - s)
+            toks = self.source_str_tokens if side == "source" else self.target_str_tokens
+            label = toks[batch][j] if toks is not None else str(j)
+            out.append((side, j, label, v))
+        return out
+
+    def __repr__(self) -> str:
+        b, n_layers, t, _ = self.decoder_self.shape
+        s = self.source_mask.shape[-1]
+        errs = {k: f"{float(v.nan_to_num(0).max()):.1e}" for k, v in self.reconstruction_error.items()}
+        return (
+            f"Seq2SeqAltiResult(batch={b}, encoder_layers={self.encoder.n_layers}, decoder_layers={n_layers}, "
+            f"src={s}, tgt={t}, measure={self.measure!r}, architecture={self.architecture!r}, "
+            f"weight_processing={self.weight_processing!r}, max_reconstruction_error={errs})"
+        )

@@ -36,3 +36,31 @@ def attention_rollout_layers(
         v = valid.to(mixed.dtype)
         mixed = mixed * v[:, None, :, None] * v[:, None, None, :]
     return normalise_rows(mixed)
+
+
+def encoder_decoder_rollout(
+    encoder_rollout: Float[Tensor, "b s s"],
+    cross: Float[Tensor, "b l t s1"],
+    decoder_self: Float[Tensor, "b l t t"],
+) -> Float[Tensor, "b l t st"]:
+    """ALTI+ rollout (spec §4): contributions of source then target-prefix tokens.
+
+    `encoder_rollout` is the last encoder layer's rollout `[b, S, S]`; `cross[b, l]` the
+    cross-attention matrices `[T, S+1]` (decoder residual last); `decoder_self[b, l]` the
+    decoder self-attention matrices `[T, T]`. Returns `total[b, l]` `[T, S+T]`.
+    """
+    s = encoder_rollout.shape[-1]
+    if cross.shape[-1] != s + 1:
+        raise ValueError(f"cross has {cross.shape[-1]} columns, expected source length + 1 = {s + 1}")
+    scaled_self = decoder_self * cross[..., s:]  # self rows scaled by the residual's share
+    ced = cross[..., :s] @ encoder_rollout[:, None]  # [b, l, T, S]
+    out = []
+    acc_src, acc_tgt = ced[:, 0], scaled_self[:, 0]
+    out.append(torch.cat([acc_src, acc_tgt], dim=-1))
+    for layer in range(1, cross.shape[1]):
+        csa = scaled_self[:, layer]
+        acc_src, acc_tgt = ced[:, layer] + csa @ acc_src, csa @ acc_tgt
+        acc = normalise_rows(torch.cat([acc_src, acc_tgt], dim=-1))  # removes numerical drift only
+        acc_src, acc_tgt = acc[..., :s], acc[..., s:]
+        out.append(acc)
+    return torch.stack(out, dim=1)
