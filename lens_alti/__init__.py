@@ -14,7 +14,7 @@ from lens_alti.errors import (
     UnsupportedModelError,
     WeightProcessingWarning,
 )
-from lens_alti.result import AltiResult
+from lens_alti.result import AltiResult, Seq2SeqAltiResult
 
 __all__ = [
     "AltiResult",
@@ -23,6 +23,7 @@ __all__ = [
     "NonFiniteError",
     "NotACacheError",
     "ReconstructionError",
+    "Seq2SeqAltiResult",
     "UnsupportedModelError",
     "WeightProcessingWarning",
     "attribute",

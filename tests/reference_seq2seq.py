@@ -198,8 +198,18 @@ def _register_bert(model: nn.Module, rec: _Recorder) -> list[_Block]:
         rec.add(f"enc{idx}.attn", att.self, clamp=True)
         rec.add(f"enc{idx}.norm", att.output.LayerNorm)
         blocks.append(
-            _Block("post", att.output.LayerNorm, att.self.value, att.output.dense, h, dh,
-                   f"enc{idx}.block", f"enc{idx}.attn", f"enc{idx}.norm", ("out", f"enc{idx}.block"))
+            _Block(
+                "post",
+                att.output.LayerNorm,
+                att.self.value,
+                att.output.dense,
+                h,
+                dh,
+                f"enc{idx}.block",
+                f"enc{idx}.attn",
+                f"enc{idx}.norm",
+                ("out", f"enc{idx}.block"),
+            )
         )
     return blocks
 
@@ -216,8 +226,19 @@ def _register_t5(model: nn.Module, rec: _Recorder) -> tuple[list[_Block], list[_
             rec.add(f"{name}.attn", sa.SelfAttention, clamp=True)
             rec.add(f"{name}.norm", sa.layer_norm)
             out.append(
-                _Block("pre", sa.layer_norm, sa.SelfAttention.v, sa.SelfAttention.o, h, dh,
-                       f"{name}.block", f"{name}.attn", f"{name}.norm", ("out", f"{name}.block"), rms=True)
+                _Block(
+                    "pre",
+                    sa.layer_norm,
+                    sa.SelfAttention.v,
+                    sa.SelfAttention.o,
+                    h,
+                    dh,
+                    f"{name}.block",
+                    f"{name}.attn",
+                    f"{name}.norm",
+                    ("out", f"{name}.block"),
+                    rms=True,
+                )
             )
             if side == "dec":
                 ca = block.layer[1]
@@ -225,8 +246,19 @@ def _register_t5(model: nn.Module, rec: _Recorder) -> tuple[list[_Block], list[_
                 rec.add(f"x{idx}.attn", ca.EncDecAttention, clamp=True)
                 rec.add(f"x{idx}.norm", ca.layer_norm)
                 cross.append(
-                    _Block("pre", ca.layer_norm, ca.EncDecAttention.v, ca.EncDecAttention.o, h, dh,
-                           f"x{idx}.block", f"x{idx}.attn", f"x{idx}.norm", ("out", f"x{idx}.block"), rms=True)
+                    _Block(
+                        "pre",
+                        ca.layer_norm,
+                        ca.EncDecAttention.v,
+                        ca.EncDecAttention.o,
+                        h,
+                        dh,
+                        f"x{idx}.block",
+                        f"x{idx}.attn",
+                        f"x{idx}.norm",
+                        ("out", f"x{idx}.block"),
+                        rms=True,
+                    )
                 )
     rec.add("enc.final_norm", model.encoder.final_layer_norm)
     return enc, dec, cross, model.encoder.final_layer_norm
@@ -476,9 +508,7 @@ def reference_encoder(
     return _run_blocks(blocks, rec, out.attentions, valid, valid, cross=False, causal=False, what="encoder")
 
 
-def _alti_plus(
-    r_enc: torch.Tensor, cross: torch.Tensor, dec_self: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _alti_plus(r_enc: torch.Tensor, cross: torch.Tensor, dec_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Spec §4 steps 1-5 and, independently, the block-matrix product.
 
     ``r_enc`` ``[b, S, S]``, ``cross`` ``[b, L, T, S+1]``, ``dec_self`` ``[b, L, T, T]``.
@@ -570,8 +600,13 @@ def reference_seq2seq(
     if final_norm is not None:
         last = rec.inp["enc.final_norm"]
         mine = _t5_rms(last, final_norm) if kind == "t5" else _layer_norm(last, final_norm)
-        _check_close("encoder final norm", len(enc_blocks), _rows(mine, valid_s), _rows(e, valid_s),
-                     _T5_RMS_RTOL if kind == "t5" else _RTOL)
+        _check_close(
+            "encoder final norm",
+            len(enc_blocks),
+            _rows(mine, valid_s),
+            _rows(e, valid_s),
+            _T5_RMS_RTOL if kind == "t5" else _RTOL,
+        )
 
     enc = _run_blocks(enc_blocks, rec, out.encoder_attentions, valid_s, valid_s, False, False, "encoder")
     dec = _run_blocks(dec_blocks, rec, out.decoder_attentions, valid_t, valid_t, False, True, "decoder self")

@@ -53,3 +53,29 @@ def test_smollm2_padded_batch_equals_single_runs(smollm2):
         single = lens_alti.attribute(alone)
         sl = slice(n - len(t), n)
         torch.testing.assert_close(res.rollout[b][:, sl, sl], single.rollout[0], atol=1e-4, rtol=0)
+
+
+def test_minilm_encoder_reconstructs_and_gives_a_sensible_picture():
+    from lens_alti.pretrained import load_minilm
+
+    model = load_minilm()
+    text = "The cat sat on the mat because it was tired."
+    tokens = model.to_tokens(text)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    res = lens_alti.attribute(cache, tokens=tokens, heads=True)
+    words = res.str_tokens[0]
+    assert words[0] == "[CLS]" and words[-1] == "[SEP]"
+    assert res.architecture == "BertForMaskedLM" and res.n_layers == 6
+    assert bool((res.reconstruction_error <= 1e-4).all()), res.reconstruction_error
+    final = res.rollout[0, -1]
+    torch.testing.assert_close(final.sum(-1), torch.ones(len(words)))
+    # Not causal: tokens take information from later tokens too.
+    assert float(final.triu(1).sum()) > 0.5
+    # Content words keep most of their own identity through all six layers...
+    for w in ("cat", "mat", "tired"):
+        i = words.index(w)
+        assert int(final[i].argmax()) == i, (w, final[i])
+    # ...and the pronoun draws most from its antecedent.
+    it = words.index("it")
+    assert res.top_sources(it, k=1)[0][1] == "cat"
