@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from lens_alti.contributions import (
+    BACKENDS,
     DEFAULT_CHUNK_BYTES,
     MEASURES,
-    head_contributions,
+    block_contributions,
     head_output_contributions,
-    token_contributions,
 )
 from lens_alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
 from lens_alti.errors import LensAltiError, NonFiniteError, WeightProcessingWarning
@@ -102,6 +102,7 @@ def _run_blocks(
     check: bool,
     dtype: torch.dtype,
     max_chunk_bytes: int,
+    backend: str,
     progress: Any,
 ) -> _Stacked:
     """Read, decompose and measure every block of one kind (encoder, decoder self, cross...)."""
@@ -114,11 +115,14 @@ def _run_blocks(
         tv = decompose(block, dtype=dtype, valid_rows=valid_q)
         tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
         errors.append(check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))
-        layers.append(token_contributions(tv, measure, max_chunk_bytes) * q_mask[:, :, None])
+        key_mask = None if bool(valid_k.all()) else valid_k
+        c = block_contributions(
+            tv, measure, heads=heads, key_mask=key_mask, max_chunk_bytes=max_chunk_bytes, backend=backend
+        )
+        layers.append(c.tokens * q_mask[:, :, None])
         if heads:
-            h, r = head_contributions(tv, max_chunk_bytes)
-            head_list.append(h * q_mask[:, None, :, None])
-            head_res.append(r * q_mask)
+            head_list.append(c.heads * q_mask[:, None, :, None])
+            head_res.append(c.heads_residual * q_mask)
             o, o_r = head_output_contributions(tv)
             out_list.append(o * q_mask[:, None])
             out_res.append(o_r * q_mask)
@@ -197,6 +201,7 @@ def attribute(
     parallel_mlp: str = "exclude",
     dtype: torch.dtype = torch.float32,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    backend: str = "auto",
     progress: bool | None = None,
 ) -> AltiResult | Seq2SeqAltiResult:
     """ALTI contributions for every layer (and head), with rollout, from a cache.
@@ -218,6 +223,9 @@ def attribute(
             or "residual" (the MLP output, a function of x_i alone, joins x_i's own term).
         dtype: computation dtype (fp16/bf16 caches are always computed in at least fp32).
         max_chunk_bytes: memory budget for one chunk of receivers' intermediates.
+        backend: "compiled" (torch.compile'd fused kernels), "eager" (same numbers, slower,
+            more memory per chunk) or "auto" (compiled for blocks large enough to repay the
+            one-off compilation; eager if compilation is unavailable).
         progress: show a progress bar over blocks (default: for long inputs in a terminal).
 
     Returns:
@@ -229,6 +237,8 @@ def attribute(
     """
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; expected one of {', '.join(MEASURES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     cache, model = cache_and_model(cache)
@@ -242,7 +252,14 @@ def attribute(
             WeightProcessingWarning,
             stacklevel=2,
         )
-    opts = {"measure": measure, "heads": heads, "check": check, "dtype": dtype, "max_chunk_bytes": max_chunk_bytes}
+    opts = {
+        "measure": measure,
+        "heads": heads,
+        "check": check,
+        "dtype": dtype,
+        "max_chunk_bytes": max_chunk_bytes,
+        "backend": backend,
+    }
     n_blocks = sum(len(r) for r in layout.blocks.values())
 
     if layout.family != "encoder_decoder":

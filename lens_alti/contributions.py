@@ -1,14 +1,15 @@
 """Contributions of each source to each receiver, from transformed vectors (spec §2, §3).
 
-All functions work in chunks of receivers, so the `[q, k, d]` (token level) and
-`[h, q, k, d]` (per head) intermediates never exist at once: memory per chunk is
-bounded by `max_chunk_bytes`. In causal blocks a chunk of receivers only visits the
-sources up to its last receiver.
+Work is split per batch item into chunks of receivers and blocks of sources, so no
+`[q, k, d]` (token level) or `[h, q, k, d]` (per head) tensor ever exists; the
+distances come from the fused kernels in `lens_alti.kernels`. In causal blocks a
+chunk of receivers only visits the sources up to its last receiver.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -16,10 +17,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.decompose import TransformedVectors
+from lens_alti.kernels import AUTO_COMPILE_MIN_WORK, compile_available, get_kernel
 
 Measure = Literal["l1", "l2", "koba", "attention"]
 MEASURES: tuple[str, ...] = ("l1", "l2", "koba", "attention")
+Backend = Literal["auto", "compiled", "eager"]
+BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Receivers x sources per kernel call: sized for the CPU caches; larger buys nothing.
+_ROWS, _KEYS = 64, 512
 
 
 def normalise_rows(x: Tensor, dims: tuple[int, ...] = (-1,)) -> Tensor:
@@ -28,106 +34,140 @@ def normalise_rows(x: Tensor, dims: tuple[int, ...] = (-1,)) -> Tensor:
     return torch.where(total > 0, x / torch.where(total > 0, total, 1), 0)
 
 
-def _chunks(tv: TransformedVectors, row_elements: int, max_chunk_bytes: int) -> Iterator[tuple[int, int, int]]:
-    """Yield (i0, i1, n_keys) receiver chunks whose intermediates fit the byte budget."""
-    q, k = tv.weights.shape[-2:]
-    per_row = max(1, row_elements * k * tv.weights.element_size() * tv.weights.shape[0])
-    size = max(1, min(q, max_chunk_bytes // per_row))
-    for i0 in range(0, q, size):
-        i1 = min(q, i0 + size)
-        yield i0, i1, (i1 if tv.causal else k)
+@dataclass(frozen=True)
+class BlockContributions:
+    """`tokens[b, q, sources]` rows sum to 1; with heads, `heads[b, h, q, k]` and
+    `heads_residual[b, q]` together sum to 1 per row."""
+
+    tokens: Float[Tensor, "b q s"]
+    heads: Float[Tensor, "b h q k"] | None = None
+    heads_residual: Float[Tensor, "b q"] | None = None
 
 
-def _distance(diff: Tensor, measure: str) -> Tensor:
-    """Norm over the last dim, computed in place on `diff` (which is consumed)."""
-    if measure == "l1":
-        return diff.abs_().sum(dim=-1)
-    return torch.linalg.vector_norm(diff, ord=2, dim=-1)
+def use_compiled(backend: str, tv: TransformedVectors) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "eager" or not compile_available():
+        return False
+    return backend == "compiled" or tv.weights[0].numel() * tv.vo.shape[-1] >= AUTO_COMPILE_MIN_WORK
 
 
-def _norm(y: Tensor, measure: str) -> Tensor:
-    return y.abs().sum(dim=-1) if measure == "l1" else torch.linalg.vector_norm(y, ord=2, dim=-1)
+def _tiles(tv: TransformedVectors, compiled: bool, max_chunk_bytes: int) -> Iterator[tuple[int, int, int, int]]:
+    """(i0, i1, k0, k1) tiles of receivers x sources, skipping sources after the receivers if causal."""
+    _, h, q, k = tv.weights.shape
+    d = tv.vo.shape[-1]
+    size = tv.weights.element_size()
+    keys = min(k, _KEYS)
+    # Eager kernels hold a few [rows, keys, d] temporaries; compiled ones only their outputs.
+    per_row = keys * size * ((h + 1) if compiled else 4 * d)
+    rows = max(1, min(q, _ROWS if compiled else q, max_chunk_bytes // per_row))
+    for i0 in range(0, q, rows):
+        i1 = min(q, i0 + rows)
+        for k0 in range(0, i1 if tv.causal else k, keys):
+            yield i0, i1, k0, min(k, k0 + keys)
 
 
-def token_contributions(
+def _norm(x: Tensor, measure: str) -> Tensor:
+    return x.abs().sum(-1) if measure == "l1" else x.square().sum(-1).sqrt()
+
+
+def _from_distance(y_norm: Tensor, dist: Tensor, measure: str) -> Tensor:
+    """Contribution from a distance ‖y − T‖ (l1, l2) or the norm ‖T‖ itself (koba)."""
+    return dist if measure == "koba" else (y_norm - dist).clamp(min=0)
+
+
+def block_contributions(
     tv: TransformedVectors,
     measure: str = "l1",
+    *,
+    heads: bool = False,
+    key_mask: Tensor | None = None,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Float[Tensor, "b q s"]:
-    """Token-level contribution matrix of one block, rows normalised to sum to 1.
+    backend: str = "auto",
+) -> BlockContributions:
+    """Token-level contributions of one block (and per-head ones, always L1).
 
-    Columns are the k sources, plus the residual as a last column when it is a separate
-    source (cross-attention). `l1`/`l2`: max(0, ‖y_i‖ − ‖y_i − T_i(x_j)‖); `koba`:
-    ‖T_i(x_j)‖₂; `attention`: head-mean attention weights (the residual gets 0).
+    Token columns are the k sources, plus the residual as a last column when it is a
+    separate source (cross-attention). `l1`/`l2`: max(0, ‖y_i‖ − ‖y_i − T_i(x_j)‖);
+    `koba`: ‖T_i(x_j)‖₂; `attention`: head-mean attention weights (the residual gets 0).
+    Per head (spec §3): parts `s_i ⊙ A[h,i,j]·VO[h,j]` and the residual, each scored
+    max(0, ‖y_i‖₁ − ‖y_i − part‖₁) and normalised over all parts of the row.
+    `key_mask[b, k]` (False = padding) forces padded sources to exactly 0.
     """
-    A = tv.weights
-    b, h, q, k = A.shape
-    out = A.new_zeros(b, q, tv.n_sources)
-    if measure == "attention":
-        out[..., :k] = A.mean(dim=1)
-        return normalise_rows(out)
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; expected one of {', '.join(MEASURES)}")
-
-    d = tv.vo.shape[-1]
-    for i0, i1, nk in _chunks(tv, d, max_chunk_bytes):
-        u = torch.einsum("bhck,bhkd->bckd", A[:, :, i0:i1, :nk], tv.vo[:, :, :nk])
-        if tv.scale is not None:
-            u.mul_(tv.scale[:, i0:i1, None, :])
-        if tv.residual_column == "diagonal":
-            rows = torch.arange(i1 - i0, device=u.device)
-            u[:, rows, rows + i0] += tv.residual[:, i0:i1]
-        if measure == "koba":
-            out[:, i0:i1, :nk] = torch.linalg.vector_norm(u, ord=2, dim=-1)
-        else:
-            y = tv.resultant[:, i0:i1]
-            dist = _distance(u.sub_(y[:, :, None]), measure)
-            out[:, i0:i1, :nk] = (_norm(y, measure)[..., None] - dist).clamp_(min=0)
-
-    if tv.residual_column == "last":
-        if measure == "koba":
-            out[..., k] = torch.linalg.vector_norm(tv.residual, ord=2, dim=-1)
-        else:
-            y = tv.resultant
-            out[..., k] = (_norm(y, measure) - _distance(y - tv.residual, measure)).clamp_(min=0)
-    return normalise_rows(out)
-
-
-def head_contributions(
-    tv: TransformedVectors,
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> tuple[Float[Tensor, "b h q k"], Float[Tensor, "b q"]]:
-    """Token-through-head contributions (spec §3, L1) and the residual's share.
-
-    Parts of receiver i are `s_i ⊙ A[h,i,j]·VO[h,j]` for every (j, h) plus the residual;
-    each gets max(0, ‖y_i‖₁ − ‖y_i − part‖₁), normalised over all parts of the row, so
-    `heads.sum((1, 3)) + residual == 1` on every non-empty row.
-    """
-    A = tv.weights
+    A, vo, y = tv.weights, tv.vo, tv.resultant
     b, h, q, k = A.shape
-    d = tv.vo.shape[-1]
-    heads = A.new_zeros(b, h, q, k)
-    y_norm = tv.resultant.abs().sum(dim=-1)
-    for i0, i1, nk in _chunks(tv, h * d, max_chunk_bytes):
-        part = A[:, :, i0:i1, :nk, None] * tv.vo[:, :, None, :nk]
-        if tv.scale is not None:
-            part.mul_(tv.scale[:, None, i0:i1, None, :])
-        y = tv.resultant[:, None, i0:i1, None, :]
-        dist = part.sub_(y).abs_().sum(dim=-1)
-        heads[:, :, i0:i1, :nk] = (y_norm[:, None, i0:i1, None] - dist).clamp_(min=0)
-    residual = (y_norm - (tv.resultant - tv.residual).abs().sum(dim=-1)).clamp_(min=0)
-    total = heads.sum(dim=(1, 3)) + residual
-    safe = torch.where(total > 0, total, 1)
+    compiled = use_compiled(backend, tv)
+    tokens = A.new_zeros(b, q, tv.n_sources)
+    head_scores = A.new_zeros(b, h, q, k) if heads else None
+    y_l1 = y.abs().sum(-1)
+    token_kernel = None if measure == "attention" else get_kernel(measure, compiled)
+    both_kernel = get_kernel("l1+heads", compiled) if heads else None
+    if measure == "attention":
+        tokens[..., :k] = A.mean(dim=1)
+
+    scale = tv.scale if tv.scale is not None else torch.ones_like(y)
+    y_norm = _norm(y, measure) if measure != "attention" else None
+    for bi in range(b):
+        for i0, i1, k0, k1 in _tiles(tv, compiled, max_chunk_bytes):
+            args = (y[bi, i0:i1], scale[bi, i0:i1], A[bi, :, i0:i1, k0:k1], vo[bi, :, k0:k1])
+            if both_kernel is not None and measure == "l1":
+                per_head, dist = both_kernel(*args)
+            else:
+                dist = token_kernel(*args) if token_kernel is not None else None
+                per_head = both_kernel(*args)[0] if both_kernel is not None else None
+            if dist is not None:
+                tokens[bi, i0:i1, k0:k1] = _from_distance(y_norm[bi, i0:i1, None], dist, measure)
+            if per_head is not None:
+                head_scores[bi, :, i0:i1, k0:k1] = (y_l1[bi, None, i0:i1, None] - per_head).clamp(min=0)
+
+    if measure != "attention":
+        _add_residual(tv, tokens, y_norm, measure)
+    if tv.causal:
+        upper = torch.ones(q, k, dtype=torch.bool, device=A.device).triu(1)
+        tokens[..., :k].masked_fill_(upper, 0)
+        if head_scores is not None:
+            head_scores.masked_fill_(upper, 0)
+    if key_mask is not None:
+        tokens[..., :k] *= key_mask[:, None, :].to(tokens.dtype)
+        if head_scores is not None:
+            head_scores *= key_mask[:, None, None, :].to(head_scores.dtype)
+    if head_scores is None:
+        return BlockContributions(normalise_rows(tokens))
+    residual = (y_l1 - (y - tv.residual).abs().sum(-1)).clamp(min=0)
+    total = head_scores.sum(dim=(1, 3)) + residual
     keep = total > 0
-    heads = torch.where(keep[:, None, :, None], heads / safe[:, None, :, None], 0)
-    residual = torch.where(keep, residual / safe, 0)
-    return heads, residual
+    safe = torch.where(keep, total, 1)
+    return BlockContributions(
+        normalise_rows(tokens),
+        torch.where(keep[:, None, :, None], head_scores / safe[:, None, :, None], 0),
+        torch.where(keep, residual / safe, 0),
+    )
+
+
+def _add_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, measure: str) -> None:
+    """Score the residual: on the diagonal (its own token's T_i(x_i)) or as the last column."""
+    y = tv.resultant
+    q, k = tv.weights.shape[-2:]
+    if tv.residual_column == "last":
+        dist = _norm(tv.residual if measure == "koba" else y - tv.residual, measure)
+        tokens[..., k] = _from_distance(y_norm, dist, measure)
+        return
+    n = min(q, k)
+    idx = torch.arange(n, device=y.device)
+    own = torch.einsum("bhi,bhid->bid", tv.weights[:, :, idx, idx], tv.vo[:, :, :n])  # Σ_h A[h,i,i]·VO[h,i]
+    if tv.scale is not None:
+        own = own * tv.scale[:, :n]
+    t_ii = own + tv.residual[:, :n]
+    dist = _norm(t_ii if measure == "koba" else y[:, :n] - t_ii, measure)
+    tokens[:, idx, idx] = _from_distance(y_norm[:, :n], dist, measure)
 
 
 def head_output_contributions(tv: TransformedVectors) -> tuple[Float[Tensor, "b h q"], Float[Tensor, "b q"]]:
     """Head-level summary (spec §3): parts are whole head outputs o^h_i plus the residual.
 
-    `o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]`; normalised like `head_contributions`.
+    `o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]`; normalised like the per-head contributions.
     """
     o = tv.head_outputs()
     y = tv.resultant

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lens_alti
-from lens_alti.contributions import head_contributions, token_contributions
+from lens_alti.contributions import block_contributions
 from lens_alti.decompose import decompose
 from lens_alti.records import AttentionBlock, NormAfterAttention
 from lens_alti.rollout import rollout
@@ -93,13 +93,12 @@ def test_chunking_never_changes_numbers(seed, b, h, q, d, norm, causal, chunk_by
     tv = decompose(_random_block(seed, b, h, q, d, norm, causal), dtype=torch.float64)
     if causal:
         assert tv.causal, "a causal pattern must be detected so later keys are skipped"
-    whole = token_contributions(tv, measure, max_chunk_bytes=2**30)
-    chunked = token_contributions(tv, measure, max_chunk_bytes=chunk_bytes)
-    torch.testing.assert_close(whole, chunked)
-    hw, rw = head_contributions(tv, max_chunk_bytes=2**30)
-    hc, rc = head_contributions(tv, max_chunk_bytes=chunk_bytes)
-    torch.testing.assert_close(hw, hc)
-    torch.testing.assert_close(rw, rc)
+    full = block_contributions(tv, measure, heads=True, max_chunk_bytes=2**30, backend="eager")
+    part = block_contributions(tv, measure, heads=True, max_chunk_bytes=chunk_bytes, backend="eager")
+    torch.testing.assert_close(full.tokens, part.tokens)
+    torch.testing.assert_close(full.heads, part.heads)
+    torch.testing.assert_close(full.heads_residual, part.heads_residual)
+    whole = full.tokens
     assert (whole >= 0).all()
     s = whole.sum(-1)
     assert torch.all(((s - 1).abs() < 1e-9) | (s == 0)), "rows sum to 1, or to 0 when nothing contributes"

@@ -1,0 +1,111 @@
+"""Fused distance kernels: the only place where `H·n²·d` work happens (spec §6).
+
+Each kernel takes one batch item's chunk of receivers and block of sources:
+`y[c, d]` resultants, `s[c, d]` per-receiver scales, `a[h, c, k]` attention weights and
+`vo[h, k, d]` per-head value vectors after W_O, and reduces over `d` without ever
+holding `[h, c, k, d]`. The loop over heads is unrolled in Python so that
+`torch.compile` fuses it into one pass; run eagerly, the same functions give the same
+numbers (up to float rounding) with `[c, k, d]` temporaries.
+
+The diagonal residual term of self-attention is not included here: callers correct
+those `c` entries afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def l1_heads_and_tokens(
+    y: Float[Tensor, "c d"], s: Float[Tensor, "c d"], a: Float[Tensor, "h c k"], vo: Float[Tensor, "h k d"]
+) -> tuple[Float[Tensor, "h c k"], Float[Tensor, "c k"]]:
+    """(‖y_i − s_i⊙a_hij·vo_hj‖₁ per head, ‖y_i − s_i⊙Σ_h a_hij·vo_hj‖₁)."""
+    y_, s_ = y[:, None, :], s[:, None, :]
+    part = s_ * (a[0, :, :, None] * vo[0, None])
+    total = part
+    per_head = [(y_ - part).abs().sum(-1)]
+    for h in range(1, a.shape[0]):
+        part = s_ * (a[h, :, :, None] * vo[h, None])
+        per_head.append((y_ - part).abs().sum(-1))
+        total = total + part
+    return torch.stack(per_head), (y_ - total).abs().sum(-1)
+
+
+def _transformed(s: Tensor, a: Tensor, vo: Tensor) -> Tensor:
+    s_ = s[:, None, :]
+    total = s_ * (a[0, :, :, None] * vo[0, None])
+    for h in range(1, a.shape[0]):
+        total = total + s_ * (a[h, :, :, None] * vo[h, None])
+    return total
+
+
+def l1_tokens(y: Tensor, s: Tensor, a: Tensor, vo: Tensor) -> Float[Tensor, "c k"]:
+    """‖y_i − s_i⊙Σ_h a_hij·vo_hj‖₁."""
+    return (y[:, None, :] - _transformed(s, a, vo)).abs().sum(-1)
+
+
+def l2_tokens(y: Tensor, s: Tensor, a: Tensor, vo: Tensor) -> Float[Tensor, "c k"]:
+    """‖y_i − s_i⊙Σ_h a_hij·vo_hj‖₂."""
+    return (y[:, None, :] - _transformed(s, a, vo)).square().sum(-1).sqrt()
+
+
+def koba_tokens(y: Tensor, s: Tensor, a: Tensor, vo: Tensor) -> Float[Tensor, "c k"]:
+    """‖s_i⊙Σ_h a_hij·vo_hj‖₂ (y is unused; same signature as the others)."""
+    return _transformed(s, a, vo).square().sum(-1).sqrt()
+
+
+KERNELS: dict[str, Callable[..., object]] = {
+    "l1+heads": l1_heads_and_tokens,
+    "l1": l1_tokens,
+    "l2": l2_tokens,
+    "koba": koba_tokens,
+}
+
+_compiled: dict[str, Callable[..., object]] = {}
+_compile_failed: str | None = None
+
+# Below this many elements (h·q·k·d) per block, compiling costs more than it saves.
+AUTO_COMPILE_MIN_WORK = 2**27
+
+
+def compile_available() -> bool:
+    """False once compilation failed in this process, or when LENS_ALTI_NO_COMPILE is set."""
+    return _compile_failed is None and not os.environ.get("LENS_ALTI_NO_COMPILE")
+
+
+def get_kernel(name: str, compiled: bool) -> Callable[..., object]:
+    """The kernel `name`, compiled (dynamic shapes: no recompilation per sequence length) or eager."""
+    fn = KERNELS[name]
+    if not compiled or not compile_available():
+        return fn
+    if name not in _compiled:
+        _compiled[name] = _with_fallback(name, torch.compile(fn, dynamic=True))
+    return _compiled[name]
+
+
+def _with_fallback(name: str, compiled_fn: Callable[..., object]) -> Callable[..., object]:
+    eager = KERNELS[name]
+
+    def run(*args: Tensor) -> object:
+        global _compile_failed
+        if _compile_failed is not None:
+            return eager(*args)
+        try:
+            return compiled_fn(*args)
+        except Exception as exc:  # no C++ compiler, unsupported platform, ...
+            _compile_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(
+                f"lens_alti: torch.compile is unavailable ({_compile_failed}); using the eager kernels, "
+                "which give the same numbers more slowly. Set LENS_ALTI_NO_COMPILE=1 to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return eager(*args)
+
+    return run
