@@ -4,7 +4,7 @@
     result = lens_alti.attribute(cache)          # result.layers, result.rollout
 """
 
-from lens_alti.api import attribute, hook_names
+from lens_alti.api import attention_rollout, attribute, hook_names
 from lens_alti.errors import (
     LensAltiError,
     MissingHooksError,
@@ -26,6 +26,7 @@ __all__ = [
     "Seq2SeqAltiResult",
     "UnsupportedModelError",
     "WeightProcessingWarning",
+    "attention_rollout",
     "attribute",
     "hook_names",
 ]

@@ -18,11 +18,11 @@ from lens_alti.contributions import (
     head_output_contributions,
 )
 from lens_alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
-from lens_alti.errors import LensAltiError, NonFiniteError, WeightProcessingWarning
+from lens_alti.errors import LensAltiError, MissingHooksError, NonFiniteError, WeightProcessingWarning
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.records import AttentionBlock
 from lens_alti.result import AltiResult, Seq2SeqAltiResult
-from lens_alti.rollout import encoder_decoder_rollout, rollout
+from lens_alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
 
 # Attention a real query may give a padded key before we call the mask inconsistent.
 _MASK_LEAK_TOLERANCE = 1e-6
@@ -328,3 +328,24 @@ def _self_result(
         head_outputs_residual=out.head_outputs_residual,
         str_tokens=str_tokens,
     )
+
+
+@torch.no_grad()
+def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Tensor:
+    """Attention rollout baseline (Abnar & Zuidema 2020; spec §4): `[batch, layer, query, key]`.
+
+    Per layer `0.5·mean_h A + 0.5·I`, rows renormalised, multiplied across layers like ALTI's
+    rollout. Decoder-only and encoder models.
+    """
+    cache, model = cache_and_model(cache)
+    layout = model_layout(model)
+    if layout.family == "encoder_decoder":
+        raise ValueError("attention_rollout is for decoder-only and encoder models")
+    names = [r.hooks[0] for r in layout.blocks["self"]]
+    missing = [n for n in names if n not in cache.keys()]
+    if missing:
+        raise MissingHooksError(missing, "attention_rollout reads every layer's hook_pattern.")
+    patterns = torch.stack([cache[n].float() for n in names], dim=1)
+    batch, pos = patterns.shape[0], patterns.shape[-1]
+    valid = _prepare_mask(attention_mask, batch, pos, patterns.device, "attention_mask")
+    return rollout(attention_rollout_layers(patterns, valid) * valid[:, None, :, None])

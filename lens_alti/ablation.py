@@ -1,0 +1,362 @@
+"""Does ablating what ALTI calls important change the model's behaviour?
+
+Three comparisons between ALTI and interventions run through TransformerLens hooks:
+- `head_ablation`: ablate each head (zero or mean) and compare the metric change with
+  ALTI's head contributions, with Spearman and Kendall rank correlations;
+- `circuit_comparison`: ablate a set of heads, recompute ALTI, report what moved;
+- `token_deletion`: delete the tokens ALTI rollout ranks highest / lowest (against
+  attention rollout and random rankings): comprehensiveness, sufficiency and AUC.
+
+Metrics map logits `[batch, pos, vocab]` to one number per prompt `[batch]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import lens_alti
+from lens_alti.result import AltiResult
+
+Metric = Callable[[Tensor], Tensor]
+
+
+def logit_diff(correct: Sequence[int] | Tensor, wrong: Sequence[int] | Tensor, position: int = -1) -> Metric:
+    """logit[correct] − logit[wrong] at `position`, one token id pair per prompt."""
+    c, w = torch.as_tensor(correct), torch.as_tensor(wrong)
+
+    def metric(logits: Tensor) -> Tensor:
+        row = logits[:, position].float()
+        idx = torch.arange(row.shape[0], device=row.device)
+        return row[idx, c.to(row.device)] - row[idx, w.to(row.device)]
+
+    return metric
+
+
+def logprob(target: Sequence[int] | Tensor, position: int = -1) -> Metric:
+    """log p(target) at `position`, one token id per prompt."""
+    t = torch.as_tensor(target)
+
+    def metric(logits: Tensor) -> Tensor:
+        lp = logits[:, position].float().log_softmax(-1)
+        return lp[torch.arange(lp.shape[0], device=lp.device), t.to(lp.device)]
+
+    return metric
+
+
+def kl_to_clean(clean_logits: Tensor, position: int = -1) -> Metric:
+    """KL(clean ‖ intervened) of the next-token distribution at `position` (0 on the clean run)."""
+    clean = clean_logits[:, position].float().log_softmax(-1)
+
+    def metric(logits: Tensor) -> Tensor:
+        lp = logits[:, position].float().log_softmax(-1)
+        return (clean.exp() * (clean - lp)).sum(-1)
+
+    return metric
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Average ranks (ties share the mean rank), as for Spearman's rho."""
+    order = x.argsort()
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    for value in x.unique():
+        tied = x == value
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks)."""
+    rx, ry = _ranks(x.double().flatten()), _ranks(y.double().flatten())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float((rx.square().sum() * ry.square().sum()).sqrt())
+    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+
+
+def kendall(x: Tensor, y: Tensor) -> float:
+    """Kendall's tau-b (handles ties)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    dx = torch.sign(x[:, None] - x[None, :])
+    dy = torch.sign(y[:, None] - y[None, :])
+    iu = torch.triu_indices(len(x), len(x), 1)
+    dx, dy = dx[iu[0], iu[1]], dy[iu[0], iu[1]]
+    s = float((dx * dy).sum())
+    n0 = float(dx.abs().sum() * dy.abs().sum())
+    return s / n0**0.5 if n0 > 0 else float("nan")
+
+
+def _attn_name(model: Any, layer: int, hook: str) -> str:
+    if not hasattr(model, "blocks"):
+        raise ValueError("ablation comparisons support decoder-only and encoder models (with `blocks`)")
+    return f"blocks.{layer}.attn.{hook}"
+
+
+@dataclass
+class HeadAblationTable:
+    """Per-head ALTI contribution vs ablation effect.
+
+    `table` (pandas DataFrame): layer, head, alti (mean over prompts of the head's output
+    share at the receiver, `AltiResult.head_outputs`), effect (metric(clean) −
+    metric(ablated), mean over prompts; positive = the head helps), abs_effect.
+    `spearman` / `kendall`: rank correlations between alti and abs_effect.
+    """
+
+    table: Any
+    spearman: float
+    kendall: float
+    clean_metric: float
+    ablation: str
+    result: AltiResult
+
+    def top(self, k: int = 10, by: str = "abs_effect") -> Any:
+        return self.table.sort_values(by, ascending=False).head(k)
+
+
+@torch.no_grad()
+def head_ablation(
+    model: Any,
+    tokens: Tensor,
+    metric: Metric,
+    *,
+    position: int = -1,
+    ablation: str = "zero",
+    attention_mask: Tensor | None = None,
+    result: AltiResult | None = None,
+    progress: bool = False,
+) -> HeadAblationTable:
+    """Ablate every head in turn and compare the metric change with ALTI's head contributions.
+
+    Zero ablation sets the head's `hook_z` to 0; mean ablation to its mean over the
+    prompts' real tokens. One forward pass per layer (all heads of the layer batched).
+    """
+    import pandas as pd
+
+    if ablation not in ("zero", "mean"):
+        raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    logits, cache = model.run_with_cache(tokens, **kwargs)
+    if result is None:
+        result = lens_alti.attribute(cache, heads=True, attention_mask=attention_mask)
+    if result.head_outputs is None:
+        raise ValueError("result must come from lens_alti.attribute(..., heads=True)")
+    clean = metric(logits)
+    b = tokens.shape[0]
+    n_layers, n_heads = result.head_outputs.shape[1:3]
+    mask = torch.ones(tokens.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rows = []
+    layers: Any = range(n_layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="head ablation", unit="layer")
+    for layer in layers:
+        name = _attn_name(model, layer, "hook_z")
+        z_clean = cache[name]
+        m = mask.to(z_clean.device)[..., None, None].to(z_clean.dtype)
+        mean_z = (z_clean * m).sum((0, 1)) / m.sum((0, 1)).clamp(min=1)  # [head, d_head]
+
+        def ablate(z: Tensor, hook: Any, mean_z: Tensor = mean_z) -> Tensor:
+            z = z.clone().view(n_heads, b, *z.shape[1:])
+            for h in range(n_heads):
+                z[h, :, :, h] = 0 if ablation == "zero" else mean_z[h]
+            return z.view(n_heads * b, *z.shape[2:])
+
+        rep = {"attention_mask": attention_mask.repeat(n_heads, 1)} if attention_mask is not None else {}
+        ablated = model.run_with_hooks(tokens.repeat(n_heads, 1), fwd_hooks=[(name, ablate)], **rep)
+        values = metric_batched(metric, ablated, n_heads, b)
+        for h in range(n_heads):
+            effect = clean - values[h]
+            alti = result.head_outputs[:, layer, h, position]
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": h,
+                    "alti": float(alti.mean()),
+                    "effect": float(effect.mean()),
+                    "abs_effect": float(effect.abs().mean()),
+                }
+            )
+    table = pd.DataFrame(rows)
+    a, e = torch.tensor(table["alti"].values), torch.tensor(table["abs_effect"].values)
+    return HeadAblationTable(table, spearman(a, e), kendall(a, e), float(clean.mean()), ablation, result)
+
+
+def metric_batched(metric: Metric, logits: Tensor, n_heads: int, batch: int) -> Tensor:
+    """Apply a per-prompt metric to logits of `n_heads` stacked copies of the batch: `[n_heads, batch]`."""
+    return torch.stack([metric(logits[h * batch : (h + 1) * batch]) for h in range(n_heads)])
+
+
+@dataclass
+class CircuitComparison:
+    """ALTI and the metric before and after zero-ablating a set of heads.
+
+    `table` (DataFrame): for every layer (and "rollout"), every source token: the
+    contribution to the receiver `before`, `after` and `delta`. `metric_before/after`:
+    means over prompts.
+    """
+
+    heads: list[tuple[int, int]]
+    before: AltiResult
+    after: AltiResult
+    metric_before: float
+    metric_after: float
+    table: Any = field(repr=False)
+
+    @property
+    def metric_change(self) -> float:
+        return self.metric_after - self.metric_before
+
+
+@torch.no_grad()
+def circuit_comparison(
+    model: Any,
+    tokens: Tensor,
+    heads: Sequence[tuple[int, int]],
+    *,
+    metric: Metric | None = None,
+    position: int = -1,
+    batch: int = 0,
+    attention_mask: Tensor | None = None,
+) -> CircuitComparison:
+    """Zero-ablate `heads` [(layer, head), ...], recompute ALTI, and report what changed.
+
+    The heads are ablated by zeroing their attention pattern (so their output is 0), which
+    keeps the ablated run exactly decomposable: ALTI after ablation passes the same
+    reconstruction check as before. The table is for prompt `batch`, receiver `position`.
+    """
+    import pandas as pd
+
+    heads = [(int(layer), int(h)) for layer, h in heads]
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    logits, cache = model.run_with_cache(tokens, **kwargs)
+    before = lens_alti.attribute(cache, attention_mask=attention_mask, tokens=tokens)
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in heads:
+        by_layer.setdefault(layer, []).append(h)
+
+    def make_hook(hs: list[int]) -> Callable[[Tensor, Any], Tensor]:
+        def hook(pattern: Tensor, hook: Any) -> Tensor:
+            pattern = pattern.clone()
+            pattern[:, hs] = 0
+            return pattern
+
+        return hook
+
+    fwd = [(_attn_name(model, layer, "hook_pattern"), make_hook(hs)) for layer, hs in by_layer.items()]
+    with model.hooks(fwd_hooks=fwd):
+        logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+    after = lens_alti.attribute(cache_after, attention_mask=attention_mask, tokens=tokens)
+
+    keep = before.attention_mask[batch].bool()
+    pos = int(torch.nonzero(keep).flatten()[position]) if position < 0 else position
+    labels = before.str_tokens[batch] if before.str_tokens else None
+    rows = []
+    for layer in [*range(before.n_layers), "rollout"]:
+        src_b = before.rollout[batch, -1] if layer == "rollout" else before.layers[batch, layer]
+        src_a = after.rollout[batch, -1] if layer == "rollout" else after.layers[batch, layer]
+        for j in torch.nonzero(keep).flatten().tolist():
+            b_val, a_val = float(src_b[pos, j]), float(src_a[pos, j])
+            rows.append(
+                {
+                    "layer": layer,
+                    "source": j,
+                    "token": labels[j] if labels else str(j),
+                    "before": b_val,
+                    "after": a_val,
+                    "delta": a_val - b_val,
+                }
+            )
+    m_before = float(metric(logits).mean()) if metric else float("nan")
+    m_after = float(metric(logits_after).mean()) if metric else float("nan")
+    return CircuitComparison(heads, before, after, m_before, m_after, pd.DataFrame(rows))
+
+
+@dataclass
+class DeletionReport:
+    """Token-deletion faithfulness of rankings (ALTI rollout, attention rollout, random).
+
+    `curves` (DataFrame): method, k, comprehensiveness = p − p(top-k deleted),
+    sufficiency = p − p(bottom-k deleted), means over prompts (p: probability of the
+    target token at the receiver, the last position). Higher comprehensiveness and lower
+    sufficiency mean a more faithful ranking. `auc` (DataFrame): per method, the mean
+    over k of each curve (area under the curve with k normalised to [0, 1]).
+    """
+
+    curves: Any
+    auc: Any
+
+
+def _scores(method: str, model: Any, tokens: Tensor, generator: torch.Generator) -> Tensor:
+    """Ranking scores `[pos]` of every input token for the last position."""
+    if method == "random":
+        return torch.rand(tokens.shape[-1], generator=generator)
+    _, cache = model.run_with_cache(tokens[None])
+    if method == "alti":
+        return lens_alti.attribute(cache).rollout[0, -1, -1].cpu()
+    if method == "attention_rollout":
+        return lens_alti.attention_rollout(cache)[0, -1, -1].cpu()
+    raise ValueError(f"unknown ranking method {method!r}; use 'alti', 'attention_rollout' or 'random'")
+
+
+def _prob(model: Any, tokens: Tensor, target: int) -> float:
+    logits = model(tokens[None])
+    return float(logits[0, -1].float().softmax(-1)[target])
+
+
+@torch.no_grad()
+def token_deletion(
+    model: Any,
+    prompts: Sequence[Tensor],
+    *,
+    ks: Sequence[int] = (1, 2, 3, 4),
+    methods: Sequence[str] = ("alti", "attention_rollout", "random"),
+    targets: Sequence[int] | None = None,
+    keep_first: bool = True,
+    baseline_token: int | None = None,
+    seed: int = 0,
+) -> DeletionReport:
+    """Delete (or replace with `baseline_token`) the top-k / bottom-k ranked input tokens.
+
+    `prompts`: 1-D token tensors; the receiver is each prompt's last token, which is never
+    deleted, nor the first (BOS) when `keep_first`. `targets`: token ids whose probability
+    is tracked (default: each prompt's clean prediction).
+    """
+    import pandas as pd
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n, tokens in enumerate(prompts):
+        tokens = torch.as_tensor(tokens)
+        target = int(model(tokens[None])[0, -1].argmax()) if targets is None else int(targets[n])
+        p = _prob(model, tokens, target)
+        first = 1 if keep_first else 0
+        candidates = torch.arange(first, tokens.shape[-1] - 1)
+        for method in methods:
+            order = candidates[_scores(method, model, tokens, gen)[candidates].argsort(descending=True)]
+            for k in ks:
+                if k > len(candidates):
+                    continue
+                row = {"prompt": n, "method": method, "k": k}
+                for name, drop in (("comprehensiveness", order[:k]), ("sufficiency", order[len(order) - k :])):
+                    row[name] = p - _prob(model, _delete(tokens, drop, baseline_token), target)
+                rows.append(row)
+    per_prompt = pd.DataFrame(rows)
+    curves = per_prompt.groupby(["method", "k"], sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()
+    auc = curves.groupby("method", sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()
+    return DeletionReport(curves, auc)
+
+
+def _delete(tokens: Tensor, positions: Tensor, baseline_token: int | None) -> Tensor:
+    if baseline_token is not None:
+        out = tokens.clone()
+        out[positions] = baseline_token
+        return out
+    keep = torch.ones(tokens.shape[-1], dtype=torch.bool)
+    keep[positions] = False
+    return tokens[keep]
