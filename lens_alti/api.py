@@ -144,7 +144,10 @@ def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
         return None
     if isinstance(tokens, Tensor):
         rows = tokens if tokens.dim() == 2 else tokens[None]
-        out = [list(model.to_str_tokens(row)) for row in rows]
+        if hasattr(model, "to_str_tokens"):
+            out = [list(model.to_str_tokens(row)) for row in rows]
+        else:  # HookedEncoder / HookedEncoderDecoder of TransformerLens 3.x
+            out = [list(model.tokenizer.convert_ids_to_tokens(row.tolist())) for row in rows]
     elif tokens and isinstance(tokens[0], str):
         out = [list(tokens)]
     else:
@@ -246,9 +249,9 @@ def attribute(
     check_hooks(cache, layout)
     if layout.weight_processing != "raw":
         warnings.warn(
-            "the model's weights were processed (enable_compatibility_mode / process_weights): "
-            "ALTI is exact for this processed model but its numbers differ from the raw model's. "
-            "Boot the bridge without compatibility mode for the unprocessed numbers.",
+            f"the model's weights were {layout.weight_processing}: ALTI is exact for this processed model but "
+            "its numbers differ from the raw model's. For the unprocessed numbers boot the bridge without "
+            "compatibility mode, or load a HookedTransformer with from_pretrained_no_processing.",
             WeightProcessingWarning,
             stacklevel=2,
         )

@@ -19,7 +19,10 @@ from lens_alti.records import AttentionBlock, NormAfterAttention
 
 Family = Literal["decoder", "encoder", "encoder_decoder"]
 
-# Decoder-only architectures whose attention block is not the plain pre-norm layout.
+# Norms whose scale is (1 + weight) rather than weight.
+_OFFSET_WEIGHT_NORMS = ("Gemma",)
+# Architectures with a norm on the attention output only (spec 1d); the bridge reader
+# handles them through the block's `ln1_post`.
 _POST_ATTENTION_NORM = ("Gemma2", "Gemma3", "Olmo2")
 
 _EAGER_ADVICE = (
@@ -75,21 +78,21 @@ def _weight_processing(model: Any) -> str:
 def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     cfg = model.cfg
     arch = str(getattr(cfg, "architecture", None) or type(model).__name__)
-    if any(arch.startswith(p) for p in _POST_ATTENTION_NORM):
-        raise UnsupportedModelError(
-            f"{arch}: the post-attention norm (spec 1d) is not supported yet by the bridge reader"
-        )
     parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
     readers = []
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}"
         hooks = [f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre"]
+        # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
+        attn_out_norm = hasattr(model.blocks[layer], "ln1_post")
+        if attn_out_norm:
+            hooks += [f"{p}.ln1_post.hook_in"]
         if parallel:
             hooks += [f"{p}.hook_resid_post", f"{p}.hook_mlp_out"]
         else:
             hooks += [f"{p}.hook_resid_mid"]
 
-        def build(cache: Any, layer: int = layer, p: str = p) -> AttentionBlock:
+        def build(cache: Any, layer: int = layer, p: str = p, attn_out_norm: bool = attn_out_norm) -> AttentionBlock:
             attn = model.blocks[layer].attn
             W_O = _detach(attn.W_O)
             x = cache[f"{p}.hook_resid_pre"]
@@ -101,6 +104,12 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
                 residual, target = (x + mlp, post) if parallel_mlp == "residual" else (x, post - mlp)
             else:
                 residual, target = x, cache[f"{p}.hook_resid_mid"]
+            norm = None
+            if attn_out_norm:
+                kind = str(getattr(cfg, "normalization_type", "RMS"))
+                norm = _post_norm(
+                    model.blocks[layer].ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out"
+                )
             return AttentionBlock(
                 name=f"{p}.attn",
                 layer=layer,
@@ -110,6 +119,7 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
                 b_O=_detach(attn.b_O),
                 residual=residual,
                 target=target,
+                norm=norm,
                 architecture=arch,
             )
 
@@ -128,10 +138,15 @@ def _norm_params(component: Any, name: str, default_kind: str) -> tuple[str, Ten
     if eps is None or weight is None:
         raise UnsupportedModelError(f"{name}: cannot read the normalisation's weight and epsilon to linearise it")
     bias = getattr(inner, "bias", None)
-    return ("rmsnorm" if is_rms else "layernorm"), weight.detach(), _detach(bias), float(eps)
+    weight = weight.detach()
+    if any(type(inner).__name__.startswith(p) for p in _OFFSET_WEIGHT_NORMS):
+        weight = 1.0 + weight.float()
+    return ("rmsnorm" if is_rms else "layernorm"), weight, _detach(bias), float(eps)
 
 
-def _post_norm(component: Any, z: Tensor, name: str, default_kind: str) -> NormAfterAttention:
+def _post_norm(
+    component: Any, z: Tensor, name: str, default_kind: str, placement: Literal["block", "attn_out"] = "block"
+) -> NormAfterAttention:
     """The linearised norm that follows the residual sum z (spec 1b, 1d).
 
     The scale is computed here from the norm's real input: biased variance with eps
@@ -144,7 +159,7 @@ def _post_norm(component: Any, z: Tensor, name: str, default_kind: str) -> NormA
         scale = (z32.var(dim=-1, unbiased=False) + eps).sqrt()
     else:
         scale = (z32.pow(2).mean(dim=-1) + eps).sqrt()
-    return NormAfterAttention(kind=kind, placement="block", weight=weight, bias=bias, scale=scale)
+    return NormAfterAttention(kind=kind, placement=placement, weight=weight, bias=bias, scale=scale)
 
 
 def _is_post_norm(cache: Any, prefix: str) -> bool:
@@ -257,13 +272,18 @@ def _is_bridge(model: Any) -> bool:
 
 
 def model_layout(model: Any, parallel_mlp: str = "exclude") -> ModelLayout:
-    """Describe `model` (a TransformerBridge) for reading; raise if it is unsupported."""
+    """Describe `model` (a TransformerBridge, or a TransformerLens 3.x Hooked* model) for reading."""
     if parallel_mlp not in ("exclude", "residual"):
         raise ValueError(f"parallel_mlp must be 'exclude' or 'residual', got {parallel_mlp!r}")
+    from lens_alti.reading_hooked import hooked_class, hooked_layout  # imports this module
+
+    if hooked_class(model) is not None:
+        return hooked_layout(model, parallel_mlp)
     if not _is_bridge(model):
         raise NotACacheError(
             f"the cache's model is a {type(model).__name__}; lens_alti reads caches of "
-            "transformer_lens TransformerBridge models (model.run_with_cache(tokens))"
+            "transformer_lens TransformerBridge models, or of HookedTransformer, HookedEncoder and "
+            "HookedEncoderDecoder models of TransformerLens 3.x (model.run_with_cache(tokens))"
         )
     cfg = model.cfg
     arch = str(getattr(cfg, "architecture", None) or type(model).__name__)

@@ -14,7 +14,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from tests.reference import randomize_norms
 
 VOCAB = 1000
-DECODER_ARCHS = ("gpt2", "llama", "neox")
+DECODER_ARCHS = ("gpt2", "llama", "neox", "gemma2")
 
 
 @functools.cache
@@ -42,6 +42,12 @@ def hf_model(arch: str, n_layers: int = 2, seed: int = 0) -> transformers.PreTra
             intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128,
         )
         model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "gemma2":
+        cfg = transformers.Gemma2Config(
+            num_hidden_layers=n_layers, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128,
+        )
+        model = transformers.Gemma2ForCausalLM(cfg)
     elif arch == "neox":
         cfg = transformers.GPTNeoXConfig(
             num_hidden_layers=n_layers, hidden_size=64, num_attention_heads=4, intermediate_size=128,

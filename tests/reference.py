@@ -40,6 +40,7 @@ class _Layer:
     n_kv: int
     d_head: int
     kind: str
+    post_norm: nn.Module | None = None  # a norm on the attention output only (Gemma-2, spec 1d)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -74,14 +75,15 @@ def _layers(model: nn.Module) -> list[_Layer]:
         backbone = getattr(model, "transformer", model)
         h = cfg.n_head
         return [_Layer(b.ln_1, b.attn, h, h, cfg.n_embd // h, kind) for b in backbone.h]
-    if kind == "llama":
+    if kind in ("llama", "gemma2"):
         backbone = getattr(model, "model", model)
         out = []
         for b in backbone.layers:
             h = cfg.num_attention_heads
             n_kv = getattr(cfg, "num_key_value_heads", None) or h
             d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
-            out.append(_Layer(b.input_layernorm, b.self_attn, h, n_kv, d_head, kind))
+            post = b.post_attention_layernorm if kind == "gemma2" else None
+            out.append(_Layer(b.input_layernorm, b.self_attn, h, n_kv, d_head, kind, post))
         return out
     if kind == "gpt_neox":
         backbone = getattr(model, "gpt_neox", model)
@@ -112,7 +114,7 @@ def _values_and_out_proj(layer: _Layer, xn: torch.Tensor) -> tuple[torch.Tensor,
         v = v.view(b, n, h, dh)
         w_o = attn.c_proj.weight.view(h, dh, d)  # Conv1D weight is [in, out]
         b_o = attn.c_proj.bias
-    elif layer.kind == "llama":
+    elif layer.kind in ("llama", "gemma2"):
         v = _linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(b, n, n_kv, dh)
         v = v.repeat_interleave(h // n_kv, dim=2)  # query head q uses kv head q // (h // n_kv)
         w_o = attn.o_proj.weight.T.reshape(h, dh, d)  # Linear weight is [out, in]
@@ -159,6 +161,12 @@ def _rollout(c: torch.Tensor) -> torch.Tensor:
     for layer in range(1, c.shape[1]):
         out.append(c[:, layer] @ out[-1])
     return torch.stack(out, dim=1)
+
+
+def _check_close_tol(name: str, layer: int, got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    err = float((got - want).abs().max())
+    if err > rtol * max(float(want.abs().max()), 1e-30):
+        raise AssertionError(f"reference: {name} differs at layer {layer}: max|Δ| = {err:.3g}")
 
 
 def _check_close(name: str, layer: int, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -256,9 +264,22 @@ def reference_decoder_only(
 
         # Dense transformed vectors: parts T^h_i(x_j) and T_i(x_j) = Σ_h T^h_i(x_j) + δ_ij x_j.
         parts = a[..., None] * vo[:, :, None, :, :]  # [b, H, i, j, d]
-        t = parts.sum(1) + eye[None, :, :, None] * x[:, None, :, :]  # [b, i, j, d]
-        y = t.sum(2) + b_o  # [b, i, d]
         y_true = x + attn_out[idx].to(torch.float64)
+        bias = b_o
+        if layer.post_norm is not None:
+            # Gemma-2: y = x + g ⊙ a / rms(a), a = Σ_j Σ_h A·VO + b_O; gain g = 1 + weight.
+            a_out = attn_out[idx].to(torch.float64)
+            eps = layer.post_norm.eps
+            gain = 1.0 + layer.post_norm.weight.to(torch.float64)
+            scale = gain / (a_out.square().mean(-1, keepdim=True) + eps).sqrt()
+            parts = parts * scale[:, None, :, None, :]
+            bias = b_o * scale
+            # The module normalises in float32 even in a float64 model: check it loosely,
+            # and reconstruct against the float64 formula applied to the real attention output.
+            _check_close_tol("Gemma-2 post-attention norm", idx, a_out * scale, layer.post_norm(a_out), 1e-5)
+            y_true = x + a_out * scale
+        t = parts.sum(1) + eye[None, :, :, None] * x[:, None, :, :]  # [b, i, j, d]
+        y = t.sum(2) + bias  # [b, i, d]
         vq = valid[:, :, None]
         _check_close(
             "reconstruction of resid_mid",

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test run, as CI does it: set up both environments, lint, run every test.
+#   main environment (.venv): TransformerLens 4.3 bridges, notebooks, real weights;
+#   second environment (.venv-tl3): TransformerLens 3.9 HookedTransformer-family caches.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+bash scripts/setup.sh
+.venv/bin/python -m ruff check lens_alti tests tests_tl3 benchmarks examples notebooks/make_notebooks.py
+.venv/bin/python -m pytest -q "$@"
+bash scripts/setup_tl3.sh
+.venv-tl3/bin/python -m pytest -q tests_tl3
