@@ -105,10 +105,16 @@ def _run_blocks(
     backend: str,
     progress: Any,
 ) -> _Stacked:
-    """Read, decompose and measure every block of one kind (encoder, decoder self, cross...)."""
+    """Read, decompose and measure every block of one kind (encoder, decoder self, cross...).
+
+    Each layer's results are written into tensors allocated once for all layers, so the
+    peak memory is the results plus one layer's working set.
+    """
     q_mask = valid_q.to(dtype)
-    layers, head_list, head_res, out_list, out_res, errors = [], [], [], [], [], []
-    for reader in readers:
+    n = len(readers)
+    out: _Stacked | None = None
+    errors = []
+    for layer, reader in enumerate(readers):
         block = reader.build(cache)
         _check_finite(block, valid_q, valid_k)
         block = _masked_block(block, valid_q, valid_k)
@@ -119,24 +125,27 @@ def _run_blocks(
         c = block_contributions(
             tv, measure, heads=heads, key_mask=key_mask, max_chunk_bytes=max_chunk_bytes, backend=backend
         )
-        layers.append(c.tokens * q_mask[:, :, None])
+        head_out = head_output_contributions(tv) if heads else None
+        if out is None:
+            alloc = lambda t: None if t is None else t.new_zeros(t.shape[0], n, *t.shape[1:])  # noqa: E731
+            out = _Stacked(
+                layers=alloc(c.tokens),
+                errors=torch.empty(0),
+                heads=alloc(c.heads),
+                heads_residual=alloc(c.heads_residual),
+                head_outputs=alloc(head_out[0] if head_out else None),
+                head_outputs_residual=alloc(head_out[1] if head_out else None),
+            )
+        torch.mul(c.tokens, q_mask[:, :, None], out=out.layers[:, layer])
         if heads:
-            head_list.append(c.heads * q_mask[:, None, :, None])
-            head_res.append(c.heads_residual * q_mask)
-            o, o_r = head_output_contributions(tv)
-            out_list.append(o * q_mask[:, None])
-            out_res.append(o_r * q_mask)
-        del tv, block
+            torch.mul(c.heads, q_mask[:, None, :, None], out=out.heads[:, layer])
+            torch.mul(c.heads_residual, q_mask, out=out.heads_residual[:, layer])
+            torch.mul(head_out[0], q_mask[:, None], out=out.head_outputs[:, layer])
+            torch.mul(head_out[1], q_mask, out=out.head_outputs_residual[:, layer])
+        del tv, block, c, head_out
         progress.update(1)
-    stack = (lambda xs: torch.stack(xs, dim=1)) if heads else (lambda xs: None)
-    return _Stacked(
-        layers=torch.stack(layers, dim=1),
-        errors=torch.tensor(errors, dtype=torch.float64),
-        heads=stack(head_list),
-        heads_residual=stack(head_res),
-        head_outputs=stack(out_list),
-        head_outputs_residual=stack(out_res),
-    )
+    out.errors = torch.tensor(errors, dtype=torch.float64)
+    return out
 
 
 def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:

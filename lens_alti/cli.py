@@ -116,7 +116,8 @@ def demo(args: argparse.Namespace) -> None:
 
     import lens_alti
     from lens_alti import ablation
-    from lens_alti.ioi import ioi_prompts, left_padded
+    from lens_alti.batching import left_padded
+    from lens_alti.ioi import ioi_prompts
     from lens_alti.pretrained import load_smollm2
     from lens_alti.report import write_report
 

@@ -52,19 +52,25 @@ def use_compiled(backend: str, tv: TransformedVectors) -> bool:
     return backend == "compiled" or tv.weights[0].numel() * tv.vo.shape[-1] >= AUTO_COMPILE_MIN_WORK
 
 
-def _tiles(tv: TransformedVectors, compiled: bool, max_chunk_bytes: int) -> Iterator[tuple[int, int, int, int]]:
-    """(i0, i1, k0, k1) tiles of receivers x sources, skipping sources after the receivers if causal."""
+def _tiles(
+    tv: TransformedVectors, compiled: bool, heads: bool, max_chunk_bytes: int
+) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """Blocks of sources (k0, k1), each with the receiver chunks (i0, i1) that read it.
+
+    Causal blocks skip sources after a chunk's last receiver. Chunks are sized so that the
+    kernel's temporaries fit `max_chunk_bytes`.
+    """
     _, h, q, k = tv.weights.shape
     d = tv.vo.shape[-1]
     size = tv.weights.element_size()
     keys = min(k, _KEYS)
-    # Eager kernels hold a few [rows, keys, d] temporaries; compiled ones only their outputs.
-    per_row = keys * size * ((h + 1) if compiled else 4 * d)
+    # Eager kernels hold [h, rows, keys, d] (heads) or [rows, keys, d] temporaries; compiled ones only outputs.
+    per_row = keys * size * ((h + 1) if compiled else (h + 2 if heads else 3) * d)
     rows = max(1, min(q, _ROWS if compiled else q, max_chunk_bytes // per_row))
-    for i0 in range(0, q, rows):
-        i1 = min(q, i0 + rows)
-        for k0 in range(0, i1 if tv.causal else k, keys):
-            yield i0, i1, k0, min(k, k0 + keys)
+    chunks = [(i0, min(q, i0 + rows)) for i0 in range(0, q, rows)]
+    for k0 in range(0, k, keys):
+        k1 = min(k, k0 + keys)
+        yield k0, k1, [(i0, i1) for i0, i1 in chunks if not tv.causal or i1 > k0]
 
 
 def _norm(x: Tensor, measure: str) -> Tensor:
@@ -109,18 +115,24 @@ def block_contributions(
 
     scale = tv.scale if tv.scale is not None else torch.ones_like(y)
     y_norm = _norm(y, measure) if measure != "attention" else None
+    # Compiled kernels get fresh tensors (views add recompilation guards); eager ones views.
+    fresh = (lambda t: t.clone()) if compiled else (lambda t: t)  # noqa: E731
     for bi in range(b):
-        for i0, i1, k0, k1 in _tiles(tv, compiled, max_chunk_bytes):
-            args = (y[bi, i0:i1], scale[bi, i0:i1], A[bi, :, i0:i1, k0:k1], vo[bi, :, k0:k1])
-            if both_kernel is not None and measure == "l1":
-                per_head, dist = both_kernel(*args)
-            else:
-                dist = token_kernel(*args) if token_kernel is not None else None
-                per_head = both_kernel(*args)[0] if both_kernel is not None else None
-            if dist is not None:
-                tokens[bi, i0:i1, k0:k1] = _from_distance(y_norm[bi, i0:i1, None], dist, measure)
-            if per_head is not None:
-                head_scores[bi, :, i0:i1, k0:k1] = (y_l1[bi, None, i0:i1, None] - per_head).clamp(min=0)
+        for k0, k1, chunks in _tiles(tv, compiled, heads, max_chunk_bytes):
+            vo_tile = fresh(vo[bi, :, k0:k1])
+            for i0, i1 in chunks:
+                kk = min(k1, i1) if tv.causal else k1  # causal: no source after the last receiver
+                v = vo_tile if kk == k1 else fresh(vo_tile[:, : kk - k0])
+                args = (fresh(y[bi, i0:i1]), fresh(scale[bi, i0:i1]), fresh(A[bi, :, i0:i1, k0:kk]), v)
+                if both_kernel is not None and measure == "l1":
+                    per_head, dist = both_kernel(*args)
+                else:
+                    dist = token_kernel(*args) if token_kernel is not None else None
+                    per_head = both_kernel(*args)[0] if both_kernel is not None else None
+                if dist is not None:
+                    tokens[bi, i0:i1, k0:kk] = _from_distance(y_norm[bi, i0:i1, None], dist, measure)
+                if per_head is not None:
+                    head_scores[bi, :, i0:i1, k0:kk] = (y_l1[bi, None, i0:i1, None] - per_head).clamp(min=0)
 
     if measure != "attention":
         _add_residual(tv, tokens, y_norm, measure)

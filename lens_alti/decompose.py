@@ -72,11 +72,10 @@ def is_causal(pattern: Float[Tensor, "b h q k"], valid_rows: Tensor | None = Non
     q, k = pattern.shape[-2:]
     if q != k:
         return False
-    upper = torch.ones(q, k, dtype=torch.bool, device=pattern.device).triu(1)
-    above = pattern.masked_select(upper) if valid_rows is None else (
-        pattern * valid_rows[:, None, :, None].to(pattern.dtype)
-    ).masked_select(upper)
-    return bool((above == 0).all())
+    upper = pattern.triu(1)
+    if valid_rows is not None:
+        upper = upper * valid_rows[:, None, :, None].to(pattern.dtype)
+    return not bool(upper.any())
 
 
 def decompose(

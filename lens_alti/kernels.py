@@ -4,8 +4,8 @@ Each kernel takes one batch item's chunk of receivers and block of sources:
 `y[c, d]` resultants, `s[c, d]` per-receiver scales, `a[h, c, k]` attention weights and
 `vo[h, k, d]` per-head value vectors after W_O, and reduces over `d` without ever
 holding `[h, c, k, d]`. The loop over heads is unrolled in Python so that
-`torch.compile` fuses it into one pass; run eagerly, the same functions give the same
-numbers (up to float rounding) with `[c, k, d]` temporaries.
+`torch.compile` fuses it into one pass. The eager fallbacks (`EAGER`) compute the same
+numbers (up to float rounding) with batched matmuls and `[h, c, k, d]` temporaries.
 
 The diagonal residual term of self-attention is not included here: callers correct
 those `c` entries afterwards.
@@ -13,9 +13,11 @@ those `c` entries afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -67,6 +69,27 @@ KERNELS: dict[str, Callable[..., object]] = {
     "koba": koba_tokens,
 }
 
+
+# Eager versions: the same quantities through batched matmuls and in-place reductions
+# (faster than running the unrolled kernels eagerly; they hold [h, c, k, d] or [c, k, d]).
+def _eager_transformed(s: Tensor, a: Tensor, vo: Tensor) -> Tensor:
+    return torch.einsum("hck,hkd->ckd", a, vo).mul_(s[:, None, :])
+
+
+def _eager_l1_heads_and_tokens(y: Tensor, s: Tensor, a: Tensor, vo: Tensor) -> tuple[Tensor, Tensor]:
+    part = a[..., None] * vo[:, None]  # [h, c, k, d]
+    part.mul_(s[None, :, None, :])
+    tokens = (y[:, None, :] - part.sum(0)).abs_().sum(-1)
+    return part.sub_(y[None, :, None, :]).abs_().sum(-1), tokens
+
+
+EAGER: dict[str, Callable[..., object]] = {
+    "l1+heads": _eager_l1_heads_and_tokens,
+    "l1": lambda y, s, a, vo: _eager_transformed(s, a, vo).sub_(y[:, None, :]).abs_().sum(-1),
+    "l2": lambda y, s, a, vo: _eager_transformed(s, a, vo).sub_(y[:, None, :]).square_().sum(-1).sqrt_(),
+    "koba": lambda y, s, a, vo: _eager_transformed(s, a, vo).square_().sum(-1).sqrt_(),
+}
+
 _compiled: dict[str, Callable[..., object]] = {}
 _compile_failed: str | None = None
 
@@ -80,24 +103,38 @@ def compile_available() -> bool:
 
 
 def get_kernel(name: str, compiled: bool) -> Callable[..., object]:
-    """The kernel `name`, compiled (dynamic shapes: no recompilation per sequence length) or eager."""
-    fn = KERNELS[name]
+    """The kernel `name`, compiled (dynamic shapes: no recompilation per sequence length) or eager.
+
+    Compiled kernels want fresh (non-view) tensors with every dimension > 1: views and
+    sizes of 1 add guards that trigger recompilation. Other calls go to the eager kernel.
+    """
     if not compiled or not compile_available():
-        return fn
+        return EAGER[name]
     if name not in _compiled:
-        _compiled[name] = _with_fallback(name, torch.compile(fn, dynamic=True))
+        _compiled[name] = _with_fallback(name, torch.compile(KERNELS[name], dynamic=True))
     return _compiled[name]
 
 
+def _no_duck_shapes() -> Any:
+    """Keep equal sizes symbolically distinct (else a guard such as `c == k` recompiles later)."""
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # pragma: no cover - private API of this torch version
+        return contextlib.nullcontext()
+
+
 def _with_fallback(name: str, compiled_fn: Callable[..., object]) -> Callable[..., object]:
-    eager = KERNELS[name]
+    eager = EAGER[name]
 
     def run(*args: Tensor) -> object:
         global _compile_failed
-        if _compile_failed is not None:
+        if _compile_failed is not None or min(min(t.shape) for t in args) <= 1:
             return eager(*args)
         try:
-            return compiled_fn(*args)
+            with _no_duck_shapes():
+                return compiled_fn(*args)
         except Exception as exc:  # no C++ compiler, unsupported platform, ...
             _compile_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             warnings.warn(

@@ -1,0 +1,23 @@
+"""Batching helpers."""
+
+from __future__ import annotations
+
+
+def left_padded(model: object, texts: list[str]) -> tuple[object, object]:
+    """Token ids `[batch, pos]` of `texts`, left-padded, and the `[batch, pos]` attention mask.
+
+    Each text is tokenised alone (with the model's default BOS), so the mask never confuses
+    a pad token that doubles as BOS with padding.
+    """
+    import torch
+
+    rows = [model.to_tokens(t)[0] for t in texts]  # type: ignore[attr-defined]
+    n = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id  # type: ignore[attr-defined]
+    pad = 0 if pad is None else pad
+    tokens = torch.full((len(rows), n), pad, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, n - len(r) :] = r
+        mask[i, n - len(r) :] = 1
+    return tokens, mask
