@@ -94,7 +94,6 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
 
         def build(cache: Any, layer: int = layer, p: str = p, attn_out_norm: bool = attn_out_norm) -> AttentionBlock:
             attn = model.blocks[layer].attn
-            W_O = _detach(attn.W_O)
             x = cache[f"{p}.hook_resid_pre"]
             if parallel:
                 mlp = cache[f"{p}.hook_mlp_out"]
@@ -110,18 +109,7 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
                 norm = _post_norm(
                     model.blocks[layer].ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out"
                 )
-            return AttentionBlock(
-                name=f"{p}.attn",
-                layer=layer,
-                pattern=cache[f"{p}.attn.hook_pattern"],
-                values=_expand_kv(cache[f"{p}.attn.hook_v"], W_O.shape[0], f"{p}.attn"),
-                W_O=W_O,
-                b_O=_detach(attn.b_O),
-                residual=residual,
-                target=target,
-                norm=norm,
-                architecture=arch,
-            )
+            return _record(cache, attn, f"{p}.attn", layer, arch, residual, target, norm)
 
         readers.append(BlockReader(f"{p}.attn", tuple(hooks), build))
     return ModelLayout("decoder", arch, _weight_processing(model), {"self": readers})
@@ -182,7 +170,6 @@ def _sublayer_block(
     column: Literal["diagonal", "last"],
 ) -> AttentionBlock:
     """Record of one (self- or cross-) attention sublayer of an encoder or seq2seq block."""
-    W_O = _detach(attn.W_O)
     norm = None
     if post:
         target = cache[f"{names['norm']}.hook_out"]
@@ -190,11 +177,27 @@ def _sublayer_block(
         norm = _post_norm(norm_component, cache[f"{names['norm']}.hook_in"], names["norm"], kind)
     else:
         target = cache[names["output"]]
+    return _record(cache, attn, names["attn"], layer, arch, residual, target, norm, column)
+
+
+def _record(
+    cache: Any,
+    attn: Any,
+    name: str,
+    layer: int,
+    arch: str,
+    residual: Tensor,
+    target: Tensor,
+    norm: NormAfterAttention | None,
+    column: Literal["diagonal", "last"] = "diagonal",
+) -> AttentionBlock:
+    """The record of attention module `attn` (hooks under `name`), weights read from the module."""
+    W_O = _detach(attn.W_O)
     return AttentionBlock(
-        name=names["attn"],
+        name=name,
         layer=layer,
-        pattern=cache[f"{names['attn']}.hook_pattern"],
-        values=_expand_kv(cache[f"{names['attn']}.hook_v"], W_O.shape[0], names["attn"]),
+        pattern=cache[f"{name}.hook_pattern"],
+        values=_expand_kv(cache[f"{name}.hook_v"], W_O.shape[0], name),
         W_O=W_O,
         b_O=_detach(attn.b_O),
         residual=residual,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.reference import randomize_norms
+from tests.reference import _normalise_rows, _rollout, randomize_norms
 
 __all__ = ["randomize_norms", "reference_encoder", "reference_seq2seq"]
 
@@ -63,20 +63,6 @@ def _rows(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Zero the rows (dim 1 of ``[b, n, ...]``) whose position is not valid."""
     shape = valid.shape + (1,) * (t.dim() - 2)
     return torch.where(valid.view(shape), t, torch.zeros_like(t))
-
-
-def _normalise_rows(c: torch.Tensor) -> torch.Tensor:
-    """Divide by the sum over the last dim; rows summing to 0 give 0 (never NaN)."""
-    s = c.sum(-1, keepdim=True)
-    return torch.where(s > 0, c / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(c))
-
-
-def _rollout(c: torch.Tensor) -> torch.Tensor:
-    """``R^0 = C^0``, ``R^l = C^l @ R^{l-1}`` over dim 1 of ``[batch, layer, q, k]``."""
-    out = [c[:, 0]]
-    for layer in range(1, c.shape[1]):
-        out.append(c[:, layer] @ out[-1])
-    return torch.stack(out, dim=1)
 
 
 def _layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:

@@ -49,7 +49,13 @@ def test_rows_sum_to_one_nonnegative_causal(bridges, arch, measure, batch, pos, 
         assert (mat >= 0).all(), name
         sums = mat.sum(-1)
         real = valid[:, None].expand_as(sums)
-        torch.testing.assert_close(sums[real], torch.ones_like(sums[real]))
+        ones = (sums - 1).abs() < 1e-5
+        if measure in ("l1", "l2"):
+            # A row is all 0 when no source brings the resultant closer (every score clamps
+            # to 0; seen on random Gemma-2 and confirmed by the float64 reference).
+            assert (ones | (sums == 0))[real].all(), sums
+        else:
+            assert ones[real].all(), sums
         assert (sums[~real] == 0).all()
         assert (mat.triu(1) == 0).all(), f"{name} must be lower-triangular in a causal model"
     parts = res.heads.sum((2, 4)) + res.heads_residual
