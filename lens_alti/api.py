@@ -175,8 +175,8 @@ class _NoProgress:
 
 
 def _progress(enabled: bool | None, n_pos: int, total: int) -> Any:
-    if enabled is None:
-        enabled = n_pos >= 512 and sys.stderr.isatty()
+    if enabled is None:  # long inputs, in a terminal or a Jupyter kernel
+        enabled = n_pos >= 512 and (sys.stderr.isatty() or "ipykernel" in sys.modules)
     if not enabled:
         return _NoProgress()
     from tqdm.auto import tqdm
@@ -238,7 +238,7 @@ def attribute(
         backend: "compiled" (torch.compile'd fused kernels), "eager" (same numbers, slower,
             more memory per chunk) or "auto" (compiled for blocks large enough to repay the
             one-off compilation; eager if compilation is unavailable).
-        progress: show a progress bar over blocks (default: for long inputs in a terminal).
+        progress: show a progress bar over blocks (default: inputs of ≥ 512 tokens, in a terminal or notebook).
 
     Returns:
         Decoder-only and encoder models: an AltiResult with `layers`, `rollout`

@@ -48,7 +48,9 @@ def explain(args: argparse.Namespace) -> None:
     import lens_alti
     from lens_alti.pretrained import load_pretrained
 
-    t0 = _step(f"loading {args.model} (the first SmolLM2 load converts its GGUF once, ~20 s)")
+    smol = args.model.lower().startswith("smollm2")
+    first = " (the first SmolLM2 load converts its GGUF once, ~20 s)" if smol else ""
+    t0 = _step(f"loading {args.model}{first}")
     model = load_pretrained(args.model)
     if hasattr(model, "encoder_blocks"):
         return _explain_seq2seq(args, model)
@@ -89,7 +91,7 @@ def _explain_seq2seq(args: argparse.Namespace, model: Any) -> None:
 
     if args.target is None:
         raise ValueError("an encoder-decoder model needs --target (the translation prefix to explain)")
-    src = model.to_tokens(args.text)
+    src = model.tokenizer(args.text, return_tensors="pt")["input_ids"]  # to_tokens would prepend </s> here
     start = model.cfg.__dict__.get("decoder_start_token_id")
     start = getattr(model.original_model.config, "decoder_start_token_id", start)
     tgt_ids = model.tokenizer(args.target, add_special_tokens=False)["input_ids"]
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--prompts", type=int, default=3, help="how many templated prompts (default 3)")
     d.add_argument("--top", type=int, default=8, help="how many input tokens to list")
     e = sub.add_parser("explain", help="explain one position of a text")
-    e.add_argument("text", help="the text (for encoder-decoders: the source)")
+    e.add_argument("text", nargs="?", help="the text (for encoder-decoders: the source, or use --source)")
+    e.add_argument("--source", help="encoder-decoders: the source sentence (instead of TEXT)")
     e.add_argument("--model", default="smollm2", help="'smollm2' (built-in), 'minilm', a local folder or a hub name")
     e.add_argument("--position", type=int, default=-1, help="position to explain (default: the last)")
     e.add_argument("--top", type=int, default=8)
@@ -200,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--target", help="encoder-decoders: the target prefix")
     e.add_argument("--out", help="write a self-contained HTML report here")
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        if args.source is not None:
+            args.text = args.source
+        if args.text is None:
+            parser.error("explain needs TEXT (or --source for an encoder-decoder)")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -145,3 +145,11 @@ def test_cli_errors_are_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("lens-alti: error: no model folder at '/nonexistent/model/folder'")
+
+
+def test_cli_explain_seq2seq_needs_a_target(tmp_path, capsys):
+    from lens_alti.cli import main
+    from lens_alti.toy_translation import MODEL_DIR
+
+    rc = main(["explain", "--source", "the cat sees a dog", "--model", str(MODEL_DIR)])
+    assert rc == 1 and "needs --target" in capsys.readouterr().err.strip().splitlines()[-1]
