@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import copy
-import functools
-import tempfile
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens.model_bridge import TransformerBridge
 
 from tests.reference import randomize_norms
+from tests.tokenizer import VOCAB, tokenizer_dir
 
-VOCAB = 1000
 DECODER_ARCHS = ("gpt2", "llama", "neox", "gemma2")
-
-
-@functools.cache
-def tokenizer_dir() -> str:
-    """A word-level tokenizer ("t1 t2 ...") saved to disk: the bridge reloads it by path."""
-    vocab = {"[UNK]": 0, **{f"t{i}": i for i in range(1, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t3", unk_token="[UNK]"
-    )
-    path = tempfile.mkdtemp(prefix="lens_alti_tok_")
-    fast.save_pretrained(path)
-    return path
 
 
 def hf_model(arch: str, n_layers: int = 2, seed: int = 0) -> transformers.PreTrainedModel:

@@ -12,18 +12,16 @@ Two ways, as the issue asks:
 
 from __future__ import annotations
 
-import functools
-import tempfile
 from typing import Any
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedEncoder, HookedEncoderDecoder, HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained import weight_conversions as wc
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
-VOCAB = 1000
+from tests.tokenizer import VOCAB, tokenizer  # noqa: F401  (re-exported for the tests)
+
 DECODER_ARCHS = ("gpt2", "neox", "llama")
 
 _COMMON = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=128, n_ctx=64, d_vocab=VOCAB)
@@ -45,20 +43,6 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         relative_attention_num_buckets=32, use_attn_scale=False, original_architecture="T5ForConditionalGeneration",
     ),
 }
-
-
-@functools.cache
-def tokenizer() -> transformers.PreTrainedTokenizerBase:
-    """A word-level tokenizer ("t1 t2 ...") that needs no hub."""
-    vocab = {"[UNK]": 0, **{f"t{i}": i for i in range(1, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t3", unk_token="[UNK]"
-    )
-    path = tempfile.mkdtemp(prefix="lens_alti_tok_")
-    fast.save_pretrained(path)
-    return transformers.AutoTokenizer.from_pretrained(path)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
