@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -19,9 +18,7 @@ from torch import Tensor
 from lens_alti.decompose import TransformedVectors
 from lens_alti.kernels import AUTO_COMPILE_MIN_WORK, compile_available, get_kernel
 
-Measure = Literal["l1", "l2", "koba", "attention"]
 MEASURES: tuple[str, ...] = ("l1", "l2", "koba", "attention")
-Backend = Literal["auto", "compiled", "eager"]
 BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Receivers x sources per kernel call: sized for the CPU caches; larger buys nothing.
@@ -147,13 +144,24 @@ def block_contributions(
             head_scores *= key_mask[:, None, None, :].to(head_scores.dtype)
     if head_scores is None:
         return BlockContributions(normalise_rows(tokens))
-    residual = (y_l1 - (y - tv.residual).abs().sum(-1)).clamp(min=0)
-    total = head_scores.sum(dim=(1, 3)) + residual
+    head_parts, residual = _normalise_with_residual(head_scores.transpose(1, 2), _residual_score(tv))
+    return BlockContributions(normalise_rows(tokens), head_parts.transpose(1, 2), residual)
+
+
+def _residual_score(tv: TransformedVectors) -> Float[Tensor, "b q"]:
+    """max(0, ‖y_i‖₁ − ‖y_i − R_i‖₁) for the residual part R_i of each receiver."""
+    y = tv.resultant
+    return (y.abs().sum(-1) - (y - tv.residual).abs().sum(-1)).clamp(min=0)
+
+
+def _normalise_with_residual(parts: Tensor, residual: Float[Tensor, "b q"]) -> tuple[Tensor, Tensor]:
+    """Normalise `parts[b, q, ...]` and `residual[b, q]` together so each row sums to 1 (0 if empty)."""
+    extra = (1,) * (parts.dim() - 2)
+    total = parts.sum(dim=tuple(range(2, parts.dim()))) + residual
     keep = total > 0
     safe = torch.where(keep, total, 1)
-    return BlockContributions(
-        normalise_rows(tokens),
-        torch.where(keep[:, None, :, None], head_scores / safe[:, None, :, None], 0),
+    return (
+        torch.where(keep.view(*keep.shape, *extra), parts / safe.view(*safe.shape, *extra), 0),
         torch.where(keep, residual / safe, 0),
     )
 
@@ -181,11 +189,7 @@ def head_output_contributions(tv: TransformedVectors) -> tuple[Float[Tensor, "b 
 
     `o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]`; normalised like the per-head contributions.
     """
-    o = tv.head_outputs()
     y = tv.resultant
-    y_norm = y.abs().sum(dim=-1)
-    parts = (y_norm[:, None] - (y[:, None] - o).abs().sum(dim=-1)).clamp(min=0)
-    residual = (y_norm - (y - tv.residual).abs().sum(dim=-1)).clamp(min=0)
-    total = parts.sum(dim=1) + residual
-    safe = torch.where(total > 0, total, 1)
-    return torch.where(total[:, None] > 0, parts / safe[:, None], 0), torch.where(total > 0, residual / safe, 0)
+    parts = (y.abs().sum(-1)[:, None] - (y[:, None] - tv.head_outputs()).abs().sum(-1)).clamp(min=0)  # [b, h, q]
+    shares, residual = _normalise_with_residual(parts.transpose(1, 2), _residual_score(tv))
+    return shares.transpose(1, 2), residual

@@ -21,9 +21,6 @@ Family = Literal["decoder", "encoder", "encoder_decoder"]
 
 # Norms whose scale is (1 + weight) rather than weight.
 _OFFSET_WEIGHT_NORMS = ("Gemma",)
-# Architectures with a norm on the attention output only (spec 1d); the bridge reader
-# handles them through the block's `ln1_post`.
-_POST_ATTENTION_NORM = ("Gemma2", "Gemma3", "Olmo2")
 
 _EAGER_ADVICE = (
     "Patterns are only recorded with eager attention: boot the model with "
