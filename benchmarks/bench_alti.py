@@ -33,10 +33,10 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import lens_alti  # noqa: E402
-from lens_alti.contributions import block_contributions  # noqa: E402
-from lens_alti.decompose import decompose  # noqa: E402
-from lens_alti.kernels import get_kernel  # noqa: E402
-from lens_alti.records import AttentionBlock  # noqa: E402
+from lens_alti.alti.contributions import block_contributions  # noqa: E402
+from lens_alti.alti.decompose import decompose  # noqa: E402
+from lens_alti.alti.kernels import get_kernel  # noqa: E402
+from lens_alti.reading.records import AttentionBlock  # noqa: E402
 
 GB = 1e9
 MB = 1e6

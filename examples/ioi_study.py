@@ -23,9 +23,9 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import torch  # noqa: E402
 
 import lens_alti  # noqa: E402
-from lens_alti import ablation  # noqa: E402
-from lens_alti.ioi import ioi_prompts, left_padded  # noqa: E402
-from lens_alti.pretrained import load_smollm2  # noqa: E402
+from lens_alti.analysis import ablation  # noqa: E402
+from lens_alti.analysis.ioi import ioi_prompts, left_padded  # noqa: E402
+from lens_alti.models.pretrained import load_smollm2  # noqa: E402
 
 
 def role_shares(result: lens_alti.AltiResult, model, prompts) -> dict[str, float]:

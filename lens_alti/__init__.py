@@ -14,7 +14,7 @@ from lens_alti.errors import (
     UnsupportedModelError,
     WeightProcessingWarning,
 )
-from lens_alti.result import AltiResult, Seq2SeqAltiResult
+from lens_alti.results import AltiResult, Seq2SeqAltiResult
 
 __all__ = [
     "AltiResult",

@@ -10,19 +10,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lens_alti.contributions import (
+from lens_alti.alti.contributions import (
     BACKENDS,
     DEFAULT_CHUNK_BYTES,
     MEASURES,
     block_contributions,
     head_output_contributions,
 )
-from lens_alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
+from lens_alti.alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
+from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
 from lens_alti.errors import LensAltiError, MissingHooksError, NonFiniteError, WeightProcessingWarning
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
-from lens_alti.records import AttentionBlock
-from lens_alti.result import AltiResult, Seq2SeqAltiResult
-from lens_alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
+from lens_alti.reading.records import AttentionBlock
+from lens_alti.results import AltiResult, Seq2SeqAltiResult
 
 # Attention a real query may give a padded key before we call the mask inconsistent.
 _MASK_LEAK_TOLERANCE = 1e-6

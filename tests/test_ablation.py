@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import lens_alti
-from lens_alti import ablation, plotting
-from lens_alti.report import write_report
+from lens_alti.analysis import ablation
+from lens_alti.viz import plotting
+from lens_alti.viz.report import write_report
 from tests.models import build_bridge
 
 TOKENS = torch.randint(4, 1000, (3, 8), generator=torch.Generator().manual_seed(11))
@@ -149,7 +150,7 @@ def test_cli_errors_are_one_line(capsys):
 
 def test_cli_explain_seq2seq_needs_a_target(tmp_path, capsys):
     from lens_alti.cli import main
-    from lens_alti.toy_translation import MODEL_DIR
+    from lens_alti.models.toy_translation import MODEL_DIR
 
     rc = main(["explain", "--source", "the cat sees a dog", "--model", str(MODEL_DIR)])
     assert rc == 1 and "needs --target" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,4 +1,4 @@
-"""lens_alti.alignment: talp I/O, subword aggregation, extraction conventions and AER on hand-made cases."""
+"""lens_alti.analysis.alignment: talp I/O, subword aggregation, extraction conventions and AER on hand-made cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lens_alti.alignment import (
+from lens_alti.analysis.alignment import (
     GoldAlignment,
     aer_per_layer,
     aggregate_subwords,

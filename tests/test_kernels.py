@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lens_alti
-from lens_alti import kernels
+from lens_alti.alti import kernels
 from tests.reference import reference_decoder_only
 
 TOKENS = torch.randint(4, 1000, (2, 11), generator=torch.Generator().manual_seed(3))

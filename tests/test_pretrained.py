@@ -13,7 +13,7 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from lens_alti.pretrained import load_smollm2
+    from lens_alti.models.pretrained import load_smollm2
 
     return load_smollm2()
 
@@ -56,7 +56,7 @@ def test_smollm2_padded_batch_equals_single_runs(smollm2):
 
 
 def test_minilm_encoder_reconstructs_and_gives_a_sensible_picture():
-    from lens_alti.pretrained import load_minilm
+    from lens_alti.models.pretrained import load_minilm
 
     model = load_minilm()
     text = "The cat sat on the mat because it was tired."

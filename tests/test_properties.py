@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lens_alti
-from lens_alti.contributions import block_contributions
-from lens_alti.decompose import decompose
-from lens_alti.records import AttentionBlock, NormAfterAttention
-from lens_alti.rollout import rollout
+from lens_alti.alti.contributions import block_contributions
+from lens_alti.alti.decompose import decompose
+from lens_alti.alti.rollout import rollout
+from lens_alti.reading.records import AttentionBlock, NormAfterAttention
 from tests.models import DECODER_ARCHS, build_bridge
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

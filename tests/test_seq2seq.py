@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lens_alti
-from lens_alti.rollout import encoder_decoder_rollout
+from lens_alti.alti.rollout import encoder_decoder_rollout
 from tests.models import SEQ2SEQ_ARCHS, build_seq2seq
 from tests.reference_seq2seq import reference_encoder, reference_seq2seq
 

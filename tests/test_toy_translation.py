@@ -12,15 +12,15 @@ import pytest
 import torch
 
 import lens_alti
-from lens_alti.alignment import GoldAlignment, alignment_error_rate
-from lens_alti.toy_translation import MODEL_DIR, encode_batch, load_tokenizer, load_toy_translator, translate
-from lens_alti.toy_translation.corpus import (
+from lens_alti.analysis.alignment import GoldAlignment, alignment_error_rate
+from lens_alti.models.toy_translation import MODEL_DIR, encode_batch, load_tokenizer, load_toy_translator, translate
+from lens_alti.models.toy_translation.corpus import (
     generate_corpus,
     source_vocabulary,
     target_vocabulary,
     train_test_split,
 )
-from lens_alti.toy_translation.evaluate import best_single_links, evaluate, held_out_pairs
+from lens_alti.models.toy_translation.evaluate import best_single_links, evaluate, held_out_pairs
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import LensAltiError
+from lens_alti.errors import LensAltiError
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge

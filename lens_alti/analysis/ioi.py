@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lens_alti.batching import left_padded  # noqa: F401  (re-exported for the examples)
+from lens_alti.analysis.batching import left_padded  # noqa: F401  (re-exported for the examples)
 
 NAMES = (
     "Mary", "John", "Tom", "Anna", "James", "Sarah", "David", "Emma", "Paul", "Laura",

@@ -1,6 +1,6 @@
 """Train the toy translator shipped in `lens_alti/toy_translation/model/`.
 
-    python -m lens_alti.toy_translation.train [--out DIR] [--epochs N]
+    python -m lens_alti.models.toy_translation.train [--out DIR] [--epochs N]
 
 A 3+3-layer Marian (d_model 128, 4 heads) on 20 000 synthetic sentence pairs, on CPU. Writes
 safetensors weights, config, tokenizer and `training.json` (time, loss, held-out exact match).
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from lens_alti.toy_translation import MODEL_DIR, encode_batch, translate
-from lens_alti.toy_translation.corpus import (
+from lens_alti.models.toy_translation import MODEL_DIR, encode_batch, translate
+from lens_alti.models.toy_translation.corpus import (
     N_TEST,
     N_TRAIN,
     SentencePair,

@@ -15,14 +15,16 @@ residual sum. Terms belonging to no source go to `bias_i`, so that
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import ReconstructionError
-from lens_alti.records import AttentionBlock
+
+if TYPE_CHECKING:  # the records are the interface; alti never imports reading at run time
+    from lens_alti.reading.records import AttentionBlock
 
 RECONSTRUCTION_TOLERANCE = 1e-4
 

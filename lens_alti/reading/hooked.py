@@ -17,7 +17,7 @@ from the TransformerBridge's:
 
 The few names the shared readers expect and these caches lack (a norm's `hook_in`/`hook_out`,
 the attention output of a parallel block) are supplied by `_DerivedCache` from real hooks,
-so the record building in `lens_alti.reading` is reused unchanged.
+so the record building in `lens_alti.reading.blocks` is reused unchanged.
 
 Weight processing (`HookedTransformer.from_pretrained`'s default fold_ln,
 center_writing_weights, fold_value_biases) is not recorded by TransformerLens; it is detected
@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
-from lens_alti.reading import BlockReader, ModelLayout, _sublayer_block
-from lens_alti.records import AttentionBlock
+from lens_alti.reading.blocks import sublayer_block
+from lens_alti.reading.layout import BlockReader, ModelLayout
+from lens_alti.reading.records import AttentionBlock
 
 _HOOKED_CLASSES = ("HookedEncoderDecoder", "HookedEncoder", "HookedTransformer")
 # Decoders of TransformerLens 3.x whose ln1 normalises the attention output itself (OLMo-2/3); Gemma-2/3
@@ -156,7 +157,7 @@ def _decoder_readers(model: Any, arch: str, parallel_mlp: str) -> list[BlockRead
         ) -> AttentionBlock:
             x = cache[f"{p}.hook_resid_pre"]
             residual = x + cache[f"{p}.hook_mlp_out"] if parallel and parallel_mlp == "residual" else x
-            return _sublayer_block(
+            return sublayer_block(
                 _DerivedCache(cache, derived), model, model.blocks[layer].attn, names, layer=layer, arch=arch,
                 residual=residual, post=False, norm_component=None, column="diagonal",
             )
@@ -184,7 +185,7 @@ def _bert_readers(model: Any, arch: str) -> list[BlockReader]:
             cache: Any, layer: int = layer, p: str = p, names: dict[str, str] = names, derived: dict = derived
         ) -> AttentionBlock:
             block = model.blocks[layer]
-            return _sublayer_block(
+            return sublayer_block(
                 _DerivedCache(cache, derived), model, block.attn, names, layer=layer, arch=arch,
                 residual=cache[f"{p}.hook_resid_pre"], post=True,
                 norm_component=_norm_weights(block.ln1, names["norm"]), column="diagonal",
@@ -206,7 +207,7 @@ def _t5_readers(model: Any, arch: str) -> dict[str, list[BlockReader]]:
 
         def build(cache: Any) -> AttentionBlock:
             module = getattr(getattr(model, stack)[layer], attn)
-            return _sublayer_block(
+            return sublayer_block(
                 cache, model, module, names, layer=layer, arch=arch, residual=cache[f"{p}.{residual}"],
                 post=False, norm_component=None, column=column,
             )

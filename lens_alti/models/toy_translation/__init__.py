@@ -1,6 +1,6 @@
 """A small trained translation model with gold word alignments, for evaluating ALTI+.
 
-    from lens_alti.toy_translation import encode_batch, load_toy_translator, translate
+    from lens_alti.models.toy_translation import encode_batch, load_toy_translator, translate
     model = load_toy_translator()                  # a TransformerBridge (Marian, eager attention)
     translate(model, ["the big dog sees a cat"])  # ['dadu bara en wa radi o mehuku']
     b = encode_batch(model.tokenizer, sources, references)   # teacher forcing, for ALTI+
@@ -10,8 +10,8 @@
 Tokenise with the tokenizer (or `encode_batch`), not `model.to_tokens`, which prepends ``</s>``
 as if it were a BOS token; the model was trained on ``words </s>``.
 
-The weights in `model/` were trained by `python -m lens_alti.toy_translation.train` on the synthetic
-corpus of `lens_alti.toy_translation.corpus`; `python -m lens_alti.toy_translation.evaluate` prints the
+The weights in `model/` were trained by `python -m lens_alti.models.toy_translation.train` on the synthetic
+corpus of `lens_alti.models.toy_translation.corpus`; `python -m lens_alti.models.toy_translation.evaluate` prints the
 alignment error rates of attention, ALTI and ALTI+ against the corpus' gold alignments.
 """
 

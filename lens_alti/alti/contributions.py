@@ -2,7 +2,7 @@
 
 Work is split per batch item into chunks of receivers and blocks of sources, so no
 `[q, k, d]` (token level) or `[h, q, k, d]` (per head) tensor ever exists; the
-distances come from the fused kernels in `lens_alti.kernels`. In causal blocks a
+distances come from the fused kernels in `lens_alti.alti.kernels`. In causal blocks a
 chunk of receivers only visits the sources up to its last receiver.
 """
 
@@ -15,8 +15,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_alti.decompose import TransformedVectors
-from lens_alti.kernels import AUTO_COMPILE_MIN_WORK, compile_available, get_kernel
+from lens_alti.alti.decompose import TransformedVectors
+from lens_alti.alti.kernels import AUTO_COMPILE_MIN_WORK, compile_available, get_kernel
 
 MEASURES: tuple[str, ...] = ("l1", "l2", "koba", "attention")
 BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")

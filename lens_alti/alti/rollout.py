@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_alti.contributions import normalise_rows
+from lens_alti.alti.contributions import normalise_rows
 
 
 def rollout(layers: Float[Tensor, "b l q k"]) -> Float[Tensor, "b l q k"]:

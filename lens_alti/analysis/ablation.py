@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 import lens_alti
-from lens_alti.result import AltiResult
+from lens_alti.results import AltiResult
 
 Metric = Callable[[Tensor], Tensor]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lens_alti.result import AltiResult, Seq2SeqAltiResult
+from lens_alti.results import AltiResult, Seq2SeqAltiResult
 
 _SCALE = "Blues"
 
@@ -17,7 +17,7 @@ def _go() -> Any:
     try:
         import plotly.graph_objects as go
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("lens_alti.plotting needs plotly: pip install 'lens-alti[plot]'") from exc
+        raise ImportError("lens_alti.viz.plotting needs plotly: pip install 'lens-alti[plot]'") from exc
     return go
 
 

@@ -1,11 +1,11 @@
 """Alignment error rate of attention, ALTI and ALTI+ on the toy translator's held-out sentences.
 
-    python -m lens_alti.toy_translation.evaluate [--n 500] [--talp-dir DIR]
+    python -m lens_alti.models.toy_translation.evaluate [--n 500] [--talp-dir DIR]
 
 Each held-out pair is force-decoded with its reference translation; for every decoder layer
 four contribution matrices `[decoder_pos, source_tokens]` are turned into word alignments
 (argmax over source words per target word, ``</s>`` excluded) under both conventions
-(`lens_alti.alignment`), and scored against the gold alignments of the corpus generator:
+(`lens_alti.analysis.alignment`), and scored against the gold alignments of the corpus generator:
 
 * ``attention``: cross-attention weights, mean over heads;
 * ``ALTI cross``: ALTI contributions of the cross-attention block (`result.cross`, source columns);
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 import lens_alti
-from lens_alti.alignment import (
+from lens_alti.analysis.alignment import (
     CONVENTIONS,
     GoldAlignment,
     Link,
@@ -39,8 +39,8 @@ from lens_alti.alignment import (
     word_ids_from_pieces,
     write_talp,
 )
-from lens_alti.toy_translation import MODEL_DIR, encode_batch, load_toy_translator
-from lens_alti.toy_translation.corpus import N_TEST, SentencePair, train_test_split
+from lens_alti.models.toy_translation import MODEL_DIR, encode_batch, load_toy_translator
+from lens_alti.models.toy_translation.corpus import N_TEST, SentencePair, train_test_split
 
 METHODS = {
     "attention": "cross-attention weights (head mean)",
