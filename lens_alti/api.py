@@ -17,7 +17,12 @@ from lens_alti.alti.contributions import (
     block_contributions,
     head_output_contributions,
 )
-from lens_alti.alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
+from lens_alti.alti.decompose import (
+    RECONSTRUCTION_TOLERANCE,
+    check_pattern_distribution,
+    check_reconstruction,
+    decompose,
+)
 from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
 from lens_alti.errors import LensAltiError, MissingHooksError, NonFiniteError, WeightProcessingWarning
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
@@ -118,6 +123,8 @@ def _run_blocks(
         block = reader.build(cache)
         _check_finite(block, valid_q, valid_k)
         block = _masked_block(block, valid_q, valid_k)
+        if check:
+            check_pattern_distribution(block, valid_q, valid_k, 10 * _HALF_TOLERANCE.get(block.pattern.dtype, 1e-4))
         tv = decompose(block, dtype=dtype, valid_rows=valid_q)
         tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
         errors.append(check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))

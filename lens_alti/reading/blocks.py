@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from torch import Tensor
 
-from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.geometry import ValueLayout, check_same_shape, checked_values
 from lens_alti.reading.norms import post_norm
 from lens_alti.reading.records import AttentionBlock, NormAfterAttention
 
 
 def detach(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
-
-
-def expand_kv(values: Tensor, n_heads: int, name: str) -> Tensor:
-    """Grouped-query attention: query head h reads kv head h // (n_heads // n_kv)."""
-    n_kv = values.shape[2]
-    if n_kv == n_heads:
-        return values
-    if n_heads % n_kv:
-        raise UnsupportedModelError(f"{name}: {n_heads} query heads cannot share {n_kv} key/value heads evenly")
-    return values.repeat_interleave(n_heads // n_kv, dim=2)
 
 
 def sublayer_block(
@@ -59,19 +50,49 @@ def attention_record(
     target: Tensor,
     norm: NormAfterAttention | None,
     column: Literal["diagonal", "last"] = "diagonal",
+    *,
+    value_layout: ValueLayout = "pos_major",
+    values_map: Callable[[Tensor], Tensor] | None = None,
+    W_O: Tensor | None = None,
+    b_O: Tensor | None = None,
 ) -> AttentionBlock:
-    """The record of attention module `attn` (hooks under `name`), weights read from the module."""
-    W_O = detach(attn.W_O)
+    """The record of attention module `attn` (hooks under `name`), weights read from the module.
+
+    `value_layout` is how `hook_v` lays out its axes (see `geometry`); `values_map`, if given,
+    maps the cached values to what the pattern really averages (a value norm after `hook_v`);
+    `W_O`/`b_O` override the module's (per-layer weights, receiver-independent rescalings).
+    Every shape is validated before any arithmetic.
+    """
+    W_O = detach(attn.W_O) if W_O is None else W_O
+    pattern = cache[f"{name}.hook_pattern"]
+    values = cache[f"{name}.hook_v"]
+    if values_map is not None:
+        values = values_map(values)
+    values = checked_values(pattern, values, W_O, name, value_layout)
+    if column == "diagonal":
+        check_same_shape(residual, target, f"{name}: the residual stream", "the block output")
+    if target.shape[:2] != pattern.shape[:1] + pattern.shape[2:3] or target.shape[-1] != W_O.shape[-1]:
+        raise_shape(name, target, pattern, W_O)
     return AttentionBlock(
         name=name,
         layer=layer,
-        pattern=cache[f"{name}.hook_pattern"],
-        values=expand_kv(cache[f"{name}.hook_v"], W_O.shape[0], name),
+        pattern=pattern,
+        values=values,
         W_O=W_O,
-        b_O=detach(attn.b_O),
+        b_O=detach(attn.b_O) if b_O is None else b_O,
         residual=residual,
         target=target,
         residual_column=column,
         norm=norm,
         architecture=arch,
+    )
+
+
+def raise_shape(name: str, target: Tensor, pattern: Tensor, W_O: Tensor) -> None:
+    from lens_alti.errors import UnsupportedModelError
+
+    raise UnsupportedModelError(
+        f"{name}: the block output has shape {list(target.shape)} but hook_pattern {list(pattern.shape)} and "
+        f"W_O {list(W_O.shape)} need [batch, query, d_model] = [{pattern.shape[0]}, {pattern.shape[2]}, "
+        f"{W_O.shape[-1]}]"
     )

@@ -2,52 +2,93 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import attention_record, sublayer_block
+from lens_alti.reading.latent import value_layout
+from lens_alti.reading.layer_kinds import mixer_kind, original, require_attention_hooks
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
+from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.value_norm import value_norm
+
+
+@dataclass(frozen=True)
+class DecoderContext:
+    """What every layer reader of one decoder-only bridge shares."""
+
+    arch: str
+    parallel: bool
+    parallel_mlp: str
+
+
+def layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
+    """The reader of decoder layer `layer`: the one dispatch point for every kind of token mixer.
+
+    Attention layers are read by `attention_layer_reader`; a layer with no attention hooks at
+    all (Mamba, RWKV, RG-LRU, DeltaNet... mixers) is refused with an error that says so.
+    """
+    kind = mixer_kind(model, layer)
+    if kind != "attention":
+        raise UnsupportedModelError(
+            f"{ctx.arch}: layer {layer} is a {kind} mixer, not attention; lens_alti decomposes attention "
+            "layers only (recurrent / convolutional mixers are not supported yet), so this model has no ALTI result"
+        )
+    return attention_layer_reader(model, layer, ctx)
+
+
+def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
+    """Self-attention of a decoder-only layer, composed from the layout features it has."""
+    cfg = model.cfg
+    p = f"blocks.{layer}"
+    block = model.blocks[layer]
+    require_attention_hooks(model, f"{p}.attn", ctx.arch, layer)
+    hooks = [f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre"]
+    # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
+    attn_out_norm = hasattr(block, "ln1_post")
+    if attn_out_norm:
+        hooks += [f"{p}.ln1_post.hook_in"]
+    if ctx.parallel:
+        hooks += [f"{p}.hook_resid_post", f"{p}.hook_mlp_out"]
+    else:
+        hooks += [f"{p}.hook_resid_mid"]
+    hf_attn = original(block.attn)
+    layout = value_layout(hf_attn)
+    values_map = value_norm(hf_attn, f"{p}.attn")
+    scale = residual_multiplier(model)
+
+    def build(cache: Any) -> AttentionBlock:
+        attn = block.attn
+        x = cache[f"{p}.hook_resid_pre"]
+        if ctx.parallel:
+            mlp = cache[f"{p}.hook_mlp_out"]
+            post = cache[f"{p}.hook_resid_post"]
+            # Default: y = x + attn_out; "residual" mode counts the MLP (a function
+            # of x_i alone) as part of the receiver's own residual term.
+            residual, target = (x + mlp, post) if ctx.parallel_mlp == "residual" else (x, post - mlp)
+        else:
+            residual, target = x, cache[f"{p}.hook_resid_mid"]
+        norm = None
+        if attn_out_norm:
+            kind = str(getattr(cfg, "normalization_type", "RMS"))
+            norm = post_norm(block.ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out")
+        W_O, b_O = scaled_output(attn, scale)
+        return attention_record(
+            cache, attn, f"{p}.attn", layer, ctx.arch, residual, target, norm,
+            value_layout=layout, values_map=values_map, W_O=W_O, b_O=b_O,
+        )
+
+    return BlockReader(f"{p}.attn", tuple(hooks), build)
 
 
 def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     cfg = model.cfg
     arch = str(getattr(cfg, "architecture", None) or type(model).__name__)
-    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
-    readers = []
-    for layer in range(cfg.n_layers):
-        p = f"blocks.{layer}"
-        hooks = [f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre"]
-        # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
-        attn_out_norm = hasattr(model.blocks[layer], "ln1_post")
-        if attn_out_norm:
-            hooks += [f"{p}.ln1_post.hook_in"]
-        if parallel:
-            hooks += [f"{p}.hook_resid_post", f"{p}.hook_mlp_out"]
-        else:
-            hooks += [f"{p}.hook_resid_mid"]
-
-        def build(cache: Any, layer: int = layer, p: str = p, attn_out_norm: bool = attn_out_norm) -> AttentionBlock:
-            attn = model.blocks[layer].attn
-            x = cache[f"{p}.hook_resid_pre"]
-            if parallel:
-                mlp = cache[f"{p}.hook_mlp_out"]
-                post = cache[f"{p}.hook_resid_post"]
-                # Default: y = x + attn_out; "residual" mode counts the MLP (a function
-                # of x_i alone) as part of the receiver's own residual term.
-                residual, target = (x + mlp, post) if parallel_mlp == "residual" else (x, post - mlp)
-            else:
-                residual, target = x, cache[f"{p}.hook_resid_mid"]
-            norm = None
-            if attn_out_norm:
-                kind = str(getattr(cfg, "normalization_type", "RMS"))
-                norm = post_norm(
-                    model.blocks[layer].ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out"
-                )
-            return attention_record(cache, attn, f"{p}.attn", layer, arch, residual, target, norm)
-
-        readers.append(BlockReader(f"{p}.attn", tuple(hooks), build))
+    ctx = DecoderContext(arch, bool(getattr(cfg, "parallel_attn_mlp", False)), parallel_mlp)
+    readers = [layer_reader(model, layer, ctx) for layer in range(cfg.n_layers)]
     return ModelLayout("decoder", arch, weight_processing(model), {"self": readers})
 
 

@@ -49,9 +49,10 @@ class ModelLayout:
 
 
 def weight_processing(model: Any) -> str:
-    if getattr(model, "_weights_processed", False) or getattr(model, "compatibility_mode", False):
-        return "processed (enable_compatibility_mode / process_weights: folded norms, centred writing weights)"
-    return "raw"
+    """"raw", or "processed (...)" with the steps the bridge's weights show (see `processing`)."""
+    from lens_alti.reading.processing import bridge_weight_processing
+
+    return bridge_weight_processing(model)
 
 
 def _is_bridge(model: Any) -> bool:
