@@ -10,7 +10,6 @@ import functools
 
 import pytest
 import torch
-import transformers
 
 import lens_alti
 from lens_alti.alti.decompose import check_pattern_distribution
@@ -18,7 +17,7 @@ from lens_alti.errors import LensAltiError, PatternNotDistributionError, Unsuppo
 from lens_alti.reading.norms import norm_params
 from lens_alti.reading.records import AttentionBlock
 from tests.architecture_sweep import build_tiny
-from tests.models import build_bridge
+from tests.models import boot, build_bridge, hf_model
 
 
 def _tokens(batch: int, pos: int, seed: int = 1) -> torch.Tensor:
@@ -64,8 +63,10 @@ def test_wrong_pattern_shape_names_hook_and_shape():
 
 
 def _norm(cls_name: str, d: int = 8) -> torch.nn.Module:
-    cls = getattr(transformers.models, cls_name.split(".")[0])
-    module = getattr(cls, cls_name.split(".")[1])(d, eps=1e-6)
+    import importlib
+
+    family, name = cls_name.split(".")
+    module = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)(d, eps=1e-6)
     with torch.no_grad():
         module.weight.copy_(torch.linspace(-0.5, 0.7, d))
     return module
@@ -129,8 +130,18 @@ def test_mamba_layer_is_a_mixer_not_attention():
 # --- bug 5: weight_processing records what was actually done ---
 
 
+def _gpt2_with_biases():
+    """A tiny GPT-2 whose attention biases are non-zero (fresh ones are 0: folding them changes nothing)."""
+    hf = hf_model("gpt2")
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            block.attn.c_attn.bias.normal_(0, 0.1)
+            block.attn.c_proj.bias.normal_(0, 0.1)
+    return boot(hf)
+
+
 def test_weight_processing_records_only_value_bias_folding():
-    _, bridge = build_bridge("gpt2")
+    bridge = _gpt2_with_biases()
     bridge.enable_compatibility_mode(
         fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=True
     )
@@ -142,7 +153,7 @@ def test_weight_processing_records_only_value_bias_folding():
 
 
 def test_weight_processing_records_the_default_steps():
-    _, bridge = build_bridge("gpt2")
+    bridge = _gpt2_with_biases()
     bridge.enable_compatibility_mode()
     _, cache = bridge.run_with_cache(_tokens(1, 5))
     with pytest.warns(lens_alti.errors.WeightProcessingWarning):
@@ -195,3 +206,13 @@ def test_linear_operator_records_skip_the_distribution_check():
 
 def test_distribution_error_is_a_lens_alti_error():
     assert issubclass(PatternNotDistributionError, LensAltiError)
+
+
+# --- bug 3: banded Longformer / LED patterns are refused by name, before any arithmetic ---
+
+
+def test_led_banded_attention_is_refused_by_layout():
+    _, bridge = _tiny("LEDForConditionalGeneration")
+    _, cache = bridge.run_with_cache(_tokens(2, 6, 1), decoder_input=_tokens(2, 4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"banded local-attention layout \[batch, query, head, 2w\+1\]"):
+        lens_alti.attribute(cache)

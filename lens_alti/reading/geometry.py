@@ -39,6 +39,12 @@ def check_pattern(pattern: Tensor, name: str, n_heads: int) -> None:
             f"has negative entries (down to {low:.3g}), so it is not the attention the block applied (a "
             "TransformerLens adapter issue for this architecture) and ALTI cannot be computed from it"
         )
+    if pattern.shape[1] != n_heads and pattern.shape[2] == n_heads:
+        raise UnsupportedModelError(
+            f"{name}.hook_pattern has shape {_shape(pattern)}: the banded local-attention layout "
+            "[batch, query, head, 2w+1] of Longformer / LED (each query's window of keys, not all keys). "
+            "lens_alti reads patterns [batch, head, query, key] and does not expand attention bands"
+        )
     if pattern.shape[1] != n_heads:
         raise UnsupportedModelError(
             f"{name}.hook_pattern has shape {_shape(pattern)}: {pattern.shape[1]} heads, but the layer's W_O "
