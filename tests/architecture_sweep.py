@@ -176,8 +176,11 @@ def _with_architecture(cfg: Any, name: str) -> Any:
     return cfg
 
 
-def build_tiny(name: str, seed: int = 0) -> tuple[Any, Any]:
-    """(tiny random Hugging Face model with randomised norms, its TransformerBridge) for a registry name."""
+def build_tiny(name: str, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
+    """(tiny random Hugging Face model with randomised norms, its TransformerBridge) for a registry name.
+
+    `overrides` are set on the tiny config (e.g. non-default multipliers).
+    """
     import torch
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
@@ -187,7 +190,10 @@ def build_tiny(name: str, seed: int = 0) -> tuple[Any, Any]:
 
     torch.manual_seed(seed)
     cls = getattr(transformers, name)
-    hf = cls(_with_architecture(tiny_config(cls.config_class), name)).eval()
+    cfg = _with_architecture(tiny_config(cls.config_class), name)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    hf = cls(cfg).eval()
     randomize_norms(hf, seed)
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
     return hf, TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device="cpu")

@@ -7,7 +7,10 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.gated_output import gated_pattern
 from lens_alti.reading.geometry import ValueLayout, check_same_shape, checked_values
+from lens_alti.reading.head_norm import fold_head_norm
 from lens_alti.reading.norms import post_norm
 from lens_alti.reading.records import AttentionBlock, NormAfterAttention
 
@@ -55,15 +58,20 @@ def attention_record(
     values_map: Callable[[Tensor], Tensor] | None = None,
     W_O: Tensor | None = None,
     b_O: Tensor | None = None,
+    head_norm: Any = None,
+    gate_input: Tensor | None = None,
 ) -> AttentionBlock:
     """The record of attention module `attn` (hooks under `name`), weights read from the module.
 
     `value_layout` is how `hook_v` lays out its axes (see `geometry`); `values_map`, if given,
     maps the cached values to what the pattern really averages (a value norm after `hook_v`);
-    `W_O`/`b_O` override the module's (per-layer weights, receiver-independent rescalings).
+    `W_O`/`b_O` override the module's (per-layer weights, receiver-independent rescalings);
+    `head_norm` is a norm on the concatenated heads before W_O (see `head_norm`);
+    `gate_input` is o_proj's real input when the output is gated per receiver (see `gated_output`).
     Every shape is validated before any arithmetic.
     """
     W_O = detach(attn.W_O) if W_O is None else W_O
+    b_O = detach(attn.b_O) if b_O is None else b_O
     pattern = cache[f"{name}.hook_pattern"]
     values = cache[f"{name}.hook_v"]
     if values_map is not None:
@@ -73,24 +81,32 @@ def attention_record(
         check_same_shape(residual, target, f"{name}: the residual stream", "the block output")
     if target.shape[:2] != pattern.shape[:1] + pattern.shape[2:3] or target.shape[-1] != W_O.shape[-1]:
         raise_shape(name, target, pattern, W_O)
+    distribution = True
+    if gate_input is not None:
+        pattern = gated_pattern(pattern, values, gate_input, name)
+        distribution = False  # rows now sum to the receiver's gate (negative entries were refused above)
+    if head_norm is not None:
+        if norm is not None:
+            raise UnsupportedModelError(f"{name}: a norm before W_O and one after attention together are not supported")
+        W_O, norm = fold_head_norm(head_norm, name, W_O, b_O, pattern, values)
+        b_O = None
     return AttentionBlock(
         name=name,
         layer=layer,
         pattern=pattern,
         values=values,
         W_O=W_O,
-        b_O=detach(attn.b_O) if b_O is None else b_O,
+        b_O=b_O,
         residual=residual,
         target=target,
         residual_column=column,
         norm=norm,
         architecture=arch,
+        pattern_is_distribution=distribution,
     )
 
 
 def raise_shape(name: str, target: Tensor, pattern: Tensor, W_O: Tensor) -> None:
-    from lens_alti.errors import UnsupportedModelError
-
     raise UnsupportedModelError(
         f"{name}: the block output has shape {list(target.shape)} but hook_pattern {list(pattern.shape)} and "
         f"W_O {list(W_O.shape)} need [batch, query, d_model] = [{pattern.shape[0]}, {pattern.shape[2]}, "

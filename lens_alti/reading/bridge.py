@@ -7,6 +7,8 @@ from typing import Any
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import attention_record, sublayer_block
+from lens_alti.reading.gated_output import has_output_gate
+from lens_alti.reading.head_norm import head_norm_module
 from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import mixer_kind, original, require_attention_hooks
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
@@ -47,6 +49,10 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
     block = model.blocks[layer]
     require_attention_hooks(model, f"{p}.attn", ctx.arch, layer)
     hooks = [f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre"]
+    # OpenAI-GPT: a post-LN decoder, y = LN1(x + attn_out); decided from the cache (ln1 reads x + attn).
+    may_be_post = hasattr(block, "ln1")
+    if may_be_post:
+        hooks += [f"{p}.ln1.hook_in"]
     # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
     attn_out_norm = hasattr(block, "ln1_post")
     if attn_out_norm:
@@ -59,6 +65,10 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
     layout = value_layout(hf_attn)
     values_map = value_norm(hf_attn, f"{p}.attn")
     scale = residual_multiplier(model)
+    sub_norm = head_norm_module(hf_attn)
+    gated = has_output_gate(hf_attn, block.attn)
+    if gated:
+        hooks += [f"{p}.attn.o.hook_in"]
 
     def build(cache: Any) -> AttentionBlock:
         attn = block.attn
@@ -72,13 +82,19 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
         else:
             residual, target = x, cache[f"{p}.hook_resid_mid"]
         norm = None
+        if may_be_post and is_post_norm(cache, p):
+            if ctx.parallel or attn_out_norm:
+                raise UnsupportedModelError(f"{ctx.arch}: {p} is post-norm with a parallel MLP or a second norm")
+            # hook_resid_mid is the norm's output (the bridge aliases it to mlp.hook_in).
+            norm = post_norm(block.ln1, cache[f"{p}.ln1.hook_in"], f"{p}.ln1", "LN", "block")
         if attn_out_norm:
             kind = str(getattr(cfg, "normalization_type", "RMS"))
             norm = post_norm(block.ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out")
         W_O, b_O = scaled_output(attn, scale)
         return attention_record(
             cache, attn, f"{p}.attn", layer, ctx.arch, residual, target, norm,
-            value_layout=layout, values_map=values_map, W_O=W_O, b_O=b_O,
+            value_layout=layout, values_map=values_map, W_O=W_O, b_O=b_O, head_norm=sub_norm,
+            gate_input=cache[f"{p}.attn.o.hook_in"] if gated else None,
         )
 
     return BlockReader(f"{p}.attn", tuple(hooks), build)
