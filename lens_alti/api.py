@@ -24,7 +24,13 @@ from lens_alti.alti.decompose import (
     decompose,
 )
 from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
-from lens_alti.errors import LensAltiError, MissingHooksError, NonFiniteError, WeightProcessingWarning
+from lens_alti.errors import (
+    LensAltiError,
+    MissingHooksError,
+    NonFiniteError,
+    UnsupportedModelError,
+    WeightProcessingWarning,
+)
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
@@ -144,6 +150,12 @@ def _run_blocks(
                 head_outputs_residual=alloc(head_out[1] if head_out else None),
             )
         torch.mul(c.tokens, q_mask[:, :, None], out=out.layers[:, layer])
+        if heads and c.heads.shape != out.heads[:, layer].shape:
+            raise UnsupportedModelError(
+                f"{block.name}: per-head results need one head count for every layer, but this layer has "
+                f"{c.heads.shape[1]} heads and the first has {out.heads.shape[2]} (per-layer head counts, e.g. "
+                "Laguna); use heads=False"
+            )
         if heads:
             torch.mul(c.heads, q_mask[:, None, :, None], out=out.heads[:, layer])
             torch.mul(c.heads_residual, q_mask, out=out.heads_residual[:, layer])

@@ -20,6 +20,7 @@ Each architecture runs in a worker process (several per worker, a timeout per ar
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -177,7 +178,7 @@ def _with_architecture(cfg: Any, name: str) -> Any:
 
 
 def build_tiny(name: str, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
-    """(tiny random Hugging Face model with randomised norms, its TransformerBridge) for a registry name.
+    """(untouched copy of a tiny random Hugging Face model with randomised norms, its TransformerBridge).
 
     `overrides` are set on the tiny config (e.g. non-default multipliers).
     """
@@ -195,8 +196,9 @@ def build_tiny(name: str, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
         setattr(cfg, key, value)
     hf = cls(cfg).eval()
     randomize_norms(hf, seed)
+    untouched = copy.deepcopy(hf)  # booting wraps the model's modules in place
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir())
-    return hf, TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device="cpu")
+    return untouched, TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tok, device="cpu")
 
 
 def _tokens(n: int, length: int, seed: int) -> Any:

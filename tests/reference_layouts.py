@@ -10,7 +10,9 @@ Supported (``config.model_type``):
   ``residual_multiplier`` m (the ``attention_multiplier`` is inside the softmax);
 - ``bitnet``: pre-RMSNorm layers whose attention applies an RMSNorm to the concatenated heads'
   outputs before ``o_proj`` (``attn_sub_norm``), a per-receiver scale 1/rms_i;
-- ``openai-gpt``: post-LN causal decoder, ``y = LN1(x + attn(x))``.
+- ``openai-gpt``: post-LN causal decoder, ``y = LN1(x + attn(x))``;
+- ``laguna``: per-layer head counts and a per-head output gate ``softplus(g_proj(xn))_i,h``
+  multiplying head h's output at receiver i before ``o_proj``.
 Only meant for tiny models and unpadded batches.
 """
 
@@ -45,7 +47,7 @@ def _rms_norm(x: torch.Tensor, norm: nn.Module, offset: bool = False) -> torch.T
 
 def _layers(model: nn.Module) -> tuple[str, list[Any]]:
     kind = model.config.model_type
-    if kind in ("granite", "bitnet"):
+    if kind in ("granite", "bitnet", "laguna"):
         return kind, list(model.model.layers)
     if kind == "openai-gpt":
         return kind, list(model.transformer.h)
@@ -63,9 +65,9 @@ def _values(kind: str, layer: Any, xn: torch.Tensor, cfg: Any) -> tuple[torch.Te
         v = (xn @ w[:, 2 * d : 3 * d] + bias[2 * d : 3 * d]).view(b, n, h, dh)
         return v.permute(0, 2, 1, 3), attn.c_proj.weight.view(h, dh, d), attn.c_proj.bias
     attn = layer.self_attn
-    h = cfg.num_attention_heads
+    dh = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    h = attn.o_proj.in_features // dh  # this layer's own head count (Laguna: per layer)
     n_kv = cfg.num_key_value_heads or h
-    dh = getattr(cfg, "head_dim", None) or d // h
     v = xn @ attn.v_proj.weight.T
     if attn.v_proj.bias is not None:
         v = v + attn.v_proj.bias
@@ -136,6 +138,8 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
             xn = x  # post-LN: attention reads the residual itself
         else:
             xn = _rms_norm(x, layer.input_layernorm)
+            if kind == "laguna":
+                _check("input norm formula", idx, xn, layer.input_layernorm(x), 1e-5)
         _check("attention input", idx, xn, captured[f"attn_in{idx}"])
         v, w_o, b_o = _values(kind, layer, xn, cfg)
         if kind == "bitnet":
@@ -152,13 +156,19 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
         else:
             vo = torch.einsum("bhje,hed->bhjd", v, w_o)  # VO[h, j]
             parts = a[..., None] * vo[:, :, None, :, :]  # [b, H, i, j, d]
+        if kind == "laguna":
+            attn_mod = layer.self_attn
+            if not attn_mod.gate_per_head:
+                raise NotImplementedError("reference: Laguna with a per-channel gate")
+            gate = torch.nn.functional.softplus(xn @ attn_mod.g_proj.weight.T)  # [b, i, H]
+            parts = parts * gate.permute(0, 2, 1)[:, :, :, None, None]
         tok = parts.sum(1)  # [b, i, j, d]
         if kind == "granite":
             m = float(cfg.residual_multiplier)
             t = m * tok + eye[None, :, :, None] * x[:, None, :, :]
             bias = m * b_o
             y_true = x + m * captured[f"attn_out{idx}"]
-        elif kind == "bitnet":
+        elif kind in ("bitnet", "laguna"):
             t = tok + eye[None, :, :, None] * x[:, None, :, :]
             bias = b_o
             y_true = x + captured[f"attn_out{idx}"]

@@ -90,7 +90,7 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
         if attn_out_norm:
             kind = str(getattr(cfg, "normalization_type", "RMS"))
             norm = post_norm(block.ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out")
-        W_O, b_O = scaled_output(attn, scale)
+        W_O, b_O = scaled_output(attn, scale, f"{p}.attn")
         return attention_record(
             cache, attn, f"{p}.attn", layer, ctx.arch, residual, target, norm,
             value_layout=layout, values_map=values_map, W_O=W_O, b_O=b_O, head_norm=sub_norm,

@@ -9,8 +9,9 @@ from a model-wide config: models with per-layer head counts (Laguna) read correc
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -98,3 +99,25 @@ def check_same_shape(t: Tensor, like: Tensor, what: str, like_what: str) -> None
     """Raise unless `t` (e.g. a residual stream) has the shape of `like`."""
     if t.shape != like.shape:
         raise UnsupportedModelError(f"{what} has shape {_shape(t)} but {like_what} has {_shape(like)}")
+
+
+def output_weights(attn: Any, name: str) -> tuple[Float[Tensor, "h e d"], Float[Tensor, " d"] | None]:
+    """(W_O, b_O) of one attention module, read from this layer's own weights.
+
+    The bridge's `W_O` property assumes one head count for the whole model and raises for
+    models whose layers differ (Laguna's `num_attention_heads_per_layer`); then W_O is read
+    from the Hugging Face output projection, `[heads · d_head, d_model]` → `[heads, d_head, d_model]`.
+    """
+    try:
+        W_O, b_O = attn.W_O, attn.b_O
+    except Exception as exc:  # noqa: BLE001 - TransformerLens raises several kinds here
+        hf = getattr(attn, "original_component", None)
+        o_proj = getattr(hf, "o_proj", None)
+        o_proj = getattr(o_proj, "original_component", None) or o_proj  # the bridge wraps it in place
+        d_head = getattr(hf, "head_dim", None)
+        if not isinstance(o_proj, torch.nn.Linear) or not d_head or o_proj.in_features % int(d_head):
+            raise UnsupportedModelError(f"{name}: cannot read this layer's W_O ({type(exc).__name__}: {exc})") from exc
+        d_head = int(d_head)
+        W_O = o_proj.weight.T.reshape(o_proj.in_features // d_head, d_head, o_proj.out_features)
+        b_O = o_proj.bias
+    return W_O.detach(), (None if b_O is None else b_O.detach())

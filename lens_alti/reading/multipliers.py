@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lens_alti.reading.geometry import output_weights
+
 
 def residual_multiplier(model: Any) -> float:
     """The factor the attention branch is multiplied by before joining the residual stream (1 if none)."""
@@ -24,11 +26,9 @@ def residual_multiplier(model: Any) -> float:
     return 1.0 if m is None else float(m)
 
 
-def scaled_output(attn: Any, factor: float) -> tuple[Tensor, Tensor | None]:
-    """(W_O, b_O) of a bridge attention module, multiplied by `factor`."""
-    W_O = attn.W_O.detach()
-    b_O = attn.b_O
-    b_O = None if b_O is None else b_O.detach()
+def scaled_output(attn: Any, factor: float, name: str = "attn") -> tuple[Tensor, Tensor | None]:
+    """(W_O, b_O) of a bridge attention module (read per layer, see `geometry.output_weights`) times `factor`."""
+    W_O, b_O = output_weights(attn, name)
     if factor == 1.0:
         return W_O, b_O
     return W_O * factor, (None if b_O is None else b_O * factor)
