@@ -106,7 +106,7 @@ _SIZES: dict[str, Any] = {
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
     "vocab_size_per_layer_input": 1000, "hidden_size_per_layer_input": 16,
-    "lru_width": _D, "conv1d_width": 4, "block_types": None,
+    "lru_width": _D, "rotary_dim": 8, "conv1d_width": 4, "block_types": None,
 }
 
 
@@ -221,8 +221,12 @@ def _check_rows(res: Any) -> str | None:
     return None
 
 
-def _padding_check(bridge: Any, seq2seq: bool, attribute: Any) -> str | None:
-    """Run a right-padded batch of two items and each item alone; the real rows must agree."""
+def _padding_check(bridge: Any, seq2seq: bool, attribute: Any) -> tuple[str, str] | None:
+    """Run a right-padded batch of two items and each item alone; the real rows must agree.
+
+    Returns None, or (outcome, reason): a BUG when lens_alti's rows differ although the model's
+    own activations agree; TL_FAILS when padding already changes the model's activations.
+    """
     import torch
 
     toks = _tokens(2, 7, 5)
@@ -241,12 +245,20 @@ def _padding_check(bridge: Any, seq2seq: bool, attribute: Any) -> str | None:
         got = torch.cat([got[..., :5], got[..., 7:11]], dim=-1)  # real sources, then real targets
     else:
         _, cache = bridge.run_with_cache(toks, attention_mask=mask)
-        batch = attribute(cache, attention_mask=mask)
         _, c1 = bridge.run_with_cache(toks[1:, :5])
+        last = f"blocks.{len(bridge.blocks) - 1}.hook_resid_post"
+        if last in cache.keys() and last in c1.keys():
+            drift = float((cache[last][1, :5] - c1[last][0]).abs().max())
+            if drift > 1e-4 * max(1.0, float(c1[last].abs().max())):
+                return TL_FAILS, (
+                    f"padding changes the model's own activations (last residual by {drift:.2g}): the bridge does "
+                    "not apply the attention mask as the unpadded run does; unpadded inputs work"
+                )
+        batch = attribute(cache, attention_mask=mask)
         alone = attribute(c1)
         got, want = batch.layers[1, :, :5, :5], alone.layers[0]
     err = float((got - want).abs().max())
-    return None if err < 1e-4 else f"padded batch differs from the item alone by {err:.2g}"
+    return None if err < 1e-4 else (BUG, f"padded batch differs from the item alone by {err:.2g}")
 
 
 def run_one(name: str) -> Outcome:
@@ -295,15 +307,16 @@ def run_one(name: str) -> Outcome:
 
     try:
         res = lens_alti.attribute(cache)
-        problem = _check_rows(res) or _padding_check(bridge, seq2seq, lens_alti.attribute)
+        rows = _check_rows(res)
+        problem = (BUG, rows) if rows else _padding_check(bridge, seq2seq, lens_alti.attribute)
     except LensAltiError as exc:
         msg = f"{type(exc).__name__}: {exc}"
-        return done(MIXER if "mixer, not attention" in str(exc) else REFUSED, msg)
+        return done(MIXER if "mixer, not attention" in str(exc) or "is a recurrent mixer" in str(exc) else REFUSED, msg)
     except Exception as exc:  # noqa: BLE001
         tb = traceback.extract_tb(exc.__traceback__)[-1]
         return done(BUG, f"{type(exc).__name__}: {exc} (at {os.path.basename(tb.filename)}:{tb.lineno})")
     if problem:
-        return done(BUG, problem)
+        return done(*problem)
     err = float(res.reconstruction_error.max()) if hasattr(res, "reconstruction_error") and not isinstance(
         res.reconstruction_error, dict
     ) else max(float(v.max()) for v in res.reconstruction_error.values())

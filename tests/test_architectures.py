@@ -216,3 +216,40 @@ def test_led_banded_attention_is_refused_by_layout():
     _, cache = bridge.run_with_cache(_tokens(2, 6, 1), decoder_input=_tokens(2, 4, 2))
     with pytest.raises(UnsupportedModelError, match=r"banded local-attention layout \[batch, query, head, 2w\+1\]"):
         lens_alti.attribute(cache)
+
+
+# --- bug 2 (continued): Gemma-4 reads the normalised values (its v_norm comes after hook_v) ---
+
+
+def test_gemma4_value_norm_after_hook_v():
+    hf, bridge = _tiny("Gemma4ForCausalLM")
+    _, cache = bridge.run_with_cache(_tokens(2, 6))
+    v = cache["blocks.0.attn.hook_v"]
+    v_norm = hf.model.layers[0].self_attn.v_norm
+    assert float((v_norm(v) - v).abs().max()) > 1e-2  # the cached values are not yet normalised
+    res = lens_alti.attribute(cache)
+    assert float(res.reconstruction_error.max()) < 1e-5
+
+
+# --- layouts refused precisely ---
+
+
+def test_per_channel_output_gate_is_refused():
+    _, bridge = _tiny("AfmoeForCausalLM")
+    _, cache = bridge.run_with_cache(_tokens(1, 5))
+    with pytest.raises(UnsupportedModelError, match="gated per channel"):
+        lens_alti.attribute(cache)
+
+
+def test_parallel_mamba_branch_is_refused():
+    _, bridge = _tiny("FalconH1ForCausalLM")
+    with pytest.raises(UnsupportedModelError, match="in parallel with attention"):
+        lens_alti.hook_names(bridge)
+
+
+def test_attention_sinks_rows_sum_below_one():
+    _, bridge = _tiny("GptOssForCausalLM")
+    _, cache = bridge.run_with_cache(_tokens(2, 6))
+    assert float(cache["blocks.0.attn.hook_pattern"].sum(-1).min()) < 0.999  # the sinks take some mass
+    res = lens_alti.attribute(cache)
+    assert float(res.reconstruction_error.max()) < 1e-5

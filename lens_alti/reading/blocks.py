@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.gated_output import gated_pattern
-from lens_alti.reading.geometry import ValueLayout, check_same_shape, checked_values
+from lens_alti.reading.geometry import ValueLayout, check_same_shape, check_sub_distribution, checked_values
 from lens_alti.reading.head_norm import fold_head_norm
 from lens_alti.reading.norms import post_norm
 from lens_alti.reading.records import AttentionBlock, NormAfterAttention
@@ -31,10 +31,22 @@ def sublayer_block(
     post: bool,
     norm_component: Any,
     column: Literal["diagonal", "last"],
+    out_norm: tuple[Any, str] | None = None,
 ) -> AttentionBlock:
-    """Record of one (self- or cross-) attention sublayer of an encoder or seq2seq block."""
+    """Record of one (self- or cross-) attention sublayer of an encoder or seq2seq block.
+
+    `out_norm` = (norm component, its hook prefix) for a norm on the attention output only
+    (T5Gemma's post_self_attn_layernorm / post_cross_attn_layernorm, spec 1d).
+    """
     norm = None
-    if post:
+    if out_norm is not None:
+        if post:
+            raise UnsupportedModelError(f"{names['attn']}: a post-LN block with a norm on the attention output")
+        component, hook = out_norm
+        kind = str(getattr(model.cfg, "normalization_type", "RMS"))
+        norm = post_norm(component, cache[f"{hook}.hook_in"], hook, kind, "attn_out")
+        target = cache[names["output"]]
+    elif post:
         target = cache[f"{names['norm']}.hook_out"]
         kind = str(getattr(model.cfg, "normalization_type", "LN"))
         norm = post_norm(norm_component, cache[f"{names['norm']}.hook_in"], names["norm"], kind)
@@ -60,6 +72,7 @@ def attention_record(
     b_O: Tensor | None = None,
     head_norm: Any = None,
     gate_input: Tensor | None = None,
+    sinks: bool = False,
 ) -> AttentionBlock:
     """The record of attention module `attn` (hooks under `name`), weights read from the module.
 
@@ -67,7 +80,8 @@ def attention_record(
     maps the cached values to what the pattern really averages (a value norm after `hook_v`);
     `W_O`/`b_O` override the module's (per-layer weights, receiver-independent rescalings);
     `head_norm` is a norm on the concatenated heads before W_O (see `head_norm`);
-    `gate_input` is o_proj's real input when the output is gated per receiver (see `gated_output`).
+    `gate_input` is o_proj's real input when the output is gated per receiver (see `gated_output`);
+    `sinks`: attention sinks take part of each row's mass, so rows sum to at most 1 (GPT-OSS).
     Every shape is validated before any arithmetic.
     """
     W_O = detach(attn.W_O) if W_O is None else W_O
@@ -82,6 +96,9 @@ def attention_record(
     if target.shape[:2] != pattern.shape[:1] + pattern.shape[2:3] or target.shape[-1] != W_O.shape[-1]:
         raise_shape(name, target, pattern, W_O)
     distribution = True
+    if sinks:
+        check_sub_distribution(pattern, name)
+        distribution = False  # checked here: rows sum to at most 1
     if gate_input is not None:
         pattern = gated_pattern(pattern, values, gate_input, name)
         distribution = False  # rows now sum to the receiver's gate (negative entries were refused above)

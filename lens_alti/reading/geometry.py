@@ -121,3 +121,16 @@ def output_weights(attn: Any, name: str) -> tuple[Float[Tensor, "h e d"], Float[
         W_O = o_proj.weight.T.reshape(o_proj.in_features // d_head, d_head, o_proj.out_features)
         b_O = o_proj.bias
     return W_O.detach(), (None if b_O is None else b_O.detach())
+
+
+def check_sub_distribution(pattern: Float[Tensor, "b h q k"], name: str, tolerance: float = 1e-3) -> None:
+    """Attention with sinks (GPT-OSS): rows are ≥ 0 and sum to at most 1 (the sink takes the rest)."""
+    if pattern.numel() == 0:
+        return
+    low = float(pattern.amin())
+    high = float(pattern.sum(-1, dtype=torch.float64).amax())
+    if low < -tolerance or high > 1 + tolerance:
+        raise PatternNotDistributionError(
+            f"{name}.hook_pattern is not attention with sinks: entries must be ≥ 0 and rows sum to at most 1 "
+            f"(smallest entry {low:.3g}, largest row sum {high:.4g})"
+        )
