@@ -141,6 +141,12 @@ def tiny_config(config_cls: Any) -> Any:
     for sub in ("text_config",):
         if getattr(default, sub, None) is not None:
             raise ValueError("multimodal config")
+    from transformers import PretrainedConfig
+
+    for sub in ("encoder", "decoder"):  # T5Gemma: one config per stack
+        value = getattr(default, sub, None) if sub in accepted else None
+        if isinstance(value, PretrainedConfig):
+            kwargs[sub] = tiny_config(type(value)).to_dict()
     # Per-layer lists must match the new layer count.
     for name in ("layer_types", "layers_block_type", "block_types", "attention_layers", "hybrid_override_pattern"):
         if name not in accepted:

@@ -22,7 +22,9 @@ _EAGER_ADVICE = (
     "Patterns are only recorded with eager attention: boot the model with "
     "TransformerBridge.boot_transformers(...) (which forces it) or load the Hugging Face "
     "model with attn_implementation='eager'. If you used names_filter, include these names "
-    "(lens_alti.hook_names(model) lists everything attribute() reads)."
+    "(lens_alti.hook_names(model) lists everything attribute() reads). If the model was booted that way "
+    "and the hooks are still missing, its attention implementation never fires them (e.g. LongT5's local "
+    "attention) and the model is not supported."
 )
 
 
