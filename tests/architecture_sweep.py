@@ -252,8 +252,10 @@ def _padding_check(bridge: Any, seq2seq: bool, attribute: Any) -> tuple[str, str
     else:
         _, cache = bridge.run_with_cache(toks, attention_mask=mask)
         _, c1 = bridge.run_with_cache(toks[1:, :5])
-        last = f"blocks.{len(bridge.blocks) - 1}.hook_resid_post"
-        if last in cache.keys() and last in c1.keys():
+        n = len(bridge.blocks) - 1
+        names = [f"blocks.{n}.hook_resid_post", f"blocks.{n}.hook_out", f"blocks.{n}.hook_resid_pre"]
+        last = next((k for k in names if k in cache.keys() and k in c1.keys()), None)
+        if last is not None:
             drift = float((cache[last][1, :5] - c1[last][0]).abs().max())
             if drift > 1e-4 * max(1.0, float(c1[last].abs().max())):
                 return TL_FAILS, (
@@ -403,8 +405,9 @@ def markdown(results: list[Outcome]) -> str:
     import transformers
 
     order = [WORKS, MIXER, REFUSED, TL_FAILS, CANNOT_BUILD, BUG, TIMEOUT, "skipped"]
-    tested = [r for r in results if r.outcome not in ("skipped", CANNOT_BUILD)]
+    tested = [r for r in results if r.outcome not in ("skipped", CANNOT_BUILD, TL_FAILS)]
     works = [r for r in tested if r.outcome == WORKS]
+    count = {k: sum(r.outcome == k for r in results) for k in order}
     lines = [
         "# Architectures",
         "",
@@ -414,7 +417,12 @@ def markdown(results: list[Outcome]) -> str:
         "`works` means the result's rows sum to 1 and a padded batch equals each item run alone "
         "(the reconstruction of every block is checked by `attribute` itself).",
         "",
-        f"**{len(works)} of {len(tested)} text architectures that build and boot work.**",
+        f"**{len(works)} of {len(tested)} text architectures that transformers builds and the bridge boots and runs "
+        f"work**; of the others, {count[MIXER]} have recurrent mixers (see mixers), {count[REFUSED]} are refused "
+        f"with a specific error, {count[BUG]} are bugs and {count[TIMEOUT]} timed out. Not counted: "
+        f"{count[TL_FAILS]} that TransformerLens fails to boot or run (or whose padding changes the model's own "
+        f"activations), {count[CANNOT_BUILD]} that could not be built as a tiny config, {count['skipped']} skipped "
+        "(not text models, or classes this transformers does not have).",
         "",
         "| architecture | outcome | reason |",
         "|---|---|---|",
