@@ -106,7 +106,9 @@ _SIZES: dict[str, Any] = {
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
     "vocab_size_per_layer_input": 1000, "hidden_size_per_layer_input": 16,
-    "lru_width": _D, "rotary_dim": 8, "conv1d_width": 4, "block_types": None,
+    "lru_width": _D, "rotary_dim": 8,
+    # Hybrids: one attention layer among the two tiny layers (a cache with no attention layer fails in HF).
+    "attn_layer_indices": [1], "attn_layer_offset": 1, "attn_layer_period": 2, "conv1d_width": 4, "block_types": None,
 }
 
 
@@ -157,6 +159,8 @@ def tiny_config(config_cls: Any) -> Any:
             continue
         if isinstance(value, (list, str)) and len(value) > 0:
             kinds = list(dict.fromkeys(value))  # keep one of each kind, first layer's kind first
+            if len(kinds) == 1 and name == "layer_types" and kinds[0] == "linear_attention":
+                kinds = ["linear_attention", "attention"]  # a hybrid whose default lists one kind only
             seq = (kinds * _L)[: max(_L, len(kinds))]
             if "num_hidden_layers" in kwargs and len(seq) != kwargs["num_hidden_layers"]:
                 kwargs["num_hidden_layers"] = len(seq)
