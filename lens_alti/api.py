@@ -17,9 +17,20 @@ from lens_alti.alti.contributions import (
     block_contributions,
     head_output_contributions,
 )
-from lens_alti.alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
+from lens_alti.alti.decompose import (
+    RECONSTRUCTION_TOLERANCE,
+    check_pattern_distribution,
+    check_reconstruction,
+    decompose,
+)
 from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
-from lens_alti.errors import LensAltiError, MissingHooksError, NonFiniteError, WeightProcessingWarning
+from lens_alti.errors import (
+    LensAltiError,
+    MissingHooksError,
+    NonFiniteError,
+    UnsupportedModelError,
+    WeightProcessingWarning,
+)
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
@@ -118,6 +129,8 @@ def _run_blocks(
         block = reader.build(cache)
         _check_finite(block, valid_q, valid_k)
         block = _masked_block(block, valid_q, valid_k)
+        if check:
+            check_pattern_distribution(block, valid_q, valid_k, 10 * _HALF_TOLERANCE.get(block.pattern.dtype, 1e-4))
         tv = decompose(block, dtype=dtype, valid_rows=valid_q)
         tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
         errors.append(check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))
@@ -137,6 +150,12 @@ def _run_blocks(
                 head_outputs_residual=alloc(head_out[1] if head_out else None),
             )
         torch.mul(c.tokens, q_mask[:, :, None], out=out.layers[:, layer])
+        if heads and c.heads.shape != out.heads[:, layer].shape:
+            raise UnsupportedModelError(
+                f"{block.name}: per-head results need one head count for every layer, but this layer has "
+                f"{c.heads.shape[1]} heads and the first has {out.heads.shape[2]} (per-layer head counts, e.g. "
+                "Laguna); use heads=False"
+            )
         if heads:
             torch.mul(c.heads, q_mask[:, None, :, None], out=out.heads[:, layer])
             torch.mul(c.heads_residual, q_mask, out=out.heads_residual[:, layer])

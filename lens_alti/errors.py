@@ -53,3 +53,7 @@ class NonFiniteError(LensAltiError, ValueError):
 
 class WeightProcessingWarning(UserWarning):
     """The model's weights were processed (folded/centred): numbers differ from the raw model."""
+
+
+class PatternNotDistributionError(LensAltiError, ValueError):
+    """A cached attention pattern is not a probability distribution over the valid keys."""

@@ -43,6 +43,9 @@ class AttentionBlock:
     `target[b, q, d]` is the real activation the decomposition must reproduce.
     `residual_column`: "diagonal" — the residual belongs to source j = q (self-attention);
     "last" — it is a separate, extra source after the k keys (cross-attention).
+    `pattern_is_distribution`: the pattern's rows are probabilities over the valid keys
+    (non-negative, summing to 1), which is checked before decomposing; records whose
+    "pattern" is a general linear token-to-token operator (recurrent mixers) set it False.
     """
 
     name: str
@@ -56,3 +59,4 @@ class AttentionBlock:
     residual_column: Literal["diagonal", "last"] = "diagonal"
     norm: NormAfterAttention | None = None
     architecture: str = "unknown"
+    pattern_is_distribution: bool = True
