@@ -278,7 +278,8 @@ def attribute(
         if decoder_attention_mask is not None:
             raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
         readers = layout.blocks["self"]
-        batch, _, _, pos = cache[readers[0].hooks[0]].shape
+        first = cache[readers[0].hooks[0]].shape  # [b, h, q, k] pattern, or [b, pos, d] for a mixer layer
+        batch, pos = first[0], (first[-1] if len(first) == 4 else first[1])
         valid = _prepare_mask(attention_mask, batch, pos, cache[readers[0].hooks[0]].device, "attention_mask")
         bar = _progress(progress, pos, n_blocks)
         try:

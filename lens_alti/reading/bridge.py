@@ -7,6 +7,7 @@ from typing import Any
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import attention_record, sublayer_block
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
+from lens_alti.reading.mixers import mixer_reader
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import AttentionBlock
 
@@ -18,6 +19,11 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     readers = []
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}"
+        # A layer with no attention but a known linear-recurrent mixer (Mamba, SSD, ...).
+        mixer = None if hasattr(model.blocks[layer], "attn") else mixer_reader(model, layer, arch)
+        if mixer is not None:
+            readers.append(mixer)
+            continue
         hooks = [f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre"]
         # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
         attn_out_norm = hasattr(model.blocks[layer], "ln1_post")

@@ -43,6 +43,10 @@ class AttentionBlock:
     `target[b, q, d]` is the real activation the decomposition must reproduce.
     `residual_column`: "diagonal" — the residual belongs to source j = q (self-attention);
     "last" — it is a separate, extra source after the k keys (cross-attention).
+    `pattern_is_distribution`: False for linear-recurrent mixers (reading/mixers), whose
+    "pattern" is a token-to-token operator (one per channel), not attention probabilities;
+    their `b_O` may then be per receiver, `[b, q, d]` (terms of no token that the recurrence
+    carries, such as a convolution bias).
     """
 
     name: str
@@ -50,9 +54,10 @@ class AttentionBlock:
     pattern: Float[Tensor, "b h q k"]
     values: Float[Tensor, "b k h e"]
     W_O: Float[Tensor, "h e d"]
-    b_O: Float[Tensor, " d"] | None
+    b_O: Float[Tensor, " d"] | Float[Tensor, "b q d"] | None
     residual: Float[Tensor, "b q d"]
     target: Float[Tensor, "b q d"]
     residual_column: Literal["diagonal", "last"] = "diagonal"
     norm: NormAfterAttention | None = None
     architecture: str = "unknown"
+    pattern_is_distribution: bool = True

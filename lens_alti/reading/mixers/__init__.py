@@ -1,0 +1,132 @@
+"""Linear-recurrent mixers (Mamba, Mamba-2/SSD, short convolutions, gated DeltaNet, RG-LRU).
+
+Such a layer is linear in its per-source values once its data-dependent quantities (Δ, B,
+C, gates, decays; SiLU written as the fixed gate sigmoid(p) times p) are fixed at their real
+values, so its output is `y_i = x_i + Σ_j T_i(x_j) + bias_i` exactly like a pre-norm
+attention block (docs/spec-mixers.md). The reader fills the ordinary `AttentionBlock` record:
+
+- `pattern[b, C, q, k]`: one token-to-token operator per mixer channel (C = the mixer's inner
+  width), receiver gates and linearised output norms folded into its rows, the convolution
+  window and the recurrence's decay composed into it; `pattern_is_distribution=False`;
+- `values[b, k, C, 1]`: each source's value after its pre-norm and `in_proj` (from the cache);
+- `W_O[C, 1, d]`: the rows of `out_proj`; `b_O[b, q, d]`: `out_proj`'s bias plus the terms
+  of no token the recurrence carries (a convolution bias), per receiver.
+
+Cost: the operator holds `C·n²` numbers per batch item (Mamba-130m, n = 1024: 1536 channels,
+6.4 GB in float32), and the decomposition's `VO` another `C·n·d`; read long inputs of real
+models one sequence at a time, on a machine that has that memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.layout import BlockReader
+from lens_alti.reading.records import AttentionBlock
+
+# Child names under which TransformerLens 4.3's bridge exposes a block's mixer.
+_MIXER_CHILDREN = ("mixer", "mamba", "conv", "linear_attn", "temporal_block")
+
+
+def hf_module(component: Any) -> Any:
+    """The Hugging Face module a bridge component wraps (or the component itself)."""
+    return getattr(component, "original_component", None) or getattr(component, "_original_component", component)
+
+
+def _kind(module: Any) -> tuple[str, Callable[..., Any]] | None:
+    from lens_alti.reading.mixers import mamba
+
+    if mamba.is_mamba1(module):
+        return "Mamba selective scan", mamba.mamba1_operator
+    if mamba.is_mamba2(module):
+        return "Mamba-2 SSD", mamba.mamba2_operator
+    return None
+
+
+def find_mixer(block: Any) -> tuple[str, Any] | None:
+    """(child name, bridge component) of a block's linear-recurrent mixer, if it has a known one."""
+    for child in _MIXER_CHILDREN:
+        comp = getattr(block, child, None)
+        if comp is not None and _kind(hf_module(comp)) is not None:
+            return child, comp
+    return None
+
+
+def mixer_record(
+    *,
+    name: str,
+    layer: int,
+    arch: str,
+    op: Tensor,
+    beta: Tensor,
+    values: Tensor,
+    out_proj: Any,
+    residual: Tensor,
+    target: Tensor,
+    out_scale: float = 1.0,
+) -> AttentionBlock:
+    """The `AttentionBlock` of a mixer whose channel operator is `op` (see the module docstring).
+
+    `out_scale` multiplies the mixer's output before the residual sum (a residual multiplier).
+    """
+    dtype = torch.promote_types(residual.dtype, torch.float32)
+    W = out_proj.weight.detach().double() * out_scale  # [d, C]
+    b_O = beta @ W.T
+    if getattr(out_proj, "bias", None) is not None:
+        b_O = b_O + out_proj.bias.detach().double() * out_scale
+    n_ch = W.shape[1]
+    if op.shape[1] != n_ch or values.shape[-1] != n_ch:
+        raise UnsupportedModelError(
+            f"{name}: the operator has {op.shape[1]} channels and the values {values.shape[-1]}, "
+            f"but out_proj reads {n_ch}"
+        )
+    return AttentionBlock(
+        name=name,
+        layer=layer,
+        pattern=op.to(dtype),
+        values=values.to(dtype)[..., None],
+        W_O=W.T[:, None, :].to(dtype),
+        b_O=b_O.to(dtype),
+        residual=residual,
+        target=target,
+        architecture=arch,
+        pattern_is_distribution=False,
+    )
+
+
+def mixer_reader(model: Any, layer: int, arch: str) -> BlockReader | None:
+    """The reader of decoder layer `layer` when its token mixer is a known linear-recurrent one.
+
+    The block must be pre-norm, `y = x + mixer(norm(x))`: the target is `hook_resid_mid`
+    where the bridge records it, else `hook_resid_pre + <mixer>.hook_out`.
+    """
+    block = model.blocks[layer]
+    found = find_mixer(block)
+    if found is None:
+        return None
+    child, comp = found
+    module = hf_module(comp)
+    kind, operator = _kind(module)  # type: ignore[misc]
+    p = f"blocks.{layer}"
+    mix = f"{p}.{child}"
+    has_mid = f"{p}.hook_resid_mid" in getattr(model, "hook_dict", {})
+    hooks = [f"{p}.hook_resid_pre", f"{mix}.hook_in_proj"]
+    hooks.append(f"{p}.hook_resid_mid" if has_mid else f"{mix}.hook_out")
+
+    def build(cache: Any) -> AttentionBlock:
+        projected = cache[f"{mix}.hook_in_proj"]
+        (op, beta), values = operator(module, projected, f"{mix} ({kind})")
+        x = cache[f"{p}.hook_resid_pre"]
+        target = cache[f"{p}.hook_resid_mid"] if has_mid else x + cache[f"{mix}.hook_out"]
+        return mixer_record(
+            name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
+            out_proj=module.out_proj, residual=x, target=target,
+        )
+
+    return BlockReader(mix, tuple(hooks), build)
+
