@@ -1,0 +1,60 @@
+"""Tiny random hybrid and attention-free models, built offline and booted as TransformerBridges."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import transformers as T
+
+from tests.models import boot
+from tests.reference import randomize_norms
+from tests.tokenizer import VOCAB
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2)
+_ATTN = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+
+CONFIGS: dict[str, Callable[[], T.PreTrainedModel]] = {
+    "mamba": lambda: T.MambaForCausalLM(T.MambaConfig(**_COMMON, state_size=4, expand=2, conv_kernel=3)),
+    "falcon_mamba": lambda: T.FalconMambaForCausalLM(
+        T.FalconMambaConfig(**_COMMON, state_size=4, expand=2, conv_kernel=3)
+    ),
+    "mamba2": lambda: T.Mamba2ForCausalLM(
+        T.Mamba2Config(**_COMMON, state_size=4, expand=2, conv_kernel=3, num_heads=8, head_dim=8, n_groups=2)
+    ),
+    "jamba": lambda: T.JambaForCausalLM(
+        T.JambaConfig(
+            **_COMMON, **_ATTN, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2, attn_layer_period=2,
+            attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2, use_mamba_kernels=False,
+        )
+    ),
+    "bamba": lambda: T.BambaForCausalLM(
+        T.BambaConfig(
+            **_COMMON, **_ATTN, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2,
+            mamba_n_groups=2, attn_layer_indices=[1],
+        )
+    ),
+}
+
+# Mixers of these get a bias in the convolution and in_proj/out_proj where the config allows it.
+MIXER_ARCHS = tuple(CONFIGS)
+
+
+def hf_mixer_model(arch: str, seed: int = 0) -> T.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = CONFIGS[arch]()
+    model.config.architectures = [type(model).__name__]
+    randomize_norms(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Random D, dt biases and conv biases so that no term is trivially zero.
+            if name.endswith((".D", "conv1d.bias", "dt_bias")):
+                param.copy_(param + 0.1 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def build_mixer_bridge(arch: str, seed: int = 0) -> tuple[T.PreTrainedModel, object]:
+    hf = hf_mixer_model(arch, seed)
+    return copy.deepcopy(hf), boot(hf)

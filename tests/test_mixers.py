@@ -1,0 +1,81 @@
+"""Linear-recurrent mixer layers (Mamba, Mamba-2, ...) against the independent float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lens_alti
+from tests.mixer_models import MIXER_ARCHS, build_mixer_bridge
+from tests.reference_mixers import reference_mixer_layers
+
+TOL = 1e-5
+
+
+def _tokens(batch: int = 2, pos: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 1000, (batch, pos), generator=g)
+
+
+@pytest.fixture(scope="module", params=MIXER_ARCHS)
+def run(request):
+    hf, bridge = build_mixer_bridge(request.param)
+    tokens = _tokens()
+    _, cache = bridge.run_with_cache(tokens)
+    return request.param, hf, bridge, tokens, cache, reference_mixer_layers(hf, tokens)
+
+
+@pytest.mark.parametrize("measure", ["l1", "l2", "koba"])
+def test_mixer_layers_match_reference(run, measure):
+    """Computed in float64 from the float32 cache (in float32, ‖y‖ − ‖y − T‖ cancels for small T)."""
+    arch, _, bridge, _, cache, ref = run
+    res = lens_alti.attribute(cache, measure=measure, dtype=torch.float64)
+    assert res.layers.shape[1] == len(bridge.blocks)
+    assert ref, f"{arch}: the reference found no mixer layer"
+    for layer, want in ref.items():
+        torch.testing.assert_close(res.layers[:, layer], want[measure], atol=TOL, rtol=0)
+    assert float(res.reconstruction_error.max()) < 1e-5
+
+
+def test_float32_is_close_and_rows_sum_to_one(run):
+    *_, cache, ref = run
+    res = lens_alti.attribute(cache)
+    assert res.layers.dtype == torch.float32
+    for layer, want in ref.items():
+        torch.testing.assert_close(res.layers[:, layer].double(), want["l1"], atol=1e-4, rtol=0)
+    sums = res.layers.sum(-1)  # 1, or 0 for a row whose bias outweighs every source (spec §2)
+    assert bool(((sums - 1).abs() < 1e-5).logical_or(sums == 0).all())
+    assert float((sums == 0).double().mean()) < 0.1
+    assert torch.equal(res.layers, res.layers.tril())  # causal
+    # Rollout through every layer, attention and mixer layers alike.
+    expect = res.layers[:, 0]
+    for layer in range(1, res.layers.shape[1]):
+        expect = res.layers[:, layer] @ expect
+    torch.testing.assert_close(res.rollout[:, -1], expect, atol=1e-6, rtol=0)
+
+
+def test_pure_mixer_rollout_matches_reference(run):
+    arch, _, bridge, _, cache, ref = run
+    if len(ref) != len(bridge.blocks):
+        pytest.skip(f"{arch} also has attention layers")
+    res = lens_alti.attribute(cache, dtype=torch.float64)
+    expect = ref[0]["l1"]
+    for layer in range(1, len(ref)):
+        expect = ref[layer]["l1"] @ expect
+    torch.testing.assert_close(res.rollout[:, -1], expect, atol=TOL, rtol=0)
+
+
+def test_corrupted_cache_fails_the_reconstruction_check(run):
+    """The check compares with the real layer output: a wrong value must be caught."""
+    arch, _, _, _, cache, ref = run
+    layer = next(iter(ref))
+    name = next(k for k in cache.keys() if k.startswith(f"blocks.{layer}.") and k.endswith("hook_in_proj"))
+    original = cache.cache_dict[name]
+    try:
+        bad = original.clone()
+        bad[:, 2] += 0.5
+        cache.cache_dict[name] = bad
+        with pytest.raises(lens_alti.errors.ReconstructionError, match=f"blocks.{layer}"):
+            lens_alti.attribute(cache)
+    finally:
+        cache.cache_dict[name] = original
