@@ -157,9 +157,72 @@ def _mamba2(m: nn.Module, h: torch.Tensor) -> _Frozen:
     return _Frozen(run, x)
 
 
+def _short_conv(m: nn.Module, h: torch.Tensor) -> _Frozen:
+    """LFM2: [B | C | x] = in_proj(h); out = W(C ⊙ conv(B ⊙ x)); the value of source s is B_s ⊙ x_s."""
+    ch = m.conv.weight.shape[0]
+    B, C, x = _lin(h, m.in_proj).split(ch, -1)
+    w = m.conv.weight.detach().double()[:, 0]
+    cb = None if m.conv.bias is None else m.conv.bias.detach().double()
+
+    def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
+        out = (C * _conv_seq(v, w, cb if biases else None)) @ m.out_proj.weight.detach().double().T
+        if biases and m.out_proj.bias is not None:
+            out = out + m.out_proj.bias.detach().double()
+        return out
+
+    return _Frozen(run, B * x)
+
+
+def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
+    """Gated DeltaNet (Yang et al. 2024) as in Qwen3-Next: per value head, state S [d_k, d_v],
+    S ← exp(g_t) S; S ← S + k_t (β_t (v_t − Sᵀk_t))ᵀ; o_t = Sᵀ q_t; out = W(w ⊙ o/rms(o) ⊙ silu(z))."""
+    bsz, n, _ = h.shape
+    Hv, Hk, dk, dv = m.num_v_heads, m.num_k_heads, m.head_k_dim, m.head_v_dim
+    if hasattr(m, "in_proj_qkvz"):
+        parts = m.fix_query_key_value_ordering(_lin(h, m.in_proj_qkvz), _lin(h, m.in_proj_ba))
+    else:
+        q, k, v = _lin(h, m.in_proj_qkv).split([Hk * dk, Hk * dk, Hv * dv], -1)
+        parts = (q, k, v, _lin(h, m.in_proj_z), _lin(h, m.in_proj_b), _lin(h, m.in_proj_a))
+    q0, k0, v0, z, b, a = (t.reshape(bsz, n, -1) for t in parts)
+    w = m.conv1d.weight.detach().double()[:, 0]
+    p = _conv_seq(torch.cat((q0, k0, v0), -1), w, None)
+    u = F.silu(p)
+    kd = Hk * dk
+    q = u[..., :kd].reshape(bsz, n, Hk, dk).repeat_interleave(Hv // Hk, 2)
+    k = u[..., kd : 2 * kd].reshape(bsz, n, Hk, dk).repeat_interleave(Hv // Hk, 2)
+    q = q / (q.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt() / dk**0.5
+    k = k / (k.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    beta = torch.sigmoid(b)
+    g = -m.A_log.detach().double().exp() * F.softplus(a + m.dt_bias.detach().double())
+    gate_src = torch.sigmoid(p[..., 2 * kd :])
+
+    def recur(v: torch.Tensor) -> torch.Tensor:
+        uv = (gate_src * _conv_seq(v, w[2 * kd :], None)).reshape(bsz, n, Hv, dv)
+        S = torch.zeros(bsz, Hv, dk, dv, dtype=torch.float64)
+        outs = []
+        for t in range(n):
+            S = S * g[:, t].exp()[..., None, None]
+            mem = (S * k[:, t, :, :, None]).sum(-2)  # Sᵀk, [b, H, dv]
+            S = S + k[:, t, :, :, None] * (beta[:, t, :, None] * (uv[:, t] - mem))[:, :, None, :]
+            outs.append((S * q[:, t, :, :, None]).sum(-2))
+        return torch.stack(outs, 1)  # [b, n, H, dv]
+
+    o_real = recur(v0)
+    inv = (o_real.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon).rsqrt()
+    zz = z.reshape(bsz, n, Hv, dv)
+    scale = inv * m.norm.weight.detach().double() * F.silu(zz)
+
+    def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
+        return (recur(v) * scale).reshape(bsz, n, Hv * dv) @ m.out_proj.weight.detach().double().T
+
+    return _Frozen(run, v0)
+
+
 _BUILDERS: dict[tuple[str, ...], Callable[[nn.Module, torch.Tensor], _Frozen]] = {
     MAMBA1: _mamba1,
     MAMBA2: _mamba2,
+    SHORTCONV: _short_conv,
+    DELTANET: _deltanet,
 }
 
 

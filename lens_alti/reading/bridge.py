@@ -20,7 +20,8 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}"
         # A layer with no attention but a known linear-recurrent mixer (Mamba, SSD, ...).
-        mixer = None if hasattr(model.blocks[layer], "attn") else mixer_reader(model, layer, arch)
+        has_attn = f"{p}.attn.hook_pattern" in getattr(model, "hook_dict", {})
+        mixer = None if has_attn else mixer_reader(model, layer, arch)
         if mixer is not None:
             readers.append(mixer)
             continue

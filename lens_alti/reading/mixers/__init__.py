@@ -38,13 +38,18 @@ def hf_module(component: Any) -> Any:
     return getattr(component, "original_component", None) or getattr(component, "_original_component", component)
 
 
-def _kind(module: Any) -> tuple[str, Callable[..., Any]] | None:
-    from lens_alti.reading.mixers import mamba
+def _kind(module: Any) -> tuple[str, Callable[..., Any], str] | None:
+    """(label, operator builder, the hook under the mixer whose activation the builder reads)."""
+    from lens_alti.reading.mixers import mamba, recurrent
 
     if mamba.is_mamba1(module):
-        return "Mamba selective scan", mamba.mamba1_operator
+        return "Mamba selective scan", mamba.mamba1_operator, "hook_in_proj"
     if mamba.is_mamba2(module):
-        return "Mamba-2 SSD", mamba.mamba2_operator
+        return "Mamba-2 SSD", mamba.mamba2_operator, "hook_in_proj"
+    if recurrent.is_short_conv(module):
+        return "short convolution", recurrent.short_conv_operator, "hook_in_proj"
+    if recurrent.is_gated_deltanet(module):
+        return "gated DeltaNet", recurrent.gated_deltanet_operator, "hook_in"
     return None
 
 
@@ -111,16 +116,15 @@ def mixer_reader(model: Any, layer: int, arch: str) -> BlockReader | None:
         return None
     child, comp = found
     module = hf_module(comp)
-    kind, operator = _kind(module)  # type: ignore[misc]
+    kind, operator, source_hook = _kind(module)  # type: ignore[misc]
     p = f"blocks.{layer}"
     mix = f"{p}.{child}"
     has_mid = f"{p}.hook_resid_mid" in getattr(model, "hook_dict", {})
-    hooks = [f"{p}.hook_resid_pre", f"{mix}.hook_in_proj"]
+    hooks = [f"{p}.hook_resid_pre", f"{mix}.{source_hook}"]
     hooks.append(f"{p}.hook_resid_mid" if has_mid else f"{mix}.hook_out")
 
     def build(cache: Any) -> AttentionBlock:
-        projected = cache[f"{mix}.hook_in_proj"]
-        (op, beta), values = operator(module, projected, f"{mix} ({kind})")
+        (op, beta), values = operator(module, cache[f"{mix}.{source_hook}"], f"{mix} ({kind})")
         x = cache[f"{p}.hook_resid_pre"]
         target = cache[f"{p}.hook_resid_mid"] if has_mid else x + cache[f"{mix}.hook_out"]
         return mixer_record(
