@@ -19,7 +19,13 @@ from lens_alti.alti.contributions import (
 )
 from lens_alti.alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
 from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
-from lens_alti.errors import LensAltiError, MissingHooksError, NonFiniteError, WeightProcessingWarning
+from lens_alti.errors import (
+    LensAltiError,
+    MissingHooksError,
+    NonFiniteError,
+    UnsupportedModelError,
+    WeightProcessingWarning,
+)
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
@@ -116,6 +122,11 @@ def _run_blocks(
     errors = []
     for layer, reader in enumerate(readers):
         block = reader.build(cache)
+        if heads and not block.pattern_is_distribution:  # a linear-recurrent mixer (reading/mixers)
+            raise UnsupportedModelError(
+                f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
+                "not per head: per-head contributions are not available for it; call attribute(..., heads=False)"
+            )
         _check_finite(block, valid_q, valid_k)
         block = _masked_block(block, valid_q, valid_k)
         tv = decompose(block, dtype=dtype, valid_rows=valid_q)

@@ -51,6 +51,15 @@ CONFIGS: dict[str, Callable[[], T.PreTrainedModel]] = {
             linear_value_head_dim=8, linear_conv_kernel_dim=3, layer_types=["linear_attention", "full_attention"],
         )
     ),
+    # Parallel attention and Mamba-2 branches, with non-default µP multipliers.
+    "falcon_h1": lambda: T.FalconH1ForCausalLM(
+        T.FalconH1Config(
+            **_COMMON, **_ATTN, head_dim=8, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=4, mamba_d_conv=3,
+            mamba_expand=2, mamba_n_groups=2, mamba_d_ssm=64, ssm_out_multiplier=0.7, attention_out_multiplier=1.3,
+            attention_in_multiplier=0.8, ssm_in_multiplier=1.2, ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 0.7],
+            key_multiplier=0.9,
+        )
+    ),
 }
 
 # Hybrids whose attention layers have a layout this branch does not read yet (a gated attention

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MAMBA1 = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
-MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer")
+MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer")
 SHORTCONV = ("Lfm2ShortConv", "Lfm2MoeShortConv")
 DELTANET = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet")
 KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET
@@ -112,7 +112,10 @@ def _mamba2(m: nn.Module, h: torch.Tensor) -> _Frozen:
     """Mamba-2 (SSD, scalar A per head): the same recurrence per head over its P channels,
     then the gated RMSNorm `w ⊙ g / rms_group(g)`, g = y ⊙ silu(z), with its scale frozen."""
     ch, G, N, H, P = m.intermediate_size, m.n_groups, m.ssm_state_size, m.num_heads, m.head_dim
-    proj = _lin(h, m.in_proj)
+    # Falcon-H1's µP multipliers: on the mixer's input and on each part of the projection.
+    proj = _lin(h * getattr(m, "ssm_in_multiplier", 1.0), m.in_proj)
+    if getattr(m, "mup_vector", None) is not None:
+        proj = proj * m.mup_vector.detach().double().reshape(-1)
     conv_dim = ch + 2 * G * N
     z, xbc, dt_raw = torch.split(proj, [ch, conv_dim, H], -1)
     w = m.conv1d.weight.detach().double()[:, 0]
@@ -143,10 +146,12 @@ def _mamba2(m: nn.Module, h: torch.Tensor) -> _Frozen:
 
     # The norm's scale from the real run (all values and biases on).
     g_real = ssm(x, True) * F.silu(z)
-    size = m.norm.group_size
-    var = g_real.reshape(bsz, n, ch // size, size).pow(2).mean(-1, keepdim=True)
-    inv = (var + m.norm.variance_epsilon).rsqrt().expand(-1, -1, -1, size).reshape(bsz, n, ch)
-    scale = m.norm.weight.detach().double() * inv * F.silu(z)
+    scale = F.silu(z)
+    if getattr(m, "mamba_rms_norm", True):
+        size = m.norm.group_size
+        var = g_real.reshape(bsz, n, ch // size, size).pow(2).mean(-1, keepdim=True)
+        inv = (var + m.norm.variance_epsilon).rsqrt().expand(-1, -1, -1, size).reshape(bsz, n, ch)
+        scale = m.norm.weight.detach().double() * inv * F.silu(z)
 
     def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
         out = (ssm(v, biases) * scale) @ m.out_proj.weight.detach().double().T
@@ -246,6 +251,17 @@ def _mixers(model: nn.Module) -> dict[int, tuple[nn.Module, nn.Module]]:
     return out
 
 
+def _attention_parts(attn: nn.Module, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Σ_h A[h,i,j]·(v_j,h W_O[h]) `[b, i, j, d]` from the attention module's weights (GQA repeated)."""
+    bsz, n, _ = h.shape
+    H, d_head = probs.shape[1], attn.head_dim
+    v = _lin(h, attn.v_proj).reshape(bsz, n, -1, d_head)
+    v = v.repeat_interleave(H // v.shape[2], 2)  # [b, j, H, e]
+    w_o = attn.o_proj.weight.detach().double().T.reshape(H, d_head, -1)
+    vo = torch.einsum("bjhe,hed->bhjd", v, w_o)
+    return torch.einsum("bhij,bhjd->bijd", probs.double(), vo)
+
+
 @torch.no_grad()
 def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Dense float64 ALTI of every linear-recurrent mixer layer of a Hugging Face model.
@@ -255,6 +271,8 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
     `[b, i, d]`, and the row-normalised contributions `l1`, `l2`, `koba` `[b, i, j]`.
     """
     model = copy.deepcopy(hf_model).eval()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
     mixers = _mixers(model)
     seen: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
@@ -272,6 +290,18 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
             out = output[0] if isinstance(output, tuple) else output
             seen.setdefault(idx, {})["out"] = out.detach().double().clone()
 
+        if hasattr(layer, "self_attn") and hasattr(layer, "mamba"):  # Falcon-H1: parallel attention
+
+            def attn_pre(_m: nn.Module, args: tuple, kwargs: dict, idx: int = idx) -> None:
+                hs = args[0] if args else kwargs["hidden_states"]
+                seen.setdefault(idx, {})["attn_h"] = hs.detach().double().clone()
+
+            def attn_post(_m: nn.Module, _a: tuple, output: Any, idx: int = idx) -> None:
+                seen.setdefault(idx, {})["attn_out"] = output[0].detach().double().clone()
+                seen[idx]["probs"] = output[1].detach().double().clone()
+
+            handles.append(layer.self_attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
+            handles.append(layer.self_attn.register_forward_hook(attn_post))
         handles.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
         handles.append(mod.register_forward_pre_hook(mixer_pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(mixer_post))
@@ -282,7 +312,7 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
             handle.remove()
 
     result = {}
-    for idx, (_layer, mod) in mixers.items():
+    for idx, (layer, mod) in mixers.items():
         x, h, real = seen[idx]["x"], seen[idx]["h"], seen[idx]["out"]
         frozen = _frozen(mod, h)
         v = frozen.values
@@ -298,8 +328,20 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         err = float((out - real).abs().max())
         if err > 1e-5 * max(1.0, float(real.abs().max())):
             raise AssertionError(f"reference: layer {idx} ({type(mod).__name__}) does not reproduce the mixer output: {err:.3g}")
-        T = T + torch.eye(n, dtype=torch.float64)[None, :, :, None] * x[:, None, :, :]
         y = x + real
+        if "probs" in seen[idx]:  # y = x + m_s·mixer + m_a·attention (Falcon-H1)
+            m_s, m_a = layer.ssm_out_multiplier, layer.attn_out_multiplier
+            attn_parts = _attention_parts(layer.self_attn, seen[idx]["attn_h"], seen[idx]["probs"])
+            attn_real = seen[idx]["attn_out"]
+            o_bias = layer.self_attn.o_proj.bias
+            attn_bias = 0.0 if o_bias is None else o_bias.detach().double()
+            err = float((attn_parts.sum(2) + attn_bias - attn_real).abs().max())
+            if err > 1e-5 * max(1.0, float(attn_real.abs().max())):
+                raise AssertionError(f"reference: layer {idx} attention does not reproduce its output: {err:.3g}")
+            T = m_s * T + m_a * attn_parts
+            bias = m_s * bias + m_a * attn_bias
+            y = x + m_s * real + m_a * attn_real
+        T = T + torch.eye(n, dtype=torch.float64)[None, :, :, None] * x[:, None, :, :]
         diff = (y[:, :, None] - T)
         c = {
             "l1": (y.abs().sum(-1)[..., None] - diff.abs().sum(-1)).clamp(min=0),

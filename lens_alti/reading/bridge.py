@@ -19,9 +19,9 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     readers = []
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}"
-        # A layer with no attention but a known linear-recurrent mixer (Mamba, SSD, ...).
+        # A layer with a known linear-recurrent mixer (Mamba, SSD, ...), alone or beside attention.
         has_attn = f"{p}.attn.hook_pattern" in getattr(model, "hook_dict", {})
-        mixer = None if has_attn else mixer_reader(model, layer, arch)
+        mixer = mixer_reader(model, layer, arch, with_attention=has_attn)
         if mixer is not None:
             readers.append(mixer)
             continue

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
@@ -104,16 +105,20 @@ def mixer_record(
     )
 
 
-def mixer_reader(model: Any, layer: int, arch: str) -> BlockReader | None:
+def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False) -> BlockReader | None:
     """The reader of decoder layer `layer` when its token mixer is a known linear-recurrent one.
 
     The block must be pre-norm, `y = x + mixer(norm(x))`: the target is `hook_resid_mid`
-    where the bridge records it, else `hook_resid_pre + <mixer>.hook_out`.
+    where the bridge records it, else `hook_resid_pre + <mixer>.hook_out`. With
+    `with_attention` (the block also has cached attention), the block is read as parallel
+    attention and mixer branches (Falcon-H1), or None is returned when it has no mixer.
     """
     block = model.blocks[layer]
     found = find_mixer(block)
     if found is None:
         return None
+    if with_attention:
+        return _parallel_reader(model, layer, arch, found)
     child, comp = found
     module = hf_module(comp)
     kind, operator, source_hook = _kind(module)  # type: ignore[misc]
@@ -134,3 +139,53 @@ def mixer_reader(model: Any, layer: int, arch: str) -> BlockReader | None:
 
     return BlockReader(mix, tuple(hooks), build)
 
+
+
+def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) -> BlockReader:
+    """Falcon-H1: `y = x + m_a·attn(norm(x)) + m_s·mixer(norm(x))` in one block.
+
+    Both branches are sums over sources, so one record holds both: the attention heads
+    (their values, `e = d_head`) followed by the mixer's channels (values zero-padded from
+    1 to `d_head`, with zero `W_O` rows for the padding). `m_a`, `m_s` are the decoder
+    layer's `attn_out_multiplier` and `ssm_out_multiplier` (1 where absent).
+    """
+    from lens_alti.reading.blocks import attention_record
+
+    child, comp = found
+    module = hf_module(comp)
+    kind, operator, source_hook = _kind(module)  # type: ignore[misc]
+    p = f"blocks.{layer}"
+    mix = f"{p}.{child}"
+    hf_layer = hf_module(model.blocks[layer])
+    m_attn = float(getattr(hf_layer, "attn_out_multiplier", 1.0))
+    m_mix = float(getattr(hf_layer, "ssm_out_multiplier", 1.0))
+    hooks = (
+        f"{p}.hook_resid_pre", f"{mix}.{source_hook}", f"{p}.attn.hook_pattern", f"{p}.attn.hook_v",
+        f"{p}.hook_resid_mid",
+    )
+
+    def build(cache: Any) -> AttentionBlock:
+        x, target = cache[f"{p}.hook_resid_pre"], cache[f"{p}.hook_resid_mid"]
+        attn = attention_record(cache, model.blocks[layer].attn, f"{p}.attn", layer, arch, x, target, None)
+        (op, beta), values = operator(module, cache[f"{mix}.{source_hook}"], f"{mix} ({kind})")
+        mixed = mixer_record(
+            name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
+            out_proj=module.out_proj, residual=x, target=target, out_scale=m_mix,
+        )
+        e = attn.values.shape[-1]
+        dtype = mixed.pattern.dtype
+        b_O = mixed.b_O + (0.0 if attn.b_O is None else attn.b_O.to(dtype) * m_attn)
+        return AttentionBlock(
+            name=f"{p}.attn+{child}",
+            layer=layer,
+            pattern=torch.cat((attn.pattern.to(dtype), mixed.pattern), dim=1),
+            values=torch.cat((attn.values.to(dtype), F.pad(mixed.values, (0, e - 1))), dim=2),
+            W_O=torch.cat((attn.W_O.to(dtype) * m_attn, F.pad(mixed.W_O, (0, 0, 0, e - 1))), dim=0),
+            b_O=b_O,
+            residual=x,
+            target=target,
+            architecture=arch,
+            pattern_is_distribution=False,
+        )
+
+    return BlockReader(f"{p}.attn+{child}", hooks, build)

@@ -121,6 +121,9 @@ def mamba2_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator
             f"out as [gate {ch} | xBC {conv_dim} | dt {H}] with num_heads·head_dim = intermediate_size"
         )
     wdtype = module.conv1d.weight.dtype
+    mup = getattr(module, "mup_vector", None)  # Falcon-H1 scales the projection after in_proj
+    if mup is not None:
+        projected = projected * mup.detach().reshape(-1).to(projected.dtype)
     z, xbc, dt_raw = torch.split(projected, [ch, conv_dim, H], -1)
     w, cb = _conv_params(module, slice(0, conv_dim))
     with torch.no_grad():
