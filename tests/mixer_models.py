@@ -51,6 +51,13 @@ CONFIGS: dict[str, Callable[[], T.PreTrainedModel]] = {
             linear_value_head_dim=8, linear_conv_kernel_dim=3, layer_types=["linear_attention", "full_attention"],
         )
     ),
+    "olmo_hybrid": lambda: T.OlmoHybridForCausalLM(
+        T.OlmoHybridConfig(
+            **_COMMON, **_ATTN, pad_token_id=0, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=3, linear_allow_neg_eigval=True,
+            layer_types=["linear_attention", "full_attention"],
+        )
+    ),
     # Parallel attention and Mamba-2 branches, with non-default µP multipliers.
     "falcon_h1": lambda: T.FalconH1ForCausalLM(
         T.FalconH1Config(
@@ -82,7 +89,7 @@ def hf_mixer_model(arch: str, seed: int = 0) -> T.PreTrainedModel:
             if name.endswith((".D", "conv1d.bias", "conv.bias", "dt_bias")):
                 param.copy_(param + 0.1 * torch.randn(param.shape, generator=gen))
             # Mixer outputs comparable to the residual stream, so that tokens really mix.
-            if name.endswith("out_proj.weight") and "attn." not in name.replace("linear_attn.", ""):
+            if name.endswith(("out_proj.weight", "linear_attn.o_proj.weight")) and ".self_attn." not in name:
                 param.mul_(4.0)
     return model.eval()
 

@@ -28,7 +28,7 @@ from torch import nn
 MAMBA1 = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer")
 SHORTCONV = ("Lfm2ShortConv", "Lfm2MoeShortConv")
-DELTANET = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet")
+DELTANET = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "OlmoHybridGatedDeltaNet")
 KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET
 _RTOL = 1e-9
 
@@ -185,9 +185,13 @@ def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
     Hv, Hk, dk, dv = m.num_v_heads, m.num_k_heads, m.head_k_dim, m.head_v_dim
     if hasattr(m, "in_proj_qkvz"):
         parts = m.fix_query_key_value_ordering(_lin(h, m.in_proj_qkvz), _lin(h, m.in_proj_ba))
-    else:
+    elif hasattr(m, "in_proj_qkv"):
         q, k, v = _lin(h, m.in_proj_qkv).split([Hk * dk, Hk * dk, Hv * dv], -1)
         parts = (q, k, v, _lin(h, m.in_proj_z), _lin(h, m.in_proj_b), _lin(h, m.in_proj_a))
+    else:  # OLMo-hybrid
+        parts = tuple(_lin(h, getattr(m, f"{c}_proj")) for c in "qkvgba")
+    norm = m.norm if hasattr(m, "norm") else m.o_norm
+    out_w = (m.out_proj if hasattr(m, "out_proj") else m.o_proj).weight.detach().double()
     q0, k0, v0, z, b, a = (t.reshape(bsz, n, -1) for t in parts)
     w = m.conv1d.weight.detach().double()[:, 0]
     p = _conv_seq(torch.cat((q0, k0, v0), -1), w, None)
@@ -197,7 +201,7 @@ def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
     k = u[..., kd : 2 * kd].reshape(bsz, n, Hk, dk).repeat_interleave(Hv // Hk, 2)
     q = q / (q.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt() / dk**0.5
     k = k / (k.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
-    beta = torch.sigmoid(b)
+    beta = torch.sigmoid(b) * (2.0 if getattr(m, "allow_neg_eigval", False) else 1.0)
     g = -m.A_log.detach().double().exp() * F.softplus(a + m.dt_bias.detach().double())
     gate_src = torch.sigmoid(p[..., 2 * kd :])
 
@@ -213,12 +217,12 @@ def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
         return torch.stack(outs, 1)  # [b, n, H, dv]
 
     o_real = recur(v0)
-    inv = (o_real.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon).rsqrt()
+    inv = (o_real.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).rsqrt()
     zz = z.reshape(bsz, n, Hv, dv)
-    scale = inv * m.norm.weight.detach().double() * F.silu(zz)
+    scale = inv * norm.weight.detach().double() * F.silu(zz)
 
     def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
-        return (recur(v) * scale).reshape(bsz, n, Hv * dv) @ m.out_proj.weight.detach().double().T
+        return (recur(v) * scale).reshape(bsz, n, Hv * dv) @ out_w.T
 
     return _Frozen(run, v0)
 

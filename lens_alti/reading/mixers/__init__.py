@@ -54,6 +54,11 @@ def _kind(module: Any) -> tuple[str, Callable[..., Any], str] | None:
     return None
 
 
+def out_projection(module: Any) -> Any:
+    """The mixer's output projection (`out_proj`, or OLMo-hybrid's `o_proj`)."""
+    return getattr(module, "out_proj", None) or module.o_proj
+
+
 def find_mixer(block: Any) -> tuple[str, Any] | None:
     """(child name, bridge component) of a block's linear-recurrent mixer, if it has a known one."""
     for child in _MIXER_CHILDREN:
@@ -134,7 +139,7 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
         target = cache[f"{p}.hook_resid_mid"] if has_mid else x + cache[f"{mix}.hook_out"]
         return mixer_record(
             name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
-            out_proj=module.out_proj, residual=x, target=target,
+            out_proj=out_projection(module), residual=x, target=target,
         )
 
     return BlockReader(mix, tuple(hooks), build)
@@ -170,7 +175,7 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
         (op, beta), values = operator(module, cache[f"{mix}.{source_hook}"], f"{mix} ({kind})")
         mixed = mixer_record(
             name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
-            out_proj=module.out_proj, residual=x, target=target, out_scale=m_mix,
+            out_proj=out_projection(module), residual=x, target=target, out_scale=m_mix,
         )
         e = attn.values.shape[-1]
         dtype = mixed.pattern.dtype

@@ -55,8 +55,19 @@ def is_gated_deltanet(module: Any) -> bool:
         and hasattr(module, "conv1d")
         and hasattr(module, "head_k_dim")
         and hasattr(module, "head_v_dim")
-        and (hasattr(module, "in_proj_qkvz") or hasattr(module, "in_proj_qkv"))
+        and any(hasattr(module, a) for a in ("in_proj_qkvz", "in_proj_qkv", "q_proj"))
     )
+
+
+def deltanet_parts(module: Any) -> tuple[Any, Any, float]:
+    """(output norm, output projection, β multiplier) of a gated DeltaNet module.
+
+    Qwen3-Next / Qwen3.5 name them `norm`, `out_proj`; OLMo-hybrid `o_norm`, `o_proj`, and
+    doubles β where `allow_neg_eigval` is set.
+    """
+    norm = getattr(module, "norm", None) or module.o_norm
+    out = getattr(module, "out_proj", None) or module.o_proj
+    return norm, out, 2.0 if getattr(module, "allow_neg_eigval", False) else 1.0
 
 
 def _deltanet_projections(module: Any, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -64,9 +75,12 @@ def _deltanet_projections(module: Any, h: Tensor) -> tuple[Tensor, Tensor, Tenso
     bsz, n, _ = h.shape
     if hasattr(module, "in_proj_qkvz"):  # Qwen3-Next: interleaved per key-head group
         q, k, v, z, b, a = module.fix_query_key_value_ordering(module.in_proj_qkvz(h), module.in_proj_ba(h))
-    else:  # Qwen3.5
+    elif hasattr(module, "in_proj_qkv"):  # Qwen3.5
         q, k, v = torch.split(module.in_proj_qkv(h), [module.key_dim, module.key_dim, module.value_dim], -1)
         z, b, a = module.in_proj_z(h), module.in_proj_b(h), module.in_proj_a(h)
+    else:  # OLMo-hybrid: separate projections, the output gate from g_proj
+        q, k, v = module.q_proj(h), module.k_proj(h), module.v_proj(h)
+        z, b, a = module.g_proj(h), module.b_proj(h), module.a_proj(h)
     flat = (t.reshape(bsz, n, -1) for t in (q, k, v, z, b, a))
     return tuple(flat)  # type: ignore[return-value]
 
@@ -116,15 +130,16 @@ def gated_deltanet_operator(module: Any, h: Tensor, name: str) -> tuple[Operator
     q = q * torch.rsqrt(q.square().sum(-1, keepdim=True) + 1e-6) / dk**0.5
     k = k * torch.rsqrt(k.square().sum(-1, keepdim=True) + 1e-6)
     q, k = q.repeat_interleave(Hv // Hk, 2), k.repeat_interleave(Hv // Hk, 2)
-    beta = torch.sigmoid(b.double())
+    norm, _, beta_scale = deltanet_parts(module)
+    beta = torch.sigmoid(b.double()) * beta_scale
     g = -module.A_log.detach().double().exp() * F.softplus(a.double() + module.dt_bias.detach().double())
     kernel = delta_rule_kernel(q, k, beta, g).repeat_interleave(dv, dim=1)  # [b, Hv·dv, q, n]
 
     uv = u[..., 2 * kd :]
     o = torch.einsum("bcts,bsc->btc", kernel, uv)  # the real recurrence output, for the norm's scale
     var = o.view(bsz, n, Hv, dv).square().mean(-1, keepdim=True)
-    inv = torch.rsqrt(var + float(module.norm.variance_epsilon)).expand(-1, -1, -1, dv).reshape(bsz, n, Hv * dv)
-    gate = inv * module.norm.weight.detach().double().repeat(Hv) * F.silu(z.double())
+    inv = torch.rsqrt(var + float(norm.variance_epsilon)).expand(-1, -1, -1, dv).reshape(bsz, n, Hv * dv)
+    gate = inv * norm.weight.detach().double().repeat(Hv) * F.silu(z.double())
     op = compose(
         kernel,
         receiver_gate=gate,
