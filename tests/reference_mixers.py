@@ -331,7 +331,8 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         out = T.sum(2) + bias
         err = float((out - real).abs().max())
         if err > 1e-5 * max(1.0, float(real.abs().max())):
-            raise AssertionError(f"reference: layer {idx} ({type(mod).__name__}) does not reproduce the mixer output: {err:.3g}")
+            what = f"layer {idx} ({type(mod).__name__})"
+            raise AssertionError(f"reference: {what} does not reproduce the mixer output: {err:.3g}")
         y = x + real
         if "probs" in seen[idx]:  # y = x + m_s·mixer + m_a·attention (Falcon-H1)
             m_s, m_a = layer.ssm_out_multiplier, layer.attn_out_multiplier

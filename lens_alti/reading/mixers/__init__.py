@@ -119,8 +119,12 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
     attention and mixer branches (Falcon-H1), or None is returned when it has no mixer.
     """
     block = model.blocks[layer]
+    hf_block = hf_module(block)
+    if not with_attention and getattr(hf_block, "block_type", None) in ("mlp", "moe"):
+        return _token_wise_reader(model, layer, arch)  # NemotronH: a layer that is only an MLP
     found = find_mixer(block)
     if found is None:
+        _refuse_unreadable(model, layer, arch, hf_block, with_attention)
         return None
     if with_attention:
         return _parallel_reader(model, layer, arch, found)
@@ -194,3 +198,61 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
         )
 
     return BlockReader(f"{p}.attn+{child}", hooks, build)
+
+
+def _refuse_unreadable(model: Any, layer: int, arch: str, hf_block: Any, with_attention: bool) -> None:
+    """Raise for known hybrid layers whose cache lacks what any decomposition needs."""
+    p = f"blocks.{layer}"
+    cached_full = [h for h in getattr(model, "hook_dict", {}) if h.startswith(f"{p}.")]
+    cached = sorted(h[len(p) + 1 :] for h in cached_full)
+    have = f"TransformerLens 4.3's bridge exposes only {', '.join(cached) or 'nothing'} for it"
+    if hasattr(hf_block, "shared_transformer"):
+        raise UnsupportedModelError(
+            f"{arch}: layer {layer} is a Zamba2 hybrid layer (a shared attention block whose output feeds a Mamba "
+            f"mixer); {have}, not the attention pattern, its values or the mixer's in_proj, so it cannot be "
+            "decomposed. Its pure Mamba layers can be read; this model as a whole cannot."
+        )
+    temporal = getattr(hf_block, "temporal_block", None)
+    if temporal is not None and not any(h.startswith(f"{p}.temporal_block.") for h in cached_full):
+        what = "RG-LRU recurrent block" if hasattr(temporal, "rg_lru") else "local attention block"
+        raise UnsupportedModelError(
+            f"{arch}: layer {layer} is a RecurrentGemma {what}; {have}: neither the temporal block's input and "
+            "output nor the residual stream between it and the MLP, so its decomposition could not be checked "
+            "against the real activation."
+        )
+    if not with_attention and getattr(hf_block, "block_type", None) in ("attention", "full_attention"):
+        raise UnsupportedModelError(
+            f"{arch}: layer {layer} is an attention layer, but {have}: no attention pattern or values "
+            "(hook_pattern, hook_v), so it cannot be decomposed."
+        )
+
+
+def _token_wise_reader(model: Any, layer: int, arch: str) -> BlockReader:
+    """A layer whose only sublayer is an MLP (NemotronH's "-" and "E" layers): it mixes no tokens.
+
+    `y_i = x_i + mlp(norm(x_i))` is a function of x_i alone, so it is all the receiver's own
+    term (as a parallel MLP in spec 1e's "residual" mode): T_i(x_i) = y_i, T_i(x_j) = 0 for
+    j ≠ i, and the layer's contribution matrix is the identity. The check still compares
+    `x + <mixer>.hook_out` with the cached `hook_resid_post`.
+    """
+    p = f"blocks.{layer}"
+    hooks = (f"{p}.hook_resid_pre", f"{p}.mixer.hook_out", f"{p}.hook_resid_post")
+
+    def build(cache: Any) -> AttentionBlock:
+        x = cache[f"{p}.hook_resid_pre"]
+        b, n, d = x.shape
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return AttentionBlock(
+            name=f"{p}.mixer",
+            layer=layer,
+            pattern=x.new_zeros(b, 1, n, n, dtype=dtype),
+            values=x.new_zeros(b, n, 1, 1, dtype=dtype),
+            W_O=x.new_zeros(1, 1, d, dtype=dtype),
+            b_O=None,
+            residual=x + cache[f"{p}.mixer.hook_out"],
+            target=cache[f"{p}.hook_resid_post"],
+            architecture=arch,
+            pattern_is_distribution=False,
+        )
+
+    return BlockReader(f"{p}.mixer", hooks, build)
