@@ -74,7 +74,14 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
     if bool(valid_q.all()) and bool(valid_k.all()):
         return block
     pattern = block.pattern
-    leak = (pattern * valid_q[:, None, :, None] * ~valid_k[:, None, None, :]).amax() if pattern.numel() else 0
+    leak = (pattern.abs() * valid_q[:, None, :, None] * ~valid_k[:, None, None, :]).amax() if pattern.numel() else 0
+    if float(leak) > _MASK_LEAK_TOLERANCE and not block.pattern_is_distribution:
+        raise UnsupportedModelError(
+            f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
+            f"this attention_mask (up to {float(leak):.3g}), and the cache does not show which positions the "
+            "layer itself zeroed (lens_alti reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the "
+            "sequences one at a time without padding."
+        )
     if float(leak) > _MASK_LEAK_TOLERANCE:
         raise LensAltiError(
             f"{block.name}: real tokens attend to positions that the mask marks as padding "

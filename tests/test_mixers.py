@@ -98,3 +98,29 @@ def test_corrupted_cache_fails_the_reconstruction_check(run):
             lens_alti.attribute(cache)
     finally:
         cache.cache_dict[name] = original
+
+
+DELTANET_ARCHS = ("qwen3_next", "qwen3_5", "olmo_hybrid")
+
+
+def test_left_padded_batch_equals_single_runs(run):
+    """The Mamba, Mamba-2 and LFM2 readers see the mask the layer applied (its zeroed input)."""
+    arch, _, bridge, tokens, _, _ = run
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    _, cache = bridge.run_with_cache(tokens, attention_mask=mask)
+    if arch in DELTANET_ARCHS:  # the bridge records no masked input for gated DeltaNet
+        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="one at a time"):
+            _attribute(arch, cache, attention_mask=mask)
+        return
+    padded = _attribute(arch, cache, attention_mask=mask)
+    single = _attribute(arch, bridge.run_with_cache(tokens[1:, 3:])[1])
+    torch.testing.assert_close(padded.layers[1:, :, 3:, 3:], single.layers, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.rollout[1:, :, 3:, 3:], single.rollout, atol=1e-5, rtol=0)
+    assert float(padded.layers[1, :, :3].abs().max()) == 0 and float(padded.layers[1, :, :, :3].abs().max()) == 0
+
+
+def test_per_head_contributions_are_refused_for_mixer_layers(run):
+    arch, *_, cache, _ = run
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="per channel, not per head"):
+        _attribute(arch, cache, heads=True)

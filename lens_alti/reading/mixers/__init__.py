@@ -39,19 +39,33 @@ def hf_module(component: Any) -> Any:
     return getattr(component, "original_component", None) or getattr(component, "_original_component", component)
 
 
-def _kind(module: Any) -> tuple[str, Callable[..., Any], str] | None:
-    """(label, operator builder, the hook under the mixer whose activation the builder reads)."""
+def _kind(module: Any) -> tuple[str, Callable[..., Any], str, str | None] | None:
+    """(label, operator builder, the hook under the mixer whose activation the builder reads,
+    the hook whose input is the layer's input after the layer zeroed padded positions, or None
+    where the bridge records none)."""
     from lens_alti.reading.mixers import mamba, recurrent
 
     if mamba.is_mamba1(module):
-        return "Mamba selective scan", mamba.mamba1_operator, "hook_in_proj"
+        return "Mamba selective scan", mamba.mamba1_operator, "hook_in_proj", "in_proj.hook_in"
     if mamba.is_mamba2(module):
-        return "Mamba-2 SSD", mamba.mamba2_operator, "hook_in_proj"
+        return "Mamba-2 SSD", mamba.mamba2_operator, "hook_in_proj", "in_proj.hook_in"
     if recurrent.is_short_conv(module):
-        return "short convolution", recurrent.short_conv_operator, "hook_in_proj"
+        return "short convolution", recurrent.short_conv_operator, "hook_in_proj", "in.hook_in"
     if recurrent.is_gated_deltanet(module):
-        return "gated DeltaNet", recurrent.gated_deltanet_operator, "hook_in"
+        return "gated DeltaNet", recurrent.gated_deltanet_operator, "hook_in", None
     return None
+
+
+def applied_mask(cache: Any, hook: str | None) -> Tensor | None:
+    """`[b, n]` True where the layer kept the position, from its masked input (None: no padding seen).
+
+    The Hugging Face mixers multiply their input by the attention mask before `in_proj`, so the
+    positions the layer treated as padding are exactly the all-zero rows of that input.
+    """
+    if hook is None or hook not in cache.keys():
+        return None
+    mask = cache[hook].ne(0).any(-1)
+    return None if bool(mask.all()) else mask
 
 
 def out_projection(module: Any) -> Any:
@@ -80,12 +94,20 @@ def mixer_record(
     residual: Tensor,
     target: Tensor,
     out_scale: float = 1.0,
+    source_mask: Tensor | None = None,
 ) -> AttentionBlock:
     """The `AttentionBlock` of a mixer whose channel operator is `op` (see the module docstring).
 
     `out_scale` multiplies the mixer's output before the residual sum (a residual multiplier).
+    `source_mask[b, k]` (False = padding): what padded positions still pass on (their value is
+    `in_proj` of a zeroed input, i.e. its bias) belongs to no token, so it moves to the bias
+    and the operator's padded columns become 0.
     """
     dtype = torch.promote_types(residual.dtype, torch.float32)
+    if source_mask is not None:
+        pad = (~source_mask).to(op.dtype)  # [b, k]
+        beta = beta + torch.einsum("bctk,bkc->btc", op * pad[:, None, None, :], values.to(op.dtype))
+        op = op * (1 - pad)[:, None, None, :]
     W = out_proj.weight.detach().double() * out_scale  # [d, C]
     b_O = beta @ W.T
     if getattr(out_proj, "bias", None) is not None:
@@ -130,20 +152,22 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
         return _parallel_reader(model, layer, arch, found)
     child, comp = found
     module = hf_module(comp)
-    kind, operator, source_hook = _kind(module)  # type: ignore[misc]
+    kind, operator, source_hook, mask_hook = _kind(module)  # type: ignore[misc]
     p = f"blocks.{layer}"
     mix = f"{p}.{child}"
+    masked = None if mask_hook is None else f"{mix}.{mask_hook}"
     has_mid = f"{p}.hook_resid_mid" in getattr(model, "hook_dict", {})
     hooks = [f"{p}.hook_resid_pre", f"{mix}.{source_hook}"]
     hooks.append(f"{p}.hook_resid_mid" if has_mid else f"{mix}.hook_out")
 
     def build(cache: Any) -> AttentionBlock:
-        (op, beta), values = operator(module, cache[f"{mix}.{source_hook}"], f"{mix} ({kind})")
+        mask = applied_mask(cache, masked)
+        (op, beta), values = operator(module, cache[f"{mix}.{source_hook}"], f"{mix} ({kind})", mask)
         x = cache[f"{p}.hook_resid_pre"]
         target = cache[f"{p}.hook_resid_mid"] if has_mid else x + cache[f"{mix}.hook_out"]
         return mixer_record(
             name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
-            out_proj=out_projection(module), residual=x, target=target,
+            out_proj=out_projection(module), residual=x, target=target, source_mask=mask,
         )
 
     return BlockReader(mix, tuple(hooks), build)
@@ -162,9 +186,10 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
 
     child, comp = found
     module = hf_module(comp)
-    kind, operator, source_hook = _kind(module)  # type: ignore[misc]
+    kind, operator, source_hook, mask_hook = _kind(module)  # type: ignore[misc]
     p = f"blocks.{layer}"
     mix = f"{p}.{child}"
+    masked = None if mask_hook is None else f"{mix}.{mask_hook}"
     hf_layer = hf_module(model.blocks[layer])
     m_attn = float(getattr(hf_layer, "attn_out_multiplier", 1.0))
     m_mix = float(getattr(hf_layer, "ssm_out_multiplier", 1.0))
@@ -176,10 +201,11 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
     def build(cache: Any) -> AttentionBlock:
         x, target = cache[f"{p}.hook_resid_pre"], cache[f"{p}.hook_resid_mid"]
         attn = attention_record(cache, model.blocks[layer].attn, f"{p}.attn", layer, arch, x, target, None)
-        (op, beta), values = operator(module, cache[f"{mix}.{source_hook}"], f"{mix} ({kind})")
+        mask = applied_mask(cache, masked)
+        (op, beta), values = operator(module, cache[f"{mix}.{source_hook}"], f"{mix} ({kind})", mask)
         mixed = mixer_record(
             name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
-            out_proj=out_projection(module), residual=x, target=target, out_scale=m_mix,
+            out_proj=out_projection(module), residual=x, target=target, out_scale=m_mix, source_mask=mask,
         )
         e = attn.values.shape[-1]
         dtype = mixed.pattern.dtype

@@ -60,14 +60,15 @@ def is_mamba2(module: Any) -> bool:
     )
 
 
-def mamba1_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator, Tensor]:
+def mamba1_operator(module: Any, projected: Tensor, name: str, mask: Tensor | None = None) -> tuple[Operator, Tensor]:
     """Operator of a Mamba (selective scan) mixer and its per-source values.
 
     `projected[b, n, 2C]` is the cached `in_proj` output: values `x` then gate `z`.
     `y_t = silu(z_t) ⊙ (Σ_s α[t,s] ⊙ u_s + D ⊙ u_t)` with `u = silu(p)`, `p = conv(x) + b_conv`,
     α the hidden attention of `selective_scan_kernel`. Δ, B, C are computed from `u` by the
     module's `x_proj`, `dt_proj` (and `dt_layernorm`, `b_layernorm`, `c_layernorm` where the
-    model has them: Falcon-Mamba, Jamba).
+    model has them: Falcon-Mamba, Jamba). `mask[b, n]` (False = padding) zeroes `u` at padded
+    positions, as the Hugging Face layer does.
     """
     _silu_only(module, name)
     ch = int(module.intermediate_size)
@@ -80,7 +81,8 @@ def mamba1_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator
     w, cb = _conv_params(module, slice(0, ch))
     with torch.no_grad():
         p = causal_conv(x.to(wdtype), w, cb)  # the real conv's pre-activation
-        u = F.silu(p)
+        keep = torch.ones_like(p[..., :1]) if mask is None else mask[..., None].to(p.dtype)
+        u = F.silu(p) * keep
         ts, B, C = torch.split(
             module.x_proj(u), [int(module.time_step_rank), int(module.ssm_state_size), int(module.ssm_state_size)], -1
         )
@@ -92,14 +94,14 @@ def mamba1_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator
     op = compose(
         kernel,
         receiver_gate=F.silu(z.double()),
-        source_gate=torch.sigmoid(p.double()),
+        source_gate=torch.sigmoid(p.double()) * keep.double(),
         conv_weight=w.double(),
         conv_bias=None if cb is None else cb.double(),
     )
     return op, x
 
 
-def mamba2_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator, Tensor]:
+def mamba2_operator(module: Any, projected: Tensor, name: str, mask: Tensor | None = None) -> tuple[Operator, Tensor]:
     """Operator of a Mamba-2 (SSD) mixer and its per-source values.
 
     `projected` is the cached `in_proj` output `[gate z | xBC | dt]` (times Falcon-H1's
@@ -109,6 +111,8 @@ def mamba2_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator
     matrix), applied to `u = silu(p)` of the x channels of the convolution. B and C are
     the convolution's other channels, fixed at their real values. The gated RMSNorm
     `w ⊙ (y⊙silu(z)) / rms_group(y⊙silu(z))` is linearised at its real scale per receiver.
+    `mask[b, n]` (False = padding) zeroes the convolution's output at padded positions, as the
+    Hugging Face layer does.
     """
     _silu_only(module, name)
     ch, groups, N = int(module.intermediate_size), int(module.n_groups), int(module.ssm_state_size)
@@ -128,7 +132,8 @@ def mamba2_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator
     w, cb = _conv_params(module, slice(0, conv_dim))
     with torch.no_grad():
         p = causal_conv(xbc.to(wdtype), w, cb)
-        u = F.silu(p)
+        keep = torch.ones_like(p[..., :1]) if mask is None else mask[..., None].to(p.dtype)
+        u = F.silu(p) * keep
     n, b = p.shape[1], p.shape[0]
     B = u[..., ch : ch + groups * N].double().view(b, n, groups, N)
     C = u[..., ch + groups * N :].double().view(b, n, groups, N)
@@ -155,7 +160,7 @@ def mamba2_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator
     op = compose(
         kernel,
         receiver_gate=gate,
-        source_gate=torch.sigmoid(p[..., :ch].double()),
+        source_gate=torch.sigmoid(p[..., :ch].double()) * keep.double(),
         conv_weight=w[:ch].double(),
         conv_bias=None if cb is None else cb[:ch].double(),
     )

@@ -35,7 +35,9 @@ def is_short_conv(module: Any) -> bool:
     )
 
 
-def short_conv_operator(module: Any, projected: Tensor, name: str) -> tuple[Operator, Tensor]:
+def short_conv_operator(
+    module: Any, projected: Tensor, name: str, mask: Tensor | None = None
+) -> tuple[Operator, Tensor]:
     """`y_t = C_t ⊙ Σ_k w_k ⊙ (B ⊙ x)_{t−K+1+k} (+ conv bias)`: the value of source s is
     `B_s ⊙ x_s` (a function of token s alone), the receiver gate is `C_t`, fixed."""
     ch = module.conv.weight.shape[0]
@@ -105,7 +107,9 @@ def delta_rule_kernel(q: Tensor, k: Tensor, beta: Tensor, g: Tensor) -> Tensor:
     return out
 
 
-def gated_deltanet_operator(module: Any, h: Tensor, name: str) -> tuple[Operator, Tensor]:
+def gated_deltanet_operator(
+    module: Any, h: Tensor, name: str, mask: Tensor | None = None
+) -> tuple[Operator, Tensor]:
     """Operator of a gated DeltaNet layer and its per-source values (v before the convolution).
 
     `u = silu(p)`, `p = conv([q|k|v])`; q, k are L2-normalised (q also by 1/√d_k), `β = σ(b)`,
@@ -115,6 +119,8 @@ def gated_deltanet_operator(module: Any, h: Tensor, name: str) -> tuple[Operator
     """
     if str(getattr(module, "activation", "silu")) not in ("silu", "swish"):
         raise UnsupportedModelError(f"{name}: the convolution's activation is not SiLU")
+    if mask is not None:
+        h = h * mask[..., None].to(h.dtype)  # the layer zeroes padded inputs first
     Hv, Hk, dk, dv = module.num_v_heads, module.num_k_heads, module.head_k_dim, module.head_v_dim
     bsz, n, _ = h.shape
     with torch.no_grad():
