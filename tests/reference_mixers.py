@@ -294,7 +294,7 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
             out = output[0] if isinstance(output, tuple) else output
             seen.setdefault(idx, {})["out"] = out.detach().double().clone()
 
-        if hasattr(layer, "self_attn") and hasattr(layer, "mamba"):  # Falcon-H1: parallel attention
+        if getattr(layer, "self_attn", None) is not None and getattr(layer, "mamba", None) is not None:  # Falcon-H1
 
             def attn_pre(_m: nn.Module, args: tuple, kwargs: dict, idx: int = idx) -> None:
                 hs = args[0] if args else kwargs["hidden_states"]
@@ -333,6 +333,8 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         if err > 1e-5 * max(1.0, float(real.abs().max())):
             what = f"layer {idx} ({type(mod).__name__})"
             raise AssertionError(f"reference: {what} does not reproduce the mixer output: {err:.3g}")
+        m = float(getattr(layer, "residual_multiplier", 1.0))  # Granite: y = x + m·mixer(norm(x))
+        T, bias, real = m * T, m * bias, m * real
         y = x + real
         if "probs" in seen[idx]:  # y = x + m_s·mixer + m_a·attention (Falcon-H1)
             m_s, m_a = layer.ssm_out_multiplier, layer.attn_out_multiplier

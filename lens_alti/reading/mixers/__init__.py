@@ -135,7 +135,8 @@ def mixer_record(
 def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False) -> BlockReader | None:
     """The reader of decoder layer `layer` when its token mixer is a known linear-recurrent one.
 
-    The block must be pre-norm, `y = x + mixer(norm(x))`: the target is `hook_resid_mid`
+    The block must be pre-norm, `y = x + m·mixer(norm(x))` (m: the decoder layer's
+    `residual_multiplier`, Granite; 1 elsewhere): the target is `hook_resid_mid`
     where the bridge records it, else `hook_resid_pre + <mixer>.hook_out`. With
     `with_attention` (the block also has cached attention), the block is read as parallel
     attention and mixer branches (Falcon-H1), or None is returned when it has no mixer.
@@ -156,6 +157,8 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
     p = f"blocks.{layer}"
     mix = f"{p}.{child}"
     masked = None if mask_hook is None else f"{mix}.{mask_hook}"
+    # Granite's residual multiplier scales the mixer's output before the residual sum.
+    out_scale = float(getattr(hf_block, "residual_multiplier", 1.0))
     has_mid = f"{p}.hook_resid_mid" in getattr(model, "hook_dict", {})
     hooks = [f"{p}.hook_resid_pre", f"{mix}.{source_hook}"]
     hooks.append(f"{p}.hook_resid_mid" if has_mid else f"{mix}.hook_out")
@@ -167,7 +170,7 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
         target = cache[f"{p}.hook_resid_mid"] if has_mid else x + cache[f"{mix}.hook_out"]
         return mixer_record(
             name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
-            out_proj=out_projection(module), residual=x, target=target, source_mask=mask,
+            out_proj=out_projection(module), residual=x, target=target, source_mask=mask, out_scale=out_scale,
         )
 
     return BlockReader(mix, tuple(hooks), build)
