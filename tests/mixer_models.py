@@ -66,6 +66,13 @@ CONFIGS: dict[str, Callable[[], T.PreTrainedModel]] = {
             embedding_multiplier=2.0,
         )
     ),
+    # Single-sublayer layers: Mamba-2 ("M"), attention with no cached pattern ("*"), MLP ("-").
+    "nemotron_h": lambda: T.NemotronHForCausalLM(
+        T.NemotronHConfig(
+            **{**_COMMON, "num_hidden_layers": 3}, **_ATTN, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=4,
+            conv_kernel=3, n_groups=2, expand=2, hybrid_override_pattern="M*-",
+        )
+    ),
     # Parallel attention and Mamba-2 branches, with non-default µP multipliers.
     "falcon_h1": lambda: T.FalconH1ForCausalLM(
         T.FalconH1Config(

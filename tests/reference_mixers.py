@@ -29,7 +29,11 @@ MAMBA1 = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer")
 SHORTCONV = ("Lfm2ShortConv", "Lfm2MoeShortConv")
 DELTANET = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "OlmoHybridGatedDeltaNet")
-KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET
+# NemotronH's single-sublayer layers that are not recurrent: attention (pattern not cached by the
+# bridge) and MLPs (their contribution matrix is the identity).
+PLAIN_ATTENTION = ("NemotronHAttention",)
+TOKEN_WISE = ("NemotronHMLP", "NemotronHMoE")
+KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET + PLAIN_ATTENTION + TOKEN_WISE
 _RTOL = 1e-9
 
 
@@ -272,7 +276,9 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
 
     Returns `{layer: {...}}` with `T` `[b, i, j, d]` (T_i(x_j), the receiver's own residual
     x_i included on the diagonal), `bias` `[b, i, d]`, `y` the real `x + mixer(norm(x))`
-    `[b, i, d]`, and the row-normalised contributions `l1`, `l2`, `koba` `[b, i, j]`.
+    `[b, i, d]`, the row-normalised contributions `l1`, `l2`, `koba` `[b, i, j]`, `l1_mass`
+    `[b, i]` (Σ_j of the raw L1 contributions over ‖y_i‖₁: how well float32 can resolve the row), and
+    `attention` (a bool tensor: the layer is attention whose pattern the bridge does not cache).
     """
     model = copy.deepcopy(hf_model).eval()
     if hasattr(model, "set_attn_implementation"):
@@ -293,6 +299,8 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         def mixer_post(_m: nn.Module, _a: tuple, output: Any, idx: int = idx) -> None:
             out = output[0] if isinstance(output, tuple) else output
             seen.setdefault(idx, {})["out"] = out.detach().double().clone()
+            if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+                seen[idx]["mixer_probs"] = output[1].detach().double().clone()
 
         if getattr(layer, "self_attn", None) is not None and getattr(layer, "mamba", None) is not None:  # Falcon-H1
 
@@ -318,16 +326,25 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
     result = {}
     for idx, (layer, mod) in mixers.items():
         x, h, real = seen[idx]["x"], seen[idx]["h"], seen[idx]["out"]
-        frozen = _frozen(mod, h)
-        v = frozen.values
-        bsz, n, _ = v.shape
-        parts = []
-        for j in range(n):
-            only_j = torch.zeros_like(v)
-            only_j[:, j] = v[:, j]
-            parts.append(frozen.run(only_j, False))
-        T = torch.stack(parts, 2)  # [b, i, j, d]
-        bias = frozen.run(torch.zeros_like(v), True)
+        bsz, n, d = x.shape
+        name = type(mod).__name__
+        if name in TOKEN_WISE:  # y_i depends on x_i alone: all of it is the receiver's own term
+            T = torch.diag_embed(real.transpose(1, 2)).permute(0, 2, 3, 1)  # [b, i, j, d], diagonal
+            bias = torch.zeros_like(real)
+        elif name in PLAIN_ATTENTION:
+            T = _attention_parts(mod, h, seen[idx]["mixer_probs"])
+            o_bias = mod.o_proj.bias
+            bias = torch.zeros_like(real) if o_bias is None else o_bias.detach().double().expand_as(real)
+        else:
+            frozen = _frozen(mod, h)
+            v = frozen.values
+            parts = []
+            for j in range(n):
+                only_j = torch.zeros_like(v)
+                only_j[:, j] = v[:, j]
+                parts.append(frozen.run(only_j, False))
+            T = torch.stack(parts, 2)  # [b, i, j, d]
+            bias = frozen.run(torch.zeros_like(v), True)
         out = T.sum(2) + bias
         err = float((out - real).abs().max())
         if err > 1e-5 * max(1.0, float(real.abs().max())):
@@ -356,5 +373,7 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
             "koba": T.norm(dim=-1),
         }
         rows = {k: val / val.sum(-1, keepdim=True).clamp(min=1e-300) for k, val in c.items()}
-        result[idx] = {"T": T, "bias": bias, "y": y, **rows}
+        # How well conditioned each row is: Σ_j c_ij relative to ‖y_i‖₁ (float32 resolves ≳ 1e-5).
+        rows["l1_mass"] = c["l1"].sum(-1) / y.abs().sum(-1)
+        result[idx] = {"T": T, "bias": bias, "y": y, **rows, "attention": torch.tensor(name in PLAIN_ATTENTION)}
     return result

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layout import BlockReader
+from lens_alti.reading.mixers.recomputed_attention import is_plain_attention, recomputed_attention_reader
 from lens_alti.reading.records import AttentionBlock
 
 # Child names under which TransformerLens 4.3's bridge exposes a block's mixer.
@@ -147,6 +148,9 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
         return _token_wise_reader(model, layer, arch)  # NemotronH: a layer that is only an MLP
     found = find_mixer(block)
     if found is None:
+        inner = hf_module(getattr(block, "mixer", None)) if hasattr(block, "mixer") else None
+        if not with_attention and inner is not None and is_plain_attention(inner):
+            return recomputed_attention_reader(model, layer, arch, inner, _mask_hooks(model))
         _refuse_unreadable(model, layer, arch, hf_block, with_attention)
         return None
     if with_attention:
@@ -227,6 +231,17 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
         )
 
     return BlockReader(f"{p}.attn+{child}", hooks, build)
+
+
+def _mask_hooks(model: Any) -> list[str]:
+    """The zeroed inputs of the model's Mamba / Mamba-2 / LFM2 layers (they show the padding mask)."""
+    out = []
+    for layer, block in enumerate(model.blocks):
+        found = find_mixer(block)
+        kind = None if found is None else _kind(hf_module(found[1]))
+        if kind is not None and kind[3] is not None:
+            out.append(f"blocks.{layer}.{found[0]}.{kind[3]}")
+    return out
 
 
 def _refuse_unreadable(model: Any, layer: int, arch: str, hf_block: Any, with_attention: bool) -> None:
