@@ -129,6 +129,11 @@ def _run_blocks(
     errors = []
     for layer, reader in enumerate(readers):
         block = reader.build(cache)
+        if measure == "attention" and not block.pattern_is_distribution:
+            raise UnsupportedModelError(
+                f"{block.name} (layer {block.layer}) is a linear-recurrent mixer: it has no attention weights, "
+                "so measure='attention' is undefined for it; use 'l1', 'l2' or 'koba'"
+            )
         if heads and not block.pattern_is_distribution:  # a linear-recurrent mixer (reading/mixers)
             raise UnsupportedModelError(
                 f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
@@ -373,6 +378,13 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     if layout.family == "encoder_decoder":
         raise ValueError("attention_rollout is for decoder-only and encoder models")
     names = [r.hooks[0] for r in layout.blocks["self"]]
+    not_attention = [r.name for r in layout.blocks["self"] if not r.hooks[0].endswith("hook_pattern")]
+    if not_attention:  # linear-recurrent mixers (reading/mixers) have no attention pattern to roll out
+        raise UnsupportedModelError(
+            f"{layout.architecture}: attention rollout needs an attention pattern in every layer, but "
+            f"{', '.join(not_attention[:4])}{' ...' if len(not_attention) > 4 else ''} are not attention layers "
+            "with a cached pattern; use attribute(cache).rollout (ALTI's rollout covers them)"
+        )
     missing = [n for n in names if n not in cache.keys()]
     if missing:
         raise MissingHooksError(missing, "attention_rollout reads every layer's hook_pattern.")

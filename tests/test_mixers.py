@@ -128,3 +128,13 @@ def test_per_head_contributions_are_refused_for_mixer_layers(run):
     arch, *_, cache, _ = run
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="per channel, not per head"):
         _attribute(arch, cache, heads=True)
+
+
+def test_attention_baselines_are_refused_for_mixer_layers(run):
+    arch, _, _, _, cache, ref = run
+    if all(bool(w["attention"]) for w in ref.values()):
+        pytest.skip("no recurrent mixer layer")
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="no attention weights"):
+        _attribute(arch, cache, measure="attention")
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="attention rollout needs"):
+        lens_alti.attention_rollout(cache)
