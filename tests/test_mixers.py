@@ -138,3 +138,18 @@ def test_attention_baselines_are_refused_for_mixer_layers(run):
         _attribute(arch, cache, measure="attention")
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="attention rollout needs"):
         lens_alti.attention_rollout(cache)
+
+
+def test_hook_names_suffice_for_a_padded_batch(run):
+    """`hook_names(model)` as names_filter caches everything the mixer readers need, masks included."""
+    arch, _, bridge, tokens, _, _ = run
+    if arch in DELTANET_ARCHS:
+        pytest.skip("gated DeltaNet reads no mask")
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0
+    names = set(lens_alti.hook_names(bridge))
+    _, full = bridge.run_with_cache(tokens, attention_mask=mask)
+    _, small = bridge.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in names)
+    a = _attribute(arch, full, attention_mask=mask)
+    b = _attribute(arch, small, attention_mask=mask)
+    torch.testing.assert_close(a.layers, b.layers)

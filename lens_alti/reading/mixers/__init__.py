@@ -166,6 +166,8 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
     has_mid = f"{p}.hook_resid_mid" in getattr(model, "hook_dict", {})
     hooks = [f"{p}.hook_resid_pre", f"{mix}.{source_hook}"]
     hooks.append(f"{p}.hook_resid_mid" if has_mid else f"{mix}.hook_out")
+    if masked is not None:
+        hooks.append(masked)  # shows which positions the layer zeroed (padding)
 
     def build(cache: Any) -> AttentionBlock:
         mask = applied_mask(cache, masked)
@@ -203,7 +205,7 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
     hooks = (
         f"{p}.hook_resid_pre", f"{mix}.{source_hook}", f"{p}.attn.hook_pattern", f"{p}.attn.hook_v",
         f"{p}.hook_resid_mid",
-    )
+    ) + (() if masked is None else (masked,))
 
     def build(cache: Any) -> AttentionBlock:
         x, target = cache[f"{p}.hook_resid_pre"], cache[f"{p}.hook_resid_mid"]
