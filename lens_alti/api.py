@@ -79,7 +79,14 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
     if bool(valid_q.all()) and bool(valid_k.all()):
         return block
     pattern = block.pattern
-    leak = (pattern * valid_q[:, None, :, None] * ~valid_k[:, None, None, :]).amax() if pattern.numel() else 0
+    leak = (pattern.abs() * valid_q[:, None, :, None] * ~valid_k[:, None, None, :]).amax() if pattern.numel() else 0
+    if float(leak) > _MASK_LEAK_TOLERANCE and not block.pattern_is_distribution:
+        raise UnsupportedModelError(
+            f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
+            f"this attention_mask (up to {float(leak):.3g}), and the cache does not show which positions the "
+            "layer itself zeroed (lens_alti reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the "
+            "sequences one at a time without padding."
+        )
     if float(leak) > _MASK_LEAK_TOLERANCE:
         raise LensAltiError(
             f"{block.name}: real tokens attend to positions that the mask marks as padding "
@@ -127,6 +134,16 @@ def _run_blocks(
     errors = []
     for layer, reader in enumerate(readers):
         block = reader.build(cache)
+        if measure == "attention" and not block.pattern_is_distribution:
+            raise UnsupportedModelError(
+                f"{block.name} (layer {block.layer}) is a linear-recurrent mixer: it has no attention weights, "
+                "so measure='attention' is undefined for it; use 'l1', 'l2' or 'koba'"
+            )
+        if heads and not block.pattern_is_distribution:  # a linear-recurrent mixer (reading/mixers)
+            raise UnsupportedModelError(
+                f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
+                "not per head: per-head contributions are not available for it; call attribute(..., heads=False)"
+            )
         _check_finite(block, valid_q, valid_k)
         block = _masked_block(block, valid_q, valid_k)
         if check:
@@ -297,7 +314,8 @@ def attribute(
         if decoder_attention_mask is not None:
             raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
         readers = layout.blocks["self"]
-        batch, _, _, pos = cache[readers[0].hooks[0]].shape
+        first = cache[readers[0].hooks[0]].shape  # [b, h, q, k] pattern, or [b, pos, d] for a mixer layer
+        batch, pos = first[0], (first[-1] if len(first) == 4 else first[1])
         valid = _prepare_mask(attention_mask, batch, pos, cache[readers[0].hooks[0]].device, "attention_mask")
         bar = _progress(progress, pos, n_blocks)
         try:
@@ -373,6 +391,13 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     if layout.family == "encoder_decoder":
         raise ValueError("attention_rollout is for decoder-only and encoder models")
     names = [r.hooks[0] for r in layout.blocks["self"]]
+    not_attention = [r.name for r in layout.blocks["self"] if not r.hooks[0].endswith("hook_pattern")]
+    if not_attention:  # linear-recurrent mixers (reading/mixers) have no attention pattern to roll out
+        raise UnsupportedModelError(
+            f"{layout.architecture}: attention rollout needs an attention pattern in every layer, but "
+            f"{', '.join(not_attention[:4])}{' ...' if len(not_attention) > 4 else ''} are not attention layers "
+            "with a cached pattern; use attribute(cache).rollout (ALTI's rollout covers them)"
+        )
     missing = [n for n in names if n not in cache.keys()]
     if missing:
         raise MissingHooksError(missing, "attention_rollout reads every layer's hook_pattern.")

@@ -14,6 +14,7 @@ from lens_alti.reading.head_norm import head_norm_module
 from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
+from lens_alti.reading.mixers import mixer_reader
 from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import AttentionBlock
@@ -32,9 +33,14 @@ class DecoderContext:
 def layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
     """The reader of decoder layer `layer`: the one dispatch point for every kind of token mixer.
 
-    Attention layers are read by `attention_layer_reader`; a layer with no attention hooks at
-    all (Mamba, RWKV, RG-LRU, DeltaNet... mixers) is refused with an error that says so.
+    A layer with a known linear-recurrent mixer (Mamba, SSD, DeltaNet, ..., alone or beside
+    attention) is read by `reading.mixers`; attention layers by `attention_layer_reader`; any
+    other layer with no attention hooks is refused with an error that says what it is.
     """
+    has_attn = f"blocks.{layer}.attn.hook_pattern" in getattr(model, "hook_dict", {})
+    mixer = mixer_reader(model, layer, ctx.arch, with_attention=has_attn)
+    if mixer is not None:
+        return mixer
     kind = mixer_kind(model, layer)
     if kind == NO_HOOKS:
         raise UnsupportedModelError(

@@ -45,7 +45,9 @@ class AttentionBlock:
     "last" — it is a separate, extra source after the k keys (cross-attention).
     `pattern_is_distribution`: the pattern's rows are probabilities over the valid keys
     (non-negative, summing to 1), which is checked before decomposing; records whose
-    "pattern" is a general linear token-to-token operator (recurrent mixers) set it False.
+    "pattern" is a general linear token-to-token operator (recurrent mixers) set it False;
+    their `b_O` may then be per receiver, `[b, q, d]` (terms of no token that the recurrence
+    carries, such as a convolution bias).
     """
 
     name: str
@@ -53,7 +55,7 @@ class AttentionBlock:
     pattern: Float[Tensor, "b h q k"]
     values: Float[Tensor, "b k h e"]
     W_O: Float[Tensor, "h e d"]
-    b_O: Float[Tensor, " d"] | None
+    b_O: Float[Tensor, " d"] | Float[Tensor, "b q d"] | None
     residual: Float[Tensor, "b q d"]
     target: Float[Tensor, "b q d"]
     residual_column: Literal["diagonal", "last"] = "diagonal"

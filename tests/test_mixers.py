@@ -1,0 +1,155 @@
+"""Linear-recurrent mixer layers (Mamba, Mamba-2, ...) against the independent float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lens_alti
+from lens_alti.alti.decompose import check_reconstruction, decompose
+from lens_alti.reading import model_layout
+from tests.mixer_models import ATTENTION_NOT_YET, MIXER_ARCHS, build_mixer_bridge
+from tests.reference_mixers import reference_mixer_layers
+
+TOL = 1e-5
+
+
+def _tokens(batch: int = 2, pos: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 1000, (batch, pos), generator=g)
+
+
+@pytest.fixture(scope="module", params=MIXER_ARCHS)
+def run(request):
+    hf, bridge = build_mixer_bridge(request.param)
+    tokens = _tokens()
+    _, cache = bridge.run_with_cache(tokens)
+    return request.param, hf, bridge, tokens, cache, reference_mixer_layers(hf, tokens)
+
+
+def _attribute(arch: str, cache, **kw):
+    return lens_alti.attribute(cache, check=arch not in ATTENTION_NOT_YET, **kw)
+
+
+def test_every_mixer_layer_reconstructs_the_real_output(run):
+    """Σ_j T_i(x_j) + bias_i equals the real x + mixer(norm(x)) of the cache, layer by layer."""
+    arch, _, bridge, _, cache, ref = run
+    readers = model_layout(bridge).blocks["self"]
+    for layer, want in ref.items():
+        block = readers[layer].build(cache)
+        assert block.pattern_is_distribution == bool(want["attention"])
+        assert block.pattern.shape[-2:] == (cache["blocks.0.hook_resid_pre"].shape[1],) * 2
+        rel = check_reconstruction(decompose(block, dtype=torch.float64), block, tolerance=1e-5)
+        assert rel < 1e-5
+
+
+@pytest.mark.parametrize("measure", ["l1", "l2", "koba"])
+def test_mixer_layers_match_reference(run, measure):
+    """Computed in float64 from the float32 cache (in float32, ‖y‖ − ‖y − T‖ cancels for small T)."""
+    arch, _, bridge, _, cache, ref = run
+    res = _attribute(arch, cache, measure=measure, dtype=torch.float64)
+    assert res.layers.shape[1] == len(bridge.blocks)
+    assert ref, f"{arch}: the reference found no mixer layer"
+    for layer, want in ref.items():
+        torch.testing.assert_close(res.layers[:, layer], want[measure], atol=TOL, rtol=0)
+    if arch not in ATTENTION_NOT_YET:
+        assert float(res.reconstruction_error.max()) < 1e-5
+
+
+def test_float32_is_close_and_rows_sum_to_one(run):
+    arch, *_, cache, ref = run
+    res = _attribute(arch, cache)
+    assert res.layers.dtype == torch.float32
+    for layer, want in ref.items():
+        # Rows whose raw contributions are a tiny fraction of ‖y‖₁ (the bias dominates) are below
+        # float32 resolution; they are compared in float64 above.
+        ok = want["l1_mass"] > 1e-2
+        assert float(ok.double().mean()) > 0.3
+        torch.testing.assert_close(res.layers[:, layer].double()[ok], want["l1"][ok], atol=1e-4, rtol=0)
+    sums = res.layers.sum(-1)  # 1, or 0 for a row whose bias outweighs every source (spec §2)
+    assert bool(((sums - 1).abs() < 1e-5).logical_or(sums == 0).all())
+    assert float((sums == 0).double().mean()) < 0.1
+    assert torch.equal(res.layers, res.layers.tril())  # causal
+    # Rollout through every layer, attention and mixer layers alike.
+    expect = res.layers[:, 0]
+    for layer in range(1, res.layers.shape[1]):
+        expect = res.layers[:, layer] @ expect
+    torch.testing.assert_close(res.rollout[:, -1], expect, atol=1e-6, rtol=0)
+
+
+def test_pure_mixer_rollout_matches_reference(run):
+    arch, _, bridge, _, cache, ref = run
+    if len(ref) != len(bridge.blocks):
+        pytest.skip(f"{arch} also has attention layers")
+    res = _attribute(arch, cache, dtype=torch.float64)
+    expect = ref[0]["l1"]
+    for layer in range(1, len(ref)):
+        expect = ref[layer]["l1"] @ expect
+    torch.testing.assert_close(res.rollout[:, -1], expect, atol=TOL, rtol=0)
+
+
+def test_corrupted_cache_fails_the_reconstruction_check(run):
+    """The check compares with the real layer output: a wrong value must be caught."""
+    arch, _, bridge, _, cache, ref = run
+    layer = next(iter(ref))
+    name = model_layout(bridge).blocks["self"][layer].hooks[1]  # the mixer's source activation
+    original = cache.cache_dict[name]
+    try:
+        bad = original.clone()
+        bad[:, 2] += 0.5
+        cache.cache_dict[name] = bad
+        with pytest.raises(lens_alti.errors.ReconstructionError, match=f"blocks.{layer}"):
+            lens_alti.attribute(cache)
+    finally:
+        cache.cache_dict[name] = original
+
+
+DELTANET_ARCHS = ("qwen3_next", "qwen3_5", "olmo_hybrid")
+
+
+def test_left_padded_batch_equals_single_runs(run):
+    """The Mamba, Mamba-2 and LFM2 readers see the mask the layer applied (its zeroed input)."""
+    arch, _, bridge, tokens, _, _ = run
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    _, cache = bridge.run_with_cache(tokens, attention_mask=mask)
+    if arch in DELTANET_ARCHS:  # the bridge records no masked input for gated DeltaNet
+        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="one at a time"):
+            _attribute(arch, cache, attention_mask=mask)
+        return
+    padded = _attribute(arch, cache, attention_mask=mask)
+    single = _attribute(arch, bridge.run_with_cache(tokens[1:, 3:])[1])
+    torch.testing.assert_close(padded.layers[1:, :, 3:, 3:], single.layers, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.rollout[1:, :, 3:, 3:], single.rollout, atol=1e-5, rtol=0)
+    assert float(padded.layers[1, :, :3].abs().max()) == 0 and float(padded.layers[1, :, :, :3].abs().max()) == 0
+
+
+def test_per_head_contributions_are_refused_for_mixer_layers(run):
+    arch, *_, cache, _ = run
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="per channel, not per head"):
+        _attribute(arch, cache, heads=True)
+
+
+def test_attention_baselines_are_refused_for_mixer_layers(run):
+    arch, _, _, _, cache, ref = run
+    if all(bool(w["attention"]) for w in ref.values()):
+        pytest.skip("no recurrent mixer layer")
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="no attention weights"):
+        _attribute(arch, cache, measure="attention")
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="attention rollout needs"):
+        lens_alti.attention_rollout(cache)
+
+
+def test_hook_names_suffice_for_a_padded_batch(run):
+    """`hook_names(model)` as names_filter caches everything the mixer readers need, masks included."""
+    arch, _, bridge, tokens, _, _ = run
+    if arch in DELTANET_ARCHS:
+        pytest.skip("gated DeltaNet reads no mask")
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0
+    names = set(lens_alti.hook_names(bridge))
+    _, full = bridge.run_with_cache(tokens, attention_mask=mask)
+    _, small = bridge.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in names)
+    a = _attribute(arch, full, attention_mask=mask)
+    b = _attribute(arch, small, attention_mask=mask)
+    torch.testing.assert_close(a.layers, b.layers)
