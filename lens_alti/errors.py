@@ -53,3 +53,63 @@ class NonFiniteError(LensAltiError, ValueError):
 
 class WeightProcessingWarning(UserWarning):
     """The model's weights were processed (folded/centred): numbers differ from the raw model."""
+
+
+def _show(value: object) -> str:
+    """A short repr of an offending value for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _ArgumentProblem(LensAltiError):
+    """An argument of a public function is wrong: names the argument, its value and what is valid.
+
+    Attributes: `argument` (the parameter's name), `value` (what was passed), `expected`
+    (the valid range or kind, in words).
+    """
+
+    def __init__(self, argument: str, value: object, expected: str, hint: str = "") -> None:
+        self.argument = argument
+        self.value = value
+        self.expected = expected
+        msg = f"{argument}={_show(value)} is not valid: expected {expected}"
+        super().__init__(f"{msg}. {hint}" if hint else msg)
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable (multiprocessing, pytest-xdist)
+        return (type(self), (self.argument, self.value, self.expected))
+
+
+class InvalidArgumentError(_ArgumentProblem, ValueError):
+    """An argument has the right type but a value that is not allowed (a negative size, an unknown choice...)."""
+
+
+class OutOfRangeError(_ArgumentProblem, IndexError):
+    """An index argument (position, batch item, layer, head, token id) is outside its valid range."""
+
+
+class ArgumentTypeError(_ArgumentProblem, TypeError):
+    """An argument has the wrong type (a string where token ids are expected, None for a size...)."""
+
+
+class PaddedPositionError(InvalidArgumentError):
+    """A position that is padding in this batch item was asked for; the message lists the real positions."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """The input has more tokens than the model's context takes."""
+
+
+class MaskMismatchError(LensAltiError, ValueError):
+    """The attention mask given to `attribute` is not the one the cache was produced with."""
+
+
+class MissingTargetError(LensAltiError, ValueError):
+    """An encoder-decoder cache was run without a target (TransformerLens fed the source shifted right)."""
+
+
+class InterventionNotSupportedError(UnsupportedModelError):
+    """The model ignores the hook edit an intervention relies on (e.g. hook_pattern on TransformerLens 4.x BERT)."""
+
+
+class InsufficientMemoryError(LensAltiError, MemoryError):
+    """The estimated memory of a call exceeds what is available; the message says which knob to turn."""
