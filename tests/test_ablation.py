@@ -144,7 +144,7 @@ def test_cli_errors_are_one_line(capsys):
 
     rc = main(["explain", "hello", "--model", "/nonexistent/model/folder"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and "Traceback" not in "\n".join(err)
+    assert rc == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("lens-alti: error: no model folder at '/nonexistent/model/folder'")
 
 
@@ -153,4 +153,4 @@ def test_cli_explain_seq2seq_needs_a_target(tmp_path, capsys):
     from lens_alti.models.toy_translation import MODEL_DIR
 
     rc = main(["explain", "--source", "the cat sees a dog", "--model", str(MODEL_DIR)])
-    assert rc == 1 and "needs --target" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "needs --target" in capsys.readouterr().err.strip().splitlines()[-1]
