@@ -68,11 +68,13 @@ class _ArgumentProblem(LensAltiError):
     (the valid range or kind, in words).
     """
 
+    problem = "is not valid"
+
     def __init__(self, argument: str, value: object, expected: str, hint: str = "") -> None:
         self.argument = argument
         self.value = value
         self.expected = expected
-        msg = f"{argument}={_show(value)} is not valid: expected {expected}"
+        msg = f"{argument}={_show(value)} {self.problem}: expected {expected}"
         super().__init__(f"{msg}. {hint}" if hint else msg)
 
     def __reduce__(self) -> tuple[object, ...]:  # picklable (multiprocessing, pytest-xdist)
@@ -86,13 +88,19 @@ class InvalidArgumentError(_ArgumentProblem, ValueError):
 class OutOfRangeError(_ArgumentProblem, IndexError):
     """An index argument (position, batch item, layer, head, token id) is outside its valid range."""
 
+    problem = "is out of range"
+
 
 class ArgumentTypeError(_ArgumentProblem, TypeError):
     """An argument has the wrong type (a string where token ids are expected, None for a size...)."""
 
+    problem = "has the wrong type"
+
 
 class PaddedPositionError(InvalidArgumentError):
     """A position that is padding in this batch item was asked for; the message lists the real positions."""
+
+    problem = "is a padded position"
 
 
 class ContextLengthError(InvalidArgumentError):

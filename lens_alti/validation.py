@@ -207,7 +207,9 @@ def check_token_ids(
     return t.long()
 
 
-def check_heads(name: str, heads: Any, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+def check_heads(
+    name: str, heads: Any, n_layers: int, n_heads: int, *, allow_empty: bool = False
+) -> list[tuple[int, int]]:
     """A sequence of (layer, head) pairs, each in range; negatives count from the end."""
     if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
         raise ArgumentTypeError(name, heads, "a sequence of (layer, head) pairs")
@@ -218,7 +220,7 @@ def check_heads(name: str, heads: Any, n_layers: int, n_heads: int) -> list[tupl
         layer = check_index(f"{name}[{i}] layer", pair[0], n_layers, what="layers")
         head = check_index(f"{name}[{i}] head", pair[1], n_heads, what="heads per layer")
         out.append((layer, head))
-    if not out:
+    if not out and not allow_empty:
         raise InvalidArgumentError(name, heads, "at least one (layer, head) pair")
     return out
 

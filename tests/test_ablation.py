@@ -54,7 +54,7 @@ def test_mean_ablation_differs_from_zero(gpt2):
     zero = ablation.head_ablation(gpt2, TOKENS, metric, ablation="zero").table
     mean = ablation.head_ablation(gpt2, TOKENS, metric, ablation="mean").table
     assert not torch.allclose(torch.tensor(zero.effect.values), torch.tensor(mean.effect.values))
-    with pytest.raises(ValueError, match="'zero' or 'mean'"):
+    with pytest.raises(ValueError, match="ablation='resample'.*'zero', 'mean'"):
         ablation.head_ablation(gpt2, TOKENS, metric, ablation="resample")
 
 

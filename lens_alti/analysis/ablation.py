@@ -275,7 +275,7 @@ def circuit_comparison(
 
     check_model(model)
     n_layers, n_heads, _ = model_dims(model)
-    heads = check_heads("heads", heads, n_layers, n_heads)
+    heads = check_heads("heads", heads, n_layers, n_heads, allow_empty=True)
     if metric is not None:
         check_metric(metric)
     tokens, attention_mask = check_prompt_tokens(model, tokens, attention_mask)
