@@ -51,9 +51,11 @@ def _prepare_mask(attention_mask: Tensor | None, batch: int, pos: int, device: t
         return torch.ones(batch, pos, dtype=torch.bool, device=device)
     mask = torch.as_tensor(attention_mask, device=device)
     if mask.shape != (batch, pos):
-        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but the cache has [batch, pos] = [{batch}, {pos}]")
+        raise InvalidArgumentError(
+            what, f"shape {tuple(mask.shape)}", f"the cache's [batch, pos] = [{batch}, {pos}]"
+        )
     if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{what} must hold only 0 (padding) and 1 (real token)")
+        raise InvalidArgumentError(what, attention_mask, "only 0 (padding) and 1 (real token)")
     return mask.bool()
 
 
