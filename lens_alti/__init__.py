@@ -6,10 +6,19 @@
 
 from lens_alti.api import attention_rollout, attribute, hook_names
 from lens_alti.errors import (
+    ArgumentTypeError,
+    ContextLengthError,
+    InsufficientMemoryError,
+    InterventionNotSupportedError,
+    InvalidArgumentError,
     LensAltiError,
+    MaskMismatchError,
     MissingHooksError,
+    MissingTargetError,
     NonFiniteError,
     NotACacheError,
+    OutOfRangeError,
+    PaddedPositionError,
     ReconstructionError,
     UnsupportedModelError,
     WeightProcessingWarning,
@@ -18,7 +27,16 @@ from lens_alti.results import AltiResult, Seq2SeqAltiResult
 
 __all__ = [
     "AltiResult",
+    "ArgumentTypeError",
+    "ContextLengthError",
+    "InsufficientMemoryError",
+    "InterventionNotSupportedError",
+    "InvalidArgumentError",
     "LensAltiError",
+    "MaskMismatchError",
+    "MissingTargetError",
+    "OutOfRangeError",
+    "PaddedPositionError",
     "MissingHooksError",
     "NonFiniteError",
     "NotACacheError",
