@@ -167,9 +167,7 @@ def _check_seq2seq_context(model: Any, n_src: int, n_tgt: int) -> None:
         limit = None
     for name, n in (("--source", n_src), ("--target", n_tgt)):
         if limit and n > int(limit):
-            raise ContextLengthError(
-                name, f"{n} tokens", f"at most {limit} tokens ({n} tokens, this model takes at most {limit})"
-            )
+            raise ContextLengthError(name, n, int(limit))
 
 
 def demo(args: argparse.Namespace) -> None:

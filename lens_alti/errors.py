@@ -74,11 +74,12 @@ class _ArgumentProblem(LensAltiError):
         self.argument = argument
         self.value = value
         self.expected = expected
+        self.hint = hint
         msg = f"{argument}={_show(value)} {self.problem}: expected {expected}"
         super().__init__(f"{msg}. {hint}" if hint else msg)
 
     def __reduce__(self) -> tuple[object, ...]:  # picklable (multiprocessing, pytest-xdist)
-        return (type(self), (self.argument, self.value, self.expected))
+        return (type(self), (self.argument, self.value, self.expected, self.hint))
 
 
 class InvalidArgumentError(_ArgumentProblem, ValueError):
@@ -104,7 +105,18 @@ class PaddedPositionError(InvalidArgumentError):
 
 
 class ContextLengthError(InvalidArgumentError):
-    """The input has more tokens than the model's context takes."""
+    """The input has more tokens than the model's context takes: `argument`, `value` (tokens), `limit`."""
+
+    def __init__(self, argument: str, n_tokens: int, limit: int) -> None:
+        self.limit = int(limit)
+        super().__init__(argument, int(n_tokens), f"at most {limit} tokens")
+        self.args = (
+            f"{argument} is too long: {n_tokens} tokens, this model takes at most {limit}. "
+            "Shorten it, or explain it in pieces.",
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.argument, self.value, self.limit))
 
 
 class MaskMismatchError(LensAltiError, ValueError):

@@ -91,6 +91,14 @@ def test_error_classes_are_lens_alti_and_builtin():
     e = OutOfRangeError("layer", 5, "an index in 0..1")
     assert (e.argument, e.value, e.expected) == ("layer", 5, "an index in 0..1")
     assert str(e) == "layer=5 is out of range: expected an index in 0..1"
+    c = ContextLengthError("text", 9000, 8192)
+    assert str(c).startswith("text is too long: 9000 tokens, this model takes at most 8192")
+    assert (c.value, c.limit) == (9000, 8192) and isinstance(c, ValueError)
+    import pickle
+
+    for err in (e, c, PaddedPositionError("position", 0, "a real position", "hint")):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
 
 
 def test_describe_positions():

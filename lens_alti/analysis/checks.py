@@ -52,9 +52,7 @@ def check_context(model: Any, n_tokens: int, name: str = "tokens") -> None:
     """Refuse inputs longer than the model's context (`cfg.n_ctx`) before any forward pass."""
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and n_tokens > int(n_ctx):
-        raise ContextLengthError(
-            name, f"{n_tokens} tokens", f"at most {n_ctx} tokens ({n_tokens} tokens, this model takes at most {n_ctx})"
-        )
+        raise ContextLengthError(name, n_tokens, int(n_ctx))
 
 
 def check_prompt_tokens(model: Any, tokens: Any, attention_mask: Any) -> tuple[Tensor, Tensor | None]:
