@@ -55,14 +55,15 @@ def undeclared_padding(pattern: Tensor, declared_real: Bool[Tensor, "b q"], *, c
     b, h, q, k = pattern.shape
     if q != k or q == 0:
         return torch.zeros(b, q, dtype=torch.bool, device=pattern.device)
-    nonzero = pattern != 0
-    diag = torch.diagonal(nonzero, dim1=-2, dim2=-1).any(1)  # [b, q]: attends to itself in some head
-    receiver = ~diag
+    # Attention weights are ≥ 0 (NaN counts as attention): the max over heads says whether any
+    # head attends, with one [b, q, k] reduction instead of a [b, h, q, k] temporary.
+    nonzero = pattern.amax(1) != 0  # [b, query, key]
+    receiver = ~torch.diagonal(nonzero, dim1=-2, dim2=-1)  # [b, q]: no head attends to itself
     if causal:
-        receiver |= nonzero.triu(1).any(-1).any(1)
+        receiver |= nonzero.triu(1).any(-1)
     receiver &= declared_real
     viewers = declared_real & ~receiver  # [b, q]
-    seen = nonzero.any(1) & viewers[:, :, None]  # [b, query, key]: some head of a trusted query attends
+    seen = nonzero & viewers[:, :, None]  # [b, query, key]: some head of a trusted query attends
     allowed = torch.ones(q, q, dtype=torch.bool, device=pattern.device)
     allowed = allowed.tril(-1) if causal else allowed & ~torch.eye(q, dtype=torch.bool, device=pattern.device)
     seen &= allowed
@@ -91,8 +92,8 @@ def leaked_attention(pattern: Tensor, valid_q: Tensor, valid_k: Tensor) -> float
     """Largest attention a real query gives a key the mask calls padding (0 when consistent)."""
     if pattern.numel() == 0:
         return 0.0
-    keep = valid_q[:, None, :, None] & ~valid_k[:, None, None, :]
-    return float(torch.where(keep, pattern, 0).nan_to_num(0).amax())
+    keep = valid_q[:, :, None] & ~valid_k[:, None, :]
+    return float(torch.where(keep, pattern.amax(1), 0).amax())  # weights ≥ 0: max over heads first
 
 
 def isolate_padding(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> AttentionBlock:
