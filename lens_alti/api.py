@@ -51,9 +51,7 @@ def _prepare_mask(attention_mask: Tensor | None, batch: int, pos: int, device: t
         return torch.ones(batch, pos, dtype=torch.bool, device=device)
     mask = torch.as_tensor(attention_mask, device=device)
     if mask.shape != (batch, pos):
-        raise InvalidArgumentError(
-            what, f"shape {tuple(mask.shape)}", f"the cache's [batch, pos] = [{batch}, {pos}]"
-        )
+        raise InvalidArgumentError(what, f"shape {tuple(mask.shape)}", f"the cache's [batch, pos] = [{batch}, {pos}]")
     if not ((mask == 0) | (mask == 1)).all():
         raise InvalidArgumentError(what, attention_mask, "only 0 (padding) and 1 (real token)")
     return mask.bool()
@@ -170,8 +168,8 @@ def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_
         if r and r[0].hooks[0] in cache.keys() and cache[r[0].hooks[0]].dim() == 4
     ]
     device = cache[layout.blocks[next(iter(layout.blocks))][0].hooks[0]].device
-    attribute_memory_check(shapes, heads=heads, max_chunk_bytes=max_chunk_bytes, device=device,
-                           element_size=torch.finfo(dtype).bits // 8)
+    size = torch.finfo(dtype).bits // 8
+    attribute_memory_check(shapes, heads=heads, max_chunk_bytes=max_chunk_bytes, device=device, element_size=size)
 
 
 def _str_tokens(
