@@ -198,7 +198,7 @@ def _str_tokens(
     else:
         out = [list(t) for t in tokens]
     if len(out) != batch:
-        raise ValueError(f"tokens has {len(out)} rows but the cache has batch size {batch}")
+        raise InvalidArgumentError("tokens", f"{len(out)} rows", f"one row per batch item ({batch})")
     return out
 
 
@@ -329,7 +329,9 @@ def attribute(
 
     if layout.family != "encoder_decoder":
         if decoder_attention_mask is not None:
-            raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
+            raise InvalidArgumentError(
+                "decoder_attention_mask", "a mask", f"None (only encoder-decoders take it, not {layout.architecture})"
+            )
         readers = layout.blocks["self"]
         batch, _, _, pos = cache[readers[0].hooks[0]].shape
         valid = _prepare_mask(attention_mask, batch, pos, cache[readers[0].hooks[0]].device, "attention_mask")
@@ -409,7 +411,7 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     cache, model = cache_and_model(cache)
     layout = model_layout(model)
     if layout.family == "encoder_decoder":
-        raise ValueError("attention_rollout is for decoder-only and encoder models")
+        raise InvalidArgumentError("cache", "an encoder-decoder cache", "a decoder-only or encoder model's cache")
     names = [r.hooks[0] for r in layout.blocks["self"]]
     missing = [n for n in names if n not in cache.keys()]
     if missing:

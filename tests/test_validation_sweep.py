@@ -526,3 +526,39 @@ def test_cli_unexpected_errors_are_one_line(capsys, monkeypatch, tiny_folder):
     rc, err, _ = _cli(capsys, "explain", "t5", "--model", tiny_folder)
     assert rc == 2 and err[-1] == "lens-alti: error: RuntimeError: first line second line"
     assert math.isfinite(rc)
+
+
+def test_more_alignment_arguments():
+    m = torch.rand(4, 3)
+    raises_exactly(InvalidArgumentError, "convention='both'", alignment.target_rows, m, 2, "both")
+    raises_exactly(InvalidArgumentError, "n_target_tokens=-1", alignment.target_rows, m, -1, "input")
+    raises_exactly(InvalidArgumentError, "n_target_tokens=4", alignment.target_rows, m, 4, "input")
+    raises_exactly(InvalidArgumentError, "word_matrix=", alignment.extract_alignment, torch.rand(2, 2, 2))
+    raises_exactly(InvalidArgumentError, "n_source_words=-2", alignment.diagonal_alignment, -2, 3)
+    raises_exactly(InvalidArgumentError, "hypotheses=", alignment.alignment_scores, [set()], [])
+    raises_exactly(InvalidArgumentError, "scheme='wordpiece'", alignment.word_ids_from_pieces, ["a"], "wordpiece")
+    raises_exactly(
+        InvalidArgumentError,
+        "source_reduce='max'",
+        alignment.aggregate_subwords,
+        m,
+        [0, 1, 2],
+        [0, 1, 2, 3],
+        source_reduce="max",
+    )
+
+
+def test_entry_points_refuse_the_wrong_family(padded, seq2seq_result, marian):
+    raises_exactly(
+        InvalidArgumentError,
+        "decoder_attention_mask=",
+        lens_alti.attribute,
+        padded,
+        attention_mask=MASK,
+        decoder_attention_mask=MASK,
+    )
+    _, cache = marian.run_with_cache(torch.tensor([[5, 6, 2]]), decoder_input=torch.tensor([[1, 9]]))
+    raises_exactly(InvalidArgumentError, "cache=", lens_alti.attention_rollout, cache)
+    raises_exactly(
+        InvalidArgumentError, "attention_mask=", lens_alti.attention_rollout, padded, attention_mask=MASK[:1]
+    )

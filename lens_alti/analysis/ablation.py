@@ -130,7 +130,7 @@ def kendall(x: Tensor, y: Tensor) -> float:
 
 def _attn_name(model: Any, layer: int, hook: str) -> str:
     if not hasattr(model, "blocks"):
-        raise ValueError("ablation comparisons support decoder-only and encoder models (with `blocks`)")
+        raise InvalidArgumentError("model", model, "a decoder-only or encoder model (with `blocks`)")
     return f"blocks.{layer}.attn.{hook}"
 
 
@@ -185,7 +185,7 @@ def head_ablation(
     if result is None:
         result = lens_alti.attribute(cache, heads=True, attention_mask=attention_mask)
     if result.head_outputs is None:
-        raise ValueError("result must come from lens_alti.attribute(..., heads=True)")
+        raise InvalidArgumentError("result", result, "a result of lens_alti.attribute(..., heads=True)")
     clean = metric(logits)
     b = tokens.shape[0]
     n_layers, n_heads = result.head_outputs.shape[1:3]
@@ -351,7 +351,7 @@ def _scores(method: str, model: Any, tokens: Tensor, generator: torch.Generator)
         return lens_alti.attribute(cache).rollout[0, -1, -1].cpu()
     if method == "attention_rollout":
         return lens_alti.attention_rollout(cache)[0, -1, -1].cpu()
-    raise ValueError(f"unknown ranking method {method!r}; use 'alti', 'attention_rollout' or 'random'")
+    raise InvalidArgumentError("methods", method, "'alti', 'attention_rollout' or 'random'")
 
 
 def _prob(model: Any, tokens: Tensor, target: int) -> float:

@@ -113,7 +113,7 @@ def word_ids_from_pieces(
     ending with ``@@`` continues into the next one) or ``"whole"`` (every piece is a word).
     """
     if scheme not in ("sentencepiece", "bpe", "whole"):
-        raise ValueError(f"scheme must be 'sentencepiece', 'bpe' or 'whole', got {scheme!r}")
+        raise InvalidArgumentError("scheme", scheme, "'sentencepiece', 'bpe' or 'whole'")
     special = set(special)
     out: list[int | None] = []
     word, continues = -1, False
@@ -161,7 +161,7 @@ def aggregate_subwords(
     """
     for name, how in (("source_reduce", source_reduce), ("target_reduce", target_reduce)):
         if how not in ("sum", "mean"):
-            raise ValueError(f"{name} must be 'sum' or 'mean', got {how!r}")
+            raise InvalidArgumentError(name, how, "'sum' or 'mean'")
     source_word_ids = [None if w is None else check_int("source_word_ids", w, minimum=0) for w in source_word_ids]
     target_word_ids = [None if w is None else check_int("target_word_ids", w, minimum=0) for w in target_word_ids]
     n_src = 1 + max((w for w in source_word_ids if w is not None), default=-1)
@@ -185,10 +185,13 @@ def target_rows(matrix: Tensor, n_target_tokens: int, convention: str) -> Tensor
     token is read), ``"output"`` rows 0..n-1 (the positions that predict it).
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be 'input' or 'output', got {convention!r}")
+        raise InvalidArgumentError("convention", convention, "'input' or 'output'")
+    check_int("n_target_tokens", n_target_tokens, minimum=0)
     offset = 1 if convention == "input" else 0
     if matrix.shape[-2] < n_target_tokens + offset:
-        raise ValueError(
+        raise InvalidArgumentError(
+            "n_target_tokens",
+            n_target_tokens,
             f"{n_target_tokens} target tokens need {n_target_tokens + offset} decoder positions for the "
             f"{convention!r} convention, the matrix has {matrix.shape[-2]}"
         )
@@ -199,7 +202,9 @@ def extract_alignment(word_matrix: Tensor) -> set[Link]:
     """Argmax per target word of a `[target_words, source_words]` matrix: one link per target
     word (rows that are all zero, or have no source word, give none). Ties: the first source word."""
     if word_matrix.dim() != 2:
-        raise ValueError(f"expected a [target_words, source_words] matrix, got shape {tuple(word_matrix.shape)}")
+        raise InvalidArgumentError(
+            "word_matrix", f"shape {tuple(word_matrix.shape)}", "a [target_words, source_words] matrix"
+        )
     if word_matrix.shape[1] == 0:
         return set()
     best = word_matrix.argmax(-1)
@@ -225,6 +230,8 @@ def align(
 
 def diagonal_alignment(n_source_words: int, n_target_words: int) -> set[Link]:
     """The monotone baseline: target word t ↦ source word round(t·(n_s−1)/(n_t−1))."""
+    check_int("n_source_words", n_source_words, minimum=0)
+    check_int("n_target_words", n_target_words, minimum=0)
     if n_source_words == 0:
         return set()
     scale = (n_source_words - 1) / max(n_target_words - 1, 1)
@@ -254,7 +261,10 @@ def alignment_scores(hypotheses: Sequence[Iterable[Link]], golds: Sequence[GoldA
     there are neither hypothesis nor sure links.
     """
     if len(hypotheses) != len(golds):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(golds)} gold alignments")
+        raise InvalidArgumentError(
+            "hypotheses", f"{len(hypotheses)} entries", f"one per gold alignment ({len(hypotheses)} hypotheses for "
+            f"{len(golds)} gold alignments)"
+        )
     a = s = a_s = a_p = 0
     for hyp, gold in zip(hypotheses, golds, strict=True):
         links = set(hyp)
@@ -290,14 +300,19 @@ def aer_per_layer(
 ) -> list[float]:
     """Corpus AER of each layer: `matrices[k]` is sentence k's `[layer, decoder_pos, source_tokens]`."""
     if not (len(matrices) == len(golds) == len(source_word_ids) == len(target_word_ids)):
-        raise ValueError("matrices, golds, source_word_ids and target_word_ids must have one entry per sentence")
+        raise InvalidArgumentError(
+            "matrices", f"{len(matrices)} entries", "matrices, golds, source_word_ids and target_word_ids with one "
+            "entry per sentence each"
+        )
     if not matrices:
         return []
     n_layers = matrices[0].shape[0]
     hyps: list[list[set[Link]]] = [[] for _ in range(n_layers)]
     for mat, sw, tw in zip(matrices, source_word_ids, target_word_ids, strict=True):
         if mat.shape[0] != n_layers:
-            raise ValueError(f"every matrix needs the same number of layers ({n_layers}), got {mat.shape[0]}")
+            raise InvalidArgumentError(
+                "matrices", f"a matrix with {mat.shape[0]} layers", f"the same number of layers ({n_layers}) in each"
+            )
         for layer in range(n_layers):
             hyps[layer].append(align(mat[layer], sw, tw, convention, **reduce))
     return [alignment_error_rate(h, golds) for h in hyps]
