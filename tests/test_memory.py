@@ -21,9 +21,17 @@ def test_memory_estimate_grows_with_the_input():
     big = memory.attribute_bytes([memory.BlockShape(2, 1, 4, 1000, 1000, 64)], heads=True, max_chunk_bytes=0)
     # results alone: layers + rollout [1, 2, 1000, 1001] and heads [1, 2, 4, 1000, 1001] in float32
     assert big > 4 * (2 * 2 * 1000 * 1001 + 2 * 4 * 1000 * 1001) > small > 0
+    # the chunk term is the budget only when a block is large enough to fill it
+    tiny = memory.BlockShape(1, 1, 2, 4, 4, 8)
+    assert memory.block_working_bytes(tiny, heads=True, max_chunk_bytes=2**28) < 2**16
 
 
 def test_check_fits(monkeypatch):
+    with pytest.raises(InsufficientMemoryError, match="TiB|GiB"):  # the real machine's available memory
+        memory.check_fits(2**50, "cpu", "work", "advice")
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1000)
+    memory.check_fits(memory.MIN_CHECKED_BYTES - 1, "cpu", "work", "advice")  # small calls are never refused
+    monkeypatch.setattr(memory, "MIN_CHECKED_BYTES", 0)
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 2**30)
     memory.check_fits(2**29, "cpu", "work", "advice")
     with pytest.raises(

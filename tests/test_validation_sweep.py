@@ -416,6 +416,7 @@ def test_token_deletion_arguments(gpt2):
 
 
 def test_attribute_refuses_what_cannot_fit(padded, monkeypatch):
+    monkeypatch.setattr(memory, "MIN_CHECKED_BYTES", 0)
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1000)
     err = raises_exactly(InsufficientMemoryError, "max_chunk_bytes", lens_alti.attribute, padded, attention_mask=MASK)
     assert "positions=" in str(err) and "attribute(model, tokens=...)" in str(err)
@@ -424,6 +425,7 @@ def test_attribute_refuses_what_cannot_fit(padded, monkeypatch):
 
 
 def test_ablation_refuses_what_cannot_fit(gpt2, monkeypatch):
+    monkeypatch.setattr(memory, "MIN_CHECKED_BYTES", 0)
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1000)
     raises_exactly(
         InsufficientMemoryError,
@@ -484,6 +486,7 @@ def test_cli_context_length_before_the_forward_pass(capsys, tiny_folder, monkeyp
 
 
 def test_cli_memory_check(capsys, tiny_folder, monkeypatch):
+    monkeypatch.setattr(memory, "MIN_CHECKED_BYTES", 0)
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 10_000)
     rc, err, _ = _cli(capsys, "explain", "t5 t6 t7", "--model", tiny_folder)
     assert rc == 2 and "more memory" in err[-1] and "max_chunk_bytes" in err[-1]

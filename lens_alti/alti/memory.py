@@ -20,6 +20,11 @@ from lens_alti.errors import InsufficientMemoryError
 
 # Use at most this share of what is available: the allocator, Python and fragmentation need the rest.
 USABLE_FRACTION = 0.9
+# Estimates below this are never refused: small calls are not "heavy work", and a busy machine
+# whose free memory dips briefly must not fail them.
+MIN_CHECKED_BYTES = 256 * 2**20
+# Sources per kernel call in alti.contributions (a chunk never spans more keys than this).
+_KEYS_PER_CALL = 512
 
 ATTRIBUTE_ADVICE = (
     "To fit: explain fewer positions (`positions=`, or a shorter text / smaller batch), stream the "
@@ -79,12 +84,14 @@ def block_results_bytes(s: BlockShape, *, heads: bool, element_size: int = 4) ->
 
 
 def block_working_bytes(s: BlockShape, *, heads: bool, max_chunk_bytes: int, element_size: int = 4) -> int:
-    """Largest working set of one block: masked pattern copy, value vectors, per-receiver vectors, chunk."""
+    """Largest working set of one block: masked pattern copy, value vectors, per-receiver vectors, and
+    one chunk of the contribution kernels (at most `max_chunk_bytes`, less when the block is small)."""
     pattern = s.batch * s.heads * s.queries * s.keys
     values = s.batch * s.heads * s.keys * s.d_model
     receivers = 8 * s.batch * s.queries * s.d_model
     out = s.batch * s.queries * (s.keys + 1) * (s.heads + 1 if heads else 1)
-    return (2 * pattern + values + receivers + out) * element_size + max_chunk_bytes
+    chunk = s.queries * min(s.keys, _KEYS_PER_CALL) * (s.heads + 2) * s.d_model * element_size
+    return (2 * pattern + values + receivers + out) * element_size + min(max_chunk_bytes, chunk)
 
 
 def attribute_bytes(
@@ -116,6 +123,8 @@ def forward_cache_bytes(
 
 def check_fits(need: int, device: torch.device | str | None, what: str, advice: str) -> None:
     """Raise InsufficientMemoryError when `need` bytes exceed the usable share of what `device` has free."""
+    if need < MIN_CHECKED_BYTES:
+        return
     free = available_bytes(device)
     if free is None or need <= USABLE_FRACTION * free:
         return
