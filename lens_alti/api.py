@@ -23,10 +23,14 @@ from lens_alti.alti.decompose import (
     check_reconstruction,
     decompose,
 )
+from lens_alti.alti.masking import check_declared_padding, isolate_padding, leaked_attention
+from lens_alti.alti.memory import BlockShape, attribute_memory_check
 from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
 from lens_alti.errors import (
-    LensAltiError,
+    InvalidArgumentError,
+    MaskMismatchError,
     MissingHooksError,
+    MissingTargetError,
     NonFiniteError,
     UnsupportedModelError,
     WeightProcessingWarning,
@@ -34,6 +38,7 @@ from lens_alti.errors import (
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
+from lens_alti.validation import check_choice, check_size, check_str_tokens, check_token_ids, check_type
 
 # Attention a real query may give a padded key before we call the mask inconsistent.
 _MASK_LEAK_TOLERANCE = 1e-6
@@ -52,9 +57,9 @@ def _prepare_mask(attention_mask: Tensor | None, batch: int, pos: int, device: t
         return torch.ones(batch, pos, dtype=torch.bool, device=device)
     mask = torch.as_tensor(attention_mask, device=device)
     if mask.shape != (batch, pos):
-        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but the cache has [batch, pos] = [{batch}, {pos}]")
+        raise InvalidArgumentError(what, f"shape {tuple(mask.shape)}", f"the cache's [batch, pos] = [{batch}, {pos}]")
     if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{what} must hold only 0 (padding) and 1 (real token)")
+        raise InvalidArgumentError(what, attention_mask, "only 0 (padding) and 1 (real token)")
     return mask.bool()
 
 
@@ -78,23 +83,22 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
     """
     if bool(valid_q.all()) and bool(valid_k.all()):
         return block
-    pattern = block.pattern
-    leak = (pattern.abs() * valid_q[:, None, :, None] * ~valid_k[:, None, None, :]).amax() if pattern.numel() else 0
-    if float(leak) > _MASK_LEAK_TOLERANCE and not block.pattern_is_distribution:
+    # |pattern|: a recurrent mixer's operator (pattern_is_distribution=False) can be negative.
+    leak = leaked_attention(block.pattern.abs(), valid_q, valid_k)
+    if leak > _MASK_LEAK_TOLERANCE and not block.pattern_is_distribution:
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
-            f"this attention_mask (up to {float(leak):.3g}), and the cache does not show which positions the "
+            f"this attention_mask (up to {leak:.3g}), and the cache does not show which positions the "
             "layer itself zeroed (lens_alti reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the "
             "sequences one at a time without padding."
         )
-    if float(leak) > _MASK_LEAK_TOLERANCE:
-        raise LensAltiError(
+    if leak > _MASK_LEAK_TOLERANCE:
+        raise MaskMismatchError(
             f"{block.name}: real tokens attend to positions that the mask marks as padding "
-            f"(attention up to {float(leak):.3g}); pass the same attention_mask "
+            f"(attention up to {leak:.3g}); pass the same attention_mask "
             "(and decoder_attention_mask) that run_with_cache was given"
         )
-    keep = (valid_q[:, None, :, None] & valid_k[:, None, None, :]).to(pattern.dtype)
-    return AttentionBlock(**{**block.__dict__, "pattern": pattern * keep})
+    return isolate_padding(block, valid_q, valid_k)
 
 
 @dataclass
@@ -122,6 +126,8 @@ def _run_blocks(
     max_chunk_bytes: int,
     backend: str,
     progress: Any,
+    causal: bool | None = None,
+    mask_name: str = "attention_mask",
 ) -> _Stacked:
     """Read, decompose and measure every block of one kind (encoder, decoder self, cross...).
 
@@ -132,6 +138,7 @@ def _run_blocks(
     n = len(readers)
     out: _Stacked | None = None
     errors = []
+    padding_checked = False
     for layer, reader in enumerate(readers):
         block = reader.build(cache)
         if measure == "attention" and not block.pattern_is_distribution:
@@ -145,6 +152,10 @@ def _run_blocks(
                 "not per head: per-head contributions are not available for it; call attribute(..., heads=False)"
             )
         _check_finite(block, valid_q, valid_k)
+        if not padding_checked and causal is not None and block.pattern_is_distribution:
+            # padding the mask does not declare (alti/masking.py), read from the first attention layer
+            check_declared_padding(block, valid_q, causal=causal, mask_name=mask_name)
+            padding_checked = True
         block = _masked_block(block, valid_q, valid_k)
         if check:
             check_pattern_distribution(block, valid_q, valid_k, 10 * _HALF_TOLERANCE.get(block.pattern.dtype, 1e-4))
@@ -184,9 +195,33 @@ def _run_blocks(
     return out
 
 
-def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
+def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_chunk_bytes: int, dtype: Any) -> None:
+    """Refuse early (InsufficientMemoryError) when the results and one layer's work cannot fit (alti/memory.py)."""
+    shapes = [
+        BlockShape(len(r), *cache[r[0].hooks[0]].shape, int(getattr(getattr(model, "cfg", None), "d_model", 0) or 0))
+        for r in layout.blocks.values()
+        if r and r[0].hooks[0] in cache.keys() and cache[r[0].hooks[0]].dim() == 4
+    ]
+    device = cache[layout.blocks[next(iter(layout.blocks))][0].hooks[0]].device
+    size = torch.finfo(dtype).bits // 8
+    attribute_memory_check(shapes, heads=heads, max_chunk_bytes=max_chunk_bytes, device=device, element_size=size)
+
+
+def _str_tokens(
+    model: Any, tokens: Any, batch: int, pos: int | None = None, name: str = "tokens"
+) -> list[list[str]] | None:
     if tokens is None:
         return None
+    if pos is not None and not isinstance(tokens, (list, tuple)):  # token ids: one row per batch item, pos long
+        ids = tokens = check_token_ids(name, tokens, dims=(1, 2))
+        rows = ids.shape[0] if ids.dim() == 2 else 1
+        if ids.shape[-1] != pos or rows != batch:
+            raise InvalidArgumentError(
+                name, f"ids of shape {tuple(ids.shape)}", f"[batch, pos] = [{batch}, {pos}], the cache's shape "
+                f"(tokens has {rows} rows but the cache has batch size {batch}; labels would be misaligned)"
+            )
+    if pos is not None and isinstance(tokens, (str, list, tuple)):
+        check_str_tokens(name, tokens, [pos] * batch)
     if isinstance(tokens, Tensor):
         rows = tokens if tokens.dim() == 2 else tokens[None]
         if hasattr(model, "to_str_tokens"):
@@ -198,7 +233,7 @@ def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
     else:
         out = [list(t) for t in tokens]
     if len(out) != batch:
-        raise ValueError(f"tokens has {len(out)} rows but the cache has batch size {batch}")
+        raise InvalidArgumentError("tokens", f"{len(out)} rows", f"one row per batch item ({batch})")
     return out
 
 
@@ -220,18 +255,28 @@ def _progress(enabled: bool | None, n_pos: int, total: int) -> Any:
     return tqdm(total=total, desc="lens_alti", unit="block")
 
 
-def _check_decoder_input(cache: Any) -> None:
-    """TransformerLens feeds the source shifted right when decoder_input is missing."""
+def _check_decoder_input(cache: Any, decoder_tokens: Any = None) -> None:
+    """TransformerLens feeds the source shifted right when decoder_input is missing.
+
+    The decoder input alone cannot tell that from a real identity translation; decoder token
+    ids passed to `attribute` and equal to the decoder input can (someone who forgot the
+    target has none to pass), and `allow_shifted_source=True` overrides the check.
+    """
     if "embed.hook_in" not in cache.keys() or "decoder_embed.hook_in" not in cache.keys():
         return
     src, tgt = cache["embed.hook_in"], cache["decoder_embed.hook_in"]
     if src.dtype.is_floating_point or tgt.shape != src.shape or src.shape[-1] < 2:
         return
+    if isinstance(decoder_tokens, Tensor) and decoder_tokens.numel() == tgt.numel():
+        if decoder_tokens.reshape(tgt.shape).cpu().equal(tgt.cpu()):
+            return  # the caller holds the target ids the cache was run with
     if torch.equal(tgt[:, 1:], src[:, :-1]) and bool((tgt[:, 0] == tgt[0, 0]).all()):
-        raise LensAltiError(
+        raise MissingTargetError(
             "this encoder-decoder cache was run without a target: TransformerLens then feeds the "
             "source shifted right as the decoder input. Run "
-            "`model.run_with_cache(src_tokens, decoder_input=tgt_tokens)` with the target prefix to explain."
+            "`model.run_with_cache(src_tokens, decoder_input=tgt_tokens)` with the target prefix to explain. "
+            "If the target prefix really is the source shifted right (an identity translation), pass "
+            "decoder_tokens=tgt_tokens or allow_shifted_source=True."
         )
 
 
@@ -251,6 +296,7 @@ def attribute(
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     backend: str = "auto",
     progress: bool | None = None,
+    allow_shifted_source: bool = False,
 ) -> AltiResult | Seq2SeqAltiResult:
     """ALTI contributions for every layer (and head), with rollout, from a cache.
 
@@ -275,6 +321,10 @@ def attribute(
             more memory per chunk) or "auto" (compiled for blocks large enough to repay the
             one-off compilation; eager if compilation is unavailable).
         progress: show a progress bar over blocks (default: inputs of ≥ 512 tokens, in a terminal or notebook).
+        allow_shifted_source: encoder-decoders: accept a decoder input equal to the source shifted
+            right (a real identity translation). Without it such a cache is refused with
+            MissingTargetError (TransformerLens feeds exactly that when `decoder_input` is
+            forgotten) unless `decoder_tokens` are given as ids equal to the decoder input.
 
     Returns:
         Decoder-only and encoder models: an AltiResult with `layers`, `rollout`
@@ -284,11 +334,12 @@ def attribute(
         `total`, `source_contribution`).
     """
     if measure not in MEASURES:
-        raise ValueError(f"unknown measure {measure!r}; expected one of {', '.join(MEASURES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        raise InvalidArgumentError("measure", measure, f"one of {', '.join(MEASURES)} (unknown measure {measure!r})")
+    check_choice("backend", backend, BACKENDS)
+    check_choice("dtype", dtype, (torch.float32, torch.float64))
+    max_chunk_bytes = check_size("max_chunk_bytes", max_chunk_bytes, minimum=1)
+    for flag, value in (("heads", heads), ("check", check), ("allow_shifted_source", allow_shifted_source)):
+        check_type(flag, value, bool, "True or False")
     cache, model = cache_and_model(cache)
     layout = model_layout(model, parallel_mlp)
     check_hooks(cache, layout)
@@ -309,22 +360,27 @@ def attribute(
         "backend": backend,
     }
     n_blocks = sum(len(r) for r in layout.blocks.values())
+    _check_memory(cache, layout, model, heads, max_chunk_bytes, dtype)
 
     if layout.family != "encoder_decoder":
         if decoder_attention_mask is not None:
-            raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
+            raise InvalidArgumentError(
+                "decoder_attention_mask", "a mask", f"None (only encoder-decoders take it, not {layout.architecture})"
+            )
         readers = layout.blocks["self"]
         first = cache[readers[0].hooks[0]].shape  # [b, h, q, k] pattern, or [b, pos, d] for a mixer layer
         batch, pos = first[0], (first[-1] if len(first) == 4 else first[1])
         valid = _prepare_mask(attention_mask, batch, pos, cache[readers[0].hooks[0]].device, "attention_mask")
         bar = _progress(progress, pos, n_blocks)
         try:
-            out = _run_blocks(readers, cache, valid, valid, progress=bar, **opts)
+            causal = layout.family == "decoder"
+            out = _run_blocks(readers, cache, valid, valid, progress=bar, causal=causal, **opts)
         finally:
             bar.close()
-        return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch))
+        return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch, pos))
 
-    _check_decoder_input(cache)
+    if not allow_shifted_source:
+        _check_decoder_input(cache, decoder_tokens)
     enc, dec, crs = layout.blocks["encoder"], layout.blocks["decoder_self"], layout.blocks["cross"]
     batch, _, _, src_len = cache[enc[0].hooks[0]].shape
     tgt_len = cache[dec[0].hooks[0]].shape[-1]
@@ -333,12 +389,14 @@ def attribute(
     tgt_valid = _prepare_mask(decoder_attention_mask, batch, tgt_len, device, "decoder_attention_mask")
     bar = _progress(progress, max(src_len, tgt_len), n_blocks)
     try:
-        enc_out = _run_blocks(enc, cache, src_valid, src_valid, progress=bar, **opts)
-        self_out = _run_blocks(dec, cache, tgt_valid, tgt_valid, progress=bar, **opts)
+        enc_out = _run_blocks(enc, cache, src_valid, src_valid, progress=bar, causal=False, **opts)
+        self_out = _run_blocks(
+            dec, cache, tgt_valid, tgt_valid, progress=bar, causal=True, mask_name="decoder_attention_mask", **opts
+        )
         cross_out = _run_blocks(crs, cache, tgt_valid, src_valid, progress=bar, **opts)
     finally:
         bar.close()
-    encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch))
+    encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch, src_len))
     total = encoder_decoder_rollout(encoder.rollout[:, -1], cross_out.layers, self_out.layers)
     return Seq2SeqAltiResult(
         encoder=encoder,
@@ -356,7 +414,7 @@ def attribute(
         cross_heads=cross_out.heads,
         cross_heads_residual=cross_out.heads_residual,
         source_str_tokens=encoder.str_tokens,
-        target_str_tokens=_str_tokens(model, decoder_tokens, batch),
+        target_str_tokens=_str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"),
     )
 
 
@@ -389,7 +447,7 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     cache, model = cache_and_model(cache)
     layout = model_layout(model)
     if layout.family == "encoder_decoder":
-        raise ValueError("attention_rollout is for decoder-only and encoder models")
+        raise InvalidArgumentError("cache", "an encoder-decoder cache", "a decoder-only or encoder model's cache")
     names = [r.hooks[0] for r in layout.blocks["self"]]
     not_attention = [r.name for r in layout.blocks["self"] if not r.hooks[0].endswith("hook_pattern")]
     if not_attention:  # linear-recurrent mixers (reading/mixers) have no attention pattern to roll out

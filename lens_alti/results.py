@@ -9,6 +9,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_alti.errors import InvalidArgumentError
+from lens_alti.validation import check_choice, check_index, check_position, check_size
+
 
 @dataclass
 class AltiResult:
@@ -65,14 +68,14 @@ class AltiResult:
         Uses the rollout after `layer` (default: the last) or, with `use_rollout=False`,
         that layer's own contributions. Negative positions count from the last real token.
         """
+        batch = check_index("batch", batch, self.layers.shape[0], what="batch items")
+        layer = check_index("layer", layer, self.n_layers, what="layers")
+        position = check_position("position", position, self.attention_mask[batch], where=f"batch item {batch}")
+        k = check_size("k", k)
         mat = (self.rollout if use_rollout else self.layers)[batch, layer]
-        if position < 0:
-            real = torch.nonzero(self.attention_mask[batch]).flatten()
-            if len(real) == 0:
-                raise ValueError(f"batch item {batch} has no real tokens")
-            position = int(real[position])
-        row = mat[position]
-        vals, idx = row.topk(min(k, row.numel()))
+        real = self.attention_mask[batch].bool().to(mat.device)
+        row = torch.where(real, mat[position], float("-inf"))  # padded sources are never listed
+        vals, idx = row.topk(min(k, int(real.sum())))
         return [(int(i), self._label(batch, int(i)), float(v)) for v, i in zip(vals, idx, strict=False)]
 
     def to_dataframe(self, which: str = "rollout") -> Any:
@@ -83,9 +86,10 @@ class AltiResult:
         """
         import pandas as pd
 
+        check_choice("which", which, ("layers", "rollout", "heads"))
         data = {"layers": self.layers, "rollout": self.rollout, "heads": self.heads}.get(which)
         if data is None:
-            raise ValueError(f"which must be 'layers', 'rollout' or 'heads' (with heads=True), got {which!r}")
+            raise InvalidArgumentError("which", which, "'layers' or 'rollout' ('heads' needs heads=True)")
         names = ["batch", "layer", "head", "query", "key"] if which == "heads" else ["batch", "layer", "query", "key"]
         idx = torch.nonzero(torch.ones_like(data, dtype=torch.bool))
         mask = self.attention_mask.bool()
@@ -159,9 +163,9 @@ class Seq2SeqAltiResult:
         """The `k` tokens contributing most to target `position` in the ALTI+ total:
         ("source" or "target", index, token, value)."""
         s = self.source_mask.shape[-1]
-        if position < 0:
-            real = torch.nonzero(self.target_mask[batch]).flatten()
-            position = int(real[position])
+        batch = check_index("batch", batch, self.total.shape[0], what="batch items")
+        position = check_position("position", position, self.target_mask[batch], where=f"target of batch item {batch}")
+        k = check_size("k", k)
         row = self.total[batch, -1, position]
         vals, idx = row.topk(min(k, row.numel()))
         out = []

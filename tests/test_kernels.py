@@ -71,5 +71,5 @@ def test_failed_compilation_falls_back_to_eager_with_same_numbers(llama_run, mon
 
 
 def test_bad_backend(llama_run):
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend='fast' is not valid: expected one of"):
         lens_alti.attribute(llama_run[0], backend="fast")
