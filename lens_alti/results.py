@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -47,6 +47,7 @@ class AltiResult:
     head_outputs_residual: Float[Tensor, "batch layer query"] | None = None
     str_tokens: list[list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    positions: Int[Tensor, "batch row"] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -144,6 +145,7 @@ class Seq2SeqAltiResult:
     cross_heads_residual: Float[Tensor, "batch layer tgt"] | None = None
     source_str_tokens: list[list[str]] | None = None
     target_str_tokens: list[list[str]] | None = None
+    positions: Int[Tensor, "batch row"] | None = None
 
     @property
     def source_contribution(self) -> Float[Tensor, "batch tgt"]:
