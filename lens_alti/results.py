@@ -32,6 +32,10 @@ class AltiResult:
         architecture: the model's architecture name; weight_processing: "raw" or how the
             weights were processed (numbers then differ from the unprocessed model).
         str_tokens: token strings per batch item, when `tokens` were given.
+        positions: `[batch, row]` the receiver positions of the rows of `layers`, `rollout`
+            and the per-head results when `attribute(..., positions=...)` restricted them
+            (their `query` dimension then has one row per position); None when every
+            position was computed.
     """
 
     layers: Float[Tensor, "batch layer query key"]
@@ -72,9 +76,21 @@ class AltiResult:
             if len(real) == 0:
                 raise ValueError(f"batch item {batch} has no real tokens")
             position = int(real[position])
-        row = mat[position]
+        row = mat[self.row_of(position, batch)]
         vals, idx = row.topk(min(k, row.numel()))
         return [(int(i), self._label(batch, int(i)), float(v)) for v, i in zip(vals, idx, strict=False)]
+
+    def row_of(self, position: int, batch: int = 0) -> int:
+        """Row of `layers`/`rollout`/`heads` holding receiver `position` (itself unless restricted)."""
+        if self.positions is None:
+            return position
+        hits = (self.positions[batch] == position).nonzero().flatten()
+        if len(hits) == 0:
+            raise ValueError(
+                f"position {position} was not computed for batch item {batch}: this result holds positions "
+                f"{self.positions[batch].tolist()} only (attribute(..., positions=...))"
+            )
+        return int(hits[0])
 
     def to_dataframe(self, which: str = "rollout") -> Any:
         """Long-format pandas DataFrame of `which` ("layers", "rollout" or "heads").
@@ -88,16 +104,24 @@ class AltiResult:
         if data is None:
             raise ValueError(f"which must be 'layers', 'rollout' or 'heads' (with heads=True), got {which!r}")
         names = ["batch", "layer", "head", "query", "key"] if which == "heads" else ["batch", "layer", "query", "key"]
-        idx = torch.nonzero(torch.ones_like(data, dtype=torch.bool))
-        mask = self.attention_mask.bool()
-        b, q, kk = idx[:, 0], idx[:, -2], idx[:, -1]
+        idx = torch.nonzero(torch.ones_like(data, dtype=torch.bool, device="cpu"))
+        mask = self.attention_mask.bool().cpu()
+        b, r, kk = idx[:, 0], idx[:, -2], idx[:, -1]
+        q = r if self.positions is None else self.positions.cpu()[b, r]
         keep = mask[b, q] & mask[b, kk]
-        idx = idx[keep]
-        frame = pd.DataFrame(idx.cpu().numpy(), columns=names)
-        frame["value"] = data[tuple(idx.T)].cpu().numpy()
+        values = data.detach().cpu().flatten()[keep]
+        idx, q = idx[keep], q[keep]
+        idx[:, -2] = q  # rows -> receiver positions
+        frame = pd.DataFrame(idx.numpy(), columns=names)
+        frame["value"] = values.numpy()
         if self.str_tokens is not None:
-            frame["query_token"] = [self._label(bi, qi) for bi, qi in zip(frame["batch"], frame["query"], strict=False)]
-            frame["key_token"] = [self._label(bi, ki) for bi, ki in zip(frame["batch"], frame["key"], strict=False)]
+            import numpy as np
+
+            # One label table [batch, pos] indexed by arrays: no Python loop per cell.
+            width = max(self.attention_mask.shape[-1], max(len(t) for t in self.str_tokens))
+            labels = np.array([[self._label(bi, p) for p in range(width)] for bi in range(len(self.str_tokens))])
+            frame["query_token"] = labels[frame["batch"].to_numpy(), frame["query"].to_numpy()]
+            frame["key_token"] = labels[frame["batch"].to_numpy(), frame["key"].to_numpy()]
         return frame
 
     def __repr__(self) -> str:
