@@ -11,10 +11,12 @@ from lens_alti.errors import (
     NonFiniteError,
     NotACacheError,
     ReconstructionError,
+    ResultFormatError,
     UnsupportedModelError,
     WeightProcessingWarning,
 )
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
+from lens_alti.saving import load
 
 __all__ = [
     "AltiResult",
@@ -23,11 +25,13 @@ __all__ = [
     "NonFiniteError",
     "NotACacheError",
     "ReconstructionError",
+    "ResultFormatError",
     "Seq2SeqAltiResult",
     "UnsupportedModelError",
     "WeightProcessingWarning",
     "attention_rollout",
     "attribute",
     "hook_names",
+    "load",
 ]
 __version__ = "0.1.0"

@@ -53,3 +53,7 @@ class NonFiniteError(LensAltiError, ValueError):
 
 class WeightProcessingWarning(UserWarning):
     """The model's weights were processed (folded/centred): numbers differ from the raw model."""
+
+
+class ResultFormatError(LensAltiError, ValueError):
+    """A saved result cannot be read: not a lens_alti file, or written by an incompatible version."""

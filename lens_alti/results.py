@@ -124,6 +124,12 @@ class AltiResult:
             frame["key_token"] = labels[frame["batch"].to_numpy(), frame["key"].to_numpy()]
         return frame
 
+    def save(self, path: Any) -> Any:
+        """Write this result to `path` (.safetensors + JSON metadata); read it back with `lens_alti.load`."""
+        from lens_alti.saving import save
+
+        return save(self, path)
+
     def __repr__(self) -> str:
         b, n_layers, q, k = self.layers.shape
         heads = "" if self.heads is None else f", heads={self.heads.shape[2]}"
@@ -197,6 +203,12 @@ class Seq2SeqAltiResult:
             label = toks[batch][j] if toks is not None else str(j)
             out.append((side, j, label, v))
         return out
+
+    def save(self, path: Any) -> Any:
+        """Write this result to `path` (.safetensors + JSON metadata); read it back with `lens_alti.load`."""
+        from lens_alti.saving import save
+
+        return save(self, path)
 
     def __repr__(self) -> str:
         b, n_layers, t, _ = self.decoder_self.shape
