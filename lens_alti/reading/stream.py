@@ -88,10 +88,16 @@ def forward_inputs(
     return kwargs
 
 
+class _AllBlocksRead(Exception):
+    """Raised from the last hook: the rest of the forward (final norm, logits) is not needed."""
+
+
 def stream_blocks(model: Any, layout: ModelLayout, inputs: dict[str, Any], on_block: OnBlock) -> None:
     """Run the forward pass once, handing every block of `layout` to `on_block(kind, layer, record)`.
 
-    Raises MissingHooksError listing the activations that never appeared.
+    The forward pass is stopped as soon as the last block has been handed over, so the
+    final norm and the logits (`[batch, pos, vocab]`, often the largest activation) are
+    never computed. Raises MissingHooksError listing the activations that never appeared.
     """
     readers = [(kind, layer, r) for kind, rs in layout.blocks.items() for layer, r in enumerate(rs)]
     users: dict[str, list[int]] = {}  # hook name -> readers that read it
@@ -101,6 +107,7 @@ def stream_blocks(model: Any, layout: ModelLayout, inputs: dict[str, Any], on_bl
     missing = [set(r.hooks) for _, _, r in readers]
     remaining = {h: len(ids) for h, ids in users.items()}
     store: dict[str, Tensor] = {}
+    left = [len(readers)]
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(activation: Any, hook: Any = None) -> None:
@@ -118,12 +125,18 @@ def stream_blocks(model: Any, layout: ModelLayout, inputs: dict[str, Any], on_bl
                     remaining[h] -= 1
                     if remaining[h] == 0:
                         store.pop(h, None)
+                left[0] -= 1
+            if left[0] == 0:
+                raise _AllBlocksRead
 
         return hook
 
     fwd_hooks = [(name, make_hook(name)) for name in users]
-    with torch.no_grad():
-        model.run_with_hooks(fwd_hooks=fwd_hooks, return_type=None, **inputs)
+    try:
+        with torch.no_grad():
+            model.run_with_hooks(fwd_hooks=fwd_hooks, return_type=None, **inputs)
+    except _AllBlocksRead:
+        pass
     never = sorted({h for m in missing for h in m})
     store.clear()
     if never:
