@@ -44,12 +44,12 @@ import lens_alti  # noqa: E402
 MB = 1e6
 
 
-def gpt2_small(device: torch.device) -> Any:
+def gpt2_small(device: torch.device, n_ctx: int) -> Any:
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
 
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=max(1024, n_ctx))).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=local_tokenizer(), device=device)
@@ -227,7 +227,7 @@ def main() -> None:
     out: dict[str, Any] = {"device": str(device), "load_start": _load()}
     torch.set_grad_enabled(False)
     if {"stream", "positions"} - set(args.skip):
-        bridge = gpt2_small(device)
+        bridge = gpt2_small(device, max(args.n, args.n_positions))
         _warm(bridge, device)
         if "stream" not in args.skip:
             r = out["stream"] = bench_stream(bridge, args.n, args, device)
