@@ -201,3 +201,19 @@ def test_cli_and_two_process_torchrun_equal_one_process(model_dir, tmp_path):
     assert manifest["world_size"] == 2 and manifest["attributed"] == 10
     a, b = read_table(tmp_path / "one"), read_table(tmp_path / "two")
     assert a.equals(b)
+
+
+def test_batch_whose_rows_all_fail_leaves_an_empty_shard(model, model_dir, tmp_path, monkeypatch):
+    data = _data(tmp_path, _texts(4))
+
+    def failing(model_, batch, opts, pad):
+        raise lens_alti.NonFiniteError("injected NaN")
+
+    monkeypatch.setattr(corpus, "_attribute", failing)
+    opts = RunOptions(model=str(model_dir), data=str(data), batch_size=2)
+    manifest = run_corpus(opts, tmp_path / "out", model=model, progress=False)
+    assert manifest["attributed"] == 0 and manifest["errors"] == 4 and len(manifest["shards"]) == 2
+    assert all(corpus.shard_corpus(tmp_path / "out" / s["file"])["rows"] == [] for s in manifest["shards"])
+    assert read_table(tmp_path / "out").empty
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert reasons == ["NonFiniteError: injected NaN"] * 4
