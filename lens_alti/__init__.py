@@ -20,10 +20,12 @@ from lens_alti.errors import (
     OutOfRangeError,
     PaddedPositionError,
     ReconstructionError,
+    ResultFormatError,
     UnsupportedModelError,
     WeightProcessingWarning,
 )
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
+from lens_alti.saving import load
 
 __all__ = [
     "AltiResult",
@@ -41,11 +43,13 @@ __all__ = [
     "OutOfRangeError",
     "PaddedPositionError",
     "ReconstructionError",
+    "ResultFormatError",
     "Seq2SeqAltiResult",
     "UnsupportedModelError",
     "WeightProcessingWarning",
     "attention_rollout",
     "attribute",
     "hook_names",
+    "load",
 ]
 __version__ = "0.1.0"

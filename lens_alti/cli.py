@@ -243,6 +243,41 @@ def demo(args: argparse.Namespace) -> None:
     print(f"(load {t1 - t0:.1f} s, forward + ALTI {t2 - t1:.1f} s, head ablation {t3 - t2:.1f} s)")
 
 
+def run(args: argparse.Namespace) -> None:
+    """`lens-alti run`: a whole corpus into shards (see lens_alti.corpus); resumable, torchrun-aware."""
+    from lens_alti.corpus import RunOptions, run_corpus
+
+    opts = RunOptions(
+        model=args.model, data=args.data, measure=args.measure, heads=args.heads, positions=args.positions,
+        batch_size=args.batch_size, max_length=args.max_length, text_field=args.text_field,
+    )
+    manifest = run_corpus(opts, args.out, device=args.device, progress=not args.no_progress)
+    if manifest is not None:
+        print(
+            f"{manifest['attributed']} of {manifest['rows']} rows attributed into {len(manifest['shards'])} shards "
+            f"in {args.out} ({manifest['errors']} recorded in errors.jsonl)"
+        )
+
+
+def _add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    r = sub.add_parser(
+        "run", parents=[common], help="attribute a whole corpus into shards (resumable; works under torchrun)"
+    )
+    r.add_argument("--model", required=True, help="'smollm2', 'minilm', a local Hugging Face folder or a hub name")
+    r.add_argument("--data", required=True, help="FILE.jsonl (a 'text' field), FILE.txt (one text per line) "
+                   "or a Hugging Face dataset folder (save_to_disk)")
+    r.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
+    r.add_argument("--measure", default="l1", choices=["l1", "l2", "koba", "attention"])
+    r.add_argument("--heads", action="store_true", help="also per-head contributions")
+    r.add_argument("--positions", default="last", choices=["last", "all"],
+                   help="receivers to keep: the last real token of each text (default) or all")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--max-length", type=int, default=512, help="longer texts are recorded in errors.jsonl")
+    r.add_argument("--text-field", default="text", help="the text column of .jsonl files and datasets")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    r.add_argument("--no-progress", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="lens-alti", description="ALTI contributions for TransformerLens models")
     common = argparse.ArgumentParser(add_help=False)
@@ -263,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--heads", action="store_true", help="also compute per-head contributions")
     e.add_argument("--target", help="encoder-decoders: the target prefix")
     e.add_argument("--out", help="write a self-contained HTML report here")
+    _add_run_parser(sub, common)
     try:
         args = parser.parse_args(argv)
         if args.command == "explain":
@@ -277,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        (demo if args.command == "demo" else explain)(args)
+        {"demo": demo, "explain": explain, "run": run}[args.command](args)
     except Exception as exc:  # every error: one line on stderr, exit code 2 (--debug: the traceback)
         if args.debug:
             traceback.print_exc()

@@ -137,3 +137,7 @@ class InterventionNotSupportedError(UnsupportedModelError):
 
 class InsufficientMemoryError(LensAltiError, MemoryError):
     """The estimated memory of a call exceeds what is available; the message says which knob to turn."""
+
+
+class ResultFormatError(LensAltiError, ValueError):
+    """A saved result cannot be read: not a lens_alti file, or written by an incompatible version."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_alti.errors import PatternNotDistributionError, ReconstructionError
@@ -39,6 +39,8 @@ class TransformedVectors:
     after W_O (and centring); `scale[b,q,d]` or None for 1; `residual[b,q,d]` the
     residual's transformed vector; `bias[b,q,d]` the part of y owned by no source;
     `resultant[b,q,d]` y_i = Σ_j T_i(x_j) + bias_i.
+    `receivers[b,q]`: the position of each receiver row, or None when row q is position q
+    (see `lens_alti.alti.receivers.select_receivers`).
     """
 
     name: str
@@ -53,6 +55,7 @@ class TransformedVectors:
     z: Float[Tensor, "b q h e"]
     W_O: Float[Tensor, "h e d"]
     centred: bool
+    receivers: Int[Tensor, "b q"] | None = None
 
     def head_outputs(self) -> Float[Tensor, "b h q d"]:
         """Each head's whole transformed output o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]."""
