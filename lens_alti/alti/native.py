@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,7 @@ _THREAD_MIN_WORK = 1 << 21
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
+_build_started: float | None = None  # time.monotonic() when the background build began
 
 
 def _cache_dir() -> pathlib.Path:
@@ -128,6 +130,48 @@ def library() -> ctypes.CDLL | None:
                     _failed = f"{type(exc).__name__}: {exc}"
                     _LOG.info("lens_alti native kernels unavailable (%s); using the torch kernels", _failed)
     return _lib
+
+
+def possible() -> bool:
+    """Whether the native kernels may be used here without building them: not disabled, not
+    failed, and a C compiler (or an already built library) exists."""
+    if _lib is not None:
+        return True
+    return _failed is None and not os.environ.get("LENS_ALTI_NO_NATIVE") and _compiler() is not None
+
+
+def loaded() -> bool:
+    """Whether the library is loaded in this process."""
+    return _lib is not None
+
+
+def ready_on_disk() -> bool:
+    """Whether the library for this source, compiler and CPU is already built in the cache."""
+    compiler = _compiler()
+    try:
+        return compiler is not None and library_path(compiler).is_file()
+    except OSError:
+        return False
+
+
+def remaining_build_s(expected_s: float) -> float:
+    """Seconds until the library can be used: 0 if loaded or built, else what is left of `expected_s`."""
+    if _lib is not None or ready_on_disk():
+        return 0.0
+    if _build_started is None:
+        return expected_s
+    return max(0.05, expected_s - (time.monotonic() - _build_started))
+
+
+def build_in_background() -> threading.Thread | None:
+    """Start building the library in a daemon thread when it is not built yet (once per machine)."""
+    global _build_started
+    if _lib is not None or _build_started is not None or not possible() or ready_on_disk():
+        return None
+    _build_started = time.monotonic()
+    thread = threading.Thread(target=library, name="lens_alti-native-build", daemon=True)
+    thread.start()
+    return thread
 
 
 def available() -> bool:
