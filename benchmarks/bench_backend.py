@@ -147,6 +147,8 @@ def steady(name: str, n: int, cache: Any, heads: bool, args: argparse.Namespace)
         best_b = min(times, key=times.__getitem__)
         rec["best"] = best_b
         rec["auto_ratio"] = rec["auto"]["s"] / times[best_b]
+        cpu = {b: min(cpus[b]) for b in todo if b != "auto"}
+        rec["auto_ratio_cpu"] = min(cpus["auto"]) / min(cpu.values())
     return rec
 
 
@@ -160,7 +162,8 @@ def print_steady(rec: dict[str, Any]) -> None:
     print(
         f"{rec['model']:<9} {rec['n']:>5} {'on' if rec['heads'] else 'off':>5} {rec['elements']:>9.2e} "
         + " ".join(cells)
-        + f"  {rec['auto_is']:>8} {rec.get('best', '-'):>8} {_f(ratio, '6.2f')}x {status}",
+        + f"  {rec['auto_is']:>8} {rec.get('best', '-'):>8} {_f(ratio, '6.2f')}x {status} "
+        + f"(CPU-s {_f(rec.get('auto_ratio_cpu'), '.2f')}x)",
         flush=True,
     )
 
@@ -286,11 +289,21 @@ def kernel_vs_roofline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reference_style(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from bench_alti import GPT2_SMALL, lens_heads, lens_tokens, make_layer, reference_style_heads, reference_style_tokens
+    from bench_alti import (
+        GPT2_SMALL,
+        lens_heads,
+        lens_tokens,
+        make_layer,
+        reference_style_heads,
+        reference_style_tokens,
+    )
 
     layer = make_layer(GPT2_SMALL, args.ref_n, torch.device("cpu"))
     out = []
-    for kind, lens_fn, ref_fn in (("heads", lens_heads, reference_style_heads), ("tokens", lens_tokens, reference_style_tokens)):
+    for kind, lens_fn, ref_fn in (
+        ("heads", lens_heads, reference_style_heads),
+        ("tokens", lens_tokens, reference_style_tokens),
+    ):
         lens_fn(layer, "auto")  # warm
         ref_t = min(timed(lambda f=ref_fn: f(layer))[0] for _ in range(2))
         lens_t = min(timed(lambda f=lens_fn: f(layer, "auto"))[0] for _ in range(3))
@@ -298,7 +311,8 @@ def reference_style(args: argparse.Namespace) -> list[dict[str, Any]]:
         out.append(rec)
         status = "PASS" if rec["ratio"] >= REF_TARGETS[kind] else "FAIL"
         print(
-            f"  GPT-2-small layer n={args.ref_n} {kind:<6}: reference-style {ref_t:.3f} s, lens_alti auto {lens_t:.4f} s "
+            f"  GPT-2-small layer n={args.ref_n} {kind:<6}: reference-style {ref_t:.3f} s, "
+            f"lens_alti auto {lens_t:.4f} s "
             f"= {rec['ratio']:.0f}x (target >= {REF_TARGETS[kind]:g}x) {status}",
             flush=True,
         )
@@ -311,7 +325,7 @@ def reference_style(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="n = 15, 113 and GPT-2 n = 128 only; fewer repeats")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per case (minimum kept)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds per case (minimum kept)")
     p.add_argument("--max-call-s", type=float, default=25.0, help="skip a backend estimated slower than this per call")
     p.add_argument("--max-case-s", type=float, default=60.0, help="stop repeating a case after this")
     p.add_argument("--kernel-repeats", type=int, default=15)
@@ -321,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write all results to this file")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.kernel_repeats = 2, 8
+        args.repeats, args.kernel_repeats = 1, 8
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     load0 = os.getloadavg()[0]
     t_start = time.perf_counter()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     print(
         f"lens_alti backend benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
         f"native kernels {'available' if native.available() else 'unavailable: ' + str(native.failure())}, "

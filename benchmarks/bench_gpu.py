@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "eager" and heads and n > 2048 and not args.tiny:
                     continue  # [h, rows, keys, d] temporaries: slow and memory-bound, not the GPU path
 
-                def run(b: str = backend, hd: bool = heads) -> Any:
+                def run(b: str = backend, hd: bool = heads, tv: Any = tv) -> Any:
                     return block_contributions(tv, "l1", heads=hd, backend=b)
 
                 t0 = time.perf_counter()

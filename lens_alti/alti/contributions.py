@@ -15,8 +15,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_alti.alti.decompose import TransformedVectors
 from lens_alti.alti.backend import BACKENDS, block_backend
+from lens_alti.alti.decompose import TransformedVectors
 from lens_alti.alti.kernels import compile_available, get_kernel
 
 MEASURES: tuple[str, ...] = ("l1", "l2", "koba", "attention")

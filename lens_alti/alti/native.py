@@ -80,6 +80,12 @@ def library_path(compiler: str) -> pathlib.Path:
 
 def _build(compiler: str, target: pathlib.Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob("*.tmp"):  # left by a process that exited mid-build
+        try:
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
+        except OSError:
+            pass
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
@@ -150,7 +156,7 @@ def ready_on_disk() -> bool:
     compiler = _compiler()
     try:
         return compiler is not None and library_path(compiler).is_file()
-    except OSError:
+    except (OSError, RuntimeError):  # unreadable cache, no home directory
         return False
 
 
@@ -166,11 +172,14 @@ def remaining_build_s(expected_s: float) -> float:
 def build_in_background() -> threading.Thread | None:
     """Start building the library in a daemon thread when it is not built yet (once per machine)."""
     global _build_started
-    if _lib is not None or _build_started is not None or not possible() or ready_on_disk():
+    try:
+        if _lib is not None or _build_started is not None or not possible() or ready_on_disk():
+            return None
+        _build_started = time.monotonic()
+        thread = threading.Thread(target=library, name="lens_alti-native-build", daemon=True)
+        thread.start()
+    except Exception:  # never fail an import over an optional speed-up  # pragma: no cover
         return None
-    _build_started = time.monotonic()
-    thread = threading.Thread(target=library, name="lens_alti-native-build", daemon=True)
-    thread.start()
     return thread
 
 
