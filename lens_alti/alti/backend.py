@@ -31,6 +31,15 @@ holds artefacts, else `COMPILE_COLD_S`. Auto picks:
    with compiled kernels reaches the compile cost (ski rental: a process that makes many
    small calls compiles once, and never loses more than the compile cost). "eager" when
    compilation is unavailable. The CUDA rates are estimates until measured on a GPU.
+
+Crossovers these constants give on the development machine (2 threads, no native kernels):
+
+    per head, compile cache cold (12 s):  W ≈ 3.7e9  (SmolLM2-135M, 30 layers: n ≈ 220)
+    per head, compile cache warm (4.5 s): W ≈ 1.4e9  (SmolLM2: n ≈ 130)
+    per head, compiled in this process:   always compiled
+    tokens only, cache cold / warm:       W ≈ 5.4e10 / 2.0e10 (SmolLM2: n ≈ 830 / 510)
+
+With the native kernels (the default on CPU wherever a C compiler exists) none of these apply.
 """
 
 from __future__ import annotations
@@ -46,15 +55,17 @@ from lens_alti.alti import kernels, native
 
 BACKENDS: tuple[str, ...] = ("auto", "native", "compiled", "eager")
 
-# Elements (h·pairs·d) per CPU-second, fp32, measured with benchmarks/bench_backend.py on 2 busy
-# AVX-512 cores (see benchmarks/README.md); keys (backend, heads wanted).
+# Elements (h·pairs·d) per CPU-second, fp32, on the development machine (2 AVX-512 cores);
+# keys (backend, heads wanted). native: the kernel alone, thread CPU time (1.0-1.2e10 heads,
+# 1.3-1.6e10 tokens); compiled and eager: whole SmolLM2 calls at n = 113 in a warm process
+# (issue 14's table: heads 0.25 s / 3.5 s, tokens 0.19 s / 0.39 s for 1.0e9 elements, 2 threads).
 CPU_RATES: dict[tuple[str, bool], float] = {
     ("native", True): 1.0e10,
     ("native", False): 1.3e10,
     ("compiled", True): 6.0e9,
     ("compiled", False): 7.0e9,
-    ("eager", True): 4.0e8,
-    ("eager", False): 2.5e9,
+    ("eager", True): 1.5e8,
+    ("eager", False): 1.7e9,
 }
 # Per layer and batch item: python, decomposition and normalisation around the kernels (CPU seconds).
 CPU_OVERHEAD_S = {"native": 2e-3, "compiled": 4e-3, "eager": 2e-3}
