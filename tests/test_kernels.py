@@ -264,3 +264,30 @@ def test_auto_resolved_once_per_call(llama_run, monkeypatch):
     assert len(seen) == 1  # the whole call, not once per block
     assert seen[0].elements == 2 * 2 * 4 * (11 * 12 // 2) * 64  # batch x layers x heads x causal pairs x d
     torch.testing.assert_close(res.heads.double(), ref["heads"], atol=1e-5, rtol=0)
+
+
+def test_compile_cache_is_persistent_under_lens_alti_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    assert kernels.compile_cache_dir() == str(tmp_path / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert kernels.compile_cache_dir() == str(tmp_path / "mine")  # the user's choice wins
+
+
+def test_compiled_kernel_marks_dtype_warm():
+    if not kernels.compile_available():
+        pytest.skip("torch.compile unavailable")
+    fn = kernels.get_kernel("l1+heads", "compiled")
+    g = torch.Generator().manual_seed(0)
+    fn(*(torch.rand(s, generator=g) for s in [(3, 16), (3, 16), (2, 3, 5), (2, 5, 16)]))
+    if kernels.compile_available():
+        assert kernels.is_warm("l1+heads", torch.float32, "cpu")
+
+
+def test_native_backend_passes_unsupported_tensors_to_eager():
+    y, s, a, vo = (t.half() for t in _tile(3, 4, 5, 8))
+    assert not native.supports(y, s, a, vo)
+    got = kernels.get_kernel("l1+heads", "native")(y.float(), s.float(), a.float(), vo.float())
+    want = kernels.get_kernel("l1+heads", "native")(y, s, a, vo)  # half: eager kernels, half precision
+    assert want[0].dtype == torch.float16
+    torch.testing.assert_close(want[0].float(), got[0], rtol=1e-2, atol=1e-2)
