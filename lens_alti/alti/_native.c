@@ -256,13 +256,14 @@ static void SUF(rows)(const void *job_, int64_t r0, int64_t r1, int64_t k0, int6
             }
         }
         if (!any) continue;
-        for (int64_t r = 0; r < nr; r++) {
-            if (!active[r]) continue;
-            const REAL *y = jb->y + (r0 + r) * jb->sy;
-            const REAL *s = scaled[r] ? jb->s + (r0 + r) * jb->ss : NULL;
-            REAL w[GROUP], out[GROUP];
-            for (int64_t g0 = 0; g0 < H; g0 += GROUP) {
-                int n = H - g0 < GROUP ? (int)(H - g0) : GROUP;
+        /* head groups outside receivers: a group's vo rows (GROUP · d values) stay in L1 for the block */
+        for (int64_t g0 = 0; g0 < H; g0 += GROUP) {
+            const int n = H - g0 < GROUP ? (int)(H - g0) : GROUP;
+            for (int64_t r = 0; r < nr; r++) {
+                if (!active[r]) continue;
+                const REAL *y = jb->y + (r0 + r) * jb->sy;
+                const REAL *s = scaled[r] ? jb->s + (r0 + r) * jb->ss : NULL;
+                REAL w[GROUP], out[GROUP];
                 for (int hh = 0; hh < n; hh++) w[hh] = jb->a[(g0 + hh) * jb->sah + (r0 + r) * jb->sac + j];
                 SUF(groups)[n](y, s, jb->vo + g0 * jb->svh + j * jb->svk, jb->svh, w, tot + r * D, g0 == 0,
                                mode == 0 ? out : NULL, D);
