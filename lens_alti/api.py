@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lens_alti.alti.backend import resolve as resolve_backend
 from lens_alti.alti.collect import LayerCollector, StackResults
 from lens_alti.alti.contributions import BACKENDS, DEFAULT_CHUNK_BYTES, MEASURES
 from lens_alti.alti.decompose import (
@@ -419,9 +420,9 @@ def attribute(
             or "residual" (the MLP output, a function of x_i alone, joins x_i's own term).
         dtype: computation dtype (fp16/bf16 caches are always computed in at least fp32).
         max_chunk_bytes: memory budget for one chunk of receivers' intermediates.
-        backend: "compiled" (torch.compile'd fused kernels), "eager" (same numbers, slower,
-            more memory per chunk) or "auto" (compiled for blocks large enough to repay the
-            one-off compilation; eager if compilation is unavailable).
+        backend: "native" (C kernels, CPU), "compiled" (torch.compile'd fused kernels), "eager"
+            (same numbers, slower, more memory per chunk) or "auto" (chosen once per call from
+            the whole call's work and start-up costs: `lens_alti.alti.backend`).
         progress: show a progress bar over blocks (default: inputs of ≥ 512 tokens, in a terminal or notebook).
         positions: receivers of interest ("last", ints, `[batch, r]` ints or a `[batch, pos]`
             boolean mask; negative ints count back from each item's last real token). The
@@ -477,7 +478,9 @@ def attribute(
             WeightProcessingWarning,
             stacklevel=2,
         )
-    opts = {"measure": measure, "heads": heads, "max_chunk_bytes": max_chunk_bytes, "backend": backend}
+    # The backend is chosen once for the whole call (alti/backend.py); streaming decides per block.
+    chosen = resolve_backend(backend, None if streaming else cache, layout, heads=heads, dtype=dtype)
+    opts = {"measure": measure, "heads": heads, "max_chunk_bytes": max_chunk_bytes, "backend": chosen}
     run = {"dtype": dtype, "check": check}
     n_blocks = sum(len(r) for r in layout.blocks.values())
 

@@ -15,11 +15,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_alti.alti.backend import BACKENDS, block_backend
 from lens_alti.alti.decompose import TransformedVectors
-from lens_alti.alti.kernels import AUTO_COMPILE_MIN_WORK, compile_available, get_kernel
+from lens_alti.alti.kernels import compile_available, get_kernel
 
 MEASURES: tuple[str, ...] = ("l1", "l2", "koba", "attention")
-BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Receivers x sources per kernel call: sized for the CPU caches; larger buys nothing.
 _ROWS, _KEYS = 64, 512
@@ -41,12 +41,12 @@ class BlockContributions:
     heads_residual: Float[Tensor, "b q"] | None = None
 
 
-def use_compiled(backend: str, tv: TransformedVectors) -> bool:
+def use_compiled(backend: str, tv: TransformedVectors, heads: bool = False) -> str:
+    """The kernels this block runs: "native", "compiled" or "eager" (`lens_alti.alti.backend`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "eager" or not compile_available():
-        return False
-    return backend == "compiled" or tv.weights[0].numel() * tv.vo.shape[-1] >= AUTO_COMPILE_MIN_WORK
+    choice = block_backend(backend, tv, heads)
+    return "eager" if choice == "compiled" and not compile_available() else choice
 
 
 def _tiles(
@@ -103,12 +103,13 @@ def block_contributions(
         raise ValueError(f"unknown measure {measure!r}; expected one of {', '.join(MEASURES)}")
     A, vo, y = tv.weights, tv.vo, tv.resultant
     b, h, q, k = A.shape
-    compiled = use_compiled(backend, tv)
+    choice = use_compiled(backend, tv, heads)
+    compiled = choice == "compiled"
     tokens = A.new_zeros(b, q, tv.n_sources)
     head_scores = A.new_zeros(b, h, q, k) if heads else None
     y_l1 = y.abs().sum(-1)
-    token_kernel = None if measure == "attention" else get_kernel(measure, compiled)
-    both_kernel = get_kernel("l1+heads", compiled) if heads else None
+    token_kernel = None if measure == "attention" else get_kernel(measure, choice)
+    both_kernel = get_kernel("l1+heads", choice) if heads else None
     if measure == "attention":
         tokens[..., :k] = A.mean(dim=1)
 
@@ -119,7 +120,7 @@ def block_contributions(
     rows_at = None if tv.receivers is None else tv.receivers.tolist()
     for bi in range(b):
         row_pos = None if rows_at is None else rows_at[bi]
-        for k0, k1, chunks in _tiles(tv, compiled, heads, max_chunk_bytes, row_pos):
+        for k0, k1, chunks in _tiles(tv, choice != "eager", heads, max_chunk_bytes, row_pos):
             vo_tile = fresh(vo[bi, :, k0:k1])
             for i0, i1, end in chunks:
                 kk = min(k1, end) if tv.causal else k1  # causal: no source after the last receiver
