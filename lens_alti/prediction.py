@@ -46,9 +46,8 @@ def run_model(
     tokens: Any,
     attention_mask: Tensor | None,
     decoder_tokens: Any,
-    names: list[str] | None,
 ) -> Any:
-    """`model.run_with_cache` with the hooks lens_alti reads (a model was given instead of a cache)."""
+    """`model.run_with_cache` recording only the hooks lens_alti reads (a model was given instead of a cache)."""
     if tokens is None:
         raise LensAltiError(
             "given a model instead of a cache, pass the input as tokens=... (ids [batch, pos] or a text)"
@@ -57,14 +56,17 @@ def run_model(
         if not hasattr(model, "to_tokens"):
             raise LensAltiError("this model has no to_tokens: pass token ids [batch, pos] as tokens=...")
         tokens = model.to_tokens(tokens)
-    kwargs: dict[str, Any] = {}
+    layout = model_layout(model)
+    wanted = set(layout.hook_names()) | set(logit_layout(model, layout).hooks)
+    wanted |= {"unembed.hook_in", "unembed.hook_out", "ln_final.hook_out", "decoder_ln_final.hook_out"}
+    wanted |= {"embed.hook_in", "decoder_embed.hook_in"}  # attribute's check of the decoder input
+    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if decoder_tokens is not None:
         kwargs["decoder_input"] = decoder_tokens
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, **kwargs)
-    del names
     return cache, tokens
 
 
@@ -200,7 +202,7 @@ def logit_attribution(
     if _is_cache(cache_or_model):
         cache = cache_or_model
     else:
-        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens, None)
+        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
     cache, model = cache_and_model(cache)
     layout = model_layout(model)
     llayout: LogitLayout = logit_layout(model, layout)
@@ -396,7 +398,7 @@ def routes(
     if _is_cache(cache_or_model):
         cache = cache_or_model
     else:
-        cache, tokens = run_model(cache_or_model, tokens, attention_mask, None, None)
+        cache, tokens = run_model(cache_or_model, tokens, attention_mask, None)
     cache, model = cache_and_model(cache)
     layout = model_layout(model)
     if layout.family != "decoder":
@@ -441,7 +443,7 @@ def routes(
         record = by_layer[layer]["self"].build(cache)
         block = replace(
             record,
-            pattern=record.pattern[item] * vk[:, None, None, :].to(record.pattern.dtype),
+            pattern=record.pattern[item] if bool(vk.all()) else record.pattern[item] * vk[:, None, None, :],
             values=record.values[item],
             residual=record.residual[item],
             target=record.target[item],

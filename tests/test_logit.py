@@ -137,6 +137,9 @@ def test_seq2seq_completeness(arch):
     _, cache = bridge.run_with_cache(src, decoder_input=tgt)
     res = lens_alti.logit_attribution(cache, 9, 10)
     torch.testing.assert_close(res.direct_total, res.logit, atol=1e-4 * float(res.logit.abs().max()), rtol=0)
+    if arch == "marian":  # given the model, it runs it with only the hooks it reads
+        direct = lens_alti.logit_attribution(bridge, 9, 10, tokens=src, decoder_tokens=tgt)
+        torch.testing.assert_close(direct.tokens, res.tokens)
     # tokens carry exactly the attention and embedding parts
     total = res.head_totals.sum((1, 2)) + res.cross_head_totals.sum((1, 2)) + res.embedding
     torch.testing.assert_close(res.tokens.sum(-1), total, atol=1e-5, rtol=1e-4)
