@@ -240,12 +240,13 @@ def logit_attribution(
     if b_U is not None:
         u_bias = b_U[tgt_ids.to(device)]
     real = readout.real_logits
-    logit = real[torch.arange(batch), rows, tgt_ids.to(device)].to(dtype)
+    items = torch.arange(batch, device=device)
+    logit = real[items, rows, tgt_ids.to(device)].to(dtype)
     if ctr_ids is not None:
         u = u - W_U[:, ctr_ids.to(device)].T
         if b_U is not None:
             u_bias = u_bias - b_U[ctr_ids.to(device)]
-        logit = logit - real[torch.arange(batch), rows, ctr_ids.to(device)].to(dtype)
+        logit = logit - real[items, rows, ctr_ids.to(device)].to(dtype)
     x_final = _gather_row(readout.final_residual, rows)
     _check_finite_rows("final residual stream", x_final)
     norm = readout.norm
@@ -334,7 +335,7 @@ def logit_attribution(
         )
         emb_col = rows
     tok = by.sum(1)
-    tok[torch.arange(batch), emb_col] += embedding
+    tok[items, emb_col] += embedding
     labels = _labels(model, tokens, batch)
     if seq2seq and labels is not None:
         dec = _labels(model, decoder_tokens, batch)
