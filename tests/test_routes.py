@@ -170,3 +170,32 @@ def test_routes_errors(gpt2_run):
     _, c2 = s2s.run_with_cache(tokens[:, :4], decoder_input=tokens[:, :3])
     with pytest.raises(UnsupportedModelError, match="decoder-only"):
         lens_alti.routes(c2)
+
+
+def test_padded_item_equals_running_alone():
+    from tests.models import build_bridge
+
+    _, bridge = build_bridge("llama", n_layers=2, seed=1)
+    ids = torch.full((2, 9), 3)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for b, n in enumerate([9, 6]):  # left padding
+        ids[b, 9 - n :] = torch.randint(4, VOCAB, (n,), generator=torch.Generator().manual_seed(30 + b))
+        mask[b, 9 - n :] = 1
+    _, cache = bridge.run_with_cache(ids, attention_mask=mask)
+    padded = lens_alti.routes(cache, threshold=0.01, batch=1, attention_mask=mask, target=11)
+    _, alone_cache = bridge.run_with_cache(ids[1:, 3:])
+    alone = lens_alti.routes(alone_cache, threshold=0.01, target=11)
+    assert padded.position == 8 and alone.position == 5
+    shift = lambda e: {(r.layer, r.kind, str(r.head), r.source - 3, r.receiver - 3) for r in e.itertuples()}  # noqa: E731
+    same = {(r.layer, r.kind, str(r.head), r.source, r.receiver) for r in alone.edges.itertuples()}
+    assert shift(padded.edges) == same
+    torch.testing.assert_close(padded.head_importance, alone.head_importance, atol=1e-5, rtol=1e-4)
+
+
+def test_logit_layers_limits_logit_weighting(gpt2_run):
+    _, _, cache = gpt2_run
+    target = int(cache["unembed.hook_out"][0, -1].argmax())
+    graph = lens_alti.routes(cache, threshold=0.01, target=target, logit_layers=1)
+    e = graph.edges
+    assert set(e[e.weighting == "logit"].layer) == {2}
+    assert set(e[e.layer < 2].weighting) <= {"proximity"}
