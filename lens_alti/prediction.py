@@ -381,6 +381,7 @@ def routes(
     batch: int = 0,
     attention_mask: Tensor | None = None,
     tokens: Any = None,
+    logit_mode: str = "direct",
     logit_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
@@ -394,6 +395,8 @@ def routes(
 
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if logit_mode not in ("direct", "column"):
+        raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     if contrast is not None and target is None:
         raise ValueError("contrast needs a target: routes weighted by the logit difference target − contrast")
     if _is_cache(cache_or_model):
@@ -460,7 +463,8 @@ def routes(
         layers.append(RouteLayer(block, mlp, parallel))
     show = progress if progress is not None else pos >= 512
     edges, head_imp, node_imp, computed = build_routes(
-        layers, n, threshold, direction=direction, logit_layers=logit_layers, dtype=dtype, progress=show
+        layers, n, threshold, direction=direction, logit_mode=logit_mode, logit_layers=logit_layers, dtype=dtype,
+        progress=show,
     )
     frame = pd.DataFrame([e.__dict__ for e in edges]) if edges else empty_edges()
     labels = _labels(model, tokens, n_batch)
@@ -473,7 +477,7 @@ def routes(
         threshold=threshold,
         n_layers=len(layers),
         computed_receivers=computed,
-        weighting="proximity" if direction is None else "logit",
+        weighting="proximity" if direction is None else f"logit ({logit_mode})",
         str_tokens=None if labels is None else labels[batch],
         target=None if target is None else int(token_ids(model, target, 1, "target")[0]),
         contrast=None if contrast is None else int(token_ids(model, contrast, 1, "contrast")[0]),
