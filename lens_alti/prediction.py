@@ -424,6 +424,12 @@ def routes(
     n = int(rows[batch])
     item = slice(batch, batch + 1)
 
+    def pick(which: Any) -> Any:  # one per batch item: the one of `batch`
+        if isinstance(which, (list, tuple, Tensor)) and not isinstance(which, str) and len(which) == n_batch > 1:
+            return which[batch]
+        return which
+
+    target, contrast = pick(target), pick(contrast)
     direction = None
     if target is not None:
         tgt = token_ids(model, target, 1, "target")

@@ -208,6 +208,8 @@ def test_direct_logit_weighting_is_alti_logit_shares(gpt2_run):
     la = lens_alti.logit_attribution(cache, t, c)
     graph = lens_alti.routes(cache, threshold=0.005, target=t, contrast=c)
     assert graph.weighting == "logit (direct)"
+    per_item = lens_alti.routes(cache, threshold=0.005, target=[t, 1], contrast=[c, 2])  # one per batch item
+    assert per_item.edges.equals(graph.edges)
     parts = torch.cat([la.heads[0].flatten(), la.mlp[0], la.embedding[:1]]).double().clamp(min=0)
     shares = parts / parts.sum()
     e = graph.edges
