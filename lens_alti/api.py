@@ -462,7 +462,7 @@ def routes(
         source, receiver, weight, ...), `.head_importance[layer, head]`, `.node_importance`,
         `.to_networkx()`, `.computed_receivers[layer]`.
     """
-    from lens_alti.prediction import routes as _impl
+    from lens_alti.prediction_routes import routes as _impl
 
     return _impl(
         cache_or_model, position, threshold=threshold, target=target, contrast=contrast, batch=batch,
