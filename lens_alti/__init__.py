@@ -4,9 +4,10 @@
     result = lens_alti.attribute(cache)          # result.layers, result.rollout
 """
 
-from lens_alti.api import attention_rollout, attribute, hook_names
+from lens_alti.api import attention_rollout, attribute, hook_names, logit_attribution, routes
 from lens_alti.errors import (
     ArgumentTypeError,
+    CompletenessError,
     ContextLengthError,
     InsufficientMemoryError,
     InterventionNotSupportedError,
@@ -25,16 +26,19 @@ from lens_alti.errors import (
     WeightProcessingWarning,
 )
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
+from lens_alti.results_logit import LogitAttribution, Routes
 from lens_alti.saving import load
 
 __all__ = [
     "AltiResult",
     "ArgumentTypeError",
+    "CompletenessError",
     "ContextLengthError",
     "InsufficientMemoryError",
     "InterventionNotSupportedError",
     "InvalidArgumentError",
     "LensAltiError",
+    "LogitAttribution",
     "MaskMismatchError",
     "MissingHooksError",
     "MissingTargetError",
@@ -44,6 +48,7 @@ __all__ = [
     "PaddedPositionError",
     "ReconstructionError",
     "ResultFormatError",
+    "Routes",
     "Seq2SeqAltiResult",
     "UnsupportedModelError",
     "WeightProcessingWarning",
@@ -51,5 +56,7 @@ __all__ = [
     "attribute",
     "hook_names",
     "load",
+    "logit_attribution",
+    "routes",
 ]
 __version__ = "0.1.0"
