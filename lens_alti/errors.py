@@ -53,3 +53,7 @@ class NonFiniteError(LensAltiError, ValueError):
 
 class WeightProcessingWarning(UserWarning):
     """The model's weights were processed (folded/centred): numbers differ from the raw model."""
+
+
+class InterventionError(LensAltiError, ValueError):
+    """An intervention study (patching, ablation, ranking comparison) got inputs that do not fit together."""
