@@ -4,8 +4,9 @@
     result = lens_alti.attribute(cache)          # result.layers, result.rollout
 """
 
-from lens_alti.api import attention_rollout, attribute, hook_names
+from lens_alti.api import attention_rollout, attribute, hook_names, logit_attribution, routes
 from lens_alti.errors import (
+    CompletenessError,
     LensAltiError,
     MissingHooksError,
     NonFiniteError,
@@ -15,9 +16,13 @@ from lens_alti.errors import (
     WeightProcessingWarning,
 )
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
+from lens_alti.results_logit import LogitAttribution, Routes
 
 __all__ = [
     "AltiResult",
+    "CompletenessError",
+    "LogitAttribution",
+    "Routes",
     "LensAltiError",
     "MissingHooksError",
     "NonFiniteError",
@@ -29,5 +34,7 @@ __all__ = [
     "attention_rollout",
     "attribute",
     "hook_names",
+    "logit_attribution",
+    "routes",
 ]
 __version__ = "0.1.0"

@@ -57,3 +57,17 @@ class WeightProcessingWarning(UserWarning):
 
 class InterventionError(LensAltiError, ValueError):
     """An intervention study (patching, ablation, ranking comparison) got inputs that do not fit together."""
+
+
+class CompletenessError(LensAltiError, ValueError):
+    """The direct parts of a logit attribution did not add up to the real logit (difference)."""
+
+    def __init__(self, gap: float, logit: float, scale: float, tolerance: float, batch: int, hint: str) -> None:
+        self.gap = gap
+        self.logit = logit
+        self.tolerance = tolerance
+        super().__init__(
+            f"logit attribution is not complete for batch item {batch}: the direct parts miss the real logit "
+            f"{logit:.6g} by {gap:.3g} ({abs(gap) / max(scale, 1e-30):.3g} of the largest part or logit, "
+            f"{scale:.3g}; tolerance {tolerance:.0e}). {hint}"
+        )

@@ -1,0 +1,173 @@
+"""ALTI-Logit (spec §7): a logit (difference) split exactly into direct parts, and mapped to input tokens.
+
+Everything here works on one explained position per batch item ("row" `N_b`) and on
+*directions*: with the final norm's scale fixed at its real value, the logit is an affine
+function of the residual stream at N, `logit = x·w + c`. Going down the stack, each step
+either adds to the stream (its parts are read as `part·w`) or, in post-norm models, is
+followed by a norm linearised at its real scale, which maps the direction below it to
+`centre(s ⊙ w)` (LayerNorm) or `s ⊙ w` (RMSNorm) and adds `β·w` to the bias terms.
+
+Model-agnostic: receives records (`AttentionBlock`, `DirectWrite`, `Readout` or plain tensors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lens_alti.alti.decompose import TransformedVectors, decompose
+
+if TYPE_CHECKING:  # records are the interface; alti never imports reading at run time
+    from lens_alti.reading.records import AttentionBlock, NormAfterAttention
+
+# Direct parts must sum to the real logit (difference) this well, relative (fp32 caches).
+COMPLETENESS_TOLERANCE = 1e-4
+
+
+def _rows(t: Tensor, rows: Int[Tensor, " b"], dim: int) -> Tensor:
+    """`t` restricted to index `rows[b]` along `dim` for each batch item (kept as size 1)."""
+    shape = list(t.shape)
+    shape[dim] = 1
+    index = rows.to(t.device).view(-1, *([1] * (t.dim() - 1))).expand(shape)
+    return t.gather(dim, index)
+
+
+def restrict_rows(block: AttentionBlock, rows: Int[Tensor, " b"]) -> AttentionBlock:
+    """The record with one receiver per batch item, `rows[b]` (pattern `[b, h, 1, k]`).
+
+    The sources (keys, values) are untouched; the residual, the target and the post-norm
+    scale are those of the receiver. Used for the explained position only.
+    """
+    from dataclasses import replace
+
+    norm = block.norm
+    if norm is not None:
+        norm = replace(norm, scale=_rows(norm.scale, rows, 1))
+    return replace(
+        block,
+        pattern=_rows(block.pattern, rows, 2),
+        residual=_rows(block.residual, rows, 1),
+        target=_rows(block.target, rows, 1),
+        residual_column="last",  # the receiver's own source is no longer "the diagonal"
+        norm=norm,
+    )
+
+
+def _pass_norm(norm: NormAfterAttention | None, w: Float[Tensor, "b d"]) -> tuple[Tensor, Tensor]:
+    """(direction below a post-norm of placement "block", its bias's logit update `[b]`).
+
+    `out = s ⊙ centre(z) + β` (LayerNorm) or `s ⊙ z + β` (RMSNorm) with `s = weight / scale_N`:
+    `out·w = z·centre(s ⊙ w) + β·w`.
+    """
+    if norm is None or norm.placement != "block":
+        return w, w.new_zeros(w.shape[0])
+    s = norm.weight.to(w.dtype) / norm.scale[:, 0, None].to(w.dtype)  # [b, d]
+    below = s * w
+    if norm.kind == "layernorm":
+        below = below - below.mean(-1, keepdim=True)
+    bias = (norm.bias.to(w.dtype) * w).sum(-1) if norm.bias is not None else w.new_zeros(w.shape[0])
+    return below, bias
+
+
+@dataclass(frozen=True)
+class AttentionUpdate:
+    """Logit updates of one attention block at the explained position.
+
+    `heads[b, h, k]` = `T^h_N(x_k)·w` (spec §7 Δ^l[h, k]); `bias[b]` = the block's terms owned by no
+    source (b_O, post-norm β) read through w; `below[b, d]` the direction at the block's input;
+    `tv` the decomposition restricted to the explained row and `row_block` that row's record
+    (so its reconstruction can be checked).
+    """
+
+    heads: Float[Tensor, "b h k"]
+    bias: Float[Tensor, " b"]
+    below: Float[Tensor, "b d"]
+    tv: TransformedVectors
+    row_block: AttentionBlock
+
+
+def attention_update(
+    block: AttentionBlock, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"], dtype: torch.dtype
+) -> AttentionUpdate:
+    """Δ^l[h, k] of one attention block for the direction `w` at its output (spec §7)."""
+    row_block = restrict_rows(block, rows)
+    tv = decompose(row_block, dtype=dtype)
+    w = w.to(dtype)
+    # s_N ⊙ A[h,N,k]·VO[h,k] read through w: A[h,N,k] · (VO[h,k] · (s_N ⊙ w)).
+    sw = w if tv.scale is None else tv.scale[:, 0] * w  # [b, d]
+    vo_w = torch.einsum("bhkd,bd->bhk", tv.vo, sw)
+    heads = tv.weights[:, :, 0, :] * vo_w
+    bias = (tv.bias[:, 0] * w).sum(-1)
+    below, _ = _pass_norm(row_block.norm, w)
+    return AttentionUpdate(heads=heads, bias=bias, below=below, tv=tv, row_block=row_block)
+
+
+def write_update(
+    output: Float[Tensor, "b d"], norm: NormAfterAttention | None, w: Float[Tensor, "b d"]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logit update `[b]`, bias update `[b]`, direction below `[b, d]`) of a direct write (an MLP).
+
+    `norm` is the post-norm after the write (placement "block", scale restricted to the row),
+    or None.
+    """
+    below, bias = _pass_norm(norm, w)
+    return (output.to(w.dtype) * below).sum(-1), bias, below
+
+
+def readout_direction(
+    x_final: Float[Tensor, "b d"],
+    kind: str,
+    gain: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    u: Float[Tensor, "b d"],
+    u_bias: Float[Tensor, " b"],
+) -> tuple[Float[Tensor, "b d"], Float[Tensor, " b"]]:
+    """(direction `w` at the final residual, readout bias `[b]`) for `logit = F(x)·u + u_bias`.
+
+    The final norm F is linearised at the real scale of `x_final` (biased variance or mean
+    square, eps inside the root): LayerNorm `w = centre(g ⊙ u) / σ_N`, RMSNorm `g ⊙ u / rms_N`,
+    no norm `u`. The readout bias is `β·u + u_bias` (u_bias: the unembedding bias difference).
+    """
+    x = x_final.to(u.dtype)
+    if kind == "none":
+        return u, u_bias
+    g = gain.to(u.dtype)
+    if kind == "layernorm":
+        xc = x - x.mean(-1, keepdim=True)
+        scale = (xc.square().mean(-1) + eps).sqrt()
+        w = g * u
+        w = (w - w.mean(-1, keepdim=True)) / scale[:, None]
+    else:
+        scale = (x.square().mean(-1) + eps).sqrt()
+        w = g * u / scale[:, None]
+    bias = u_bias if norm_bias is None else u_bias + (norm_bias.to(u.dtype) * u).sum(-1)
+    return w, bias
+
+
+def to_input_tokens(
+    heads: Float[Tensor, "b h k"], rollout_below: Float[Tensor, "b k s"] | None
+) -> Float[Tensor, "b s"]:
+    """ALTI-Logit^l = Δ^l @ R^(l−1) (spec §7): summed over heads, mapped through the rollout below.
+
+    `rollout_below` None: the sources are the input tokens themselves (layer 0).
+    """
+    delta = heads.sum(1)
+    if rollout_below is None:
+        return delta
+    return torch.einsum("bk,bks->bs", delta, rollout_below.to(delta.dtype))
+
+
+def completeness_gap(logit: Float[Tensor, " b"], parts: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(signed gap `logit − Σ parts` `[b]`, the scale it is judged against `[b]`).
+
+    `parts` are `[b, ...]` tensors of direct parts; the scale is max(|logit|, max |part|), so a
+    near-zero logit difference made of large cancelling parts is judged against the parts.
+    """
+    total = sum(p.reshape(p.shape[0], -1).sum(-1) for p in parts)
+    biggest = torch.stack([p.reshape(p.shape[0], -1).abs().amax(-1) for p in parts if p[0].numel()], -1).amax(-1)
+    return logit - total, torch.maximum(logit.abs(), biggest)

@@ -1,0 +1,243 @@
+"""Information-flow routes (Ferrando & Voita 2024; spec §8), built top-down over reached receivers only.
+
+For one batch item and one explained position N, the graph starts at the top node (L, N) and
+goes down one sublayer at a time. Each reached receiver's parts are scored like the per-head
+contributions of spec §3 (`max(0, ‖y‖₁ − ‖y − part‖₁)`, normalised over the receiver's parts),
+edges below the threshold are dropped, and only the sources of kept edges become receivers of
+the step below. Receivers that the graph never reaches are never computed.
+
+Model-agnostic: receives `AttentionBlock` records (batch size 1) and MLP outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_alti.alti.decompose import decompose
+from lens_alti.alti.kernels import get_kernel
+
+if TYPE_CHECKING:
+    from lens_alti.reading.records import AttentionBlock
+
+# Memory budget of one chunk of receivers' [head, receiver, source, d] temporaries.
+_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class RouteLayer:
+    """One layer for the routes: its attention record (batch size 1) and its MLP output.
+
+    `mlp[q, d]`: the MLP's write (sequential: `resid_post − resid_mid`; parallel: `hook_mlp_out`),
+    None for attention-only layers. `parallel`: attention and MLP both read the layer input
+    (no mid node); then the parts of `resid_post` are the residual, the heads and the MLP.
+    """
+
+    block: AttentionBlock
+    mlp: Float[Tensor, "q d"] | None
+    parallel: bool
+
+
+@dataclass
+class Edge:
+    layer: int
+    kind: str  # "head", "mlp", "residual"
+    head: int | str
+    source: int
+    receiver: int
+    weight: float
+    weighting: str
+    source_node: tuple
+    receiver_node: tuple
+
+
+def restrict_receivers(block: AttentionBlock, positions: Tensor) -> AttentionBlock:
+    """The record (batch size 1) with only the receivers `positions` (sources untouched)."""
+    norm = block.norm
+    if norm is not None:
+        norm = replace(norm, scale=norm.scale[:, positions])
+    return replace(
+        block,
+        pattern=block.pattern[:, :, positions],
+        residual=block.residual[:, positions],
+        target=block.target[:, positions],
+        residual_column="last",
+        norm=norm,
+    )
+
+
+def receiver_parts(
+    block: AttentionBlock,
+    positions: Tensor,
+    mlp: Tensor | None,
+    dtype: torch.dtype,
+    direction: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per-head and residual (and parallel MLP) shares of the receivers `positions` (spec §3, §8).
+
+    Returns `(heads[r, h, k], residual[r], mlp[r] or None, logit)`: shares normalised over the
+    receiver's parts (rows sum to 1, or 0 when every part scores 0). `mlp` given: a parallel
+    block, `y = x + attn + mlp`. With `direction[d]` also returns the parts' logit updates
+    `(heads[r, h, k], residual[r], mlp[r] or 0)` read through it, packed as one tensor
+    `[r, h*k + 2]` (heads flattened, residual, mlp).
+    """
+    sub = restrict_receivers(block, positions)
+    tv = decompose(sub, dtype=dtype)
+    A = tv.weights[0]  # [h, r, k]
+    vo = tv.vo[0]  # [h, k, d]
+    h, r, k = A.shape
+    kmax = int(positions.max()) + 1
+    if kmax < k and not bool(A[:, :, kmax:].any()):  # causal: no source after the last receiver
+        A, vo, k = A[:, :, :kmax], vo[:, :kmax], kmax
+    y = tv.resultant[0]
+    mlp_rows = None if mlp is None else mlp[positions].to(dtype)
+    if mlp_rows is not None:
+        y = y + mlp_rows
+    scale = tv.scale[0] if tv.scale is not None else torch.ones_like(y)
+    y_l1 = y.abs().sum(-1)
+    kernel = get_kernel("l1+heads", False)
+    d = y.shape[-1]
+    rows = max(1, _CHUNK_BYTES // max(1, h * k * d * y.element_size()))
+    heads = A.new_zeros(r, h, k)
+    for i0 in range(0, r, rows):
+        i1 = min(r, i0 + rows)
+        per_head, _ = kernel(y[i0:i1], scale[i0:i1], A[:, i0:i1], vo)
+        heads[i0:i1] = (y_l1[i0:i1, None, None] - per_head.transpose(0, 1)).clamp(min=0)
+    residual = (y_l1 - (y - tv.residual[0]).abs().sum(-1)).clamp(min=0)
+    mlp_score = None if mlp_rows is None else (y_l1 - (y - mlp_rows).abs().sum(-1)).clamp(min=0)
+    total = heads.sum((1, 2)) + residual + (0 if mlp_score is None else mlp_score)
+    safe = torch.where(total > 0, total, 1)
+
+    def norm(t: Tensor) -> Tensor:
+        shape = (-1, *([1] * (t.dim() - 1)))
+        return torch.where(total.view(shape) > 0, t / safe.view(shape), 0)
+    logit = None
+    if direction is not None:
+        w = direction.to(dtype)
+        sw = scale * w  # [r, d]
+        vo_w = torch.einsum("hkd,rd->rhk", vo, sw)
+        head_logit = A.transpose(0, 1) * vo_w  # [r, h, k]
+        res_logit = tv.residual[0] @ w
+        mlp_logit = torch.zeros_like(res_logit) if mlp_rows is None else mlp_rows @ w
+        logit = torch.cat([head_logit.reshape(r, -1), res_logit[:, None], mlp_logit[:, None]], dim=1)
+    return norm(heads), norm(residual), None if mlp_score is None else norm(mlp_score), logit
+
+
+def logit_shares(values: Tensor) -> Tensor:
+    """Logit weighting: each part's positive logit update over the sum of positive updates (rows)."""
+    pos = values.clamp(min=0)
+    total = pos.sum(-1, keepdim=True)
+    return torch.where(total > 0, pos / torch.where(total > 0, total, 1), 0)
+
+
+def build_routes(
+    layers: list[RouteLayer],
+    position: int,
+    threshold: float,
+    *,
+    direction: Tensor | None = None,
+    logit_layers: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> tuple[list[Edge], Tensor, dict[tuple, float], list[int]]:
+    """The routes graph from node (L, position) down to the embeddings (spec §8).
+
+    `direction[d]`: the logit direction at the residual stream of the explained position
+    (spec §7, the final norm linearised); with it the receivers at `position` in the top
+    `logit_layers` layers (all by default) weight their parts by logit update instead of
+    proximity. Returns (kept edges, head importance `[layer, head]`, node importance, number of
+    receivers computed per layer).
+    """
+    n_layers = len(layers)
+    n_heads = layers[0].block.pattern.shape[1]
+    head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    importance: dict[tuple, float] = {(n_layers, position): 1.0}
+    edges: list[Edge] = []
+    computed: list[int] = [0] * n_layers
+    logit_from = 0 if logit_layers is None else n_layers - logit_layers
+    reached = {position}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_layers, desc="lens_alti routes", unit="layer")
+
+    def keep(
+        layer: int, kind: str, head: int | str, src: int, rcv: int, weight: float, how: str, sn: tuple, rn: tuple
+    ) -> None:
+        edges.append(Edge(layer, kind, head, src, rcv, weight, how, sn, rn))
+        importance[sn] = importance.get(sn, 0.0) + importance[rn] * weight
+        if kind == "head":
+            head_importance[layer, int(head)] += importance[rn] * weight
+
+    for layer in range(n_layers - 1, -1, -1):
+        spec = layers[layer]
+        top = layer + 1
+        use_logit = direction is not None and layer >= logit_from
+        if not reached:
+            break
+        if spec.mlp is not None and not spec.parallel:
+            # MLP block: parts x^mid_i and mlp(x^mid_i), both lead to (top, i, "mid").
+            positions = torch.tensor(sorted(reached))
+            post = spec.block.target[0, positions].to(dtype) + spec.mlp[positions].to(dtype)
+            mid = spec.block.target[0, positions].to(dtype)
+            mlp_rows = spec.mlp[positions].to(dtype)
+            y_l1 = post.abs().sum(-1)
+            s_mid = (y_l1 - (post - mid).abs().sum(-1)).clamp(min=0)
+            s_mlp = (y_l1 - (post - mlp_rows).abs().sum(-1)).clamp(min=0)
+            shares = torch.stack([s_mid, s_mlp], -1)
+            total = shares.sum(-1, keepdim=True)
+            shares = torch.where(total > 0, shares / total.clamp(min=1e-30), 0)
+            next_reached = set()
+            for idx, i in enumerate(positions.tolist()):
+                how = "proximity"
+                row = shares[idx]
+                if use_logit and i == position:
+                    w = direction.to(dtype)
+                    row, how = logit_shares(torch.stack([mid[idx] @ w, mlp_rows[idx] @ w])), "logit"
+                rn, sn = (top, i), (top, i, "mid")
+                for kind, weight in (("residual", float(row[0])), ("mlp", float(row[1]))):
+                    if weight >= threshold:
+                        keep(layer, kind, kind, i, i, weight, how, sn, rn)
+                        next_reached.add(i)
+            reached = next_reached
+            receiver_node = lambda i, top=top: (top, i, "mid")  # noqa: E731
+        else:
+            receiver_node = lambda i, top=top: (top, i)  # noqa: E731
+        if not reached:
+            break
+        positions = torch.tensor(sorted(reached))
+        mlp = spec.mlp if spec.parallel else None
+        heads, residual, mlp_share, logit = receiver_parts(
+            spec.block, positions, mlp, dtype, direction if use_logit else None
+        )
+        computed[layer] = len(positions)
+        next_reached = set()
+        for idx, i in enumerate(positions.tolist()):
+            rn = receiver_node(i)
+            how = "proximity"
+            h_row, r_w, m_w = heads[idx], float(residual[idx]), None if mlp_share is None else float(mlp_share[idx])
+            if use_logit and i == position:
+                shares = logit_shares(logit[idx])
+                h_row = shares[:-2].view(heads.shape[1], heads.shape[2])
+                r_w, m_w = float(shares[-2]), (None if mlp_share is None else float(shares[-1]))
+                how = "logit"
+            if r_w >= threshold:
+                keep(layer, "residual", "residual", i, i, r_w, how, (layer, i), rn)
+                next_reached.add(i)
+            if m_w is not None and m_w >= threshold:
+                keep(layer, "mlp", "mlp", i, i, m_w, how, (layer, i), rn)
+                next_reached.add(i)
+            for h, j in (h_row >= threshold).nonzero().tolist():
+                keep(layer, "head", h, j, i, float(h_row[h, j]), how, (layer, j), rn)
+                next_reached.add(j)
+        reached = next_reached
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return edges, head_importance, importance, computed

@@ -1,0 +1,470 @@
+"""Orchestration of `logit_attribution` (spec §7) and `routes` (spec §8): cache or model in, result out.
+
+Reading (`lens_alti.reading`, `lens_alti.reading.unembed`) gives records; the mathematics is in
+`lens_alti.alti.logit` and `lens_alti.alti.routes`; this module checks arguments, picks the
+explained rows, runs the steps top-down and assembles the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lens_alti.alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction
+from lens_alti.alti.logit import (
+    COMPLETENESS_TOLERANCE,
+    _rows,
+    attention_update,
+    completeness_gap,
+    readout_direction,
+    to_input_tokens,
+    write_update,
+)
+from lens_alti.errors import CompletenessError, LensAltiError, MissingHooksError, NonFiniteError
+from lens_alti.reading import cache_and_model, model_layout
+from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.unembed import DirectWrite, LogitLayout, logit_layout
+from lens_alti.results_logit import LogitAttribution
+
+_HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_MASK_LEAK_TOLERANCE = 1e-6
+
+
+def _is_cache(obj: Any) -> bool:
+    try:
+        from transformer_lens import ActivationCache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, ActivationCache)
+
+
+def run_model(
+    model: Any,
+    tokens: Any,
+    attention_mask: Tensor | None,
+    decoder_tokens: Any,
+    names: list[str] | None,
+) -> Any:
+    """`model.run_with_cache` with the hooks lens_alti reads (a model was given instead of a cache)."""
+    if tokens is None:
+        raise LensAltiError(
+            "given a model instead of a cache, pass the input as tokens=... (ids [batch, pos] or a text)"
+        )
+    if isinstance(tokens, str):
+        if not hasattr(model, "to_tokens"):
+            raise LensAltiError("this model has no to_tokens: pass token ids [batch, pos] as tokens=...")
+        tokens = model.to_tokens(tokens)
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if decoder_tokens is not None:
+        kwargs["decoder_input"] = decoder_tokens
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, **kwargs)
+    del names
+    return cache, tokens
+
+
+def _valid(mask: Tensor | None, batch: int, pos: int, device: torch.device, what: str) -> Tensor:
+    if mask is None:
+        return torch.ones(batch, pos, dtype=torch.bool, device=device)
+    mask = torch.as_tensor(mask, device=device)
+    if mask.shape != (batch, pos):
+        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but the cache has [batch, pos] = [{batch}, {pos}]")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"{what} must hold only 0 (padding) and 1 (real token)")
+    return mask.bool()
+
+
+def explained_rows(position: Any, valid: Tensor) -> Tensor:
+    """One explained position per batch item: negative counts from the last real token."""
+    batch, pos = valid.shape
+    if isinstance(position, int):
+        position = [position] * batch
+    positions = torch.as_tensor(position).flatten().tolist()
+    if len(positions) != batch:
+        raise ValueError(f"position has {len(positions)} entries but the batch has {batch} items")
+    rows = []
+    for b, p in enumerate(positions):
+        real = torch.nonzero(valid[b]).flatten()
+        if len(real) == 0:
+            raise ValueError(f"batch item {b} has no real tokens")
+        if p < 0:
+            if -p > len(real):
+                raise ValueError(f"position {p} is out of range: batch item {b} has {len(real)} real tokens")
+            rows.append(int(real[p]))
+        else:
+            if p >= pos or not bool(valid[b, p]):
+                raise ValueError(f"position {p} is not a real token of batch item {b} (length {pos}, mask)")
+            rows.append(int(p))
+    return torch.tensor(rows, dtype=torch.long, device=valid.device)
+
+
+def token_ids(model: Any, which: Any, batch: int, what: str) -> Tensor:
+    """Token ids `[batch]` from an int, a per-item list/tensor, or token strings."""
+    if isinstance(which, (str, int)):
+        which = [which] * batch
+    if isinstance(which, Tensor):
+        which = which.flatten().tolist()
+    which = list(which)
+    if len(which) != batch:
+        raise ValueError(f"{what} has {len(which)} entries but the batch has {batch} items")
+    ids = []
+    vocab = int(model.W_U.shape[-1])
+    for item in which:
+        if isinstance(item, str):
+            tok = getattr(model, "tokenizer", None)
+            if tok is None:
+                raise LensAltiError(f"{what} {item!r} is a string but the model has no tokenizer: pass token ids")
+            enc = tok.encode(item, add_special_tokens=False)
+            if len(enc) != 1:
+                pieces = tok.convert_ids_to_tokens(enc)
+                raise LensAltiError(
+                    f"{what} {item!r} is {len(enc)} tokens ({pieces}), not one; pass a single token "
+                    "(e.g. with its leading space, ' Mary') or its id"
+                )
+            item = enc[0]
+        item = int(item)
+        if not 0 <= item < vocab:
+            raise ValueError(f"{what} id {item} is outside the vocabulary (0..{vocab - 1})")
+        ids.append(item)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _labels(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
+    if tokens is None or isinstance(tokens, str):
+        return None
+    if isinstance(tokens, Tensor):
+        rows = tokens if tokens.dim() == 2 else tokens[None]
+        tok = model.tokenizer
+        out = [list(tok.convert_ids_to_tokens(r.tolist())) for r in rows]
+    else:
+        out = [list(t) for t in tokens] if not isinstance(tokens[0], str) else [list(tokens)]
+    if len(out) != batch:
+        raise ValueError(f"tokens has {len(out)} rows but the cache has batch size {batch}")
+    return out
+
+
+def _row_block(block: AttentionBlock, rows: Tensor, valid_k: Tensor) -> AttentionBlock:
+    """Zero padded sources in the explained rows; refuse real attention to padding."""
+    if bool(valid_k.all()):
+        return block
+    pattern = block.pattern
+    row_pattern = _rows(pattern, rows, 2)
+    leak = (row_pattern * (~valid_k)[:, None, None, :]).amax() if row_pattern.numel() else 0
+    if float(leak) > _MASK_LEAK_TOLERANCE:
+        raise LensAltiError(
+            f"{block.name}: the explained position attends to positions that the mask marks as padding "
+            f"(attention up to {float(leak):.3g}); pass the attention_mask that run_with_cache was given"
+        )
+    return replace(block, pattern=pattern * valid_k[:, None, None, :].to(pattern.dtype))
+
+
+def _check_finite_rows(name: str, t: Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"{name}: the cache holds NaN or Inf at the explained position")
+
+
+def _gather_row(t: Tensor, rows: Tensor) -> Tensor:
+    return _rows(t, rows, 1)[:, 0]
+
+
+@torch.no_grad()
+def logit_attribution(
+    cache_or_model: Any,
+    target: Any,
+    contrast: Any = None,
+    *,
+    position: Any = -1,
+    heads: bool = True,
+    attention_mask: Tensor | None = None,
+    decoder_attention_mask: Tensor | None = None,
+    tokens: Any = None,
+    decoder_tokens: Any = None,
+    check: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> LogitAttribution:
+    """See `lens_alti.logit_attribution`."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if _is_cache(cache_or_model):
+        cache = cache_or_model
+    else:
+        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens, None)
+    cache, model = cache_and_model(cache)
+    layout = model_layout(model)
+    llayout: LogitLayout = logit_layout(model, layout)
+    have = set(cache.keys())
+    missing = [h for h in llayout.hooks if h not in have]
+    if missing:
+        raise MissingHooksError(
+            missing,
+            "logit_attribution reads these hooks (run_with_cache without names_filter records them all; eager "
+            "attention is needed for hook_pattern).",
+        )
+    seq2seq = llayout.family == "encoder_decoder"
+    x0 = cache[llayout.embedding_hook]
+    batch, pos = x0.shape[:2]
+    device = x0.device
+    if seq2seq:
+        src_len = cache[layout.blocks["encoder"][0].hooks[0]].shape[-1]
+        src_valid = _valid(attention_mask, batch, src_len, device, "attention_mask")
+        valid = _valid(decoder_attention_mask, batch, pos, device, "decoder_attention_mask")
+    else:
+        if decoder_attention_mask is not None:
+            raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
+        src_len = 0
+        src_valid = None
+        valid = _valid(attention_mask, batch, pos, device, "attention_mask")
+    rows = explained_rows(position, valid)
+    tgt_ids = token_ids(model, target, batch, "target")
+    ctr_ids = None if contrast is None else token_ids(model, contrast, batch, "contrast")
+
+    readout = llayout.readout(cache)
+    W_U = readout.W_U.to(device=device, dtype=dtype)
+    u = W_U[:, tgt_ids.to(device)].T
+    u_bias = torch.zeros(batch, dtype=dtype, device=device)
+    b_U = None if readout.b_U is None else readout.b_U.to(device=device, dtype=dtype)
+    if b_U is not None:
+        u_bias = b_U[tgt_ids.to(device)]
+    real = readout.real_logits
+    logit = real[torch.arange(batch), rows, tgt_ids.to(device)].to(dtype)
+    if ctr_ids is not None:
+        u = u - W_U[:, ctr_ids.to(device)].T
+        if b_U is not None:
+            u_bias = u_bias - b_U[ctr_ids.to(device)]
+        logit = logit - real[torch.arange(batch), rows, ctr_ids.to(device)].to(dtype)
+    x_final = _gather_row(readout.final_residual, rows)
+    _check_finite_rows("final residual stream", x_final)
+    norm = readout.norm
+    w, readout_bias = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u_bias)
+
+    n_layers = 1 + max(s.layer for s in llayout.steps)
+    self_heads: Tensor | None = None
+    cross_heads: Tensor | None = None
+    mlp = torch.zeros(batch, n_layers, dtype=dtype, device=device)
+    attn_bias = torch.zeros(batch, n_layers, dtype=dtype, device=device)
+    write_bias = torch.zeros(batch, dtype=dtype, device=device)
+    errors = []
+    for step in reversed(llayout.steps):
+        record = step.build(cache)
+        if isinstance(record, DirectWrite):
+            out = _gather_row(record.output, rows)
+            _check_finite_rows(record.name, out)
+            norm_rows = None if record.norm is None else replace(record.norm, scale=_rows(record.norm.scale, rows, 1))
+            value, bias, w = write_update(out, norm_rows, w)
+            mlp[:, step.layer] += value
+            write_bias += bias
+            continue
+        valid_k = src_valid if step.kind == "cross" else valid
+        block = _row_block(record, rows, valid_k)
+        upd = attention_update(block, rows, w, dtype)
+        if check:
+            tol = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
+            errors.append(check_reconstruction(upd.tv, upd.row_block, None, tol))
+        if step.kind == "cross":
+            if cross_heads is None:
+                cross_heads = upd.heads.new_zeros(batch, n_layers, *upd.heads.shape[1:])
+            cross_heads[:, step.layer] = upd.heads
+        else:
+            if self_heads is None:
+                self_heads = upd.heads.new_zeros(batch, n_layers, *upd.heads.shape[1:])
+            self_heads[:, step.layer] = upd.heads
+        attn_bias[:, step.layer] += upd.bias
+        w = upd.below
+    embedding = (_gather_row(x0, rows).to(dtype) * w).sum(-1)
+    bias = attn_bias.sum(1) + write_bias + readout_bias
+    head_totals = self_heads.sum(-1)
+    cross_totals = None if cross_heads is None else cross_heads.sum(-1)
+    parts = [embedding[:, None], head_totals, mlp, attn_bias, write_bias[:, None], readout_bias[:, None]]
+    if cross_totals is not None:
+        parts.append(cross_totals)
+    gap, scale = completeness_gap(logit, parts)
+    if check:
+        tol = _HALF_TOLERANCE.get(x0.dtype, COMPLETENESS_TOLERANCE)
+        bad = (gap.abs() > tol * scale).nonzero().flatten()
+        if len(bad):
+            b = int(bad[0])
+            raise CompletenessError(
+                float(gap[b]), float(logit[b]), float(scale[b]), tol, b,
+                "The final norm, the unembedding or a block of this model is not read the way it runs; "
+                "pass check=False only if you know why.",
+            )
+
+    # To input tokens (spec §7): Δ^l @ R^(l−1).
+    from lens_alti.api import attribute
+
+    if seq2seq:
+        res = attribute(
+            cache, attention_mask=src_valid.long(), decoder_attention_mask=valid.long(), check=check, dtype=dtype
+        )
+        r_enc = res.encoder.rollout[:, -1].to(dtype)
+        total = res.total.to(dtype)
+        eye = torch.eye(pos, dtype=dtype, device=device).expand(batch, pos, pos)
+        first = torch.cat([torch.zeros(batch, pos, src_len, dtype=dtype, device=device), eye], dim=-1)
+        by_layer = []
+        for layer in range(n_layers):
+            below = first if layer == 0 else total[:, layer - 1]
+            row = to_input_tokens(self_heads[:, layer], below)
+            row[:, :src_len] += to_input_tokens(cross_heads[:, layer], r_enc)
+            by_layer.append(row)
+        by = torch.stack(by_layer, 1)
+        emb_col = rows + src_len
+    else:
+        res = attribute(cache, attention_mask=valid.long(), check=check, dtype=dtype)
+        ro = res.rollout.to(dtype)
+        by = torch.stack(
+            [
+                to_input_tokens(self_heads[:, layer], None if layer == 0 else ro[:, layer - 1])
+                for layer in range(n_layers)
+            ],
+            1,
+        )
+        emb_col = rows
+    tok = by.sum(1)
+    tok[torch.arange(batch), emb_col] += embedding
+    labels = _labels(model, tokens, batch)
+    if seq2seq and labels is not None:
+        dec = _labels(model, decoder_tokens, batch)
+        labels = [s + t for s, t in zip(labels, dec, strict=True)] if dec is not None else None
+    tok_name = getattr(model, "tokenizer", None)
+    names = lambda ids: None if ids is None or tok_name is None else tok_name.convert_ids_to_tokens(ids.tolist())  # noqa: E731
+    return LogitAttribution(
+        by_layer=by,
+        tokens=tok,
+        heads=self_heads if heads else None,
+        head_totals=head_totals,
+        mlp=mlp,
+        attn_bias=attn_bias,
+        embedding=embedding,
+        bias=bias,
+        logit=logit,
+        completeness_gap=gap,
+        target=tgt_ids,
+        contrast=ctr_ids,
+        position=rows,
+        attention_mask=valid.long(),
+        architecture=layout.architecture,
+        weight_processing=layout.weight_processing,
+        softcap=readout.softcap,
+        n_source=src_len,
+        cross_heads=cross_heads if heads else None,
+        cross_head_totals=cross_totals,
+        str_tokens=labels,
+        target_str=names(tgt_ids),
+        contrast_str=names(ctr_ids),
+        extra={"reconstruction_error": errors, "source_mask": None if src_valid is None else src_valid.long()},
+    )
+
+
+@torch.no_grad()
+def routes(
+    cache_or_model: Any,
+    position: Any = -1,
+    *,
+    threshold: float = 0.04,
+    target: Any = None,
+    contrast: Any = None,
+    batch: int = 0,
+    attention_mask: Tensor | None = None,
+    tokens: Any = None,
+    logit_layers: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool | None = None,
+) -> Any:
+    """See `lens_alti.routes`."""
+    import pandas as pd
+
+    from lens_alti.alti.routes import RouteLayer, build_routes
+    from lens_alti.errors import UnsupportedModelError
+    from lens_alti.results_logit import Routes, empty_edges
+
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if contrast is not None and target is None:
+        raise ValueError("contrast needs a target: routes weighted by the logit difference target − contrast")
+    if _is_cache(cache_or_model):
+        cache = cache_or_model
+    else:
+        cache, tokens = run_model(cache_or_model, tokens, attention_mask, None, None)
+    cache, model = cache_and_model(cache)
+    layout = model_layout(model)
+    if layout.family != "decoder":
+        raise UnsupportedModelError(
+            f"{layout.architecture}: routes are implemented for decoder-only models; for encoders and "
+            "encoder-decoders use attribute(heads=True)"
+        )
+    llayout = logit_layout(model, layout)
+    have = set(cache.keys())
+    missing = [h for h in llayout.hooks if h not in have]
+    if missing:
+        raise MissingHooksError(missing, "routes reads these hooks (run_with_cache without names_filter records them).")
+    x0 = cache[llayout.embedding_hook]
+    n_batch, pos = x0.shape[:2]
+    if not 0 <= batch < n_batch:
+        raise ValueError(f"batch must be in 0..{n_batch - 1}, got {batch}")
+    valid = _valid(attention_mask, n_batch, pos, x0.device, "attention_mask")
+    rows = explained_rows(position, valid)
+    n = int(rows[batch])
+    item = slice(batch, batch + 1)
+
+    direction = None
+    if target is not None:
+        tgt = token_ids(model, target, 1, "target")
+        readout = llayout.readout(cache)
+        W_U = readout.W_U.to(dtype=dtype, device=x0.device)
+        u = W_U[:, tgt].T
+        if contrast is not None:
+            u = u - W_U[:, token_ids(model, contrast, 1, "contrast")].T
+        x_final = readout.final_residual[batch, n][None]
+        norm = readout.norm
+        w, _ = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u.new_zeros(1))
+        direction = w[0]
+
+    layers: list[RouteLayer] = []
+    steps = llayout.steps
+    by_layer: dict[int, dict[str, Any]] = {}
+    for step in steps:
+        by_layer.setdefault(step.layer, {})[step.kind] = step
+    vk = valid[item]
+    for layer in sorted(by_layer):
+        record = by_layer[layer]["self"].build(cache)
+        block = replace(
+            record,
+            pattern=record.pattern[item] * vk[:, None, None, :].to(record.pattern.dtype),
+            values=record.values[item],
+            residual=record.residual[item],
+            target=record.target[item],
+            norm=None if record.norm is None else replace(record.norm, scale=record.norm.scale[item]),
+        )
+        write = by_layer[layer].get("write")
+        mlp = None
+        parallel = False
+        if write is not None:
+            w_rec = write.build(cache)
+            mlp = w_rec.output[batch]
+            parallel = f"blocks.{layer}.hook_mlp_out" in write.hooks
+        layers.append(RouteLayer(block, mlp, parallel))
+    show = progress if progress is not None else pos >= 512
+    edges, head_imp, node_imp, computed = build_routes(
+        layers, n, threshold, direction=direction, logit_layers=logit_layers, dtype=dtype, progress=show
+    )
+    frame = pd.DataFrame([e.__dict__ for e in edges]) if edges else empty_edges()
+    labels = _labels(model, tokens, n_batch)
+    return Routes(
+        edges=frame,
+        head_importance=head_imp,
+        node_importance=node_imp,
+        position=n,
+        batch=batch,
+        threshold=threshold,
+        n_layers=len(layers),
+        computed_receivers=computed,
+        weighting="proximity" if direction is None else "logit",
+        str_tokens=None if labels is None else labels[batch],
+        target=None if target is None else int(token_ids(model, target, 1, "target")[0]),
+        contrast=None if contrast is None else int(token_ids(model, contrast, 1, "contrast")[0]),
+    )
