@@ -54,9 +54,9 @@ def role_shares(result: lens_alti.AltiResult, prompts) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in shares.items()}
 
 
-def reciprocal_ranks(attr, prompts, mask) -> dict[str, list[float]]:
+def reciprocal_ranks(attr, str_tokens, prompts, mask) -> dict[str, list[float]]:
     """The IO name's reciprocal rank among the real input tokens, with and without BOS competing."""
-    io = torch.tensor([name_positions(attr.str_tokens[b], p)["IO"] for b, p in enumerate(prompts)])
+    io = torch.tensor([name_positions(str_tokens[b], p)["IO"] for b, p in enumerate(prompts)])
     real = mask.bool()
     no_bos = real.clone()
     no_bos[torch.arange(len(prompts)), real.float().argmax(-1)] = False
@@ -124,7 +124,7 @@ def main() -> None:
         print(f"\n|patching| top-10 under {name}:")
         print(misses.to_string(index=False, float_format="{:.3f}".format))
 
-    rr = reciprocal_ranks(attr, prompts, mask)
+    rr = reciprocal_ranks(attr, result.str_tokens, prompts, mask)
     prefers = (diff > 0).tolist()
     out["mrr"] = {}
     print("\nIO name's reciprocal rank under contrastive ALTI-Logit (IO − S), mean (MRR) and share ranked first:")
