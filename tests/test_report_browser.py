@@ -42,12 +42,18 @@ def count(dom: str, cls: str) -> int:
     return len(re.findall(rf'class="{re.escape(cls)}"', dom))
 
 
+TOKENS = torch.randint(4, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
+
+
 @pytest.fixture(scope="module")
-def result():
+def cache():
     model = build_bridge("gpt2", seed=7)[1]
-    tokens = torch.randint(4, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
-    _, cache = model.run_with_cache(tokens)
-    return lens_alti.attribute(cache, heads=True, tokens=tokens)
+    return model.run_with_cache(TOKENS)[1]
+
+
+@pytest.fixture(scope="module")
+def result(cache):
+    return lens_alti.attribute(cache, heads=True, tokens=TOKENS)
 
 
 @needs_browser
@@ -79,3 +85,23 @@ def test_a_broken_figure_would_be_seen(tmp_path):
     out.write_text("<html><body><div class='plotly-graph-div' id='x'></div><script>Plotly.newPlot('x', [])</script>")
     dom = rendered_dom(out, tmp_path)
     assert count(dom, "main-svg") == 0
+
+
+@needs_browser
+def test_prediction_figures_draw(cache, tmp_path):
+    attr = lens_alti.logit_attribution(cache, 7, 9, tokens=TOKENS)
+    graph = lens_alti.routes(cache, -1, target=7, contrast=9, tokens=TOKENS, threshold=0.02)
+    assert len(graph.edges) > 0
+    figs = [
+        explain.logit_token_bar(attr),
+        explain.head_totals_heatmap(attr),
+        explain.routes_figure(graph),
+    ]
+    out = write_report(tmp_path / "prediction.html", "prediction", [("plots", figs)])
+    dom = rendered_dom(out, tmp_path)
+    assert count(dom, "plot-container plotly") == 3
+    assert count(dom, "trace bars") >= 1 and count(dom, "hm") == 1
+    assert count(dom, "slider-container") == 1, "the layer slider of the token bar"
+    assert len(re.findall(r'class="trace scatter ', dom)) >= 3, "routes: edges, edge midpoints and nodes"
+    # plotly draws each edge of the routes graph as its own line path.
+    assert count(dom, "js-line") == len(graph.edges)
