@@ -105,3 +105,33 @@ def test_prediction_figures_draw(cache, tmp_path):
     assert len(re.findall(r'class="trace scatter ', dom)) >= 3, "routes: edges, edge midpoints and nodes"
     # plotly draws each edge of the routes graph as its own line path.
     assert count(dom, "js-line") == len(graph.edges)
+
+
+@needs_browser
+def test_position_menu_and_layer_slider_work_in_the_browser(result, tmp_path):
+    """Pick position 1 in the menu, then layer 0 on the slider, by running the commands the
+    menu entry and the slider step hold (Plotly.update, what their clicks run): exactly that
+    bar chart shows, and the menu re-targeted the slider at position 1."""
+    fig = explain.rollout_position_picker(result)
+    out = write_report(tmp_path / "picker.html", "picker", [("plots", [fig])])
+    script = """<script>window.addEventListener('load', function () {
+      var gd = document.querySelector('.plotly-graph-div');
+      var button = gd.layout.updatemenus[0].buttons[1];
+      Plotly.update(gd, button.args[0], button.args[1]).then(function () {
+        var step = gd.layout.sliders[0].steps[0];
+        return Plotly.update(gd, step.args[0], step.args[1]);
+      }).then(function () {
+        var shown = [];
+        gd.data.forEach(function (t, i) { if (t.visible === true) shown.push(i); });
+        document.body.setAttribute('data-shown', shown.join(','));
+        document.body.setAttribute('data-title', gd.layout.title.text);
+      });
+    });</script>"""
+    out.write_text(out.read_text().replace("</body>", script + "</body>"))
+    dom = rendered_dom(out, tmp_path)
+    n_layers = result.n_layers
+    shown = re.search(r'data-shown="([\d,]*)"', dom)
+    assert shown, "the clicks did not run"
+    assert shown.group(1) == str(1 * n_layers + 0), "position 1 after layer 0 is the only bar chart shown"
+    assert "ALTI rollout of position 1:" in re.search(r'data-title="([^"]*)"', dom).group(1)
+    assert count(dom, "trace bars") == 1
