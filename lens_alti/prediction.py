@@ -119,7 +119,14 @@ def token_ids(model: Any, which: Any, batch: int, what: str) -> Tensor:
             tok = getattr(model, "tokenizer", None)
             if tok is None:
                 raise LensAltiError(f"{what} {item!r} is a string but the model has no tokenizer: pass token ids")
+            vocab_ids = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+            if item in vocab_ids:  # a token as the tokenizer spells it (e.g. "ĠMary")
+                ids.append(int(vocab_ids[item]))
+                continue
             enc = tok.encode(item, add_special_tokens=False)
+            bos = getattr(tok, "bos_token_id", None)
+            if len(enc) > 1 and bos is not None and enc[0] == bos and not item.startswith(str(tok.bos_token)):
+                enc = enc[1:]  # tokenizers that add BOS even when asked not to
             if len(enc) != 1:
                 pieces = tok.convert_ids_to_tokens(enc)
                 raise LensAltiError(
