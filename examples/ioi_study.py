@@ -28,11 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import lens_alti  # noqa: E402
-from lens_alti.analysis import ablation, compare  # noqa: E402
+from lens_alti.analysis import ablation, compare, patching  # noqa: E402
 from lens_alti.analysis.ioi import abc_corruption, ioi_prompts, left_padded, name_positions  # noqa: E402
-from lens_alti.analysis.study import head_ranking_study  # noqa: E402
 from lens_alti.models.pretrained import load_smollm2  # noqa: E402
 
 
@@ -66,12 +66,47 @@ def reciprocal_ranks(attr, str_tokens, prompts, mask) -> dict[str, list[float]]:
     }
 
 
+def _save(out: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def _table(rankings: dict, truths: dict, out: dict, path: str | None) -> None:
+    """Print and save the comparison of every ranking so far with every truth so far."""
+    if not truths:
+        return
+    table = compare.head_ranking_table(rankings, truths)
+    out["head_rankings"] = table.to_dict("records")
+    print("\nhead rankings vs interventions (|effect| on the logit difference, mean over prompts):")
+    print(table.to_string(index=False, float_format="{:.3f}".format))
+    out["misses"] = {}
+    for truth in truths:
+        for name in rankings:
+            out["misses"][f"{truth} by {name}"] = _misses(rankings[name], truths[truth], name, truth)
+    _save(out, path)
+
+
+def _misses(r: torch.Tensor, t: torch.Tensor, ranking: str, truth: str, k: int = 10) -> list[dict]:
+    n_heads = r.shape[1]
+    rank_of = torch.empty(r.numel(), dtype=torch.long)
+    rank_of[torch.sort(r.flatten(), descending=True, stable=True).indices] = torch.arange(1, r.numel() + 1)
+    top = torch.sort(t.flatten(), descending=True, stable=True).indices[:k]
+    return [
+        {"head": f"L{int(i) // n_heads}H{int(i) % n_heads}", truth: float(t.flatten()[i]), "rank": int(rank_of[i])}
+        for i in top
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="save the numbers here")
+    ap.add_argument("--json", help="save the numbers here (rewritten after every stage)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = load_smollm2()
     prompts = ioi_prompts(args.prompts, args.seed)
@@ -80,50 +115,32 @@ def main() -> None:
     assert torch.equal(mask, corrupted_mask), "every name is one token: the corrupted prompts align"
     correct = [model.to_single_token(p.correct) for p in prompts]
     wrong = [model.to_single_token(p.wrong) for p in prompts]
+    metric = ablation.logit_diff(correct, wrong)
+    seconds: dict[str, float] = {}
 
-    study = head_ranking_study(
-        model, tokens, correct, wrong, corrupted_tokens=corrupted, attention_mask=mask, progress=True
-    )
-    result, attr = study.result, study.attribution
+    # Stage 1: the attributions (ALTI, ALTI-Logit, attention baselines), MRR, rollout shares.
+    t = time.perf_counter()
     with torch.no_grad():
-        logits = model(tokens, attention_mask=mask)
-    diff = ablation.logit_diff(correct, wrong)(logits)
+        logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    result = lens_alti.attribute(cache, attention_mask=mask, tokens=tokens, heads=True)
+    attr = lens_alti.logit_attribution(cache, correct, wrong, attention_mask=mask, tokens=tokens)
+    diff = metric(logits)
     acc = float((logits[:, -1].argmax(-1) == torch.tensor(correct)).float().mean())
-    out = {
+    out: dict = {
         "prompts": len(prompts), "top1_accuracy": acc, "clean_logit_diff": float(diff.mean()),
         "prefers_io": int((diff > 0).sum()),
-        "corrupted_logit_diff": study.patching.corrupted_metric,
         "alti_logit_max_relative_gap": float((attr.completeness_gap.abs() / attr.logit.abs()).max()),
+        "seconds": seconds,
     }
     print(
         f"{len(prompts)} prompts; top-1 = IO name for {acc:.0%}; logit diff IO − S > 0 for {out['prefers_io']}; "
-        f"mean logit diff {out['clean_logit_diff']:.3f} (ABC-corrupted: {out['corrupted_logit_diff']:.3f})"
+        f"mean logit diff {out['clean_logit_diff']:.3f}; "
+        f"ALTI-Logit complete to {out['alti_logit_max_relative_gap']:.1e}"
     )
     out["rollout_shares"] = role_shares(result, prompts)
     print("\nALTI rollout of the last position, mean share per role:")
     for k, v in out["rollout_shares"].items():
         print(f"  {k:22s} {v:.3f}")
-
-    table = study.table
-    out["head_rankings"] = table.to_dict("records")
-    print("\nhead rankings vs interventions (|effect| on the logit difference, mean over prompts):")
-    with_fmt = table.copy()
-    print(with_fmt.to_string(index=False, float_format="{:.3f}".format))
-    everything = table[table.heads.str.startswith("all")]
-    out["misses"] = {}
-    for truth in study.truths:
-        sub = everything[everything.truth == truth]
-        best = sub.sort_values(["top10", "spearman"], ascending=False).iloc[0]
-        misses = study.misses(best.ranking, truth)
-        out["misses"][truth] = {"ranking": best.ranking, "table": misses.to_dict("records")}
-        print(f"\n{truth}: its top-10 heads, and where the best ranking by top-10 overlap ({best.ranking}) puts them:")
-        print(misses.to_string(index=False, float_format="{:.3f}".format))
-    for name in ("|ALTI-Logit head total|", "routes (logit)"):
-        misses = study.misses(name, "|patching|")
-        out["misses"][f"|patching| by {name}"] = misses.to_dict("records")
-        print(f"\n|patching| top-10 under {name}:")
-        print(misses.to_string(index=False, float_format="{:.3f}".format))
-
     rr = reciprocal_ranks(attr, result.str_tokens, prompts, mask)
     prefers = (diff > 0).tolist()
     out["mrr"] = {}
@@ -134,7 +151,40 @@ def main() -> None:
             mrr, first = sum(vals) / len(vals), sum(v == 1.0 for v in vals) / len(vals)
             out["mrr"][f"{cands}, {subset}"] = {"mrr": mrr, "first": first, "n": len(vals)}
             print(f"  among {cands:16s} over {subset:22s} (n={len(vals):2d}): MRR {mrr:.3f}, first in {first:.0%}")
+    out["top_tokens_prompt0"] = attr.top_tokens(6, batch=0)
+    rankings = {
+        "ALTI head share": result.head_outputs[:, :, :, -1].double().mean(0),
+        "|ALTI-Logit head total|": attr.head_totals.double().abs().mean(0),
+        **compare.attention_head_scores(cache, attention_mask=mask),
+    }
+    truths: dict = {}
+    seconds["attributions"] = time.perf_counter() - t
+    _save(out, args.json)
 
+    # Stage 2: activation patching (ABC corruption), the ground truth of the targets.
+    t = time.perf_counter()
+    patched = patching.head_patching(
+        model, tokens, corrupted, metric, attention_mask=mask, corrupted_mask=mask, progress=True
+    )
+    out["corrupted_logit_diff"] = patched.corrupted_metric
+    print(f"\nABC-corrupted mean logit diff {patched.corrupted_metric:.3f}")
+    truths["|patching|"] = patched.effects("abs_effect")
+    out["patching_top"] = patched.top(10).to_dict("records")
+    seconds["patching"] = time.perf_counter() - t
+    _table(rankings, truths, out, args.json)
+
+    # Stage 3: routes with logit weighting, one graph per prompt.
+    t = time.perf_counter()
+    graphs = [
+        lens_alti.routes(cache, -1, target=correct[i], contrast=wrong[i], batch=i, attention_mask=mask, tokens=tokens)
+        for i in tqdm(range(len(prompts)), desc="routes (logit)")
+    ]
+    rankings["routes (logit)"] = torch.stack([g.head_importance.double() for g in graphs]).mean(0)
+    seconds["routes (logit)"] = time.perf_counter() - t
+    _table(rankings, truths, out, args.json)
+
+    # Stage 4: token deletion.
+    t = time.perf_counter()
     single = [tokens[b, mask[b].bool()] for b in range(len(prompts))]
     rep = ablation.token_deletion(
         model, single, ks=(1, 2, 3, 4), targets=correct, contrasts=wrong,
@@ -143,11 +193,29 @@ def main() -> None:
     out["token_deletion_auc"] = rep.auc.to_dict("records")
     print("\ntoken deletion (probability of the IO name), AUC over k = 1..4:")
     print(rep.auc.to_string(index=False, float_format="{:.4f}".format))
-    out["seconds"] = time.perf_counter() - t0
-    print(f"\n({out['seconds']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    seconds["token deletion"] = time.perf_counter() - t
+    _save(out, args.json)
+
+    # Stages 5-7: zero and mean ablation, routes with proximity weighting.
+    for kind in ("zero", "mean"):
+        t = time.perf_counter()
+        table = ablation.head_ablation(
+            model, tokens, metric, attention_mask=mask, result=result, ablation=kind, progress=True
+        )
+        truths[f"|{kind} ablation|"] = compare.head_scores(table.table, "abs_effect")
+        seconds[f"{kind} ablation"] = time.perf_counter() - t
+        _table(rankings, truths, out, args.json)
+    t = time.perf_counter()
+    graphs = [
+        lens_alti.routes(cache, -1, batch=i, attention_mask=mask, tokens=tokens)
+        for i in tqdm(range(len(prompts)), desc="routes (proximity)")
+    ]
+    rankings["routes (proximity)"] = torch.stack([g.head_importance.double() for g in graphs]).mean(0)
+    seconds["routes (proximity)"] = time.perf_counter() - t
+    _table(rankings, truths, out, args.json)
+    out["total_seconds"] = time.perf_counter() - t0
+    print(f"\n({out['total_seconds']:.0f} s: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
+    _save(out, args.json)
 
 
 if __name__ == "__main__":
