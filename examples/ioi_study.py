@@ -104,10 +104,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="save the numbers here (rewritten after every stage)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    stages = ("patching", "routes", "deletion", "zero", "mean", "proximity")
+    ap.add_argument(
+        "--only", default=",".join(stages),
+        help=f"comma-separated stages to run after the attributions (default all: {','.join(stages)})",
+    )
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(stages):
+        ap.error(f"--only takes stages among {stages}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
     model = load_smollm2()
     prompts = ioi_prompts(args.prompts, args.seed)
     tokens, mask = left_padded(model, [p.text for p in prompts])
@@ -162,26 +169,35 @@ def main() -> None:
     _save(out, args.json)
 
     # Stage 2: activation patching (ABC corruption), the ground truth of the targets.
-    t = time.perf_counter()
-    patched = patching.head_patching(
-        model, tokens, corrupted, metric, attention_mask=mask, corrupted_mask=mask, progress=True
-    )
-    out["corrupted_logit_diff"] = patched.corrupted_metric
-    print(f"\nABC-corrupted mean logit diff {patched.corrupted_metric:.3f}")
-    truths["|patching|"] = patched.effects("abs_effect")
-    out["patching_top"] = patched.top(10).to_dict("records")
-    seconds["patching"] = time.perf_counter() - t
-    _table(rankings, truths, out, args.json)
+    if "patching" in only:
+        t = time.perf_counter()
+        patched = patching.head_patching(
+            model, tokens, corrupted, metric, attention_mask=mask, corrupted_mask=mask, progress=True
+        )
+        out["corrupted_logit_diff"] = patched.corrupted_metric
+        print(f"\nABC-corrupted mean logit diff {patched.corrupted_metric:.3f}")
+        truths["|patching|"] = patched.effects("abs_effect")
+        out["patching_top"] = patched.top(10).to_dict("records")
+        out["patching_effects"] = patched.effects("effect").tolist()
+        seconds["patching"] = time.perf_counter() - t
+        _table(rankings, truths, out, args.json)
 
     # Stage 3: routes with logit weighting, one graph per prompt.
-    t = time.perf_counter()
-    graphs = [
-        lens_alti.routes(cache, -1, target=correct[i], contrast=wrong[i], batch=i, attention_mask=mask, tokens=tokens)
-        for i in tqdm(range(len(prompts)), desc="routes (logit)")
-    ]
-    rankings["routes (logit)"] = torch.stack([g.head_importance.double() for g in graphs]).mean(0)
-    seconds["routes (logit)"] = time.perf_counter() - t
-    _table(rankings, truths, out, args.json)
+    if "routes" in only:
+        t = time.perf_counter()
+        graphs = [
+            lens_alti.routes(
+                cache, -1, target=correct[i], contrast=wrong[i], batch=i, attention_mask=mask, tokens=tokens
+            )
+            for i in tqdm(range(len(prompts)), desc="routes (logit)")
+        ]
+        rankings["routes (logit)"] = torch.stack([g.head_importance.double() for g in graphs]).mean(0)
+        seconds["routes (logit)"] = time.perf_counter() - t
+        _table(rankings, truths, out, args.json)
+    out["rankings"] = {k: v.tolist() for k, v in rankings.items()}
+    _save(out, args.json)
+    if "deletion" not in only:
+        return _interventions(model, tokens, mask, metric, result, cache, prompts, rankings, truths, out, args, only)
 
     # Stage 4: token deletion.
     t = time.perf_counter()
@@ -195,9 +211,13 @@ def main() -> None:
     print(rep.auc.to_string(index=False, float_format="{:.4f}".format))
     seconds["token deletion"] = time.perf_counter() - t
     _save(out, args.json)
+    _interventions(model, tokens, mask, metric, result, cache, prompts, rankings, truths, out, args, only)
 
-    # Stages 5-7: zero and mean ablation, routes with proximity weighting.
-    for kind in ("zero", "mean"):
+
+def _interventions(model, tokens, mask, metric, result, cache, prompts, rankings, truths, out, args, only) -> None:
+    """Stages 5-7: zero and mean ablation, routes with proximity weighting."""
+    seconds = out["seconds"]
+    for kind in [k for k in ("zero", "mean") if k in only]:
         t = time.perf_counter()
         table = ablation.head_ablation(
             model, tokens, metric, attention_mask=mask, result=result, ablation=kind, progress=True
@@ -205,15 +225,16 @@ def main() -> None:
         truths[f"|{kind} ablation|"] = compare.head_scores(table.table, "abs_effect")
         seconds[f"{kind} ablation"] = time.perf_counter() - t
         _table(rankings, truths, out, args.json)
-    t = time.perf_counter()
-    graphs = [
-        lens_alti.routes(cache, -1, batch=i, attention_mask=mask, tokens=tokens)
-        for i in tqdm(range(len(prompts)), desc="routes (proximity)")
-    ]
-    rankings["routes (proximity)"] = torch.stack([g.head_importance.double() for g in graphs]).mean(0)
-    seconds["routes (proximity)"] = time.perf_counter() - t
-    _table(rankings, truths, out, args.json)
-    out["total_seconds"] = time.perf_counter() - t0
+    if "proximity" in only:
+        t = time.perf_counter()
+        graphs = [
+            lens_alti.routes(cache, -1, batch=i, attention_mask=mask, tokens=tokens)
+            for i in tqdm(range(len(prompts)), desc="routes (proximity)")
+        ]
+        rankings["routes (proximity)"] = torch.stack([g.head_importance.double() for g in graphs]).mean(0)
+        seconds["routes (proximity)"] = time.perf_counter() - t
+        _table(rankings, truths, out, args.json)
+    out["total_seconds"] = sum(seconds.values())
     print(f"\n({out['total_seconds']:.0f} s: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
     _save(out, args.json)
 
