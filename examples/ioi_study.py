@@ -109,6 +109,9 @@ def main() -> None:
         "--only", default=",".join(stages),
         help=f"comma-separated stages to run after the attributions (default all: {','.join(stages)})",
     )
+    ap.add_argument(
+        "--patch-layers", help="only patch these layers (e.g. 0-9) and save their effects: a long run split in parts"
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
     if not only <= set(stages):
@@ -124,6 +127,20 @@ def main() -> None:
     wrong = [model.to_single_token(p.wrong) for p in prompts]
     metric = ablation.logit_diff(correct, wrong)
     seconds: dict[str, float] = {}
+    if args.patch_layers:
+        lo, hi = (int(x) for x in args.patch_layers.split("-"))
+        t = time.perf_counter()
+        patched = patching.head_patching(
+            model, tokens, corrupted, metric, attention_mask=mask, corrupted_mask=mask, progress=True,
+            layers=range(lo, hi + 1),
+        )
+        part = {
+            "layers": [lo, hi], "effect": patched.effects("effect").tolist(),
+            "abs_effect": patched.effects("abs_effect").tolist(), "clean": patched.clean_metric,
+            "corrupted": patched.corrupted_metric, "seconds": time.perf_counter() - t,
+        }
+        _save(part, args.json)
+        return
 
     # Stage 1: the attributions (ALTI, ALTI-Logit, attention baselines), MRR, rollout shares.
     t = time.perf_counter()

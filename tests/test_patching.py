@@ -60,6 +60,9 @@ def test_chunks_and_padding_give_the_same_effects(model):
     whole = patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=mask, corrupted_mask=mask)
     chunked = patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=mask, chunk=3, progress=True)
     torch.testing.assert_close(whole.per_prompt, chunked.per_prompt, atol=1e-5, rtol=1e-5)
+    one = patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=mask, layers=[1])
+    torch.testing.assert_close(one.per_prompt[1], whole.per_prompt[1], atol=1e-5, rtol=1e-5)
+    assert one.per_prompt[0].isnan().all(), "layers not patched are NaN, never a silent 0"
     expected = metric(model(CLEAN, attention_mask=mask)) - metric(_patched_by_hand(model, 0, 2, CLEAN, CORRUPT, mask))
     torch.testing.assert_close(whole.per_prompt[0, 2].float(), expected.float(), atol=1e-5, rtol=1e-5)
 
@@ -80,6 +83,8 @@ def test_patching_errors(model):
         patching.head_patching(model, CLEAN, CORRUPT, metric, corrupted_mask=bad)
     with pytest.raises(InterventionError, match="attention_mask"):
         patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=torch.ones(3, 5))
+    with pytest.raises(InterventionError, match="layers must be"):
+        patching.head_patching(model, CLEAN, CORRUPT, metric, layers=[2])
     with pytest.raises(InterventionError, match="chunk"):
         patching.head_patching(model, CLEAN, CORRUPT, metric, chunk=0)
     with pytest.raises(LensAltiError, match="TransformerLens"):

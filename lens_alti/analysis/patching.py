@@ -19,7 +19,7 @@ patching a different head, so a layer of H heads costs ⌈H / chunk⌉ passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,7 @@ def head_patching(
     attention_mask: Tensor | None = None,
     corrupted_mask: Tensor | None = None,
     chunk: int | None = None,
+    layers: Sequence[int] | None = None,
     progress: bool = False,
 ) -> HeadPatchingTable:
     """Patch every head's `hook_z` from the corrupted run into the clean run, one head at a time.
@@ -92,7 +93,8 @@ def head_patching(
     `corrupted_mask` is checked against `attention_mask` when given). `metric`: logits
     `[batch, pos, vocab]` → `[batch]` (e.g. `ablation.logit_diff(io_ids, s_ids)`, scored on
     the clean answers). `chunk`: heads patched per forward pass (default: all heads of a
-    layer; lower it to bound memory — a pass holds `chunk · batch` sequences).
+    layer; lower it to bound memory — a pass holds `chunk · batch` sequences). `layers`: patch
+    only these layers (default all; the others' effects are NaN), e.g. to split a long run.
     Works with TransformerBridge and HookedTransformer models (hooks `blocks.{l}.attn.hook_z`).
     """
     import pandas as pd
@@ -116,13 +118,16 @@ def head_patching(
     chunk = n_heads if chunk is None else int(chunk)
     if chunk < 1:
         raise InterventionError(f"chunk must be a positive number of heads per pass, got {chunk}")
-    per_prompt = torch.zeros(n_layers, n_heads, b, dtype=torch.float64)
-    layers: Any = range(n_layers)
+    todo = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    if any(not 0 <= x < n_layers for x in todo):
+        raise InterventionError(f"layers must be in [0, {n_layers}), got {todo}")
+    per_prompt = torch.full((n_layers, n_heads, b), float("nan"), dtype=torch.float64)
+    loop: Any = todo
     if progress:
         from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc="head patching", unit="layer")
-    for layer in layers:
+        loop = tqdm(todo, desc="head patching", unit="layer")
+    for layer in loop:
         z_corrupt = corrupted_cache[names[layer]]
         for start in range(0, n_heads, chunk):
             heads = list(range(start, min(start + chunk, n_heads)))
