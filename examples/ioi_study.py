@@ -98,6 +98,33 @@ def _misses(r: torch.Tensor, t: torch.Tensor, ranking: str, truth: str, k: int =
     ]
 
 
+def combine(paths: list[str], path_out: str | None) -> None:
+    """Merge the rankings of one run with the patching effects of `--patch-layers` parts."""
+    runs = [json.load(open(p)) for p in paths]
+    main_run = next(r for r in runs if "rankings" in r)
+    parts = sorted((r for r in runs if "layers" in r), key=lambda r: r["layers"][0])
+    effects = None
+    for part in parts:
+        e = torch.tensor(part["abs_effect"], dtype=torch.float64)
+        effects = e if effects is None else torch.where(e.isnan(), effects, e)
+    if effects is None or effects.isnan().any():
+        raise SystemExit("the --patch-layers parts do not cover every layer")
+    signed = parts[0]["effect"]
+    for part in parts[1:]:
+        lo, hi = part["layers"]
+        signed[lo : hi + 1] = part["effect"][lo : hi + 1]
+    out = dict(main_run)
+    out["corrupted_logit_diff"] = parts[0]["corrupted"]
+    out["patching_effects"] = signed
+    out["seconds"]["patching (parts)"] = sum(p["seconds"] for p in parts)
+    rankings = {k: torch.tensor(v, dtype=torch.float64) for k, v in main_run["rankings"].items()}
+    print(f"ABC-corrupted mean logit diff {out['corrupted_logit_diff']:.3f} (clean {parts[0]['clean']:.3f})")
+    _table(rankings, {"|patching|": effects}, out, path_out)
+    for name in rankings:
+        print(f"\n|patching| top-10 and their rank by {name}:")
+        print(" ".join(f"{m['head']}({m['|patching|']:.2f}):{m['rank']}" for m in out["misses"][f"|patching| by {name}"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=24)
@@ -112,7 +139,13 @@ def main() -> None:
     ap.add_argument(
         "--patch-layers", help="only patch these layers (e.g. 0-9) and save their effects: a long run split in parts"
     )
+    ap.add_argument(
+        "--combine", nargs="+", metavar="JSON",
+        help="no model run: merge a full or --only run's JSON (rankings) with --patch-layers parts into one table",
+    )
     args = ap.parse_args()
+    if args.combine:
+        return combine(args.combine, args.json)
     only = set(args.only.split(","))
     if not only <= set(stages):
         ap.error(f"--only takes stages among {stages}")
