@@ -122,7 +122,8 @@ def combine(paths: list[str], path_out: str | None) -> None:
     _table(rankings, {"|patching|": effects}, out, path_out)
     for name in rankings:
         print(f"\n|patching| top-10 and their rank by {name}:")
-        print(" ".join(f"{m['head']}({m['|patching|']:.2f}):{m['rank']}" for m in out["misses"][f"|patching| by {name}"]))
+        misses = out["misses"][f"|patching| by {name}"]
+        print(" ".join(f"{m['head']}({m['|patching|']:.2f}):{m['rank']}" for m in misses))
 
 
 def main() -> None:
