@@ -63,7 +63,8 @@ def _prediction_sections(
 
     target = _token_id(model, args.target, "--target")
     contrast = None if args.contrast is None else _token_id(model, args.contrast, "--contrast")
-    attr = lens_alti.logit_attribution(cache, target, contrast, position=pos, tokens=tokens)
+    labels = result.str_tokens  # the model's own token strings (as `attribute` shows them) label the figures
+    attr = lens_alti.logit_attribution(cache, target, contrast, position=pos, tokens=labels)
     what = f"logit of {args.target!r}" + ("" if contrast is None else f" − logit of {args.contrast!r}")
     gap = float(attr.completeness_gap[0])
     print(f"\nALTI-Logit of the {what} at position {pos}: {float(attr.logit[0]):.4f}")
@@ -76,7 +77,7 @@ def _prediction_sections(
         print(f"  {idx:4d}  {tok!r:>16}  {val:+.4f}")
     print("heads with the largest direct logit attribution:")
     print("  " + ", ".join(f"L{layer}H{h} {v:+.3f}" for layer, h, v in attr.top_heads(args.top)))
-    graph = lens_alti.routes(cache, pos, target=target, contrast=contrast, tokens=tokens, threshold=args.threshold)
+    graph = lens_alti.routes(cache, pos, target=target, contrast=contrast, tokens=labels, threshold=args.threshold)
     print(f"routes ({graph.weighting} weighting, threshold {graph.threshold}): {len(graph.edges)} edges; top heads:")
     print("  " + ", ".join(f"L{layer}H{h} {v:.3f}" for layer, h, v in graph.top_heads(args.top)))
     sections: list[tuple[str, list[Any]]] = [
@@ -103,14 +104,15 @@ def _prediction_sections(
         many = lens_alti.logit_attribution(
             model, preds.tolist(), position=list(range(n)), tokens=tokens.repeat(n, 1), heads=False
         )
-        labels = [f"{i}: {result.str_tokens[0][i]!r} → {model.to_string(preds[i])!r}" for i in range(n)]
+        many.str_tokens = [labels[0]] * n
+        menu = [f"{i}: {labels[0][i]!r} → {model.to_string(preds[i])!r}" for i in range(n)]
         sections.append(
             (
                 "Pick the explained position",
                 [
                     "ALTI-Logit of each position's own top prediction (menu) and the ALTI rollout of each "
                     "position after each layer (menu and slider).",
-                    figures.logit_position_picker(many, labels=labels),
+                    figures.logit_position_picker(many, labels=menu),
                     figures.rollout_position_picker(result),
                 ],
             )

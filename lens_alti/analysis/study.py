@@ -118,7 +118,8 @@ def head_ranking_study(
         result = lens_alti.attribute(cache, heads=True, tokens=tokens, attention_mask=attention_mask)
     elif result.head_outputs is None or result.head_outputs.shape[0] != tokens.shape[0]:
         raise InterventionError("result must be attribute(cache, heads=True) of these same prompts")
-    attr = lens_alti.logit_attribution(cache, c, w, attention_mask=attention_mask, tokens=tokens)
+    labels = result.str_tokens  # label with the model's own token strings, as `attribute` does
+    attr = lens_alti.logit_attribution(cache, c, w, attention_mask=attention_mask, tokens=labels)
     rankings: dict[str, Tensor] = {
         "ALTI head share": result.head_outputs[:, :, :, -1].double().mean(0).cpu(),
         "|ALTI-Logit head total|": attr.head_totals.double().abs().mean(0).cpu(),
@@ -136,7 +137,7 @@ def head_ranking_study(
             graphs.append(
                 lens_alti.routes(
                     cache, -1, threshold=threshold, target=target[0], contrast=target[1], batch=i,
-                    attention_mask=attention_mask, tokens=tokens, progress=False,
+                    attention_mask=attention_mask, tokens=labels, progress=False,
                 )
             )
         built[weighting] = graphs
