@@ -65,3 +65,26 @@ def test_demo_shows_the_head_ranking_comparison(tmp_path, capsys):
         assert name in text, name
     html = out.read_text()
     assert "Head rankings vs interventions" in html and "Information-flow routes" in html
+
+
+def test_demo_pipeline_on_a_tiny_model(monkeypatch, tmp_path, capsys):
+    """The demo's whole code path, with the tiny model and word-token prompts standing in for
+    SmolLM2 and the IOI names (the real demo is the slow test below)."""
+    import lens_alti.analysis.ioi as ioi
+    import lens_alti.models.pretrained as pretrained
+    from tests.models import build_bridge
+
+    model = build_bridge("llama", seed=9)[1]
+    prompts = [ioi.IOIPrompt("t5 t6 t7 t8 t6 t9 t4", " t5", " t6"), ioi.IOIPrompt("t7 t8 t9 t8 t5", " t7", " t8")]
+    monkeypatch.setattr(pretrained, "load_smollm2", lambda: model)
+    monkeypatch.setattr(ioi, "ioi_prompts", lambda n: prompts[:n])
+    out = tmp_path / "demo.html"
+    assert main(["demo", "--prompts", "2", "--out", str(out), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "head rankings vs |intervention effect| over all 8 heads" in text
+    assert "contrastive ALTI-Logit (' t5' − ' t6') of prompt 0" in text
+    for name in ("ALTI head share", "|ALTI-Logit head total|", "routes (logit)", "|patching|", "|zero ablation|"):
+        assert name in text, name
+    html = out.read_text()
+    for heading in ("Head rankings vs interventions", "Information-flow routes", "Pick a position, scrub"):
+        assert heading in html, heading
