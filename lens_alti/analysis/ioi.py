@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from lens_alti.analysis.batching import left_padded  # noqa: F401  (re-exported for the examples)
@@ -45,3 +46,58 @@ def ioi_prompts(n: int, seed: int = 0, *, first_is_canonical: bool = True) -> li
         out.append(IOIPrompt(text, f" {a}", f" {b}"))
     return out
 
+
+
+def _replace_nth(text: str, word: str, new: str, n: int) -> str:
+    """`text` with the n-th (0-based) whole-word occurrence of `word` replaced by `new`."""
+    matches = list(re.finditer(rf"\b{re.escape(word)}\b", text))
+    if len(matches) <= n:
+        from lens_alti.errors import InterventionError
+
+        raise InterventionError(f"the prompt {text!r} has no occurrence {n + 1} of the name {word!r}")
+    m = matches[n]
+    return text[: m.start()] + new + text[m.end() :]
+
+
+def abc_corruption(prompts: list[IOIPrompt], seed: int = 0) -> list[str]:
+    """The IOI "ABC" corruption (Wang et al. 2022): in each prompt the three name mentions
+    (IO, S1, S2) are replaced by three other, distinct names, so the corrupted prompt has
+    the same template and the same token positions but carries no information about which
+    name is the indirect object. Deterministic for a seed.
+
+    "When Mary and John went to the store, John gave a drink to"
+    → "When Paul and Kate went to the store, Tom gave a drink to".
+    """
+    rng = random.Random(seed)
+    out = []
+    for p in prompts:
+        a, b = p.correct.strip(), p.wrong.strip()
+        n_a, n_b = (len(re.findall(rf"\b{re.escape(w)}\b", p.text)) for w in (a, b))
+        if (n_a, n_b) != (1, 2):
+            from lens_alti.errors import InterventionError
+
+            raise InterventionError(
+                f"the ABC corruption needs the IO name {a!r} once and the subject {b!r} twice in {p.text!r}; "
+                f"found {n_a} and {n_b}"
+            )
+        c, d, e = rng.sample([n for n in NAMES if n not in (a, b)], 3)
+        text = _replace_nth(p.text, a, c, 0)
+        text = _replace_nth(text, b, d, 0)
+        text = _replace_nth(text, b, e, 0)  # the second mention of B is now the first one left
+        out.append(text)
+    return out
+
+
+def name_positions(str_tokens: list[str], prompt: IOIPrompt) -> dict[str, int]:
+    """Positions of the IO name, the subject's first (S1) and second (S2) mention in one
+    prompt's tokens (`str_tokens` as the model tokenised it, names with their leading space)."""
+    io = [i for i, t in enumerate(str_tokens) if t == prompt.correct]
+    s = [i for i, t in enumerate(str_tokens) if t == prompt.wrong]
+    if len(io) != 1 or len(s) != 2:
+        from lens_alti.errors import InterventionError
+
+        raise InterventionError(
+            f"expected the IO name {prompt.correct!r} once and the subject {prompt.wrong!r} twice as whole tokens "
+            f"in {prompt.text!r}; found {len(io)} and {len(s)} (is each name a single token for this tokenizer?)"
+        )
+    return {"IO": io[0], "S1": s[0], "S2": s[1]}

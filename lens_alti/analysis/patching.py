@@ -1,0 +1,160 @@
+"""Activation patching of each attention head's output (clean run ← corrupted run).
+
+The standard ground truth of circuit studies (Wang et al. 2022; Heimersheim & Nanda 2024):
+run the model on the clean prompts, but replace one head's output — its `hook_z`, the
+per-head attention result before the output projection, `[batch, pos, head, d_head]` — by
+its value on a corrupted version of the same prompts (same positions, the information of
+interest removed, e.g. the IOI "ABC" corruption of `lens_alti.analysis.ioi.abc_corruption`),
+and measure how much the metric falls:
+
+    effect[l, h] = mean over prompts of  metric(clean) − metric(clean with head (l, h) patched)
+
+Positive: the head's clean output carries what the metric needs; negative: it works against
+it (e.g. negative name movers). `normalised` divides by metric(clean) − metric(corrupted), the
+whole gap (1 = patching this one head does all the damage that corrupting the prompt does).
+
+Heads are batched: one forward pass runs `chunk` copies of the prompt batch, each copy
+patching a different head, so a layer of H heads costs ⌈H / chunk⌉ passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_alti.errors import InterventionError
+
+Metric = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class HeadPatchingTable:
+    """Per-head activation-patching effects.
+
+    `table` (pandas DataFrame), one row per (layer, head): `effect` (metric(clean) −
+    metric(patched), mean over prompts), `abs_effect` (mean over prompts of |that|),
+    `normalised` (effect / (clean − corrupted), from the means). `clean_metric`,
+    `corrupted_metric`: means over prompts. `per_prompt`: `[layer, head, batch]` effects.
+    """
+
+    table: Any
+    clean_metric: float
+    corrupted_metric: float
+    per_prompt: Float[Tensor, "layer head batch"]
+
+    def effects(self, column: str = "abs_effect") -> Float[Tensor, "layer head"]:
+        """One column of the table as a `[layer, head]` tensor."""
+        n_layers, n_heads = self.per_prompt.shape[:2]
+        return torch.tensor(self.table[column].values, dtype=torch.float64).view(n_layers, n_heads)
+
+    def top(self, k: int = 10, by: str = "abs_effect") -> Any:
+        return self.table.sort_values(by, ascending=False).head(k)
+
+
+def _check_pair(tokens: Tensor, corrupted: Tensor, mask: Tensor | None, corrupted_mask: Tensor | None) -> None:
+    if tokens.ndim != 2 or tokens.shape != corrupted.shape:
+        raise InterventionError(
+            f"clean tokens {tuple(tokens.shape)} and corrupted tokens {tuple(corrupted.shape)} must both be "
+            "[batch, pos] with the same shape: patching swaps activations position by position, so each "
+            "corrupted prompt must tokenise to the same length as its clean prompt"
+        )
+    if mask is not None and mask.shape != tokens.shape:
+        raise InterventionError(f"attention_mask {tuple(mask.shape)} must match tokens {tuple(tokens.shape)}")
+    if corrupted_mask is not None:
+        clean = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
+        if corrupted_mask.shape != tokens.shape or not torch.equal(corrupted_mask.bool().cpu(), clean.cpu()):
+            raise InterventionError(
+                "the corrupted prompts are padded differently from the clean ones; each corrupted prompt must "
+                "have exactly as many tokens as its clean prompt (use names / words that are single tokens)"
+            )
+
+
+@torch.no_grad()
+def head_patching(
+    model: Any,
+    tokens: Tensor,
+    corrupted_tokens: Tensor,
+    metric: Metric,
+    *,
+    attention_mask: Tensor | None = None,
+    corrupted_mask: Tensor | None = None,
+    chunk: int | None = None,
+    layers: Sequence[int] | None = None,
+    progress: bool = False,
+) -> HeadPatchingTable:
+    """Patch every head's `hook_z` from the corrupted run into the clean run, one head at a time.
+
+    `tokens`, `corrupted_tokens`: `[batch, pos]`, aligned position by position (same padding;
+    `corrupted_mask` is checked against `attention_mask` when given). `metric`: logits
+    `[batch, pos, vocab]` → `[batch]` (e.g. `ablation.logit_diff(io_ids, s_ids)`, scored on
+    the clean answers). `chunk`: heads patched per forward pass (default: all heads of a
+    layer; lower it to bound memory — a pass holds `chunk · batch` sequences). `layers`: patch
+    only these layers (default all; the others' effects are NaN), e.g. to split a long run.
+    Works with TransformerBridge and HookedTransformer models (hooks `blocks.{l}.attn.hook_z`).
+    """
+    import pandas as pd
+
+    if not hasattr(model, "blocks") or not hasattr(model, "run_with_hooks"):
+        raise InterventionError(
+            "head_patching needs a TransformerLens decoder-only or encoder model (with `blocks` and `run_with_hooks`)"
+        )
+    tokens, corrupted_tokens = torch.as_tensor(tokens), torch.as_tensor(corrupted_tokens)
+    _check_pair(tokens, corrupted_tokens, attention_mask, corrupted_mask)
+    n_layers = len(model.blocks)
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    clean_logits = model(tokens, **kwargs)
+    corrupted_logits, corrupted_cache = model.run_with_cache(
+        corrupted_tokens, names_filter=lambda name: name in names, **kwargs
+    )
+    clean, corrupted = metric(clean_logits).float(), metric(corrupted_logits).float()
+    b = tokens.shape[0]
+    n_heads = corrupted_cache[names[0]].shape[2]
+    chunk = n_heads if chunk is None else int(chunk)
+    if chunk < 1:
+        raise InterventionError(f"chunk must be a positive number of heads per pass, got {chunk}")
+    todo = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    if any(not 0 <= x < n_layers for x in todo):
+        raise InterventionError(f"layers must be in [0, {n_layers}), got {todo}")
+    per_prompt = torch.full((n_layers, n_heads, b), float("nan"), dtype=torch.float64)
+    loop: Any = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        loop = tqdm(todo, desc="head patching", unit="layer")
+    for layer in loop:
+        z_corrupt = corrupted_cache[names[layer]]
+        for start in range(0, n_heads, chunk):
+            heads = list(range(start, min(start + chunk, n_heads)))
+            n = len(heads)
+
+            def patch(z: Tensor, hook: Any, heads: list[int] = heads, z_corrupt: Tensor = z_corrupt) -> Tensor:
+                z = z.clone().view(len(heads), b, *z.shape[1:])
+                for i, h in enumerate(heads):
+                    z[i, :, :, h] = z_corrupt[:, :, h].to(z.dtype)
+                return z.view(len(heads) * b, *z.shape[2:])
+
+            rep = {"attention_mask": attention_mask.repeat(n, 1)} if attention_mask is not None else {}
+            logits = model.run_with_hooks(tokens.repeat(n, 1), fwd_hooks=[(names[layer], patch)], **rep)
+            for i, h in enumerate(heads):
+                per_prompt[layer, h] = (clean - metric(logits[i * b : (i + 1) * b]).float()).double().cpu()
+    gap = float((clean - corrupted).mean())
+    rows = []
+    for layer in range(n_layers):
+        for h in range(n_heads):
+            e = per_prompt[layer, h]
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": h,
+                    "effect": float(e.mean()),
+                    "abs_effect": float(e.abs().mean()),
+                    "normalised": float(e.mean()) / gap if gap != 0 else float("nan"),
+                }
+            )
+    return HeadPatchingTable(pd.DataFrame(rows), float(clean.mean()), float(corrupted.mean()), per_prompt)
