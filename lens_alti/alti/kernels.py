@@ -102,7 +102,7 @@ def compile_available() -> bool:
     return _compile_failed is None and not os.environ.get("LENS_ALTI_NO_COMPILE")
 
 
-def get_kernel(name: str, compiled: bool) -> Callable[..., object]:
+def get_kernel(name: str, compiled: bool) -> Callable[..., Any]:
     """The kernel `name`, compiled (dynamic shapes: no recompilation per sequence length) or eager.
 
     Compiled kernels want fresh (non-view) tensors with every dimension > 1: views and
@@ -120,7 +120,7 @@ def _no_duck_shapes() -> Any:
     try:
         import torch.fx.experimental._config as fx_config
 
-        return fx_config.patch(use_duck_shape=False)
+        return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]  # added at run time by install_config_module
     except (ImportError, AttributeError):  # pragma: no cover - private API of this torch version
         return contextlib.nullcontext()
 

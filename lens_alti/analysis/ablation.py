@@ -142,7 +142,9 @@ def head_ablation(
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     logits, cache = model.run_with_cache(tokens, **kwargs)
     if result is None:
-        result = lens_alti.attribute(cache, heads=True, attention_mask=attention_mask)
+        attributed = lens_alti.attribute(cache, heads=True, attention_mask=attention_mask)
+        assert isinstance(attributed, AltiResult)  # a decoder-only model's cache
+        result = attributed
     if result.head_outputs is None:
         raise ValueError("result must come from lens_alti.attribute(..., heads=True)")
     clean = metric(logits)
@@ -236,6 +238,7 @@ def circuit_comparison(
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     logits, cache = model.run_with_cache(tokens, **kwargs)
     before = lens_alti.attribute(cache, attention_mask=attention_mask, tokens=tokens)
+    assert isinstance(before, AltiResult)  # a decoder-only model's cache
     by_layer: dict[int, list[int]] = {}
     for layer, h in heads:
         by_layer.setdefault(layer, []).append(h)
@@ -252,6 +255,7 @@ def circuit_comparison(
     with model.hooks(fwd_hooks=fwd):
         logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
     after = lens_alti.attribute(cache_after, attention_mask=attention_mask, tokens=tokens)
+    assert isinstance(after, AltiResult)
 
     keep = before.attention_mask[batch].bool()
     pos = int(torch.nonzero(keep).flatten()[position]) if position < 0 else position
@@ -298,7 +302,9 @@ def _scores(method: str, model: Any, tokens: Tensor, generator: torch.Generator)
         return torch.rand(tokens.shape[-1], generator=generator)
     _, cache = model.run_with_cache(tokens[None])
     if method == "alti":
-        return lens_alti.attribute(cache).rollout[0, -1, -1].cpu()
+        res = lens_alti.attribute(cache)
+        assert isinstance(res, AltiResult)  # a decoder-only model's cache
+        return res.rollout[0, -1, -1].cpu()
     if method == "attention_rollout":
         return lens_alti.attention_rollout(cache)[0, -1, -1].cpu()
     raise ValueError(f"unknown ranking method {method!r}; use 'alti', 'attention_rollout' or 'random'")

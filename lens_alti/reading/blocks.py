@@ -61,7 +61,7 @@ def attention_record(
     column: Literal["diagonal", "last"] = "diagonal",
 ) -> AttentionBlock:
     """The record of attention module `attn` (hooks under `name`), weights read from the module."""
-    W_O = detach(attn.W_O)
+    W_O: Tensor = attn.W_O.detach()
     return AttentionBlock(
         name=name,
         layer=layer,

@@ -14,7 +14,9 @@ from lens_alti.reading.records import NormAfterAttention
 _OFFSET_WEIGHT_NORMS = ("Gemma",)
 
 
-def norm_params(component: Any, name: str, default_kind: str) -> tuple[str, Tensor, Tensor | None, float]:
+def norm_params(
+    component: Any, name: str, default_kind: str
+) -> tuple[Literal["layernorm", "rmsnorm"], Tensor, Tensor | None, float]:
     """(kind, weight, bias, eps) of a bridge normalisation component."""
     inner = getattr(component, "_original_component", component)
     is_rms = "rms" in type(component).__name__.lower() or default_kind == "RMS"
