@@ -237,7 +237,8 @@ def attribute(
         decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
         check: verify each block's decomposition reproduces the real activation to
             max|Δ| ≤ 1e-4·max|y| and raise ReconstructionError otherwise.
-        tokens / decoder_tokens: token ids `[batch, pos]` or strings, used only for labels.
+        tokens: token ids `[batch, pos]` or strings, used only for labels.
+        decoder_tokens: the same for the decoder input of an encoder-decoder.
         parallel_mlp: for parallel attention+MLP blocks (GPT-J, NeoX): "exclude" (y = x + attn)
             or "residual" (the MLP output, a function of x_i alone, joins x_i's own term).
         dtype: computation dtype (fp16/bf16 caches are always computed in at least fp32).
