@@ -39,6 +39,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
     """(venv python, a working directory outside the source tree, the environment to run with)."""
+    pytest.importorskip("build", reason="needs the `dev` extra (python -m build)")
     tmp = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["HF_HUB_OFFLINE"] = "1"
