@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 bash scripts/setup.sh
-.venv/bin/python -m ruff check lens_alti tests tests_tl3 benchmarks examples notebooks/make_notebooks.py docs
+.venv/bin/python -m ruff check lens_alti tests tests_tl3 benchmarks examples notebooks/make_notebooks.py docs/hooks docs/figures docs/execute_notebooks.py
 .venv/bin/python -m mypy                          # static types of lens_alti/ (configured in pyproject.toml)
 NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict --quiet --site-dir build/site   # the docs site
 .venv/bin/python -m pytest -q "$@"
