@@ -45,8 +45,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     dist = tmp / "dist"
-    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)], cwd=tmp, env=env)
+    # sdist first, then the wheel built from the sdist (so a file missing from the sdist fails here too)
+    _run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], cwd=tmp, env=env)
     (wheel,) = dist.glob("lens_alti-*.whl")
+    (sdist,) = dist.glob("lens_alti-*.tar.gz")
+    _run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)], cwd=tmp, env=env)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "lens_alti/py.typed" in names
     assert "lens_alti/models/toy_translation/model/model.safetensors" in names
