@@ -175,6 +175,7 @@ def explain(args: argparse.Namespace) -> None:
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
     result = lens_alti.attribute(cache, tokens=tokens, heads=args.heads)
+    assert isinstance(result, lens_alti.AltiResult) and result.str_tokens is not None  # not an encoder-decoder
     t2 = time.perf_counter()
     words = result.str_tokens[0]
     from lens_alti.validation import check_position
@@ -218,6 +219,7 @@ def _explain_seq2seq(args: argparse.Namespace, model: Any) -> None:
     with torch.no_grad():
         _, cache = model.run_with_cache(src, decoder_input=tgt)
     result = lens_alti.attribute(cache, tokens=src, decoder_tokens=tgt, heads=args.heads)
+    assert isinstance(result, lens_alti.Seq2SeqAltiResult) and result.target_str_tokens is not None
     print(repr(result))
     from lens_alti.validation import check_position
 
@@ -271,6 +273,7 @@ def demo(args: argparse.Namespace) -> None:
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, attention_mask=mask)
     result = lens_alti.attribute(cache, attention_mask=mask, tokens=tokens, heads=True)
+    assert isinstance(result, lens_alti.AltiResult) and result.heads is not None
     t2 = time.perf_counter()
     probs = logits[:, -1].float().softmax(-1)
     p0, top0 = probs[0].max(-1)

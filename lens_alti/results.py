@@ -17,7 +17,9 @@ from lens_alti.validation import check_choice, check_index, check_position, chec
 class AltiResult:
     """ALTI contributions of one cache (decoder-only or encoder-only model).
 
-    Attributes (batch first; `query` = receiver position, `key` = source position):
+    Shapes are batch first; `query` = receiver position, `key` = source position.
+
+    Attributes:
         layers: `[batch, layer, query, key]` layer-wise contributions C^l; each valid row
             sums to 1, padded rows and columns are 0. For causal models, 0 above the diagonal.
         rollout: `[batch, layer, query, key]` R^l = C^l @ R^(l-1): how much input token `key`
@@ -32,8 +34,9 @@ class AltiResult:
         reconstruction_error: `[layer]` max|Σ_j T_i(x_j) + bias_i − y| / max|y| per layer
             (NaN when `check=False`).
         measure: "l1", "l2", "koba" or "attention".
-        architecture: the model's architecture name; weight_processing: "raw" or how the
-            weights were processed (numbers then differ from the unprocessed model).
+        architecture: the model's architecture name.
+        weight_processing: "raw" or how the weights were processed (numbers then differ from
+            the unprocessed model).
         str_tokens: token strings per batch item, when `tokens` were given.
         positions: `[batch, row]` the receiver positions of the rows of `layers`, `rollout`
             and the per-head results when `attribute(..., positions=...)` restricted them

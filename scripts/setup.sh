@@ -16,7 +16,7 @@ fi
 python -m pip install --quiet --upgrade pip
 # torch first and pinned: here 2.13.0 is a local CPU wheel; an unpinned torch pulls a CUDA build.
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[test,pretrained,plot,inseq]"
+python -m pip install --quiet -e ".[test,pretrained,plot,inseq,docs,dev]"
 # inseq without its metadata: it pins typeguard<=2.13.3 (TransformerLens needs >=4.2; neither imports it)
 # and CUDA 11 libraries on Linux. Its real imports come with the [inseq] extra above.
 python -m pip install --quiet --no-deps "inseq==0.7.1"

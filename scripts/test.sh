@@ -13,7 +13,9 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
         $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
     fi
 fi
-.venv/bin/python -m ruff check lens_alti tests tests_tl3 benchmarks examples notebooks/make_notebooks.py
+.venv/bin/python -m ruff check lens_alti tests tests_tl3 benchmarks examples notebooks/make_notebooks.py docs/hooks docs/figures docs/execute_notebooks.py
+.venv/bin/python -m mypy                          # static types of lens_alti/ (configured in pyproject.toml)
+NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict --quiet --site-dir build/site   # the docs site
 .venv/bin/python -m pytest -q "$@"
 bash scripts/setup_tl3.sh
 .venv-tl3/bin/python -m pytest -q tests_tl3

@@ -131,12 +131,12 @@ def block_contributions(
                 else:
                     dist = token_kernel(*args) if token_kernel is not None else None
                     per_head = both_kernel(*args)[0] if both_kernel is not None else None
-                if dist is not None:
+                if dist is not None and y_norm is not None:
                     tokens[bi, i0:i1, k0:kk] = _from_distance(y_norm[bi, i0:i1, None], dist, measure)
-                if per_head is not None:
+                if per_head is not None and head_scores is not None:
                     head_scores[bi, :, i0:i1, k0:kk] = (y_l1[bi, None, i0:i1, None] - per_head).clamp(min=0)
 
-    if measure != "attention":
+    if y_norm is not None:  # every measure but "attention"
         _add_residual(tv, tokens, y_norm, measure)
     if tv.causal:
         if tv.receivers is None:

@@ -127,11 +127,14 @@ def decompose(
     valid_rows: Tensor | None = None,
 ) -> TransformedVectors:
     """Turn a block record into factored transformed vectors, computed in `dtype`."""
-    f = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+
+    def f(t: Tensor) -> Tensor:
+        return t.to(dtype)
+
     A = f(block.pattern)
     v = f(block.values)
     W_O = f(block.W_O)
-    b_O = f(block.b_O)
+    b_O = None if block.b_O is None else f(block.b_O)
     x = f(block.residual)
     b, h, q, k = A.shape
     d = W_O.shape[-1]

@@ -160,7 +160,7 @@ def _no_duck_shapes() -> Any:
     try:
         import torch.fx.experimental._config as fx_config
 
-        return fx_config.patch(use_duck_shape=False)
+        return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]  # added at run time by install_config_module
     except (ImportError, AttributeError):  # pragma: no cover - private API of this torch version
         return contextlib.nullcontext()
 

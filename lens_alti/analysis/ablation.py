@@ -183,7 +183,9 @@ def head_ablation(
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     logits, cache = model.run_with_cache(tokens, **kwargs)
     if result is None:
-        result = lens_alti.attribute(cache, heads=True, attention_mask=attention_mask)
+        attributed = lens_alti.attribute(cache, heads=True, attention_mask=attention_mask)
+        assert isinstance(attributed, AltiResult)  # a decoder-only model's cache
+        result = attributed
     if result.head_outputs is None:
         raise InvalidArgumentError("result", result, "a result of lens_alti.attribute(..., heads=True)")
     clean = metric(logits)
@@ -284,6 +286,7 @@ def circuit_comparison(
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     logits, cache = model.run_with_cache(tokens, **kwargs)
     before = lens_alti.attribute(cache, attention_mask=attention_mask, tokens=tokens)
+    assert isinstance(before, AltiResult)  # a decoder-only model's cache
     by_layer: dict[int, list[int]] = {}
     for layer, h in heads:
         by_layer.setdefault(layer, []).append(h)
@@ -302,6 +305,7 @@ def circuit_comparison(
     z_names = {_attn_name(model, layer, "hook_z"): hs for layer, hs in by_layer.items()}
     raise_if_pattern_edits_ignored(cache, cache_after, z_names)  # e.g. TransformerLens 4.x BERT
     after = lens_alti.attribute(cache_after, attention_mask=attention_mask, tokens=tokens)
+    assert isinstance(after, AltiResult)
 
     keep = before.attention_mask[batch].bool()
     pos = check_position("position", position, before.attention_mask[batch], where=f"prompt {batch}")
@@ -356,7 +360,9 @@ def _scores(
         return torch.rand(tokens.shape[-1], generator=generator)
     _, cache = model.run_with_cache(tokens[None])
     if method == "alti":
-        return lens_alti.attribute(cache).rollout[0, -1, -1].cpu()
+        res = lens_alti.attribute(cache)
+        assert isinstance(res, AltiResult)  # a decoder-only model's cache
+        return res.rollout[0, -1, -1].cpu()
     if method == "attention_rollout":
         return lens_alti.attention_rollout(cache)[0, -1, -1].cpu()
     if method in ("alti_logit", "alti_logit_contrast"):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 
-def left_padded(model: object, texts: list[str]) -> tuple[object, object]:
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def left_padded(model: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
     """Token ids `[batch, pos]` of `texts`, left-padded, and the `[batch, pos]` attention mask.
 
     Each text is tokenised alone (with the model's default BOS), so the mask never confuses
@@ -20,7 +25,7 @@ def left_padded(model: object, texts: list[str]) -> tuple[object, object]:
         raise InvalidArgumentError("texts", texts, "a non-empty list of strings (one prompt per batch item)")
     rows = [model.to_tokens(t)[0] for t in texts]  # type: ignore[attr-defined]
     n = max(len(r) for r in rows)
-    pad = model.tokenizer.pad_token_id  # type: ignore[attr-defined]
+    pad = model.tokenizer.pad_token_id
     pad = 0 if pad is None else pad
     tokens = torch.full((len(rows), n), pad, dtype=rows[0].dtype)
     mask = torch.zeros(len(rows), n, dtype=torch.long)

@@ -86,7 +86,7 @@ def _last_real(rows: Tensor, mask: Tensor) -> Tensor:
     return rows[torch.arange(rows.shape[0], device=rows.device), last]
 
 
-class _LensAlti(InseqAttribution):  # type: ignore[misc]
+class _LensAlti(InseqAttribution):
     """The computation behind both methods: one forward pass of the bridge, then lens_alti."""
 
     def __init__(self, attribution_model: Any, family: str) -> None:
@@ -124,6 +124,7 @@ class _LensAlti(InseqAttribution):  # type: ignore[misc]
         if not model.is_encoder_decoder:
             _, cache = bridge.run_with_cache(args["ids"], attention_mask=args["mask"])
             res = lens_alti.attribute(cache, attention_mask=args["mask"], measure=measure)
+            assert isinstance(res, lens_alti.AltiResult)  # a decoder-only model's cache
             rows = res.rollout[:, -1]  # [batch, query, key]
             if not self.final_step:  # this step's prediction: each item's last real position
                 last = _last_real(rows, args["mask"])
@@ -143,6 +144,7 @@ class _LensAlti(InseqAttribution):  # type: ignore[misc]
             decoder_attention_mask=args["target_mask"],
             measure=measure,
         )
+        assert isinstance(res, lens_alti.Seq2SeqAltiResult)
         s = args["source"].shape[1]
         total = res.total[:, -1]  # [batch, tgt, src + tgt]
         if not self.final_step:  # this step's prediction: each item's last real target position
@@ -154,7 +156,7 @@ class _LensAlti(InseqAttribution):  # type: ignore[misc]
         return FeatureAttributionStepOutput(source_attributions=source, target_attributions=target)
 
 
-class AltiAttribution(InternalsAttributionRegistry):  # type: ignore[misc]
+class AltiAttribution(InternalsAttributionRegistry):
     """ALTI rollout (Ferrando et al. 2022) for decoder-only models, computed by lens_alti."""
 
     method_name = "alti"

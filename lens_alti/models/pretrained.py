@@ -138,7 +138,7 @@ def _convert_smollm2(gguf: pathlib.Path, out_dir: pathlib.Path) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     # The weights are plain float32 now: drop the GGUF quantiser so they save normally.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers annotates it without None; None is its "no quantiser"
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
@@ -287,7 +287,7 @@ def _minilm_masked_lm(folder: pathlib.Path, dtype: torch.dtype) -> Any:
             f"the MiniLM checkpoint in {folder} does not fit BertForMaskedLM: "
             f"missing {missing}, unexpected {unexpected}"
         )
-    return model.to(dtype).eval()
+    return model.to(dtype).eval()  # type: ignore[arg-type]  # transformers' decorator on .to() hides its dtype overload
 
 
 def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TransformerBridge:

@@ -119,6 +119,16 @@ def hooked_weight_processing(model: Any, attns: list[Any]) -> str:
     return f"processed (HookedTransformer weight processing: {', '.join(steps)}; {_NO_PROCESSING_ADVICE})"
 
 
+def _alias(name: str) -> Callable[[Any], Tensor]:
+    """A derived hook that is another hook of the cache."""
+    return lambda cache: cache[name]
+
+
+def _difference(minuend: str, subtrahend: str) -> Callable[[Any], Tensor]:
+    """A derived hook: cache[minuend] − cache[subtrahend]."""
+    return lambda cache: cache[minuend] - cache[subtrahend]
+
+
 def _decoder_readers(model: Any, arch: str, parallel_mlp: str) -> list[BlockReader]:
     """Self-attention of a HookedTransformer (pre-norm; sequential, parallel or attention-only)."""
     cfg = model.cfg
@@ -127,7 +137,8 @@ def _decoder_readers(model: Any, arch: str, parallel_mlp: str) -> list[BlockRead
     readers = []
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}"
-        attn_hooks = (f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre")
+        attn_hooks: tuple[str, ...] = (f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre")
+        hooks: tuple[str, ...]
         derived: dict[str, Callable[[Any], Tensor]] = {}
         if parallel:
             # Default: y = x + attn_out = resid_post − mlp_out; "residual" mode counts the MLP
@@ -137,7 +148,7 @@ def _decoder_readers(model: Any, arch: str, parallel_mlp: str) -> list[BlockRead
                 output = f"{p}.hook_resid_post"
             else:
                 output = f"{p}.hook_resid_post - {p}.hook_mlp_out"
-                derived[output] = lambda c, p=p: c[f"{p}.hook_resid_post"] - c[f"{p}.hook_mlp_out"]
+                derived[output] = _difference(f"{p}.hook_resid_post", f"{p}.hook_mlp_out")
         else:
             output = f"{p}.hook_resid_post" if attn_only else f"{p}.hook_resid_mid"
             hooks = (*attn_hooks, output)
@@ -168,8 +179,8 @@ def _bert_readers(model: Any, arch: str) -> list[BlockReader]:
             f"{p}.hook_resid_mid", f"{p}.hook_resid_post", f"{p}.hook_mlp_out",
         )
         derived: dict[str, Callable[[Any], Tensor]] = {
-            f"{p}.ln1.hook_in": lambda c, p=p: c[f"{p}.hook_resid_mid"],
-            f"{p}.ln1.hook_out": lambda c, p=p: c[f"{p}.hook_resid_post"] - c[f"{p}.hook_mlp_out"],
+            f"{p}.ln1.hook_in": _alias(f"{p}.hook_resid_mid"),
+            f"{p}.ln1.hook_out": _difference(f"{p}.hook_resid_post", f"{p}.hook_mlp_out"),
         }
 
         def build(
@@ -238,5 +249,7 @@ def hooked_layout(model: Any, parallel_mlp: str = "exclude") -> ModelLayout:
         arch.startswith(p) for p in _POST_NORM_DECODERS
     ):
         raise UnsupportedModelError(f"{arch}: the post-attention norm (spec 1d) is not supported yet")
-    family = "encoder" if getattr(cfg, "attention_dir", "causal") == "bidirectional" else "decoder"
+    family: Literal["encoder", "decoder"] = (
+        "encoder" if getattr(cfg, "attention_dir", "causal") == "bidirectional" else "decoder"
+    )
     return ModelLayout(family, arch, processing, {"self": _decoder_readers(model, arch, parallel_mlp)})

@@ -56,7 +56,9 @@ def _probe(inner: Any, weight: Tensor, bias: Tensor | None, eps: float, name: st
     return best[0] == "RMSNorm", (weight if best[1] == "w" else 1.0 + weight.float())
 
 
-def norm_params(component: Any, name: str, default_kind: str) -> tuple[str, Tensor, Tensor | None, float]:
+def norm_params(
+    component: Any, name: str, default_kind: str
+) -> tuple[Literal["layernorm", "rmsnorm"], Tensor, Tensor | None, float]:
     """(kind, weight, bias, eps) of a bridge normalisation component."""
     inner = getattr(component, "_original_component", component)
     is_rms = "rms" in type(component).__name__.lower() or default_kind == "RMS"

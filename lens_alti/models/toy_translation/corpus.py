@@ -146,8 +146,9 @@ def _emit_np(b: _Builder, src_positions: dict, det: str, adjs: list[str], noun: 
     b.tgt(LEXICON[noun], sure=(src_positions["noun"],))
     for adj, pos in reversed(list(zip(adjs, src_positions["adjs"], strict=True))):
         b.tgt(LEXICON[adj], sure=(pos,))
-    if DETERMINERS[det]:
-        b.tgt(DETERMINERS[det], sure=(src_positions["det"],))
+    target_det = DETERMINERS[det]
+    if target_det:
+        b.tgt(target_det, sure=(src_positions["det"],))
 
 
 def _src_np(b: _Builder, det: str, adjs: list[str], noun: str) -> dict:

@@ -91,6 +91,7 @@ def contribution_matrices(model: Any, pairs: Sequence[SentencePair], batch_size:
             b.source, decoder_input=b.decoder_input, attention_mask=b.source_mask, decoder_attention_mask=b.decoder_mask
         )
         res = lens_alti.attribute(cache, attention_mask=b.source_mask, decoder_attention_mask=b.decoder_mask)
+        assert isinstance(res, lens_alti.Seq2SeqAltiResult)
         s = b.source.shape[1]
         n_layers = res.cross.shape[1]
         attn = torch.stack(
