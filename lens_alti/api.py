@@ -83,7 +83,7 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
         return block
     # |pattern|: a recurrent mixer's operator (pattern_is_distribution=False) can be negative.
     leak = leaked_attention(block.pattern.abs(), valid_q, valid_k)
-    if leak > _MASK_LEAK_TOLERANCE and not block.pattern_is_distribution:
+    if leak > _MASK_LEAK_TOLERANCE and block.recurrent:
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
             f"this attention_mask (up to {leak:.3g}), and the cache does not show which positions the "
@@ -126,12 +126,12 @@ def _block_vectors(
     """Check, mask and decompose one block on the device it lives on; (vectors, relative error)."""
     device = block.pattern.device
     valid_q, valid_k = valid_q.to(device), valid_k.to(device)
-    if checks.measure == "attention" and not block.pattern_is_distribution:
+    if checks.measure == "attention" and block.recurrent:
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer: it has no attention weights, "
             "so measure='attention' is undefined for it; use 'l1', 'l2' or 'koba'"
         )
-    if checks.heads and not block.pattern_is_distribution:  # a linear-recurrent mixer (reading/mixers)
+    if checks.heads and block.recurrent:  # a linear-recurrent mixer (reading/mixers)
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
             "not per head: per-head contributions are not available for it; call attribute(..., heads=False)"

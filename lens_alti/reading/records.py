@@ -48,6 +48,9 @@ class AttentionBlock:
     "pattern" is a general linear token-to-token operator (recurrent mixers) set it False;
     their `b_O` may then be per receiver, `[b, q, d]` (terms of no token that the recurrence
     carries, such as a convolution bias).
+    `recurrent`: True for linear-recurrent mixers, whose "heads" are channels (no per-head
+    results, no attention weights); gated or sink attention is not a distribution but is
+    still attention.
     """
 
     name: str
@@ -62,3 +65,4 @@ class AttentionBlock:
     norm: NormAfterAttention | None = None
     architecture: str = "unknown"
     pattern_is_distribution: bool = True
+    recurrent: bool = False

@@ -130,6 +130,7 @@ def mixer_record(
         target=target,
         architecture=arch,
         pattern_is_distribution=False,
+        recurrent=True,
     )
 
 
@@ -230,6 +231,7 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
             target=target,
             architecture=arch,
             pattern_is_distribution=False,
+            recurrent=True,
         )
 
     return BlockReader(f"{p}.attn+{child}", hooks, build)
@@ -299,6 +301,7 @@ def _token_wise_reader(model: Any, layer: int, arch: str) -> BlockReader:
             target=cache[f"{p}.hook_resid_post"],
             architecture=arch,
             pattern_is_distribution=False,
+            recurrent=True,
         )
 
     return BlockReader(f"{p}.mixer", hooks, build)
