@@ -10,25 +10,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lens_alti.alti.contributions import (
-    BACKENDS,
-    DEFAULT_CHUNK_BYTES,
-    MEASURES,
-    block_contributions,
-    head_output_contributions,
+from lens_alti.alti.backend import resolve as resolve_backend
+from lens_alti.alti.collect import LayerCollector, StackResults
+from lens_alti.alti.contributions import BACKENDS, DEFAULT_CHUNK_BYTES, MEASURES
+from lens_alti.alti.decompose import (
+    RECONSTRUCTION_TOLERANCE,
+    TransformedVectors,
+    check_pattern_distribution,
+    check_reconstruction,
+    decompose,
 )
-from lens_alti.alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction, decompose
+from lens_alti.alti.masking import check_declared_padding, isolate_padding, leaked_attention
+from lens_alti.alti.memory import BlockShape, attribute_memory_check
 from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
 from lens_alti.errors import (
-    LensAltiError,
+    InvalidArgumentError,
+    MaskMismatchError,
     MissingHooksError,
+    MissingTargetError,
     NonFiniteError,
     UnsupportedModelError,
     WeightProcessingWarning,
 )
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.stream import forward_inputs, stream_blocks, tokenize
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
+from lens_alti.validation import check_choice, check_size, check_str_tokens, check_token_ids, check_type
 
 # Attention a real query may give a padded key before we call the mask inconsistent.
 _MASK_LEAK_TOLERANCE = 1e-6
@@ -47,9 +55,9 @@ def _prepare_mask(attention_mask: Tensor | None, batch: int, pos: int, device: t
         return torch.ones(batch, pos, dtype=torch.bool, device=device)
     mask = torch.as_tensor(attention_mask, device=device)
     if mask.shape != (batch, pos):
-        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but the cache has [batch, pos] = [{batch}, {pos}]")
+        raise InvalidArgumentError(what, f"shape {tuple(mask.shape)}", f"the cache's [batch, pos] = [{batch}, {pos}]")
     if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{what} must hold only 0 (padding) and 1 (real token)")
+        raise InvalidArgumentError(what, attention_mask, "only 0 (padding) and 1 (real token)")
     return mask.bool()
 
 
@@ -73,107 +81,141 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
     """
     if bool(valid_q.all()) and bool(valid_k.all()):
         return block
-    pattern = block.pattern
-    leak = (pattern.abs() * valid_q[:, None, :, None] * ~valid_k[:, None, None, :]).amax() if pattern.numel() else 0
-    if float(leak) > _MASK_LEAK_TOLERANCE and not block.pattern_is_distribution:
+    # |pattern|: a recurrent mixer's operator (pattern_is_distribution=False) can be negative.
+    leak = leaked_attention(block.pattern.abs(), valid_q, valid_k)
+    if leak > _MASK_LEAK_TOLERANCE and not block.pattern_is_distribution:
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
-            f"this attention_mask (up to {float(leak):.3g}), and the cache does not show which positions the "
+            f"this attention_mask (up to {leak:.3g}), and the cache does not show which positions the "
             "layer itself zeroed (lens_alti reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the "
             "sequences one at a time without padding."
         )
-    if float(leak) > _MASK_LEAK_TOLERANCE:
-        raise LensAltiError(
+    if leak > _MASK_LEAK_TOLERANCE:
+        raise MaskMismatchError(
             f"{block.name}: real tokens attend to positions that the mask marks as padding "
-            f"(attention up to {float(leak):.3g}); pass the same attention_mask "
+            f"(attention up to {leak:.3g}); pass the same attention_mask "
             "(and decoder_attention_mask) that run_with_cache was given"
         )
-    keep = (valid_q[:, None, :, None] & valid_k[:, None, None, :]).to(pattern.dtype)
-    return AttentionBlock(**{**block.__dict__, "pattern": pattern * keep})
+    return isolate_padding(block, valid_q, valid_k)
 
 
 @dataclass
-class _Stacked:
-    """Per-layer outputs of one kind of block, stacked along dim 1."""
+class _StackChecks:
+    """Per-stack checks of `_block_vectors`: the measure and heads asked for, and the mask check.
 
-    layers: Tensor
-    errors: Tensor
-    heads: Tensor | None = None
-    heads_residual: Tensor | None = None
-    head_outputs: Tensor | None = None
-    head_outputs_residual: Tensor | None = None
+    `causal` None skips the check for padding the mask does not declare (alti/masking.py);
+    it runs once, on the first attention block of the stack.
+    """
+
+    measure: str
+    heads: bool
+    causal: bool | None = None
+    mask_name: str = "attention_mask"
+    padding_checked: bool = False
+
+
+def _block_vectors(
+    block: AttentionBlock,
+    valid_q: Tensor,
+    valid_k: Tensor,
+    *,
+    dtype: torch.dtype,
+    check: bool,
+    checks: _StackChecks,
+) -> tuple[TransformedVectors, float]:
+    """Check, mask and decompose one block on the device it lives on; (vectors, relative error)."""
+    device = block.pattern.device
+    valid_q, valid_k = valid_q.to(device), valid_k.to(device)
+    if checks.measure == "attention" and not block.pattern_is_distribution:
+        raise UnsupportedModelError(
+            f"{block.name} (layer {block.layer}) is a linear-recurrent mixer: it has no attention weights, "
+            "so measure='attention' is undefined for it; use 'l1', 'l2' or 'koba'"
+        )
+    if checks.heads and not block.pattern_is_distribution:  # a linear-recurrent mixer (reading/mixers)
+        raise UnsupportedModelError(
+            f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
+            "not per head: per-head contributions are not available for it; call attribute(..., heads=False)"
+        )
+    _check_finite(block, valid_q, valid_k)
+    if not checks.padding_checked and checks.causal is not None and block.pattern_is_distribution:
+        check_declared_padding(block, valid_q, causal=checks.causal, mask_name=checks.mask_name)
+        checks.padding_checked = True
+    block = _masked_block(block, valid_q, valid_k)
+    if check:
+        check_pattern_distribution(block, valid_q, valid_k, 10 * _HALF_TOLERANCE.get(block.pattern.dtype, 1e-4))
+    tv = decompose(block, dtype=dtype, valid_rows=valid_q)
+    tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
+    return tv, (check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))
+
+
+def _collector(
+    n_layers: int,
+    valid_q: Tensor,
+    valid_k: Tensor,
+    opts: dict[str, Any],
+    *,
+    positions: Tensor | None,
+    self_stack: bool,
+    device: torch.device | str | None,
+) -> LayerCollector:
+    return LayerCollector(
+        n_layers, valid_q, valid_k, measure=opts["measure"], heads=opts["heads"],
+        max_chunk_bytes=opts["max_chunk_bytes"], backend=opts["backend"], positions=positions,
+        restrict_layers=self_stack, rollout=self_stack, device=device,
+    )
 
 
 def _run_blocks(
     readers: list[BlockReader],
     cache: Any,
+    collector: LayerCollector,
     valid_q: Tensor,
     valid_k: Tensor,
     *,
-    measure: str,
-    heads: bool,
-    check: bool,
     dtype: torch.dtype,
-    max_chunk_bytes: int,
-    backend: str,
+    check: bool,
+    checks: _StackChecks,
     progress: Any,
-) -> _Stacked:
+) -> StackResults:
     """Read, decompose and measure every block of one kind (encoder, decoder self, cross...).
 
     Each layer's results are written into tensors allocated once for all layers, so the
     peak memory is the results plus one layer's working set.
     """
-    q_mask = valid_q.to(dtype)
-    n = len(readers)
-    out: _Stacked | None = None
-    errors = []
     for layer, reader in enumerate(readers):
         block = reader.build(cache)
-        if measure == "attention" and not block.pattern_is_distribution:
-            raise UnsupportedModelError(
-                f"{block.name} (layer {block.layer}) is a linear-recurrent mixer: it has no attention weights, "
-                "so measure='attention' is undefined for it; use 'l1', 'l2' or 'koba'"
-            )
-        if heads and not block.pattern_is_distribution:  # a linear-recurrent mixer (reading/mixers)
-            raise UnsupportedModelError(
-                f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
-                "not per head: per-head contributions are not available for it; call attribute(..., heads=False)"
-            )
-        _check_finite(block, valid_q, valid_k)
-        block = _masked_block(block, valid_q, valid_k)
-        tv = decompose(block, dtype=dtype, valid_rows=valid_q)
-        tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
-        errors.append(check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))
-        key_mask = None if bool(valid_k.all()) else valid_k
-        c = block_contributions(
-            tv, measure, heads=heads, key_mask=key_mask, max_chunk_bytes=max_chunk_bytes, backend=backend
-        )
-        head_out = head_output_contributions(tv) if heads else None
-        if out is None:
-            alloc = lambda t: None if t is None else t.new_zeros(t.shape[0], n, *t.shape[1:])  # noqa: E731
-            out = _Stacked(
-                layers=alloc(c.tokens),
-                errors=torch.empty(0),
-                heads=alloc(c.heads),
-                heads_residual=alloc(c.heads_residual),
-                head_outputs=alloc(head_out[0] if head_out else None),
-                head_outputs_residual=alloc(head_out[1] if head_out else None),
-            )
-        torch.mul(c.tokens, q_mask[:, :, None], out=out.layers[:, layer])
-        if heads:
-            torch.mul(c.heads, q_mask[:, None, :, None], out=out.heads[:, layer])
-            torch.mul(c.heads_residual, q_mask, out=out.heads_residual[:, layer])
-            torch.mul(head_out[0], q_mask[:, None], out=out.head_outputs[:, layer])
-            torch.mul(head_out[1], q_mask, out=out.head_outputs_residual[:, layer])
-        del tv, block, c, head_out
+        collector.add(layer, *_block_vectors(block, valid_q, valid_k, dtype=dtype, check=check, checks=checks))
         progress.update(1)
-    out.errors = torch.tensor(errors, dtype=torch.float64)
-    return out
+    return collector.finish()
 
 
-def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
+def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_chunk_bytes: int, dtype: Any) -> None:
+    """Refuse early (InsufficientMemoryError) when the results and one layer's work cannot fit (alti/memory.py)."""
+    shapes = [
+        BlockShape(len(r), *cache[r[0].hooks[0]].shape, int(getattr(getattr(model, "cfg", None), "d_model", 0) or 0))
+        for r in layout.blocks.values()
+        if r and r[0].hooks[0] in cache.keys() and cache[r[0].hooks[0]].dim() == 4
+    ]
+    device = cache[layout.blocks[next(iter(layout.blocks))][0].hooks[0]].device
+    size = torch.finfo(dtype).bits // 8
+    attribute_memory_check(shapes, heads=heads, max_chunk_bytes=max_chunk_bytes, device=device, element_size=size)
+
+
+def _str_tokens(
+    model: Any, tokens: Any, batch: int, pos: int | None = None, name: str = "tokens"
+) -> list[list[str]] | None:
     if tokens is None:
         return None
+    if pos is not None and not isinstance(tokens, (list, tuple)):  # token ids: one row per batch item, pos long
+        ids = tokens = check_token_ids(name, tokens, dims=(1, 2))
+        rows = ids.shape[0] if ids.dim() == 2 else 1
+        if ids.shape[-1] != pos or rows != batch:
+            raise InvalidArgumentError(
+                name, f"ids of shape {tuple(ids.shape)}", f"[batch, pos] = [{batch}, {pos}], the cache's shape "
+                f"(tokens has {rows} rows but the cache has batch size {batch}; labels would be misaligned)"
+            )
+    if pos is not None and isinstance(tokens, (str, list, tuple)):
+        check_str_tokens(name, tokens, [pos] * batch)
     if isinstance(tokens, Tensor):
         rows = tokens if tokens.dim() == 2 else tokens[None]
         if hasattr(model, "to_str_tokens"):
@@ -185,7 +227,7 @@ def _str_tokens(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
     else:
         out = [list(t) for t in tokens]
     if len(out) != batch:
-        raise ValueError(f"tokens has {len(out)} rows but the cache has batch size {batch}")
+        raise InvalidArgumentError("tokens", f"{len(out)} rows", f"one row per batch item ({batch})")
     return out
 
 
@@ -207,19 +249,130 @@ def _progress(enabled: bool | None, n_pos: int, total: int) -> Any:
     return tqdm(total=total, desc="lens_alti", unit="block")
 
 
-def _check_decoder_input(cache: Any) -> None:
-    """TransformerLens feeds the source shifted right when decoder_input is missing."""
+def _check_decoder_input(cache: Any, decoder_tokens: Any = None) -> None:
+    """TransformerLens feeds the source shifted right when decoder_input is missing.
+
+    The decoder input alone cannot tell that from a real identity translation; decoder token
+    ids passed to `attribute` and equal to the decoder input can (someone who forgot the
+    target has none to pass), and `allow_shifted_source=True` overrides the check.
+    """
     if "embed.hook_in" not in cache.keys() or "decoder_embed.hook_in" not in cache.keys():
         return
     src, tgt = cache["embed.hook_in"], cache["decoder_embed.hook_in"]
     if src.dtype.is_floating_point or tgt.shape != src.shape or src.shape[-1] < 2:
         return
+    if isinstance(decoder_tokens, Tensor) and decoder_tokens.numel() == tgt.numel():
+        if decoder_tokens.reshape(tgt.shape).cpu().equal(tgt.cpu()):
+            return  # the caller holds the target ids the cache was run with
     if torch.equal(tgt[:, 1:], src[:, :-1]) and bool((tgt[:, 0] == tgt[0, 0]).all()):
-        raise LensAltiError(
+        raise MissingTargetError(
             "this encoder-decoder cache was run without a target: TransformerLens then feeds the "
             "source shifted right as the decoder input. Run "
-            "`model.run_with_cache(src_tokens, decoder_input=tgt_tokens)` with the target prefix to explain."
+            "`model.run_with_cache(src_tokens, decoder_input=tgt_tokens)` with the target prefix to explain. "
+            "If the target prefix really is the source shifted right (an identity translation), pass "
+            "decoder_tokens=tgt_tokens or allow_shifted_source=True."
         )
+
+
+def _is_cache(obj: Any) -> bool:
+    try:
+        from transformer_lens import ActivationCache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, ActivationCache)
+
+
+def _model_tokens(model: Any, tokens: Any, what: str) -> tuple[Tensor, Tensor | None]:
+    """(ids `[batch, pos]`, mask from tokenising several texts or None) for streaming."""
+    if tokens is None:
+        raise ValueError(f"attribute(model, ...) runs the model itself: pass {what}= (token ids or text)")
+    if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+        return tokenize(model, tokens if isinstance(tokens, str) else list(tokens))
+    ids = torch.as_tensor(tokens)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.dtype.is_floating_point:
+        raise ValueError(f"{what} must be integer token ids [batch, pos] (or text), got {tuple(ids.shape)} {ids.dtype}")
+    return ids, None
+
+
+def _input_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def resolve_positions(positions: Any, valid: Tensor) -> Tensor | None:
+    """Receivers of interest as `[batch, r]` positions, or None for all.
+
+    `positions`: "last", an int, a list of ints (the same for every batch item; negative
+    ones count back from each item's last real token, so -1 is the last real token under
+    left or right padding), a `[batch, r]` integer tensor, or a `[batch, pos]` boolean mask
+    selecting the same number of receivers in every item. Padding cannot be selected.
+    """
+    if positions is None:
+        return None
+    batch, pos = valid.shape
+    if isinstance(positions, str):
+        if positions != "last":
+            raise ValueError(f"positions must be 'last', an int, a list of ints or a tensor, got {positions!r}")
+        positions = [-1]
+    if isinstance(positions, int):
+        positions = [positions]
+    t = torch.as_tensor(positions, device=valid.device)
+    if t.dtype == torch.bool:
+        if t.shape != (batch, pos):
+            raise ValueError(f"a boolean positions mask must be [batch, pos] = [{batch}, {pos}], got {tuple(t.shape)}")
+        counts = t.sum(-1)
+        if t.numel() == 0 or bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+            raise ValueError(
+                f"a boolean positions mask must select the same, non-zero number of receivers in every batch item; "
+                f"it selects {counts.tolist()}"
+            )
+        out = t.nonzero()[:, 1].view(batch, int(counts[0]))
+    else:
+        if t.dtype.is_floating_point or t.dim() not in (1, 2) or t.numel() == 0:
+            raise ValueError(f"positions must be a non-empty list of ints or a [batch, r] tensor, got {positions!r}")
+        t = t.long()
+        if t.dim() == 1:
+            t = t.expand(batch, -1)
+        if t.shape[0] != batch:
+            raise ValueError(f"positions has {t.shape[0]} rows but the batch has {batch} items")
+        n_real = valid.sum(-1, keepdim=True)
+        if bool(((t < -n_real) | (t >= pos)).any()):
+            raise ValueError(
+                f"positions {t.tolist()} fall outside the inputs ({pos} positions; negative ones count back "
+                f"over the {n_real.flatten().tolist()} real tokens of each item)"
+            )
+        real = torch.where(valid, torch.arange(pos, device=valid.device), pos).sort(-1).values  # real first
+        from_end = real.gather(1, (n_real + t).clamp(0, pos - 1))
+        out = torch.where(t < 0, from_end, t)
+    if not bool(valid.gather(1, out).all()):
+        raise ValueError(f"positions {out.tolist()} select padding; choose real tokens (attention_mask == 1)")
+    return out
+
+
+def _stream(
+    model: Any,
+    layout: ModelLayout,
+    inputs: dict[str, Any],
+    stacks: dict[str, tuple[LayerCollector, Tensor, Tensor]],
+    *,
+    dtype: torch.dtype,
+    check: bool,
+    checks: dict[str, _StackChecks],
+    progress: Any,
+) -> None:
+    """Run the model once; measure each block as soon as its activations exist."""
+
+    def on_block(kind: str, layer: int, block: AttentionBlock) -> None:
+        collector, valid_q, valid_k = stacks[kind]
+        vectors = _block_vectors(block, valid_q, valid_k, dtype=dtype, check=check, checks=checks[kind])
+        collector.add(layer, *vectors)
+        progress.update(1)
+
+    stream_blocks(model, layout, inputs, on_block)
 
 
 @torch.no_grad()
@@ -238,30 +391,50 @@ def attribute(
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     backend: str = "auto",
     progress: bool | None = None,
+    positions: Any = None,
+    output_device: torch.device | str | None = None,
+    allow_shifted_source: bool = False,
 ) -> AltiResult | Seq2SeqAltiResult:
-    """ALTI contributions for every layer (and head), with rollout, from a cache.
+    """ALTI contributions for every layer (and head), with rollout, from a cache or a model.
 
     Args:
         cache: the ActivationCache of `logits, cache = model.run_with_cache(tokens)` for a
             TransformerLens TransformerBridge (weights are read from `cache.model`); for an
             encoder-decoder, `model.run_with_cache(src, decoder_input=tgt)`.
+            Or the model itself (streaming): `attribute(model, tokens=ids_or_text, ...)` runs
+            the forward pass with hooks that measure each block as soon as its activations
+            exist and then drop them, so the full cache never exists. Same numbers.
         measure: "l1" (ALTI, default), "l2", "koba" (‖T_i(x_j)‖₂) or "attention" (head-mean
             attention weights, a baseline).
         heads: also compute per-head (token-through-head) contributions, always with L1.
         attention_mask: `[batch, pos]` 1 for real tokens, 0 for padding (left or right); the
-            same mask the cache was produced with. For encoder-decoders: the source mask.
+            same mask the cache was produced with (streaming: the mask to run with; texts
+            are left-padded and masked automatically). For encoder-decoders: the source mask.
         decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
         check: verify each block's decomposition reproduces the real activation to
             max|Δ| ≤ 1e-4·max|y| and raise ReconstructionError otherwise.
-        tokens / decoder_tokens: token ids `[batch, pos]` or strings, used only for labels.
+        tokens / decoder_tokens: with a cache, token ids `[batch, pos]` or strings, used only
+            for labels. With a model, the input to run (ids, a text or a list of texts) and,
+            for encoder-decoders, the target prefix ids `[batch, tgt]` (decoder start first).
         parallel_mlp: for parallel attention+MLP blocks (GPT-J, NeoX): "exclude" (y = x + attn)
             or "residual" (the MLP output, a function of x_i alone, joins x_i's own term).
         dtype: computation dtype (fp16/bf16 caches are always computed in at least fp32).
         max_chunk_bytes: memory budget for one chunk of receivers' intermediates.
-        backend: "compiled" (torch.compile'd fused kernels), "eager" (same numbers, slower,
-            more memory per chunk) or "auto" (compiled for blocks large enough to repay the
-            one-off compilation; eager if compilation is unavailable).
+        backend: "native" (C kernels, CPU), "compiled" (torch.compile'd fused kernels), "eager"
+            (same numbers, slower, more memory per chunk) or "auto" (chosen once per call from
+            the whole call's work and start-up costs: `lens_alti.alti.backend`).
         progress: show a progress bar over blocks (default: inputs of ≥ 512 tokens, in a terminal or notebook).
+        positions: receivers of interest ("last", ints, `[batch, r]` ints or a `[batch, pos]`
+            boolean mask; negative ints count back from each item's last real token). The
+            per-head kernels run for those rows only and `layers`, `rollout`, `heads`... hold
+            those rows (`result.positions[b, r]` says which); the rollout stays exact.
+            Encoder-decoders: target positions, restricting the decoder's per-head results.
+        output_device: where results are gathered (default: where the first block lives);
+            each block is computed on the device of its activations and weights.
+        allow_shifted_source: encoder-decoders: accept a decoder input equal to the source shifted
+            right (a real identity translation). Without it such a cache is refused with
+            MissingTargetError (TransformerLens feeds exactly that when `decoder_input` is
+            forgotten) unless `decoder_tokens` are given as ids equal to the decoder input.
 
     Returns:
         Decoder-only and encoder models: an AltiResult with `layers`, `rollout`
@@ -271,14 +444,32 @@ def attribute(
         `total`, `source_contribution`).
     """
     if measure not in MEASURES:
-        raise ValueError(f"unknown measure {measure!r}; expected one of {', '.join(MEASURES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    cache, model = cache_and_model(cache)
-    layout = model_layout(model, parallel_mlp)
-    check_hooks(cache, layout)
+        raise InvalidArgumentError("measure", measure, f"one of {', '.join(MEASURES)} (unknown measure {measure!r})")
+    check_choice("backend", backend, BACKENDS)
+    check_choice("dtype", dtype, (torch.float32, torch.float64))
+    max_chunk_bytes = check_size("max_chunk_bytes", max_chunk_bytes, minimum=1)
+    for flag, value in (("heads", heads), ("check", check), ("allow_shifted_source", allow_shifted_source)):
+        check_type(flag, value, bool, "True or False")
+    streaming = not _is_cache(cache)
+    if streaming:
+        model = cache
+        layout = model_layout(model, parallel_mlp)
+        device = _input_device(model)
+        ids, text_mask = _model_tokens(model, tokens, "tokens")
+        ids = ids.to(device)
+        if text_mask is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either a list of texts (padded and masked for you) or ids with attention_mask")
+            attention_mask = text_mask
+        dec_ids = None
+        if layout.family == "encoder_decoder" and decoder_tokens is not None:
+            dec_ids = _model_tokens(model, decoder_tokens, "decoder_tokens")[0].to(device)
+        tokens, decoder_tokens = ids, dec_ids
+    else:
+        cache, model = cache_and_model(cache)
+        layout = model_layout(model, parallel_mlp)
+        check_hooks(cache, layout)
+        _check_memory(cache, layout, model, heads, max_chunk_bytes, dtype)
     if layout.weight_processing != "raw":
         warnings.warn(
             f"the model's weights were {layout.weight_processing}: ALTI is exact for this processed model but "
@@ -287,53 +478,92 @@ def attribute(
             WeightProcessingWarning,
             stacklevel=2,
         )
-    opts = {
-        "measure": measure,
-        "heads": heads,
-        "check": check,
-        "dtype": dtype,
-        "max_chunk_bytes": max_chunk_bytes,
-        "backend": backend,
-    }
+    # The backend is chosen once for the whole call (alti/backend.py); streaming decides per block.
+    chosen = resolve_backend(backend, None if streaming else cache, layout, heads=heads, dtype=dtype)
+    opts = {"measure": measure, "heads": heads, "max_chunk_bytes": max_chunk_bytes, "backend": chosen}
+    run = {"dtype": dtype, "check": check}
     n_blocks = sum(len(r) for r in layout.blocks.values())
 
     if layout.family != "encoder_decoder":
         if decoder_attention_mask is not None:
-            raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
+            raise InvalidArgumentError(
+                "decoder_attention_mask", "a mask", f"None (only encoder-decoders take it, not {layout.architecture})"
+            )
         readers = layout.blocks["self"]
-        first = cache[readers[0].hooks[0]].shape  # [b, h, q, k] pattern, or [b, pos, d] for a mixer layer
-        batch, pos = first[0], (first[-1] if len(first) == 4 else first[1])
-        valid = _prepare_mask(attention_mask, batch, pos, cache[readers[0].hooks[0]].device, "attention_mask")
+        if streaming:
+            (batch, pos), where = tokens.shape, tokens.device
+        else:
+            first = cache[readers[0].hooks[0]].shape  # [b, h, q, k] pattern, or [b, pos, d] for a mixer layer
+            batch, pos = first[0], (first[-1] if len(first) == 4 else first[1])
+            where = cache[readers[0].hooks[0]].device
+        valid = _prepare_mask(attention_mask, batch, pos, where, "attention_mask")
+        pos_idx = resolve_positions(positions, valid)
+        col = _collector(len(readers), valid, valid, opts, positions=pos_idx, self_stack=True, device=output_device)
         bar = _progress(progress, pos, n_blocks)
+        checks = _StackChecks(measure, heads, causal=layout.family == "decoder")
         try:
-            out = _run_blocks(readers, cache, valid, valid, progress=bar, **opts)
+            if streaming:
+                inputs = forward_inputs(model, layout, tokens, attention_mask, None, None)
+                stacks = {"self": (col, valid, valid)}
+                _stream(model, layout, inputs, stacks, checks={"self": checks}, progress=bar, **run)
+                out = col.finish()
+            else:
+                out = _run_blocks(readers, cache, col, valid, valid, checks=checks, progress=bar, **run)
         finally:
             bar.close()
-        return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch))
+        return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch, pos), pos_idx)
 
-    _check_decoder_input(cache)
     enc, dec, crs = layout.blocks["encoder"], layout.blocks["decoder_self"], layout.blocks["cross"]
-    batch, _, _, src_len = cache[enc[0].hooks[0]].shape
-    tgt_len = cache[dec[0].hooks[0]].shape[-1]
-    device = cache[enc[0].hooks[0]].device
+    if streaming:
+        if decoder_tokens is None:
+            forward_inputs(model, layout, tokens, None, None, None)  # raises: the target prefix is needed
+        (batch, src_len), tgt_len, device = tokens.shape, decoder_tokens.shape[-1], tokens.device
+    else:
+        if not allow_shifted_source:
+            _check_decoder_input(cache, decoder_tokens)
+        batch, _, _, src_len = cache[enc[0].hooks[0]].shape
+        tgt_len = cache[dec[0].hooks[0]].shape[-1]
+        device = cache[enc[0].hooks[0]].device
     src_valid = _prepare_mask(attention_mask, batch, src_len, device, "attention_mask")
     tgt_valid = _prepare_mask(decoder_attention_mask, batch, tgt_len, device, "decoder_attention_mask")
+    pos_idx = resolve_positions(positions, tgt_valid)
+    where = {"device": output_device}
+    enc_col = _collector(len(enc), src_valid, src_valid, opts, positions=None, self_stack=True, **where)
+    self_col = _collector(len(dec), tgt_valid, tgt_valid, opts, positions=pos_idx, self_stack=False, **where)
+    cross_col = _collector(len(crs), tgt_valid, src_valid, opts, positions=pos_idx, self_stack=False, **where)
     bar = _progress(progress, max(src_len, tgt_len), n_blocks)
+    checks = {
+        "encoder": _StackChecks(measure, heads, causal=False),
+        "decoder_self": _StackChecks(measure, heads, causal=True, mask_name="decoder_attention_mask"),
+        "cross": _StackChecks(measure, heads),
+    }
     try:
-        enc_out = _run_blocks(enc, cache, src_valid, src_valid, progress=bar, **opts)
-        self_out = _run_blocks(dec, cache, tgt_valid, tgt_valid, progress=bar, **opts)
-        cross_out = _run_blocks(crs, cache, tgt_valid, src_valid, progress=bar, **opts)
+        if streaming:
+            inputs = forward_inputs(model, layout, tokens, attention_mask, decoder_tokens, decoder_attention_mask)
+            stacks = {
+                "encoder": (enc_col, src_valid, src_valid),
+                "decoder_self": (self_col, tgt_valid, tgt_valid),
+                "cross": (cross_col, tgt_valid, src_valid),
+            }
+            _stream(model, layout, inputs, stacks, checks=checks, progress=bar, **run)
+            enc_out, self_out, cross_out = enc_col.finish(), self_col.finish(), cross_col.finish()
+        else:
+            common = {"progress": bar, **run}
+            enc_out = _run_blocks(enc, cache, enc_col, src_valid, src_valid, checks=checks["encoder"], **common)
+            self_out = _run_blocks(dec, cache, self_col, tgt_valid, tgt_valid, checks=checks["decoder_self"], **common)
+            cross_out = _run_blocks(crs, cache, cross_col, tgt_valid, src_valid, checks=checks["cross"], **common)
     finally:
         bar.close()
-    encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch))
+    encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch, src_len), None)
     total = encoder_decoder_rollout(encoder.rollout[:, -1], cross_out.layers, self_out.layers)
+    tgt_mask = tgt_valid.to(total.device)
     return Seq2SeqAltiResult(
         encoder=encoder,
         decoder_self=self_out.layers,
         cross=cross_out.layers,
-        total=total * tgt_valid[:, None, :, None].to(total.dtype),
-        source_mask=src_valid.long(),
-        target_mask=tgt_valid.long(),
+        total=total * tgt_mask[:, None, :, None].to(total.dtype),
+        source_mask=src_valid.long().to(total.device),
+        target_mask=tgt_mask.long(),
         reconstruction_error={"encoder": enc_out.errors, "decoder_self": self_out.errors, "cross": cross_out.errors},
         measure=measure,
         architecture=layout.architecture,
@@ -343,17 +573,24 @@ def attribute(
         cross_heads=cross_out.heads,
         cross_heads_residual=cross_out.heads_residual,
         source_str_tokens=encoder.str_tokens,
-        target_str_tokens=_str_tokens(model, decoder_tokens, batch),
+        target_str_tokens=_str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"),
+        positions=None if pos_idx is None else pos_idx.to(total.device),
     )
 
 
 def _self_result(
-    out: _Stacked, valid: Tensor, layout: ModelLayout, measure: str, str_tokens: list[list[str]] | None
+    out: StackResults,
+    valid: Tensor,
+    layout: ModelLayout,
+    measure: str,
+    str_tokens: list[list[str]] | None,
+    positions: Tensor | None,
 ) -> AltiResult:
+    device = out.layers.device
     return AltiResult(
         layers=out.layers,
-        rollout=rollout(out.layers),
-        attention_mask=valid.long(),
+        rollout=out.rollout,
+        attention_mask=valid.long().to(device),
         reconstruction_error=out.errors,
         measure=measure,
         architecture=layout.architecture,
@@ -363,6 +600,7 @@ def _self_result(
         head_outputs=out.head_outputs,
         head_outputs_residual=out.head_outputs_residual,
         str_tokens=str_tokens,
+        positions=None if positions is None else positions.to(device),
     )
 
 
@@ -376,7 +614,7 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     cache, model = cache_and_model(cache)
     layout = model_layout(model)
     if layout.family == "encoder_decoder":
-        raise ValueError("attention_rollout is for decoder-only and encoder models")
+        raise InvalidArgumentError("cache", "an encoder-decoder cache", "a decoder-only or encoder model's cache")
     names = [r.hooks[0] for r in layout.blocks["self"]]
     not_attention = [r.name for r in layout.blocks["self"] if not r.hooks[0].endswith("hook_pattern")]
     if not_attention:  # linear-recurrent mixers (reading/mixers) have no attention pattern to roll out

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -42,6 +43,42 @@ def _top_table(result: Any, pos: int, k: int) -> Any:
     return pd.DataFrame(result.top_sources(pos, k=k), columns=["position", "token", "rollout contribution"])
 
 
+class _UsageError(Exception):
+    """A command-line usage error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would print the usage too
+        raise _UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_fits_cli(model: Any, batch: int, n_tokens: int, heads: bool, n_src: int = 0) -> None:
+    """Context length and a memory estimate of the forward pass + ALTI, before either runs."""
+    from lens_alti.alti.memory import ATTRIBUTE_ADVICE, BlockShape, attribute_bytes, check_fits, forward_cache_bytes
+    from lens_alti.analysis.checks import check_context
+
+    check_context(model, n_tokens, "text")
+    cfg = model.cfg
+    d_model = int(getattr(cfg, "d_model", 0) or 0)
+    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    dims = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_mlp=int(getattr(cfg, "d_mlp", 0) or 4 * d_model))
+    n = max(n_tokens, n_src)
+    need = forward_cache_bytes(batch, n, d_vocab=int(getattr(cfg, "d_vocab", 0) or 0), **dims)
+    need += attribute_bytes([BlockShape(n_layers, batch, n_heads, n, n, d_model)], heads=heads, max_chunk_bytes=0)
+    advice = ATTRIBUTE_ADVICE.replace("To fit:", "To fit: explain a shorter text; in Python:")
+    check_fits(need, getattr(cfg, "device", None) or "cpu", f"explaining {n} tokens", advice)
+
+
 def explain(args: argparse.Namespace) -> None:
     import torch
 
@@ -54,19 +91,17 @@ def explain(args: argparse.Namespace) -> None:
     model = load_pretrained(args.model)
     if hasattr(model, "encoder_blocks"):
         return _explain_seq2seq(args, model)
-    tokens = model.to_tokens(args.text)
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if n_ctx and tokens.shape[1] > n_ctx:
-        raise ValueError(f"the text is {tokens.shape[1]} tokens long; {args.model} takes at most {n_ctx}")
+    tokens = model.to_tokens(args.text, truncate=False)  # truncation would hide a text that is too long
+    _check_fits_cli(model, 1, tokens.shape[1], args.heads)
     t1 = _step("running the model and ALTI")
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
     result = lens_alti.attribute(cache, tokens=tokens, heads=args.heads)
     t2 = time.perf_counter()
     words = result.str_tokens[0]
-    pos = args.position if args.position >= 0 else len(words) + args.position
-    if not 0 <= pos < len(words):
-        raise ValueError(f"--position {args.position} is outside the {len(words)} tokens of the text")
+    from lens_alti.validation import check_position
+
+    pos = check_position("--position", args.position, None, len(words), where="the text")
     print(f"model: {args.model} ({result.architecture}, {result.n_layers} layers, weights {result.weight_processing})")
     print(f"text: {args.text!r} ({len(words)} tokens)")
     if getattr(model.cfg, "attention_dir", "causal") == "causal":
@@ -96,12 +131,21 @@ def _explain_seq2seq(args: argparse.Namespace, model: Any) -> None:
     start = getattr(model.original_model.config, "decoder_start_token_id", start)
     tgt_ids = model.tokenizer(args.target, add_special_tokens=False)["input_ids"]
     tgt = torch.tensor([[start, *tgt_ids]])
+    _check_seq2seq_context(model, src.shape[1], tgt.shape[1])
+    _check_fits_cli(model, 1, tgt.shape[1], args.heads, n_src=src.shape[1])
     with torch.no_grad():
         _, cache = model.run_with_cache(src, decoder_input=tgt)
     result = lens_alti.attribute(cache, tokens=src, decoder_tokens=tgt, heads=args.heads)
     print(repr(result))
+    from lens_alti.validation import check_position
+
+    pos = check_position("--position", args.position, result.target_mask[0], where="the target prefix")
     for t, share in enumerate(result.source_contribution[0].tolist()):
         print(f"  target {t:3d} {result.target_str_tokens[0][t]!r:>14}: source {share:.3f}")
+    label = result.target_str_tokens[0][pos]
+    print(f"\ntop {args.top} tokens by ALTI+ ({result.measure}) for target position {pos} {label!r}:")
+    for side, idx, tok, val in result.top_sources(pos, k=args.top):
+        print(f"  {side:6s} {idx:4d}  {tok!r:>16}  {val:.4f}  {'#' * round(val * 60)}")
     if args.out:
         from lens_alti.viz import plotting
         from lens_alti.viz.report import write_report
@@ -111,6 +155,19 @@ def _explain_seq2seq(args: argparse.Namespace, model: Any) -> None:
             ("Encoder rollout", [plotting.rollout_heatmap(result.encoder)]),
         ]
         print(f"\nreport: {write_report(args.out, f'ALTI+: {args.text}', sections, notes=repr(result))}")
+
+
+def _check_seq2seq_context(model: Any, n_src: int, n_tgt: int) -> None:
+    """Source and target lengths against the model's learned positions (none for relative ones, e.g. T5)."""
+    from lens_alti.errors import ContextLengthError
+
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if getattr(config, "relative_attention_num_buckets", None) is not None:
+        limit = None
+    for name, n in (("--source", n_src), ("--target", n_tgt)):
+        if limit and n > int(limit):
+            raise ContextLengthError(name, n, int(limit))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -186,39 +243,92 @@ def demo(args: argparse.Namespace) -> None:
     print(f"(load {t1 - t0:.1f} s, forward + ALTI {t2 - t1:.1f} s, head ablation {t3 - t2:.1f} s)")
 
 
+def run(args: argparse.Namespace) -> None:
+    """`lens-alti run`: a whole corpus into shards (see lens_alti.corpus); resumable, torchrun-aware."""
+    from lens_alti.corpus import RunOptions, run_corpus
+
+    opts = RunOptions(
+        model=args.model, data=args.data, measure=args.measure, heads=args.heads, positions=args.positions,
+        batch_size=args.batch_size, max_length=args.max_length, text_field=args.text_field,
+    )
+    manifest = run_corpus(opts, args.out, device=args.device, progress=not args.no_progress)
+    if manifest is not None:
+        print(
+            f"{manifest['attributed']} of {manifest['rows']} rows attributed into {len(manifest['shards'])} shards "
+            f"in {args.out} ({manifest['errors']} recorded in errors.jsonl)"
+        )
+
+
+def _add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    r = sub.add_parser(
+        "run", parents=[common], help="attribute a whole corpus into shards (resumable; works under torchrun)"
+    )
+    r.add_argument("--model", required=True, help="'smollm2', 'minilm', a local Hugging Face folder or a hub name")
+    r.add_argument("--data", required=True, help="FILE.jsonl (a 'text' field), FILE.txt (one text per line) "
+                   "or a Hugging Face dataset folder (save_to_disk)")
+    r.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
+    r.add_argument("--measure", default="l1", choices=["l1", "l2", "koba", "attention"])
+    r.add_argument("--heads", action="store_true", help="also per-head contributions")
+    r.add_argument("--positions", default="last", choices=["last", "all"],
+                   help="receivers to keep: the last real token of each text (default) or all")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--max-length", type=int, default=512, help="longer texts are recorded in errors.jsonl")
+    r.add_argument("--text-field", default="text", help="the text column of .jsonl files and datasets")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    r.add_argument("--no-progress", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lens-alti", description="ALTI contributions for TransformerLens models")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="indirect-object example on the built-in SmolLM2-135M, with head ablation")
+    parser = _Parser(prog="lens-alti", description="ALTI contributions for TransformerLens models")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    d = sub.add_parser(
+        "demo", parents=[common], help="indirect-object example on the built-in SmolLM2-135M, with head ablation"
+    )
     d.add_argument("--out", default=DEFAULT_OUT, help=f"HTML report to write (default {DEFAULT_OUT})")
-    d.add_argument("--prompts", type=int, default=3, help="how many templated prompts (default 3)")
-    d.add_argument("--top", type=int, default=8, help="how many input tokens to list")
-    e = sub.add_parser("explain", help="explain one position of a text")
+    d.add_argument("--prompts", type=_positive_int, default=3, help="how many templated prompts (default 3)")
+    d.add_argument("--top", type=_positive_int, default=8, help="how many input tokens to list")
+    e = sub.add_parser("explain", parents=[common], help="explain one position of a text")
     e.add_argument("text", nargs="?", help="the text (for encoder-decoders: the source, or use --source)")
     e.add_argument("--source", help="encoder-decoders: the source sentence (instead of TEXT)")
     e.add_argument("--model", default="smollm2", help="'smollm2' (built-in), 'minilm', a local folder or a hub name")
     e.add_argument("--position", type=int, default=-1, help="position to explain (default: the last)")
-    e.add_argument("--top", type=int, default=8)
+    e.add_argument("--top", type=_positive_int, default=8, help="how many input tokens to list (default 8)")
     e.add_argument("--heads", action="store_true", help="also compute per-head contributions")
     e.add_argument("--target", help="encoder-decoders: the target prefix")
     e.add_argument("--out", help="write a self-contained HTML report here")
-    args = parser.parse_args(argv)
-    if args.command == "explain":
-        if args.source is not None:
-            args.text = args.source
-        if args.text is None:
-            parser.error("explain needs TEXT (or --source for an encoder-decoder)")
+    _add_run_parser(sub, common)
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "explain":
+            if args.source is not None:
+                args.text = args.source
+            if args.text is None:
+                parser.error("explain needs TEXT (or --source for an encoder-decoder)")
+    except _UsageError as exc:
+        print(f"lens-alti: error: {exc} (see lens-alti --help)", file=sys.stderr)
+        return 2
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
-    from lens_alti.errors import LensAltiError
-
     try:
-        (demo if args.command == "demo" else explain)(args)
-    except (ImportError, ValueError, OSError, LensAltiError) as exc:
-        print(f"lens-alti: error: {exc}", file=sys.stderr)
-        return 1
+        {"demo": demo, "explain": explain, "run": run}[args.command](args)
+    except Exception as exc:  # every error: one line on stderr, exit code 2 (--debug: the traceback)
+        if args.debug:
+            traceback.print_exc()
+        print(f"lens-alti: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    if not text or not type(exc).__module__.startswith("lens_alti") and not isinstance(exc, (ValueError, OSError)):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text
 
 
 if __name__ == "__main__":

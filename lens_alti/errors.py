@@ -53,3 +53,91 @@ class NonFiniteError(LensAltiError, ValueError):
 
 class WeightProcessingWarning(UserWarning):
     """The model's weights were processed (folded/centred): numbers differ from the raw model."""
+
+
+class PatternNotDistributionError(LensAltiError, ValueError):
+    """A cached attention pattern is not a probability distribution over the valid keys."""
+
+
+def _show(value: object) -> str:
+    """A short repr of an offending value for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _ArgumentProblem(LensAltiError):
+    """An argument of a public function is wrong: names the argument, its value and what is valid.
+
+    Attributes: `argument` (the parameter's name), `value` (what was passed), `expected`
+    (the valid range or kind, in words).
+    """
+
+    problem = "is not valid"
+
+    def __init__(self, argument: str, value: object, expected: str, hint: str = "") -> None:
+        self.argument = argument
+        self.value = value
+        self.expected = expected
+        self.hint = hint
+        msg = f"{argument}={_show(value)} {self.problem}: expected {expected}"
+        super().__init__(f"{msg}. {hint}" if hint else msg)
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable (multiprocessing, pytest-xdist)
+        return (type(self), (self.argument, self.value, self.expected, self.hint))
+
+
+class InvalidArgumentError(_ArgumentProblem, ValueError):
+    """An argument has the right type but a value that is not allowed (a negative size, an unknown choice...)."""
+
+
+class OutOfRangeError(_ArgumentProblem, IndexError):
+    """An index argument (position, batch item, layer, head, token id) is outside its valid range."""
+
+    problem = "is out of range"
+
+
+class ArgumentTypeError(_ArgumentProblem, TypeError):
+    """An argument has the wrong type (a string where token ids are expected, None for a size...)."""
+
+    problem = "has the wrong type"
+
+
+class PaddedPositionError(InvalidArgumentError):
+    """A position that is padding in this batch item was asked for; the message lists the real positions."""
+
+    problem = "is a padded position"
+
+
+class ContextLengthError(InvalidArgumentError):
+    """The input has more tokens than the model's context takes: `argument`, `value` (tokens), `limit`."""
+
+    def __init__(self, argument: str, n_tokens: int, limit: int) -> None:
+        self.limit = int(limit)
+        super().__init__(argument, int(n_tokens), f"at most {limit} tokens")
+        self.args = (
+            f"{argument} is too long: {n_tokens} tokens, this model takes at most {limit}. "
+            "Shorten it, or explain it in pieces.",
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.argument, self.value, self.limit))
+
+
+class MaskMismatchError(LensAltiError, ValueError):
+    """The attention mask given to `attribute` is not the one the cache was produced with."""
+
+
+class MissingTargetError(LensAltiError, ValueError):
+    """An encoder-decoder cache was run without a target (TransformerLens fed the source shifted right)."""
+
+
+class InterventionNotSupportedError(UnsupportedModelError):
+    """The model ignores the hook edit an intervention relies on (e.g. hook_pattern on TransformerLens 4.x BERT)."""
+
+
+class InsufficientMemoryError(LensAltiError, MemoryError):
+    """The estimated memory of a call exceeds what is available; the message says which knob to turn."""
+
+
+class ResultFormatError(LensAltiError, ValueError):
+    """A saved result cannot be read: not a lens_alti file, or written by an incompatible version."""

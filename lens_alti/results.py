@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
+
+from lens_alti.errors import InvalidArgumentError
+from lens_alti.validation import check_choice, check_index, check_position, check_size
 
 
 @dataclass
@@ -32,6 +35,10 @@ class AltiResult:
         architecture: the model's architecture name; weight_processing: "raw" or how the
             weights were processed (numbers then differ from the unprocessed model).
         str_tokens: token strings per batch item, when `tokens` were given.
+        positions: `[batch, row]` the receiver positions of the rows of `layers`, `rollout`
+            and the per-head results when `attribute(..., positions=...)` restricted them
+            (their `query` dimension then has one row per position); None when every
+            position was computed.
     """
 
     layers: Float[Tensor, "batch layer query key"]
@@ -47,6 +54,7 @@ class AltiResult:
     head_outputs_residual: Float[Tensor, "batch layer query"] | None = None
     str_tokens: list[list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    positions: Int[Tensor, "batch row"] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -65,15 +73,27 @@ class AltiResult:
         Uses the rollout after `layer` (default: the last) or, with `use_rollout=False`,
         that layer's own contributions. Negative positions count from the last real token.
         """
+        batch = check_index("batch", batch, self.layers.shape[0], what="batch items")
+        layer = check_index("layer", layer, self.n_layers, what="layers")
+        position = check_position("position", position, self.attention_mask[batch], where=f"batch item {batch}")
+        k = check_size("k", k)
         mat = (self.rollout if use_rollout else self.layers)[batch, layer]
-        if position < 0:
-            real = torch.nonzero(self.attention_mask[batch]).flatten()
-            if len(real) == 0:
-                raise ValueError(f"batch item {batch} has no real tokens")
-            position = int(real[position])
-        row = mat[position]
-        vals, idx = row.topk(min(k, row.numel()))
+        real = self.attention_mask[batch].bool().to(mat.device)
+        row = torch.where(real, mat[self.row_of(position, batch)], float("-inf"))  # padded sources are never listed
+        vals, idx = row.topk(min(k, int(real.sum())))
         return [(int(i), self._label(batch, int(i)), float(v)) for v, i in zip(vals, idx, strict=False)]
+
+    def row_of(self, position: int, batch: int = 0) -> int:
+        """Row of `layers`/`rollout`/`heads` holding receiver `position` (itself unless restricted)."""
+        if self.positions is None:
+            return position
+        hits = (self.positions[batch] == position).nonzero().flatten()
+        if len(hits) == 0:
+            raise InvalidArgumentError(
+                "position", position, f"one of the computed positions {self.positions[batch].tolist()} of batch "
+                f"item {batch}", "This result was made with attribute(..., positions=...).",
+            )
+        return int(hits[0])
 
     def to_dataframe(self, which: str = "rollout") -> Any:
         """Long-format pandas DataFrame of `which` ("layers", "rollout" or "heads").
@@ -83,21 +103,36 @@ class AltiResult:
         """
         import pandas as pd
 
+        check_choice("which", which, ("layers", "rollout", "heads"))
         data = {"layers": self.layers, "rollout": self.rollout, "heads": self.heads}.get(which)
         if data is None:
-            raise ValueError(f"which must be 'layers', 'rollout' or 'heads' (with heads=True), got {which!r}")
+            raise InvalidArgumentError("which", which, "'layers' or 'rollout' ('heads' needs heads=True)")
         names = ["batch", "layer", "head", "query", "key"] if which == "heads" else ["batch", "layer", "query", "key"]
-        idx = torch.nonzero(torch.ones_like(data, dtype=torch.bool))
-        mask = self.attention_mask.bool()
-        b, q, kk = idx[:, 0], idx[:, -2], idx[:, -1]
+        idx = torch.nonzero(torch.ones_like(data, dtype=torch.bool, device="cpu"))
+        mask = self.attention_mask.bool().cpu()
+        b, r, kk = idx[:, 0], idx[:, -2], idx[:, -1]
+        q = r if self.positions is None else self.positions.cpu()[b, r]
         keep = mask[b, q] & mask[b, kk]
-        idx = idx[keep]
-        frame = pd.DataFrame(idx.cpu().numpy(), columns=names)
-        frame["value"] = data[tuple(idx.T)].cpu().numpy()
+        values = data.detach().cpu().flatten()[keep]
+        idx, q = idx[keep], q[keep]
+        idx[:, -2] = q  # rows -> receiver positions
+        frame = pd.DataFrame(idx.numpy(), columns=names)
+        frame["value"] = values.numpy()
         if self.str_tokens is not None:
-            frame["query_token"] = [self._label(bi, qi) for bi, qi in zip(frame["batch"], frame["query"], strict=False)]
-            frame["key_token"] = [self._label(bi, ki) for bi, ki in zip(frame["batch"], frame["key"], strict=False)]
+            import numpy as np
+
+            # One label table [batch, pos] indexed by arrays: no Python loop per cell.
+            width = max(self.attention_mask.shape[-1], max(len(t) for t in self.str_tokens))
+            labels = np.array([[self._label(bi, p) for p in range(width)] for bi in range(len(self.str_tokens))])
+            frame["query_token"] = labels[frame["batch"].to_numpy(), frame["query"].to_numpy()]
+            frame["key_token"] = labels[frame["batch"].to_numpy(), frame["key"].to_numpy()]
         return frame
+
+    def save(self, path: Any) -> Any:
+        """Write this result to `path` (.safetensors + JSON metadata); read it back with `lens_alti.load`."""
+        from lens_alti.saving import save
+
+        return save(self, path)
 
     def __repr__(self) -> str:
         b, n_layers, q, k = self.layers.shape
@@ -144,6 +179,7 @@ class Seq2SeqAltiResult:
     cross_heads_residual: Float[Tensor, "batch layer tgt"] | None = None
     source_str_tokens: list[list[str]] | None = None
     target_str_tokens: list[list[str]] | None = None
+    positions: Int[Tensor, "batch row"] | None = None
 
     @property
     def source_contribution(self) -> Float[Tensor, "batch tgt"]:
@@ -159,9 +195,9 @@ class Seq2SeqAltiResult:
         """The `k` tokens contributing most to target `position` in the ALTI+ total:
         ("source" or "target", index, token, value)."""
         s = self.source_mask.shape[-1]
-        if position < 0:
-            real = torch.nonzero(self.target_mask[batch]).flatten()
-            position = int(real[position])
+        batch = check_index("batch", batch, self.total.shape[0], what="batch items")
+        position = check_position("position", position, self.target_mask[batch], where=f"target of batch item {batch}")
+        k = check_size("k", k)
         row = self.total[batch, -1, position]
         vals, idx = row.topk(min(k, row.numel()))
         out = []
@@ -171,6 +207,12 @@ class Seq2SeqAltiResult:
             label = toks[batch][j] if toks is not None else str(j)
             out.append((side, j, label, v))
         return out
+
+    def save(self, path: Any) -> Any:
+        """Write this result to `path` (.safetensors + JSON metadata); read it back with `lens_alti.load`."""
+        from lens_alti.saving import save
+
+        return save(self, path)
 
     def __repr__(self) -> str:
         b, n_layers, t, _ = self.decoder_self.shape

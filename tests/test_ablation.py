@@ -54,7 +54,7 @@ def test_mean_ablation_differs_from_zero(gpt2):
     zero = ablation.head_ablation(gpt2, TOKENS, metric, ablation="zero").table
     mean = ablation.head_ablation(gpt2, TOKENS, metric, ablation="mean").table
     assert not torch.allclose(torch.tensor(zero.effect.values), torch.tensor(mean.effect.values))
-    with pytest.raises(ValueError, match="'zero' or 'mean'"):
+    with pytest.raises(ValueError, match="ablation='resample'.*'zero', 'mean'"):
         ablation.head_ablation(gpt2, TOKENS, metric, ablation="resample")
 
 
@@ -144,7 +144,7 @@ def test_cli_errors_are_one_line(capsys):
 
     rc = main(["explain", "hello", "--model", "/nonexistent/model/folder"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and "Traceback" not in "\n".join(err)
+    assert rc == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("lens-alti: error: no model folder at '/nonexistent/model/folder'")
 
 
@@ -153,4 +153,4 @@ def test_cli_explain_seq2seq_needs_a_target(tmp_path, capsys):
     from lens_alti.models.toy_translation import MODEL_DIR
 
     rc = main(["explain", "--source", "the cat sees a dog", "--model", str(MODEL_DIR)])
-    assert rc == 1 and "needs --target" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "needs --target" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -126,7 +126,7 @@ def test_aggregate_subwords_sums_sources_and_averages_targets():
     # leading layer dimension
     stacked = aggregate_subwords(torch.stack([m, 2 * m]), [0, 0, 1, None], [0, 1, 1])
     torch.testing.assert_close(stacked, torch.stack([expected, 2 * expected]))
-    with pytest.raises(ValueError, match="source word_ids"):
+    with pytest.raises(ValueError, match="source_word_ids"):
         aggregate_subwords(m, [0, 1], [0, 1, 1])
 
 

@@ -15,11 +15,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_alti.alti.backend import BACKENDS, block_backend
 from lens_alti.alti.decompose import TransformedVectors
-from lens_alti.alti.kernels import AUTO_COMPILE_MIN_WORK, compile_available, get_kernel
+from lens_alti.alti.kernels import compile_available, get_kernel
 
 MEASURES: tuple[str, ...] = ("l1", "l2", "koba", "attention")
-BACKENDS: tuple[str, ...] = ("auto", "compiled", "eager")
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Receivers x sources per kernel call: sized for the CPU caches; larger buys nothing.
 _ROWS, _KEYS = 64, 512
@@ -41,20 +41,21 @@ class BlockContributions:
     heads_residual: Float[Tensor, "b q"] | None = None
 
 
-def use_compiled(backend: str, tv: TransformedVectors) -> bool:
+def use_compiled(backend: str, tv: TransformedVectors, heads: bool = False) -> str:
+    """The kernels this block runs: "native", "compiled" or "eager" (`lens_alti.alti.backend`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "eager" or not compile_available():
-        return False
-    return backend == "compiled" or tv.weights[0].numel() * tv.vo.shape[-1] >= AUTO_COMPILE_MIN_WORK
+    choice = block_backend(backend, tv, heads)
+    return "eager" if choice == "compiled" and not compile_available() else choice
 
 
 def _tiles(
-    tv: TransformedVectors, compiled: bool, heads: bool, max_chunk_bytes: int
-) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
-    """Blocks of sources (k0, k1), each with the receiver chunks (i0, i1) that read it.
+    tv: TransformedVectors, compiled: bool, heads: bool, max_chunk_bytes: int, positions: list[int] | None = None
+) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Blocks of sources (k0, k1), each with the receiver chunks (i0, i1, end) that read it.
 
-    Causal blocks skip sources after a chunk's last receiver. Chunks are sized so that the
+    Causal blocks skip sources at or after `end`, one past the chunk's last receiver
+    position (`positions[i]` is row i's position, default i). Chunks are sized so that the
     kernel's temporaries fit `max_chunk_bytes`.
     """
     _, h, q, k = tv.weights.shape
@@ -65,9 +66,10 @@ def _tiles(
     per_row = keys * size * ((h + 1) if compiled else (h + 2 if heads else 3) * d)
     rows = max(1, min(q, _ROWS if compiled else q, max_chunk_bytes // per_row))
     chunks = [(i0, min(q, i0 + rows)) for i0 in range(0, q, rows)]
+    ends = [i1 if positions is None else max(positions[i0:i1]) + 1 for i0, i1 in chunks]
     for k0 in range(0, k, keys):
         k1 = min(k, k0 + keys)
-        yield k0, k1, [(i0, i1) for i0, i1 in chunks if not tv.causal or i1 > k0]
+        yield k0, k1, [(i0, i1, end) for (i0, i1), end in zip(chunks, ends, strict=True) if not tv.causal or end > k0]
 
 
 def _norm(x: Tensor, measure: str) -> Tensor:
@@ -101,12 +103,13 @@ def block_contributions(
         raise ValueError(f"unknown measure {measure!r}; expected one of {', '.join(MEASURES)}")
     A, vo, y = tv.weights, tv.vo, tv.resultant
     b, h, q, k = A.shape
-    compiled = use_compiled(backend, tv)
+    choice = use_compiled(backend, tv, heads)
+    compiled = choice == "compiled"
     tokens = A.new_zeros(b, q, tv.n_sources)
     head_scores = A.new_zeros(b, h, q, k) if heads else None
     y_l1 = y.abs().sum(-1)
-    token_kernel = None if measure == "attention" else get_kernel(measure, compiled)
-    both_kernel = get_kernel("l1+heads", compiled) if heads else None
+    token_kernel = None if measure == "attention" else get_kernel(measure, choice)
+    both_kernel = get_kernel("l1+heads", choice) if heads else None
     if measure == "attention":
         tokens[..., :k] = A.mean(dim=1)
 
@@ -114,11 +117,13 @@ def block_contributions(
     y_norm = _norm(y, measure) if measure != "attention" else None
     # Compiled kernels get fresh tensors (views add recompilation guards); eager ones views.
     fresh = (lambda t: t.clone()) if compiled else (lambda t: t)  # noqa: E731
+    rows_at = None if tv.receivers is None else tv.receivers.tolist()
     for bi in range(b):
-        for k0, k1, chunks in _tiles(tv, compiled, heads, max_chunk_bytes):
+        row_pos = None if rows_at is None else rows_at[bi]
+        for k0, k1, chunks in _tiles(tv, choice != "eager", heads, max_chunk_bytes, row_pos):
             vo_tile = fresh(vo[bi, :, k0:k1])
-            for i0, i1 in chunks:
-                kk = min(k1, i1) if tv.causal else k1  # causal: no source after the last receiver
+            for i0, i1, end in chunks:
+                kk = min(k1, end) if tv.causal else k1  # causal: no source after the last receiver
                 v = vo_tile if kk == k1 else fresh(vo_tile[:, : kk - k0])
                 args = (fresh(y[bi, i0:i1]), fresh(scale[bi, i0:i1]), fresh(A[bi, :, i0:i1, k0:kk]), v)
                 if both_kernel is not None and measure == "l1":
@@ -134,8 +139,13 @@ def block_contributions(
     if measure != "attention":
         _add_residual(tv, tokens, y_norm, measure)
     if tv.causal:
-        upper = torch.ones(q, k, dtype=torch.bool, device=A.device).triu(1)
-        tokens[..., :k].masked_fill_(upper, 0)
+        if tv.receivers is None:
+            upper = torch.ones(q, k, dtype=torch.bool, device=A.device).triu(1)
+            tokens[..., :k].masked_fill_(upper, 0)
+        else:  # [b, q, k]: source after the receiver's position
+            upper = torch.arange(k, device=A.device) > tv.receivers[..., None]
+            tokens[..., :k].masked_fill_(upper, 0)
+            upper = upper[:, None]
         if head_scores is not None:
             head_scores.masked_fill_(upper, 0)
     if key_mask is not None:
@@ -174,6 +184,9 @@ def _add_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, measur
         dist = _norm(tv.residual if measure == "koba" else y - tv.residual, measure)
         tokens[..., k] = _from_distance(y_norm, dist, measure)
         return
+    if tv.receivers is not None:
+        _add_own_residual(tv, tokens, y_norm, measure)
+        return
     n = min(q, k)
     idx = torch.arange(n, device=y.device)
     own = torch.einsum("bhi,bhid->bid", tv.weights[:, :, idx, idx], tv.vo[:, :, :n])  # Σ_h A[h,i,i]·VO[h,i]
@@ -182,6 +195,25 @@ def _add_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, measur
     t_ii = own + tv.residual[:, :n]
     dist = _norm(t_ii if measure == "koba" else y[:, :n] - t_ii, measure)
     tokens[:, idx, idx] = _from_distance(y_norm[:, :n], dist, measure)
+
+
+def _add_own_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, measure: str) -> None:
+    """Diagonal residual term for restricted receivers: row r is position p = receivers[b, r]."""
+    pos = tv.receivers
+    b, h, q, k = tv.weights.shape
+    inside = pos < k  # a receiver with no source at its own position has no diagonal term
+    p = pos.clamp(max=k - 1)
+    a_own = tv.weights.gather(3, p[:, None, :, None].expand(b, h, q, 1))[..., 0]  # [b, h, q]: A[h, r, p]
+    vo_own = tv.vo.gather(2, p[:, None, :, None].expand(b, h, q, tv.vo.shape[-1]))  # [b, h, q, d]: VO[h, p]
+    own = torch.einsum("bhq,bhqd->bqd", a_own, vo_own)
+    if tv.scale is not None:
+        own = own * tv.scale
+    t_ii = own + tv.residual
+    dist = _norm(t_ii if measure == "koba" else tv.resultant - t_ii, measure)
+    value = _from_distance(y_norm, dist, measure)
+    rows = torch.arange(q, device=pos.device).expand(b, q)
+    batch = torch.arange(b, device=pos.device)[:, None].expand(b, q)
+    tokens[batch[inside], rows[inside], p[inside]] = value[inside]
 
 
 def head_output_contributions(tv: TransformedVectors) -> tuple[Float[Tensor, "b h q"], Float[Tensor, "b q"]]:

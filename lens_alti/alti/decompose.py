@@ -18,15 +18,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_alti.errors import ReconstructionError
+from lens_alti.errors import PatternNotDistributionError, ReconstructionError
 
 if TYPE_CHECKING:  # the records are the interface; alti never imports reading at run time
     from lens_alti.reading.records import AttentionBlock
 
 RECONSTRUCTION_TOLERANCE = 1e-4
+# How far a pattern row may be from a distribution (negative mass, |Σ − 1|) before it is refused.
+DISTRIBUTION_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class TransformedVectors:
     after W_O (and centring); `scale[b,q,d]` or None for 1; `residual[b,q,d]` the
     residual's transformed vector; `bias[b,q,d]` the part of y owned by no source;
     `resultant[b,q,d]` y_i = Σ_j T_i(x_j) + bias_i.
+    `receivers[b,q]`: the position of each receiver row, or None when row q is position q
+    (see `lens_alti.alti.receivers.select_receivers`).
     """
 
     name: str
@@ -51,6 +55,7 @@ class TransformedVectors:
     z: Float[Tensor, "b q h e"]
     W_O: Float[Tensor, "h e d"]
     centred: bool
+    receivers: Int[Tensor, "b q"] | None = None
 
     def head_outputs(self) -> Float[Tensor, "b h q d"]:
         """Each head's whole transformed output o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]."""
@@ -78,6 +83,42 @@ def is_causal(pattern: Float[Tensor, "b h q k"], valid_rows: Tensor | None = Non
     if valid_rows is not None:
         upper = upper * valid_rows[:, None, :, None].to(pattern.dtype)
     return not bool(upper.any())
+
+
+def check_pattern_distribution(
+    block: AttentionBlock,
+    valid_rows: Tensor | None = None,
+    valid_keys: Tensor | None = None,
+    tolerance: float = DISTRIBUTION_TOLERANCE,
+) -> None:
+    """Raise PatternNotDistributionError unless every valid receiver's row is a distribution.
+
+    Cheap (one pass over the pattern) and done before decomposing: entries must be ≥ 0 and
+    each valid receiver's row must sum to 1 over the valid keys. Skipped for records whose
+    `pattern_is_distribution` is False (recurrent mixers' operators).
+    """
+    if not block.pattern_is_distribution or block.pattern.numel() == 0:
+        return
+    A = block.pattern
+    if valid_keys is not None:
+        A = A * valid_keys[:, None, None, :].to(A.dtype)
+    sums = A.sum(-1, dtype=torch.float64)  # [b, h, q]
+    low = A.amin(dim=-1).to(torch.float64)
+    if valid_rows is not None:
+        rows = valid_rows[:, None, :].expand_as(sums)
+        sums, low = sums[rows], low[rows]
+    if sums.numel() == 0:
+        return
+    worst_sum = float((sums - 1).abs().max())
+    worst_low = float(low.min())
+    if worst_low < -tolerance or worst_sum > tolerance:
+        raise PatternNotDistributionError(
+            f"{block.name} (layer {block.layer}, {block.architecture}): the cache's hook_pattern is not a "
+            f"probability distribution over the valid keys (rows must be ≥ 0 and sum to 1; smallest entry "
+            f"{worst_low:.3g}, max|row sum − 1| = {worst_sum:.3g}). The hook does not hold the attention "
+            "probabilities the block applied (a TransformerLens adapter issue for this architecture), so ALTI "
+            "cannot be computed from it"
+        )
 
 
 def decompose(

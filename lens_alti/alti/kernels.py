@@ -6,6 +6,13 @@ Each kernel takes one batch item's chunk of receivers and block of sources:
 holding `[h, c, k, d]`. The loop over heads is unrolled in Python so that
 `torch.compile` fuses it into one pass. The eager fallbacks (`EAGER`) compute the same
 numbers (up to float rounding) with batched matmuls and `[h, c, k, d]` temporaries.
+On CPU, `get_kernel(name, "native")` returns the C kernels of `lens_alti.alti.native`
+(no JIT), falling back to these where they cannot be built.
+
+Compiled kernels are compiled once per kernel and dtype with dynamic shapes; their
+artefacts go to a persistent cache under lens_alti's cache folder (`$LENS_ALTI_CACHE`,
+else `$XDG_CACHE_HOME/lens_alti`, `torchinductor/`) unless TORCHINDUCTOR_CACHE_DIR is set,
+so a new process reuses them instead of recompiling (see `lens_alti.alti.backend`).
 
 The diagonal residual term of self-attention is not included here: callers correct
 those `c` entries afterwards.
@@ -92,9 +99,22 @@ EAGER: dict[str, Callable[..., object]] = {
 
 _compiled: dict[str, Callable[..., object]] = {}
 _compile_failed: str | None = None
+# (kernel, dtype, device type) that ran compiled in this process: no compile cost left.
+_warm: set[tuple[str, torch.dtype, str]] = set()
 
-# Below this many elements (h·q·k·d) per block, compiling costs more than it saves.
-AUTO_COMPILE_MIN_WORK = 2**27
+
+def is_warm(name: str, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the compiled kernel `name` already ran for this dtype and device type in this process."""
+    return (name, dtype, torch.device(device).type) in _warm
+
+
+def compile_cache_dir() -> str:
+    """Where torch.compile keeps its artefacts: TORCHINDUCTOR_CACHE_DIR, set to lens_alti's cache if unset."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        from lens_alti.models.pretrained import _cache_root
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_cache_root() / "torchinductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def compile_available() -> bool:
@@ -102,17 +122,37 @@ def compile_available() -> bool:
     return _compile_failed is None and not os.environ.get("LENS_ALTI_NO_COMPILE")
 
 
-def get_kernel(name: str, compiled: bool) -> Callable[..., object]:
-    """The kernel `name`, compiled (dynamic shapes: no recompilation per sequence length) or eager.
+def get_kernel(name: str, compiled: bool | str) -> Callable[..., object]:
+    """The kernel `name` for a backend: "native" (C, CPU), "compiled"/True (torch.compile,
+    dynamic shapes: no recompilation per sequence length) or "eager"/False.
 
     Compiled kernels want fresh (non-view) tensors with every dimension > 1: views and
-    sizes of 1 add guards that trigger recompilation. Other calls go to the eager kernel.
+    sizes of 1 add guards that trigger recompilation. Other calls go to the eager kernel,
+    as do native calls on tensors the C kernels do not take (CUDA, half precision).
     """
-    if not compiled or not compile_available():
+    if compiled == "native":
+        from lens_alti.alti import native
+
+        if native.available():
+            return _native_with_fallback(name, native.kernel(name))
+        compiled = compile_available()
+    if compiled == "eager" or not compiled or not compile_available():
         return EAGER[name]
     if name not in _compiled:
+        compile_cache_dir()
         _compiled[name] = _with_fallback(name, torch.compile(KERNELS[name], dynamic=True))
     return _compiled[name]
+
+
+def _native_with_fallback(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+    from lens_alti.alti import native
+
+    eager = EAGER[name]
+
+    def run(*args: Tensor) -> object:
+        return fn(*args) if native.supports(*args) else eager(*args)
+
+    return run
 
 
 def _no_duck_shapes() -> Any:
@@ -134,7 +174,9 @@ def _with_fallback(name: str, compiled_fn: Callable[..., object]) -> Callable[..
             return eager(*args)
         try:
             with _no_duck_shapes():
-                return compiled_fn(*args)
+                out = compiled_fn(*args)
+            _warm.add((name, args[0].dtype, args[0].device.type))
+            return out
         except Exception as exc:  # no C++ compiler, unsupported platform, ...
             _compile_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             warnings.warn(

@@ -20,16 +20,37 @@ import torch
 from torch import Tensor
 
 import lens_alti
+from lens_alti.analysis.checks import (
+    check_metric,
+    check_model,
+    check_prompt_tokens,
+    check_receiver,
+    estimate_ablation_memory,
+    model_dims,
+    raise_if_pattern_edits_ignored,
+)
+from lens_alti.errors import InvalidArgumentError
 from lens_alti.results import AltiResult
+from lens_alti.validation import (
+    check_choice,
+    check_heads,
+    check_index,
+    check_int,
+    check_position,
+    check_size,
+    check_token_ids,
+)
 
 Metric = Callable[[Tensor], Tensor]
 
 
 def logit_diff(correct: Sequence[int] | Tensor, wrong: Sequence[int] | Tensor, position: int = -1) -> Metric:
     """logit[correct] − logit[wrong] at `position`, one token id pair per prompt."""
-    c, w = torch.as_tensor(correct), torch.as_tensor(wrong)
+    c, w = check_token_ids("correct", correct), check_token_ids("wrong", wrong, count=len(correct))
+    check_int("position", position)
 
     def metric(logits: Tensor) -> Tensor:
+        _check_ids(logits, position, correct=c, wrong=w)
         row = logits[:, position].float()
         idx = torch.arange(row.shape[0], device=row.device)
         return row[idx, c.to(row.device)] - row[idx, w.to(row.device)]
@@ -39,9 +60,11 @@ def logit_diff(correct: Sequence[int] | Tensor, wrong: Sequence[int] | Tensor, p
 
 def logprob(target: Sequence[int] | Tensor, position: int = -1) -> Metric:
     """log p(target) at `position`, one token id per prompt."""
-    t = torch.as_tensor(target)
+    t = check_token_ids("target", target)
+    check_int("position", position)
 
     def metric(logits: Tensor) -> Tensor:
+        _check_ids(logits, position, target=t)
         lp = logits[:, position].float().log_softmax(-1)
         return lp[torch.arange(lp.shape[0], device=lp.device), t.to(lp.device)]
 
@@ -50,13 +73,27 @@ def logprob(target: Sequence[int] | Tensor, position: int = -1) -> Metric:
 
 def kl_to_clean(clean_logits: Tensor, position: int = -1) -> Metric:
     """KL(clean ‖ intervened) of the next-token distribution at `position` (0 on the clean run)."""
-    clean = clean_logits[:, position].float().log_softmax(-1)
+    if not isinstance(clean_logits, Tensor) or clean_logits.dim() != 3:
+        raise InvalidArgumentError("clean_logits", clean_logits, "logits [batch, pos, vocab]")
+    clean = clean_logits[:, check_index("position", position, clean_logits.shape[1], what="positions")]
+    clean = clean.float().log_softmax(-1)
 
     def metric(logits: Tensor) -> Tensor:
+        if logits.shape[0] != clean.shape[0] or logits.shape[-1] != clean.shape[-1]:
+            raise InvalidArgumentError(
+                "logits", f"shape {tuple(logits.shape)}", f"[{clean.shape[0]}, pos, {clean.shape[-1]}]"
+            )
         lp = logits[:, position].float().log_softmax(-1)
         return (clean.exp() * (clean - lp)).sum(-1)
 
     return metric
+
+
+def _check_ids(logits: Tensor, position: int, **ids: Tensor) -> None:
+    """Token ids of a metric against the logits it is applied to: one per prompt, inside the vocabulary."""
+    check_index("position", position, logits.shape[1], what="positions of the logits")
+    for name, t in ids.items():
+        check_token_ids(name, t, vocab_size=logits.shape[-1], count=logits.shape[0])
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -93,7 +130,7 @@ def kendall(x: Tensor, y: Tensor) -> float:
 
 def _attn_name(model: Any, layer: int, hook: str) -> str:
     if not hasattr(model, "blocks"):
-        raise ValueError("ablation comparisons support decoder-only and encoder models (with `blocks`)")
+        raise InvalidArgumentError("model", model, "a decoder-only or encoder model (with `blocks`)")
     return f"blocks.{layer}.attn.{hook}"
 
 
@@ -137,14 +174,18 @@ def head_ablation(
     """
     import pandas as pd
 
-    if ablation not in ("zero", "mean"):
-        raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")
+    check_choice("ablation", ablation, ("zero", "mean"))
+    check_model(model)
+    check_metric(metric)
+    tokens, attention_mask = check_prompt_tokens(model, tokens, attention_mask)
+    position = check_receiver(position, tokens, attention_mask)
+    estimate_ablation_memory(model, tokens, heads=True)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     logits, cache = model.run_with_cache(tokens, **kwargs)
     if result is None:
         result = lens_alti.attribute(cache, heads=True, attention_mask=attention_mask)
     if result.head_outputs is None:
-        raise ValueError("result must come from lens_alti.attribute(..., heads=True)")
+        raise InvalidArgumentError("result", result, "a result of lens_alti.attribute(..., heads=True)")
     clean = metric(logits)
     b = tokens.shape[0]
     n_layers, n_heads = result.head_outputs.shape[1:3]
@@ -172,7 +213,7 @@ def head_ablation(
         values = metric_batched(metric, ablated, n_heads, b)
         for h in range(n_heads):
             effect = clean - values[h]
-            alti = result.head_outputs[:, layer, h, position]
+            alti = result.head_outputs[:, layer, h, position]  # position: checked real in every prompt
             rows.append(
                 {
                     "layer": layer,
@@ -232,7 +273,14 @@ def circuit_comparison(
     """
     import pandas as pd
 
-    heads = [(int(layer), int(h)) for layer, h in heads]
+    check_model(model)
+    n_layers, n_heads, _ = model_dims(model)
+    heads = check_heads("heads", heads, n_layers, n_heads, allow_empty=True)
+    if metric is not None:
+        check_metric(metric)
+    tokens, attention_mask = check_prompt_tokens(model, tokens, attention_mask)
+    batch = check_index("batch", batch, tokens.shape[0], what="prompts")
+    estimate_ablation_memory(model, tokens, heads=False)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     logits, cache = model.run_with_cache(tokens, **kwargs)
     before = lens_alti.attribute(cache, attention_mask=attention_mask, tokens=tokens)
@@ -251,10 +299,12 @@ def circuit_comparison(
     fwd = [(_attn_name(model, layer, "hook_pattern"), make_hook(hs)) for layer, hs in by_layer.items()]
     with model.hooks(fwd_hooks=fwd):
         logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+    z_names = {_attn_name(model, layer, "hook_z"): hs for layer, hs in by_layer.items()}
+    raise_if_pattern_edits_ignored(cache, cache_after, z_names)  # e.g. TransformerLens 4.x BERT
     after = lens_alti.attribute(cache_after, attention_mask=attention_mask, tokens=tokens)
 
     keep = before.attention_mask[batch].bool()
-    pos = int(torch.nonzero(keep).flatten()[position]) if position < 0 else position
+    pos = check_position("position", position, before.attention_mask[batch], where=f"prompt {batch}")
     labels = before.str_tokens[batch] if before.str_tokens else None
     rows = []
     for layer in [*range(before.n_layers), "rollout"]:
@@ -301,7 +351,7 @@ def _scores(method: str, model: Any, tokens: Tensor, generator: torch.Generator)
         return lens_alti.attribute(cache).rollout[0, -1, -1].cpu()
     if method == "attention_rollout":
         return lens_alti.attention_rollout(cache)[0, -1, -1].cpu()
-    raise ValueError(f"unknown ranking method {method!r}; use 'alti', 'attention_rollout' or 'random'")
+    raise InvalidArgumentError("methods", method, "'alti', 'attention_rollout' or 'random'")
 
 
 def _prob(model: Any, tokens: Tensor, target: int) -> float:
@@ -329,13 +379,33 @@ def token_deletion(
     """
     import pandas as pd
 
+    check_model(model)
+    _, _, vocab = model_dims(model)
+    if isinstance(prompts, (Tensor, str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise InvalidArgumentError("prompts", prompts, "a non-empty list of 1-D token tensors, one per prompt")
+    first = 1 if keep_first else 0
+    checked = []
+    for n, p in enumerate(prompts):
+        t = check_token_ids(f"prompts[{n}]", p, vocab_size=vocab)
+        if t.shape[0] < first + 2:
+            raise InvalidArgumentError(
+                f"prompts[{n}]", f"{t.shape[0]} tokens", f"at least {first + 2} tokens: the receiver (last), "
+                f"{'the kept first token, ' if keep_first else ''}and one token to delete"
+            )
+        checked.append(t)
+    ks = [check_size(f"ks[{i}]", k) for i, k in enumerate(ks)]
+    if not ks:
+        raise InvalidArgumentError("ks", ks, "at least one k ≥ 1")
+    methods = [check_choice("methods", m, ("alti", "attention_rollout", "random")) for m in methods]
+    if targets is not None:
+        targets = check_token_ids("targets", targets, vocab_size=vocab, count=len(checked)).tolist()
+    if baseline_token is not None:
+        baseline_token = int(check_token_ids("baseline_token", [baseline_token], vocab_size=vocab)[0])
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for n, tokens in enumerate(prompts):
-        tokens = torch.as_tensor(tokens)
+    for n, tokens in enumerate(checked):
         target = int(model(tokens[None])[0, -1].argmax()) if targets is None else int(targets[n])
         p = _prob(model, tokens, target)
-        first = 1 if keep_first else 0
         candidates = torch.arange(first, tokens.shape[-1] - 1)
         for method in methods:
             order = candidates[_scores(method, model, tokens, gen)[candidates].argsort(descending=True)]
@@ -346,6 +416,8 @@ def token_deletion(
                 for name, drop in (("comprehensiveness", order[:k]), ("sufficiency", order[len(order) - k :])):
                     row[name] = p - _prob(model, _delete(tokens, drop, baseline_token), target)
                 rows.append(row)
+    if not rows:
+        raise InvalidArgumentError("ks", ks, "values no larger than the number of deletable tokens of some prompt")
     per_prompt = pd.DataFrame(rows)
     curves = per_prompt.groupby(["method", "k"], sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()
     auc = curves.groupby("method", sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()

@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError
+from lens_alti.validation import check_int, check_type
+
 Link = tuple[int, int]
 WordIds = Sequence[int | None]
 CONVENTIONS = ("input", "output")
@@ -44,8 +47,20 @@ class GoldAlignment:
     @classmethod
     def from_links(cls, sure: Iterable[Link], possible: Iterable[Link] = ()) -> GoldAlignment:
         """Build one, adding the sure links to the possible ones."""
-        s = frozenset((int(i), int(j)) for i, j in sure)
-        return cls(s, s | frozenset((int(i), int(j)) for i, j in possible))
+        s = frozenset(_check_links("sure", sure))
+        return cls(s, s | frozenset(_check_links("possible", possible)))
+
+
+def _check_links(name: str, links: Iterable[Link]) -> list[Link]:
+    """(source, target) pairs of non-negative integers (0-indexed)."""
+    if isinstance(links, (str, bytes)) or not isinstance(links, Iterable):
+        raise ArgumentTypeError(name, links, "an iterable of (source, target) pairs of 0-indexed word ids")
+    out = []
+    for link in links:
+        if isinstance(link, (str, bytes)) or not isinstance(link, Sequence) or len(link) != 2:
+            raise ArgumentTypeError(name, link, "(source, target) pairs of 0-indexed word ids")
+        out.append((check_int(f"{name} link", link[0], minimum=0), check_int(f"{name} link", link[1], minimum=0)))
+    return out
 
 
 # ---------------------------------------------------------------- talp format
@@ -53,13 +68,14 @@ class GoldAlignment:
 
 def parse_talp(line: str) -> GoldAlignment:
     """One talp line (``"1-1 2p3 3-2"``, 1-indexed) → a GoldAlignment (0-indexed)."""
+    check_type("line", line, str, "one talp line (a str; decode bytes first)")
     sure: set[Link] = set()
     possible: set[Link] = set()
     for item in line.split():
         sep = "-" if "-" in item else "p" if "p" in item else None
         parts = item.split(sep) if sep else []
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < 1:
-            raise ValueError(f"not a talp link (1-indexed 'i-j' or 'ipj'): {item!r}")
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts) or min(int(p) for p in parts) < 1:
+            raise InvalidArgumentError("line", item, "talp links, 1-indexed 'i-j' (sure) or 'ipj' (possible)")
         link = (int(parts[0]) - 1, int(parts[1]) - 1)
         (sure if sep == "-" else possible).add(link)
     return GoldAlignment.from_links(sure, possible)
@@ -71,7 +87,7 @@ def format_talp(alignment: GoldAlignment | Iterable[Link]) -> str:
     if isinstance(alignment, GoldAlignment):
         items = [(t, s, "-") for s, t in alignment.sure] + [(t, s, "p") for s, t in alignment.possible - alignment.sure]
     else:
-        items = [(t, s, "-") for s, t in set(alignment)]
+        items = [(t, s, "-") for s, t in set(_check_links("alignment", alignment))]
     return " ".join(f"{s + 1}{sep}{t + 1}" for t, s, sep in sorted(items))
 
 
@@ -97,7 +113,7 @@ def word_ids_from_pieces(
     ending with ``@@`` continues into the next one) or ``"whole"`` (every piece is a word).
     """
     if scheme not in ("sentencepiece", "bpe", "whole"):
-        raise ValueError(f"scheme must be 'sentencepiece', 'bpe' or 'whole', got {scheme!r}")
+        raise InvalidArgumentError("scheme", scheme, "'sentencepiece', 'bpe' or 'whole'")
     special = set(special)
     out: list[int | None] = []
     word, continues = -1, False
@@ -118,11 +134,15 @@ def word_ids_from_pieces(
 def _group(n_words: int, word_ids: WordIds, n_tokens: int, what: str) -> Tensor:
     """[n_words, n_tokens] 0/1 membership matrix."""
     if len(word_ids) != n_tokens:
-        raise ValueError(f"{what} word_ids has {len(word_ids)} entries but the matrix has {n_tokens} {what} tokens")
+        raise InvalidArgumentError(
+            f"{what}_word_ids",
+            f"{len(word_ids)} entries",
+            f"one entry per {what} token ({n_tokens}, the matrix's size)",
+        )
     m = torch.zeros(n_words, n_tokens, dtype=torch.float64)
     for tok, w in enumerate(word_ids):
         if w is not None:
-            m[w, tok] = 1.0
+            m[check_int(f"{what}_word_ids[{tok}]", w, minimum=0), tok] = 1.0
     return m
 
 
@@ -141,7 +161,9 @@ def aggregate_subwords(
     """
     for name, how in (("source_reduce", source_reduce), ("target_reduce", target_reduce)):
         if how not in ("sum", "mean"):
-            raise ValueError(f"{name} must be 'sum' or 'mean', got {how!r}")
+            raise InvalidArgumentError(name, how, "'sum' or 'mean'")
+    source_word_ids = [None if w is None else check_int("source_word_ids", w, minimum=0) for w in source_word_ids]
+    target_word_ids = [None if w is None else check_int("target_word_ids", w, minimum=0) for w in target_word_ids]
     n_src = 1 + max((w for w in source_word_ids if w is not None), default=-1)
     n_tgt = 1 + max((w for w in target_word_ids if w is not None), default=-1)
     gs = _group(n_src, source_word_ids, matrix.shape[-1], "source")
@@ -163,10 +185,13 @@ def target_rows(matrix: Tensor, n_target_tokens: int, convention: str) -> Tensor
     token is read), ``"output"`` rows 0..n-1 (the positions that predict it).
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be 'input' or 'output', got {convention!r}")
+        raise InvalidArgumentError("convention", convention, "'input' or 'output'")
+    check_int("n_target_tokens", n_target_tokens, minimum=0)
     offset = 1 if convention == "input" else 0
     if matrix.shape[-2] < n_target_tokens + offset:
-        raise ValueError(
+        raise InvalidArgumentError(
+            "n_target_tokens",
+            n_target_tokens,
             f"{n_target_tokens} target tokens need {n_target_tokens + offset} decoder positions for the "
             f"{convention!r} convention, the matrix has {matrix.shape[-2]}"
         )
@@ -177,7 +202,9 @@ def extract_alignment(word_matrix: Tensor) -> set[Link]:
     """Argmax per target word of a `[target_words, source_words]` matrix: one link per target
     word (rows that are all zero, or have no source word, give none). Ties: the first source word."""
     if word_matrix.dim() != 2:
-        raise ValueError(f"expected a [target_words, source_words] matrix, got shape {tuple(word_matrix.shape)}")
+        raise InvalidArgumentError(
+            "word_matrix", f"shape {tuple(word_matrix.shape)}", "a [target_words, source_words] matrix"
+        )
     if word_matrix.shape[1] == 0:
         return set()
     best = word_matrix.argmax(-1)
@@ -203,6 +230,8 @@ def align(
 
 def diagonal_alignment(n_source_words: int, n_target_words: int) -> set[Link]:
     """The monotone baseline: target word t ↦ source word round(t·(n_s−1)/(n_t−1))."""
+    check_int("n_source_words", n_source_words, minimum=0)
+    check_int("n_target_words", n_target_words, minimum=0)
     if n_source_words == 0:
         return set()
     scale = (n_source_words - 1) / max(n_target_words - 1, 1)
@@ -232,7 +261,10 @@ def alignment_scores(hypotheses: Sequence[Iterable[Link]], golds: Sequence[GoldA
     there are neither hypothesis nor sure links.
     """
     if len(hypotheses) != len(golds):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(golds)} gold alignments")
+        raise InvalidArgumentError(
+            "hypotheses", f"{len(hypotheses)} entries", f"one per gold alignment ({len(hypotheses)} hypotheses for "
+            f"{len(golds)} gold alignments)"
+        )
     a = s = a_s = a_p = 0
     for hyp, gold in zip(hypotheses, golds, strict=True):
         links = set(hyp)
@@ -268,14 +300,19 @@ def aer_per_layer(
 ) -> list[float]:
     """Corpus AER of each layer: `matrices[k]` is sentence k's `[layer, decoder_pos, source_tokens]`."""
     if not (len(matrices) == len(golds) == len(source_word_ids) == len(target_word_ids)):
-        raise ValueError("matrices, golds, source_word_ids and target_word_ids must have one entry per sentence")
+        raise InvalidArgumentError(
+            "matrices", f"{len(matrices)} entries", "matrices, golds, source_word_ids and target_word_ids with one "
+            "entry per sentence each"
+        )
     if not matrices:
         return []
     n_layers = matrices[0].shape[0]
     hyps: list[list[set[Link]]] = [[] for _ in range(n_layers)]
     for mat, sw, tw in zip(matrices, source_word_ids, target_word_ids, strict=True):
         if mat.shape[0] != n_layers:
-            raise ValueError(f"every matrix needs the same number of layers ({n_layers}), got {mat.shape[0]}")
+            raise InvalidArgumentError(
+                "matrices", f"a matrix with {mat.shape[0]} layers", f"the same number of layers ({n_layers}) in each"
+            )
         for layer in range(n_layers):
             hyps[layer].append(align(mat[layer], sw, tw, convention, **reduce))
     return [alignment_error_rate(h, golds) for h in hyps]

@@ -11,6 +11,13 @@ def left_padded(model: object, texts: list[str]) -> tuple[object, object]:
     """
     import torch
 
+    from lens_alti.validation import check_type
+
+    check_type("texts", texts, (list, tuple), "a non-empty list of strings")
+    if not texts or not all(isinstance(t, str) for t in texts):
+        from lens_alti.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("texts", texts, "a non-empty list of strings (one prompt per batch item)")
     rows = [model.to_tokens(t)[0] for t in texts]  # type: ignore[attr-defined]
     n = max(len(r) for r in rows)
     pad = model.tokenizer.pad_token_id  # type: ignore[attr-defined]

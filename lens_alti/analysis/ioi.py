@@ -32,6 +32,9 @@ class IOIPrompt:
 def ioi_prompts(n: int, seed: int = 0, *, first_is_canonical: bool = True) -> list[IOIPrompt]:
     """`n` templated prompts, deterministic for a seed; the first is the canonical
     "When Mary and John went to the store, John gave a drink to" unless told otherwise."""
+    from lens_alti.validation import check_size
+
+    check_size("n", n, minimum=0)
     rng = random.Random(seed)
     out = []
     if first_is_canonical and n > 0:

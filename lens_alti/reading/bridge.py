@@ -2,59 +2,129 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import attention_record, sublayer_block
+from lens_alti.reading.gated_output import has_output_gate
+from lens_alti.reading.head_norm import head_norm_module
+from lens_alti.reading.latent import value_layout
+from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
 from lens_alti.reading.mixers import mixer_reader
+from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.value_norm import value_norm
+
+
+@dataclass(frozen=True)
+class DecoderContext:
+    """What every layer reader of one decoder-only bridge shares."""
+
+    arch: str
+    parallel: bool
+    parallel_mlp: str
+
+
+def layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
+    """The reader of decoder layer `layer`: the one dispatch point for every kind of token mixer.
+
+    A layer with a known linear-recurrent mixer (Mamba, SSD, DeltaNet, ..., alone or beside
+    attention) is read by `reading.mixers`; attention layers by `attention_layer_reader`; any
+    other layer with no attention hooks is refused with an error that says what it is.
+    """
+    has_attn = f"blocks.{layer}.attn.hook_pattern" in getattr(model, "hook_dict", {})
+    mixer = mixer_reader(model, layer, ctx.arch, with_attention=has_attn)
+    if mixer is not None:
+        return mixer
+    kind = mixer_kind(model, layer)
+    if kind == NO_HOOKS:
+        raise UnsupportedModelError(
+            f"{ctx.arch}: layer {layer} ({type(original(model.blocks[layer])).__name__}) exposes no attention hooks in "
+            "the bridge (no blocks.L.attn.hook_pattern) and no known mixer, so it cannot be decomposed"
+        )
+    beside = parallel_mixer(model, layer)
+    if kind == "attention" and beside is not None:
+        raise UnsupportedModelError(
+            f"{ctx.arch}: layer {layer} runs a {beside} mixer in parallel with attention; the mixer branch is "
+            "a recurrent mixer, not attention, and is not decomposed yet, so this model has no ALTI result"
+        )
+    if kind != "attention":
+        raise UnsupportedModelError(
+            f"{ctx.arch}: layer {layer} is a {kind} mixer, not attention; lens_alti decomposes attention "
+            "layers only (recurrent / convolutional mixers are not supported yet), so this model has no ALTI result"
+        )
+    return attention_layer_reader(model, layer, ctx)
+
+
+def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
+    """Self-attention of a decoder-only layer, composed from the layout features it has."""
+    cfg = model.cfg
+    p = f"blocks.{layer}"
+    block = model.blocks[layer]
+    require_attention_hooks(model, f"{p}.attn", ctx.arch, layer)
+    hooks = [f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre"]
+    # OpenAI-GPT: a post-LN decoder, y = LN1(x + attn_out); decided from the cache (ln1 reads x + attn).
+    may_be_post = hasattr(block, "ln1")
+    if may_be_post:
+        hooks += [f"{p}.ln1.hook_in"]
+    # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
+    attn_out_norm = hasattr(block, "ln1_post")
+    if attn_out_norm:
+        hooks += [f"{p}.ln1_post.hook_in"]
+    if ctx.parallel:
+        hooks += [f"{p}.hook_resid_post", f"{p}.hook_mlp_out"]
+    else:
+        hooks += [f"{p}.hook_resid_mid"]
+    hf_attn = original(block.attn)
+    layout = value_layout(hf_attn)
+    values_map = value_norm(hf_attn, f"{p}.attn")
+    scale = residual_multiplier(model)
+    sub_norm = head_norm_module(hf_attn)
+    gated = has_output_gate(hf_attn, block.attn)
+    sinks = isinstance(getattr(hf_attn, "sinks", None), torch.Tensor)  # GPT-OSS: learned per-head sink logits
+    if gated:
+        hooks += [f"{p}.attn.o.hook_in"]
+
+    def build(cache: Any) -> AttentionBlock:
+        attn = block.attn
+        x = cache[f"{p}.hook_resid_pre"]
+        if ctx.parallel:
+            mlp = cache[f"{p}.hook_mlp_out"]
+            post = cache[f"{p}.hook_resid_post"]
+            # Default: y = x + attn_out; "residual" mode counts the MLP (a function
+            # of x_i alone) as part of the receiver's own residual term.
+            residual, target = (x + mlp, post) if ctx.parallel_mlp == "residual" else (x, post - mlp)
+        else:
+            residual, target = x, cache[f"{p}.hook_resid_mid"]
+        norm = None
+        if may_be_post and is_post_norm(cache, p):
+            if ctx.parallel or attn_out_norm:
+                raise UnsupportedModelError(f"{ctx.arch}: {p} is post-norm with a parallel MLP or a second norm")
+            # hook_resid_mid is the norm's output (the bridge aliases it to mlp.hook_in).
+            norm = post_norm(block.ln1, cache[f"{p}.ln1.hook_in"], f"{p}.ln1", "LN", "block")
+        if attn_out_norm:
+            kind = str(getattr(cfg, "normalization_type", "RMS"))
+            norm = post_norm(block.ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out")
+        W_O, b_O = scaled_output(attn, scale, f"{p}.attn")
+        return attention_record(
+            cache, attn, f"{p}.attn", layer, ctx.arch, residual, target, norm,
+            value_layout=layout, values_map=values_map, W_O=W_O, b_O=b_O, head_norm=sub_norm,
+            gate_input=cache[f"{p}.attn.o.hook_in"] if gated else None, sinks=sinks,
+        )
+
+    return BlockReader(f"{p}.attn", tuple(hooks), build)
 
 
 def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     cfg = model.cfg
     arch = str(getattr(cfg, "architecture", None) or type(model).__name__)
-    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
-    readers = []
-    for layer in range(cfg.n_layers):
-        p = f"blocks.{layer}"
-        # A layer with a known linear-recurrent mixer (Mamba, SSD, ...), alone or beside attention.
-        has_attn = f"{p}.attn.hook_pattern" in getattr(model, "hook_dict", {})
-        mixer = mixer_reader(model, layer, arch, with_attention=has_attn)
-        if mixer is not None:
-            readers.append(mixer)
-            continue
-        hooks = [f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre"]
-        # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
-        attn_out_norm = hasattr(model.blocks[layer], "ln1_post")
-        if attn_out_norm:
-            hooks += [f"{p}.ln1_post.hook_in"]
-        if parallel:
-            hooks += [f"{p}.hook_resid_post", f"{p}.hook_mlp_out"]
-        else:
-            hooks += [f"{p}.hook_resid_mid"]
-
-        def build(cache: Any, layer: int = layer, p: str = p, attn_out_norm: bool = attn_out_norm) -> AttentionBlock:
-            attn = model.blocks[layer].attn
-            x = cache[f"{p}.hook_resid_pre"]
-            if parallel:
-                mlp = cache[f"{p}.hook_mlp_out"]
-                post = cache[f"{p}.hook_resid_post"]
-                # Default: y = x + attn_out; "residual" mode counts the MLP (a function
-                # of x_i alone) as part of the receiver's own residual term.
-                residual, target = (x + mlp, post) if parallel_mlp == "residual" else (x, post - mlp)
-            else:
-                residual, target = x, cache[f"{p}.hook_resid_mid"]
-            norm = None
-            if attn_out_norm:
-                kind = str(getattr(cfg, "normalization_type", "RMS"))
-                norm = post_norm(
-                    model.blocks[layer].ln1_post, cache[f"{p}.ln1_post.hook_in"], f"{p}.ln1_post", kind, "attn_out"
-                )
-            return attention_record(cache, attn, f"{p}.attn", layer, arch, residual, target, norm)
-
-        readers.append(BlockReader(f"{p}.attn", tuple(hooks), build))
+    ctx = DecoderContext(arch, bool(getattr(cfg, "parallel_attn_mlp", False)), parallel_mlp)
+    readers = [layer_reader(model, layer, ctx) for layer in range(cfg.n_layers)]
     return ModelLayout("decoder", arch, weight_processing(model), {"self": readers})
 
 
@@ -64,16 +134,21 @@ def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[Blo
     for layer in range(len(blocks)):
         p = f"{stack}.{layer}"
         names = {"attn": f"{p}.attn", "norm": f"{p}.ln1", "output": f"{p}.ln2.hook_in"}
+        require_attention_hooks(model, names["attn"], arch, layer, blocks[layer].attn)
         hooks = (
             f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre",
             f"{p}.ln1.hook_in", f"{p}.ln1.hook_out", f"{p}.ln2.hook_in",
         )
+        # T5Gemma: pre- and post-attention norms (the post one on the attention output only).
+        if hasattr(blocks[layer], "ln1_post"):
+            hooks += (f"{p}.ln1_post.hook_in",)
 
         def build(cache: Any, layer: int = layer, p: str = p, names: dict[str, str] = names) -> AttentionBlock:
             block = blocks[layer]
+            out_norm = (block.ln1_post, f"{p}.ln1_post") if hasattr(block, "ln1_post") else None
             return sublayer_block(
                 cache, model, block.attn, names, layer=layer, arch=arch, residual=cache[f"{p}.hook_resid_pre"],
-                post=is_post_norm(cache, p), norm_component=block.ln1, column="diagonal",
+                post=is_post_norm(cache, p), norm_component=block.ln1, column="diagonal", out_norm=out_norm,
             )
 
         readers.append(BlockReader(names["attn"], hooks, build))
@@ -87,18 +162,24 @@ def _decoder_readers(model: Any, arch: str) -> tuple[list[BlockReader], list[Blo
         p = f"decoder_blocks.{layer}"
         self_names = {"attn": f"{p}.self_attn", "norm": f"{p}.ln1", "output": f"{p}.ln2.hook_in"}
         cross_names = {"attn": f"{p}.cross_attn", "norm": f"{p}.ln2", "output": f"{p}.ln3.hook_in"}
+        require_attention_hooks(model, self_names["attn"], arch, layer, model.decoder_blocks[layer].self_attn)
+        require_attention_hooks(model, cross_names["attn"], arch, layer, model.decoder_blocks[layer].cross_attn)
         common = (f"{p}.hook_resid_pre", f"{p}.ln1.hook_in", f"{p}.ln1.hook_out", f"{p}.ln2.hook_in")
-        self_hooks = (f"{p}.self_attn.hook_pattern", f"{p}.self_attn.hook_v", *common)
+        block = model.decoder_blocks[layer]
+        self_post = (f"{p}.ln1_post.hook_in",) if hasattr(block, "ln1_post") else ()
+        cross_post = (f"{p}.ln2_post.hook_in",) if hasattr(block, "ln2_post") else ()
+        self_hooks = (f"{p}.self_attn.hook_pattern", f"{p}.self_attn.hook_v", *common, *self_post)
         cross_hooks = (
             f"{p}.cross_attn.hook_pattern", f"{p}.cross_attn.hook_v", *common,
-            f"{p}.ln2.hook_out", f"{p}.ln3.hook_in",
+            f"{p}.ln2.hook_out", f"{p}.ln3.hook_in", *cross_post,
         )
 
         def build_self(cache: Any, layer: int = layer, p: str = p, names: dict = self_names) -> AttentionBlock:
             block = model.decoder_blocks[layer]
+            out_norm = (block.ln1_post, f"{p}.ln1_post") if hasattr(block, "ln1_post") else None
             return sublayer_block(
                 cache, model, block.self_attn, names, layer=layer, arch=arch, residual=cache[f"{p}.hook_resid_pre"],
-                post=is_post_norm(cache, p), norm_component=block.ln1, column="diagonal",
+                post=is_post_norm(cache, p), norm_component=block.ln1, column="diagonal", out_norm=out_norm,
             )
 
         def build_cross(cache: Any, layer: int = layer, p: str = p, names: dict = cross_names) -> AttentionBlock:
@@ -106,9 +187,10 @@ def _decoder_readers(model: Any, arch: str) -> tuple[list[BlockReader], list[Blo
             post = is_post_norm(cache, p)
             # The residual entering cross-attention is the self-attention sublayer's output.
             residual = cache[f"{p}.ln1.hook_out"] if post else cache[f"{p}.ln2.hook_in"]
+            out_norm = (block.ln2_post, f"{p}.ln2_post") if hasattr(block, "ln2_post") else None
             return sublayer_block(
                 cache, model, block.cross_attn, names, layer=layer, arch=arch, residual=residual,
-                post=post, norm_component=block.ln2, column="last",
+                post=post, norm_component=block.ln2, column="last", out_norm=out_norm,
             )
 
         self_readers.append(BlockReader(self_names["attn"], self_hooks, build_self))

@@ -31,22 +31,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import sublayer_block
 from lens_alti.reading.layout import BlockReader, ModelLayout
+from lens_alti.reading.processing import RAW, _is_centred
 from lens_alti.reading.records import AttentionBlock
 
 _HOOKED_CLASSES = ("HookedEncoderDecoder", "HookedEncoder", "HookedTransformer")
 # Decoders of TransformerLens 3.x whose ln1 normalises the attention output itself (OLMo-2/3); Gemma-2/3
 # set cfg.use_normalization_before_and_after (a norm on the attention output, spec 1d).
 _POST_NORM_DECODERS = ("Olmo2", "Olmo3", "Gemma2", "Gemma3")
-# A writing weight counts as centred when its mean over d_model is this small relative to it.
-_CENTRED_RTOL = 1e-5
-
-RAW = "raw"
 _NO_PROCESSING_ADVICE = "HookedTransformer.from_pretrained_no_processing gives the unprocessed model's numbers"
 
 
@@ -94,11 +90,6 @@ def _norm_weights(norm: Any, name: str) -> _NormWeights:
 def _has_value_bias(attn: Any) -> bool:
     b_V = attn._b_V if hasattr(attn, "_b_V") else getattr(attn, "b_V", None)  # _b_V: unexpanded under GQA
     return b_V is not None and bool(b_V.detach().any())
-
-
-def _is_centred(w: Tensor) -> bool:
-    w = w.detach().to(torch.float64)
-    return bool(w.mean(dim=-1).abs().max() <= _CENTRED_RTOL * w.abs().max().clamp(min=1e-30))
 
 
 def hooked_weight_processing(model: Any, attns: list[Any]) -> str:

@@ -22,7 +22,9 @@ _EAGER_ADVICE = (
     "Patterns are only recorded with eager attention: boot the model with "
     "TransformerBridge.boot_transformers(...) (which forces it) or load the Hugging Face "
     "model with attn_implementation='eager'. If you used names_filter, include these names "
-    "(lens_alti.hook_names(model) lists everything attribute() reads)."
+    "(lens_alti.hook_names(model) lists everything attribute() reads). If the model was booted that way "
+    "and the hooks are still missing, its attention implementation never fires them (e.g. LongT5's local "
+    "attention) and the model is not supported."
 )
 
 
@@ -49,9 +51,10 @@ class ModelLayout:
 
 
 def weight_processing(model: Any) -> str:
-    if getattr(model, "_weights_processed", False) or getattr(model, "compatibility_mode", False):
-        return "processed (enable_compatibility_mode / process_weights: folded norms, centred writing weights)"
-    return "raw"
+    """"raw", or "processed (...)" with the steps the bridge's weights show (see `processing`)."""
+    from lens_alti.reading.processing import bridge_weight_processing
+
+    return bridge_weight_processing(model)
 
 
 def _is_bridge(model: Any) -> bool:

@@ -10,8 +10,50 @@ from torch import Tensor
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.records import NormAfterAttention
 
-# Norms whose scale is (1 + weight) rather than weight.
-_OFFSET_WEIGHT_NORMS = ("Gemma",)
+# How close the module's gain on the probe must be to w or 1 + w (relative to the gain).
+_PROBE_RTOL = 1e-3
+
+
+def _probe(inner: Any, weight: Tensor, bias: Tensor | None, eps: float, name: str) -> tuple[bool, Tensor]:
+    """(is RMSNorm, real gain) of a norm, decided by running the module on a probe vector.
+
+    Some families scale by `1 + w` (Gemma-1/2/3, T5Gemma), others by `w` (Gemma-4, LLaMA...);
+    class names do not tell them apart reliably, so the module's own output on a fixed
+    probe (non-zero mean, so LayerNorm and RMSNorm differ) decides both the kind and the gain.
+    Raises UnsupportedModelError when no candidate matches.
+    """
+    d = weight.shape[-1]
+    probe = torch.linspace(-1.0, 1.5, d, dtype=torch.float64, device=weight.device)[None, None, :]
+    centred = probe - probe.mean(-1, keepdim=True)
+    bases = {
+        "RMSNorm": probe / (probe.pow(2).mean(-1, keepdim=True) + eps).sqrt(),
+        "LayerNorm": centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt(),
+    }
+    try:
+        with torch.no_grad():
+            out = inner(probe.to(weight.dtype))
+    except Exception as exc:  # noqa: BLE001 - any failure means the norm cannot be verified
+        raise UnsupportedModelError(
+            f"{name}: cannot run the normalisation on a probe vector to read its gain ({exc})"
+        ) from exc
+    out = (out[0] if isinstance(out, tuple) else out).to(torch.float64)
+    if bias is not None:
+        out = out - bias.to(torch.float64)
+    w = weight.to(torch.float64)
+    tol = _PROBE_RTOL * float(max(1.0, w.abs().max(), (1 + w).abs().max()))
+    errors = {
+        (kind, gain): float((out - base * g).abs().max())
+        for kind, base in bases.items()
+        for gain, g in (("w", w), ("1 + w", 1.0 + w))
+    }
+    best = min(errors, key=errors.__getitem__)
+    if errors[best] > tol:
+        raise UnsupportedModelError(
+            f"{name}: the normalisation's output on a probe vector is not x/σ·w or x/σ·(1 + w) of a LayerNorm "
+            f"or RMSNorm (closest: {best[0]} with gain {best[1]}, max|Δ| = {errors[best]:.3g}); "
+            "lens_alti cannot linearise it"
+        )
+    return best[0] == "RMSNorm", (weight if best[1] == "w" else 1.0 + weight.float())
 
 
 def norm_params(component: Any, name: str, default_kind: str) -> tuple[str, Tensor, Tensor | None, float]:
@@ -26,9 +68,10 @@ def norm_params(component: Any, name: str, default_kind: str) -> tuple[str, Tens
         raise UnsupportedModelError(f"{name}: cannot read the normalisation's weight and epsilon to linearise it")
     bias = getattr(inner, "bias", None)
     weight = weight.detach()
-    if any(type(inner).__name__.startswith(p) for p in _OFFSET_WEIGHT_NORMS):
-        weight = 1.0 + weight.float()
-    return ("rmsnorm" if is_rms else "layernorm"), weight, (None if bias is None else bias.detach()), float(eps)
+    bias = None if bias is None else bias.detach()
+    if isinstance(inner, torch.nn.Module):
+        is_rms, weight = _probe(inner, weight, bias, float(eps), name)
+    return ("rmsnorm" if is_rms else "layernorm"), weight, bias, float(eps)
 
 
 def post_norm(

@@ -43,8 +43,9 @@ class AttentionBlock:
     `target[b, q, d]` is the real activation the decomposition must reproduce.
     `residual_column`: "diagonal" — the residual belongs to source j = q (self-attention);
     "last" — it is a separate, extra source after the k keys (cross-attention).
-    `pattern_is_distribution`: False for linear-recurrent mixers (reading/mixers), whose
-    "pattern" is a token-to-token operator (one per channel), not attention probabilities;
+    `pattern_is_distribution`: the pattern's rows are probabilities over the valid keys
+    (non-negative, summing to 1), which is checked before decomposing; records whose
+    "pattern" is a general linear token-to-token operator (recurrent mixers) set it False;
     their `b_O` may then be per receiver, `[b, q, d]` (terms of no token that the recurrence
     carries, such as a convolution bias).
     """

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lens_alti.errors import InvalidArgumentError
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
+from lens_alti.validation import check_index, check_position, check_type
 
 _SCALE = "Blues"
 
@@ -29,14 +31,21 @@ def _labels(result: AltiResult, batch: int) -> tuple[list[int], list[str]]:
 
 
 def _layer_index(n_layers: int, layer: int) -> int:
-    if not -n_layers <= layer < n_layers:
-        raise IndexError(f"layer {layer} is out of range for {n_layers} layers")
-    return layer % n_layers
+    return check_index("layer", layer, n_layers, what="layers")
+
+
+def _checked(result: Any, batch: int, cls: type = AltiResult) -> int:
+    """Check the result's type and the batch index (returned non-negative)."""
+    what = "an AltiResult (for an encoder-decoder: result.encoder)" if cls is AltiResult else "a Seq2SeqAltiResult"
+    check_type("result", result, cls, what)
+    mask = result.attention_mask if cls is AltiResult else result.target_mask
+    return check_index("batch", batch, mask.shape[0], what="batch items")
 
 
 def token_heatmap(result: AltiResult, layer: int = -1, *, batch: int = 0, rollout: bool = False) -> Any:
     """Receivers (rows) x sources (columns) contributions of one layer, or the rollout after it."""
     go = _go()
+    batch = _checked(result, batch)
     layer = _layer_index(result.n_layers, layer)
     keep, labels = _labels(result, batch)
     mat = (result.rollout if rollout else result.layers)[batch, layer][keep][:, keep]
@@ -63,10 +72,13 @@ def rollout_heatmap(result: AltiResult, layer: int = -1, *, batch: int = 0) -> A
 def head_heatmap(result: AltiResult, position: int = -1, *, batch: int = 0) -> Any:
     """Layer x head share of each head's output in its block, for one receiver (needs heads=True)."""
     go = _go()
+    batch = _checked(result, batch)
     if result.head_outputs is None:
-        raise ValueError("head_heatmap needs per-head results: call lens_alti.attribute(cache, heads=True)")
+        raise InvalidArgumentError(
+            "result", result, "a result with per-head contributions: call lens_alti.attribute(cache, heads=True)"
+        )
     keep, labels = _labels(result, batch)
-    pos = keep[position] if position < 0 else position
+    pos = check_position("position", position, result.attention_mask[batch], where=f"batch item {batch}")
     share = result.head_outputs[batch, :, :, pos]
     fig = go.Figure(
         go.Heatmap(
@@ -89,8 +101,9 @@ def head_heatmap(result: AltiResult, position: int = -1, *, batch: int = 0) -> A
 def saliency_bar(result: AltiResult, position: int = -1, *, batch: int = 0, layer: int = -1) -> Any:
     """Bar chart of one rollout row: each input token's share in `position` after `layer`."""
     go = _go()
+    batch = _checked(result, batch)
     keep, labels = _labels(result, batch)
-    pos = keep[position] if position < 0 else position
+    pos = check_position("position", position, result.attention_mask[batch], where=f"batch item {batch}")
     row = result.rollout[batch, _layer_index(result.n_layers, layer), pos][keep]
     bar = go.Bar(x=labels, y=row.tolist(), marker_color="#2b6cb0", hovertemplate="%{x}: %{y:.4f}<extra></extra>")
     fig = go.Figure(bar)
@@ -102,6 +115,8 @@ def source_target_split(result: Seq2SeqAltiResult, *, batch: int = 0) -> Any:
     """Stacked bars of each target token's source vs target-prefix share, plus the ALTI+ total heatmap."""
     go = _go()
     from plotly.subplots import make_subplots
+
+    batch = _checked(result, batch, Seq2SeqAltiResult)
 
     s_keep = [i for i, m in enumerate(result.source_mask[batch].tolist()) if m]
     t_keep = [i for i, m in enumerate(result.target_mask[batch].tolist()) if m]

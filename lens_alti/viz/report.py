@@ -51,7 +51,11 @@ def write_report(
                 parts.append(item.to_html(full_html=False, include_plotlyjs=first_figure))
                 first_figure = False
             else:
-                raise TypeError(f"cannot put a {type(item).__name__} in a report")
+                from lens_alti.errors import ArgumentTypeError
+
+                raise ArgumentTypeError(
+                    "sections", item, f"figures, DataFrames or strings (cannot put a {type(item).__name__} in a report)"
+                )
     doc = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"

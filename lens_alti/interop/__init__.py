@@ -1,0 +1,1 @@
+"""Bridges to other attribution tools (optional dependencies, imported only on demand)."""

@@ -1,0 +1,143 @@
+"""Reading blocks straight from a running forward pass (no ActivationCache).
+
+`stream_blocks` registers one forward hook per activation a layout reads. Each hook keeps
+its activation (detached, on the device it was produced on) until every block that reads
+it has been built; a block is built and handed to `on_block` as soon as its last
+activation exists, during the forward pass, and the activations no other block needs are
+dropped at once. So only about one layer's activations are alive at any time.
+
+`forward_inputs` turns the user's tokens and masks into the arguments of the model's own
+forward (the TransformerBridge and TransformerLens 3.x Hooked* models spell masks
+differently), and `tokenize` turns strings into left-padded ids and a mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lens_alti.errors import MissingHooksError
+from lens_alti.reading.hooked import hooked_class
+from lens_alti.reading.layout import ModelLayout
+from lens_alti.reading.records import AttentionBlock
+
+OnBlock = Callable[[str, int, AttentionBlock], None]
+
+_NEVER_FIRED_ADVICE = (
+    "These activations never appeared during the forward pass. Patterns are only produced with "
+    "eager attention: boot the model with TransformerBridge.boot_transformers(...) (which forces it) "
+    "or load the Hugging Face model with attn_implementation='eager'."
+)
+
+
+def tokenize(model: Any, texts: str | list[str]) -> tuple[Tensor, Tensor | None]:
+    """Token ids `[batch, pos]` of one text or a list of texts, and the mask (None for one text).
+
+    Each text is tokenised alone with `model.to_tokens` (so the model's default BOS is
+    used) and rows are left-padded; the mask marks the real tokens.
+    """
+    if not hasattr(model, "to_tokens"):
+        raise TypeError(f"{type(model).__name__} has no to_tokens; pass token ids (a tensor) instead of strings")
+    if isinstance(texts, str):
+        return model.to_tokens(texts), None
+    rows = [model.to_tokens(t)[0] for t in texts]
+    n = max(len(r) for r in rows)
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    ids = torch.full((len(rows), n), 0 if pad is None else pad, dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros(len(rows), n, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = r
+        mask[i, n - len(r) :] = 1
+    return ids, mask
+
+
+def forward_inputs(
+    model: Any,
+    layout: ModelLayout,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    decoder_tokens: Tensor | None,
+    decoder_attention_mask: Tensor | None,
+) -> dict[str, Any]:
+    """Keyword arguments of `model.run_with_hooks` that run `tokens` (and the target prefix)."""
+    kind = hooked_class(model)
+    kwargs: dict[str, Any] = {"input": tokens}
+    if layout.family == "encoder_decoder":
+        if decoder_tokens is None:
+            raise ValueError(
+                "an encoder-decoder model needs decoder_tokens (the target prefix to explain, starting with "
+                "the decoder start token): attribute(model, tokens=src_ids, decoder_tokens=tgt_ids)"
+            )
+        kwargs["decoder_input"] = decoder_tokens
+    if kind in ("HookedEncoder", "HookedEncoderDecoder"):
+        if attention_mask is not None:
+            kwargs["one_zero_attention_mask"] = attention_mask
+        if decoder_attention_mask is not None and not bool(decoder_attention_mask.bool().all()):
+            raise ValueError(
+                "TransformerLens 3.x HookedEncoderDecoder takes no decoder mask: run padded targets "
+                "one by one, or use a TransformerBridge"
+            )
+        return kwargs
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if decoder_attention_mask is not None:
+        kwargs["decoder_attention_mask"] = decoder_attention_mask
+    return kwargs
+
+
+class _AllBlocksRead(Exception):
+    """Raised from the last hook: the rest of the forward (final norm, logits) is not needed."""
+
+
+def stream_blocks(model: Any, layout: ModelLayout, inputs: dict[str, Any], on_block: OnBlock) -> None:
+    """Run the forward pass once, handing every block of `layout` to `on_block(kind, layer, record)`.
+
+    The forward pass is stopped as soon as the last block has been handed over, so the
+    final norm and the logits (`[batch, pos, vocab]`, often the largest activation) are
+    never computed. Raises MissingHooksError listing the activations that never appeared.
+    """
+    readers = [(kind, layer, r) for kind, rs in layout.blocks.items() for layer, r in enumerate(rs)]
+    users: dict[str, list[int]] = {}  # hook name -> readers that read it
+    for i, (_, _, r) in enumerate(readers):
+        for h in dict.fromkeys(r.hooks):
+            users.setdefault(h, []).append(i)
+    missing = [set(r.hooks) for _, _, r in readers]
+    remaining = {h: len(ids) for h, ids in users.items()}
+    store: dict[str, Tensor] = {}
+    left = [len(readers)]
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(activation: Any, hook: Any = None) -> None:
+            t = activation[0] if isinstance(activation, tuple) else activation
+            store[name] = t.detach()
+            for i in users[name]:
+                if name not in missing[i]:
+                    continue  # fired again: the block already used the first value
+                missing[i].discard(name)
+                if missing[i]:
+                    continue
+                kind, layer, reader = readers[i]
+                on_block(kind, layer, reader.build(store))
+                for h in dict.fromkeys(reader.hooks):
+                    remaining[h] -= 1
+                    if remaining[h] == 0:
+                        store.pop(h, None)
+                left[0] -= 1
+            if left[0] == 0:
+                raise _AllBlocksRead
+
+        return hook
+
+    fwd_hooks = [(name, make_hook(name)) for name in users]
+    try:
+        with torch.no_grad():
+            model.run_with_hooks(fwd_hooks=fwd_hooks, return_type=None, **inputs)
+    except _AllBlocksRead:
+        pass
+    never = sorted({h for m in missing for h in m})
+    store.clear()
+    if never:
+        raise MissingHooksError(never, _NEVER_FIRED_ADVICE)

@@ -1,0 +1,39 @@
+"""The registry sweep (tests/architecture_sweep.py): every architecture gives a result or a LensAltiError.
+
+The fast subset runs in-process on a few architectures that cover each outcome; the whole
+registry (one worker process per group of architectures) is marked slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.architecture_sweep import BUG, MIXER, REFUSED, TIMEOUT, WORKS, markdown, run_one, sweep, text_architectures
+
+FAST = {
+    "GPT2LMHeadModel": WORKS,
+    "DeepseekV2ForCausalLM": WORKS,  # multi-head latent attention: head-major hook_v
+    "MambaForCausalLM": MIXER,
+    "SwitchTransformersForConditionalGeneration": REFUSED,  # its hook_pattern is not a distribution
+    "JetMoeForCausalLM": REFUSED,  # no hook_v in the bridge
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_fast_subset(name):
+    out = run_one(name)
+    assert out.outcome == FAST[name], out.reason
+
+
+def test_refusals_name_the_reason():
+    assert "not a probability distribution" in run_one("SwitchTransformersForConditionalGeneration").reason
+    assert "hook_v" in run_one("JetMoeForCausalLM").reason
+
+
+@pytest.mark.slow
+def test_whole_registry_has_no_bug():
+    results = sweep(text_architectures(), timeout=300)
+    table = markdown(results)
+    print(table)
+    bugs = [r for r in results if r.outcome in (BUG, TIMEOUT)]
+    assert not bugs, "\n".join(f"{r.architecture}: {r.outcome} {r.reason}" for r in bugs)

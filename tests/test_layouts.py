@@ -1,0 +1,65 @@
+"""Block layouts of issue 10 against the independent dense float64 reference (tests/reference_layouts.py).
+
+Each model is tiny and random, with randomised norm weights and non-default multipliers, so a
+layout feature that is read wrongly changes the numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lens_alti
+from tests.architecture_sweep import build_tiny
+from tests.reference_layouts import reference_layout
+
+TOL = 1e-5
+
+LAYOUTS = {
+    # residual_multiplier scales the attention branch; attention_multiplier replaces 1/√d_head.
+    "granite": ("GraniteForCausalLM", {"residual_multiplier": 0.37, "attention_multiplier": 0.21,
+                                        "embedding_multiplier": 3.0}),
+    "bitnet": ("BitNetForCausalLM", {}),  # RMSNorm on the concatenated heads before o_proj
+    "openai-gpt": ("OpenAIGPTLMHeadModel", {}),  # post-LN causal decoder
+    # 4 heads in layer 0, 8 in layer 1; a per-head softplus gate on each head's output before o_proj.
+    "laguna": ("LagunaForCausalLM", {"num_attention_heads_per_layer": [4, 8], "gating": "per-head",
+                                     "mlp_layer_types": ["dense", "dense"]}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def layout_run(request):
+    name, overrides = LAYOUTS[request.param]
+    reference_model, bridge = build_tiny(name, **overrides)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(4, 1000, (2, 7), generator=g)
+    _, cache = bridge.run_with_cache(tokens)
+    return request.param, cache, reference_layout(reference_model, tokens)
+
+
+def test_layout_matches_reference(layout_run):
+    kind, cache, ref = layout_run
+    res = lens_alti.attribute(cache, dtype=torch.float64)
+    assert float(res.reconstruction_error.max()) < 1e-6, kind
+    torch.testing.assert_close(res.layers, ref["l1"], atol=TOL, rtol=0)
+    torch.testing.assert_close(res.rollout, ref["rollout"], atol=TOL, rtol=0)
+
+
+def test_layout_float32_matches_reference(layout_run):
+    _, cache, ref = layout_run
+    res = lens_alti.attribute(cache)
+    torch.testing.assert_close(res.layers.double(), ref["l1"], atol=TOL, rtol=0)
+
+
+def test_granite_multiplier_is_not_the_default():
+    name, overrides = LAYOUTS["granite"]
+    assert overrides["residual_multiplier"] != 1.0  # the default 1.0 would hide a missing multiplier
+
+
+def test_laguna_layers_have_their_own_head_counts(layout_run):
+    kind, cache, _ = layout_run
+    if kind != "laguna":
+        pytest.skip("Laguna only")
+    assert cache["blocks.0.attn.hook_pattern"].shape[1] == 4 and cache["blocks.1.attn.hook_pattern"].shape[1] == 8
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="one head count for every layer"):
+        lens_alti.attribute(cache, heads=True)
