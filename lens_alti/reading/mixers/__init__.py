@@ -37,7 +37,11 @@ _MIXER_CHILDREN = ("mixer", "mamba", "conv", "linear_attn", "temporal_block")
 
 def hf_module(component: Any) -> Any:
     """The Hugging Face module a bridge component wraps (or the component itself)."""
-    return getattr(component, "original_component", None) or getattr(component, "_original_component", component)
+    for attr in ("original_component", "_original_component"):
+        inner = getattr(component, attr, None)
+        if inner is not None:
+            return inner
+    return component
 
 
 def _kind(module: Any) -> tuple[str, Callable[..., Any], str, str | None] | None:
@@ -71,7 +75,8 @@ def applied_mask(cache: Any, hook: str | None) -> Tensor | None:
 
 def out_projection(module: Any) -> Any:
     """The mixer's output projection (`out_proj`, or OLMo-hybrid's `o_proj`)."""
-    return getattr(module, "out_proj", None) or module.o_proj
+    out = getattr(module, "out_proj", None)
+    return out if out is not None else module.o_proj
 
 
 def find_mixer(block: Any) -> tuple[str, Any] | None:

@@ -67,8 +67,8 @@ def deltanet_parts(module: Any) -> tuple[Any, Any, float]:
     Qwen3-Next / Qwen3.5 name them `norm`, `out_proj`; OLMo-hybrid `o_norm`, `o_proj`, and
     doubles β where `allow_neg_eigval` is set.
     """
-    norm = getattr(module, "norm", None) or module.o_norm
-    out = getattr(module, "out_proj", None) or module.o_proj
+    norm = module.norm if getattr(module, "norm", None) is not None else module.o_norm
+    out = module.out_proj if getattr(module, "out_proj", None) is not None else module.o_proj
     return norm, out, 2.0 if getattr(module, "allow_neg_eigval", False) else 1.0
 
 
