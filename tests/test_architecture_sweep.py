@@ -6,6 +6,8 @@ registry (one worker process per group of architectures) is marked slow.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests.architecture_sweep import BUG, MIXER, REFUSED, TIMEOUT, WORKS, markdown, run_one, sweep, text_architectures
@@ -19,15 +21,18 @@ FAST = {
 }
 
 
+_run = functools.cache(run_one)
+
+
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_fast_subset(name):
-    out = run_one(name)
+    out = _run(name)
     assert out.outcome == FAST[name], out.reason
 
 
 def test_refusals_name_the_reason():
-    assert "not a probability distribution" in run_one("SwitchTransformersForConditionalGeneration").reason
-    assert "hook_v" in run_one("JetMoeForCausalLM").reason
+    assert "not a probability distribution" in _run("SwitchTransformersForConditionalGeneration").reason
+    assert "hook_v" in _run("JetMoeForCausalLM").reason
 
 
 @pytest.mark.slow

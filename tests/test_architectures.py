@@ -192,8 +192,12 @@ def test_rows_must_sum_to_one_over_valid_keys():
     valid_keys = torch.tensor([[True, True, True, False]])
     with pytest.raises(PatternNotDistributionError, match="row sum"):
         check_pattern_distribution(_record(pattern), valid_keys=valid_keys)
+    # A head switched off (an all-zero row, as head ablation leaves it) is allowed.
+    zero_row = torch.full((1, 1, 2, 4), 0.25)
+    zero_row[0, 0, 0] = 0.0
+    check_pattern_distribution(_record(zero_row))
     # Padded receivers are not checked.
-    pattern[0, 0, 1] = 0.0
+    pattern[0, 0, 1] = 0.1
     check_pattern_distribution(_record(pattern), valid_rows=torch.tensor([[True, False]]))
 
 

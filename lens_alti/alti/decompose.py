@@ -94,8 +94,9 @@ def check_pattern_distribution(
     """Raise PatternNotDistributionError unless every valid receiver's row is a distribution.
 
     Cheap (one pass over the pattern) and done before decomposing: entries must be ≥ 0 and
-    each valid receiver's row must sum to 1 over the valid keys. Skipped for records whose
-    `pattern_is_distribution` is False (recurrent mixers' operators).
+    each valid receiver's row must sum to 1 over the valid keys, or be all zero (a head switched
+    off by an ablation hook). Skipped for records whose `pattern_is_distribution` is False
+    (recurrent mixers' operators).
     """
     if not block.pattern_is_distribution or block.pattern.numel() == 0:
         return
@@ -109,7 +110,8 @@ def check_pattern_distribution(
         sums, low = sums[rows], low[rows]
     if sums.numel() == 0:
         return
-    worst_sum = float((sums - 1).abs().max())
+    # A row of zeros is a head switched off (head ablation hooks on hook_pattern): allowed.
+    worst_sum = float(torch.where(sums == 0, torch.zeros_like(sums), (sums - 1).abs()).max())
     worst_low = float(low.min())
     if worst_low < -tolerance or worst_sum > tolerance:
         raise PatternNotDistributionError(

@@ -97,4 +97,6 @@ def post_norm(
 def is_post_norm(cache: Any, prefix: str) -> bool:
     """Post-norm when the first norm does not read the block input (it reads input + attention)."""
     x, ln_in = cache[f"{prefix}.hook_resid_pre"], cache[f"{prefix}.ln1.hook_in"]
-    return not torch.allclose(ln_in, x, rtol=1e-5, atol=1e-6 * float(x.abs().max().clamp(min=1)))
+    # NaN-safe: a non-finite cache is reported by attribute's finiteness check, not here.
+    atol = 1e-6 * float(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).abs().max().clamp(min=1))
+    return not torch.allclose(ln_in, x, rtol=1e-5, atol=atol, equal_nan=True)
