@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-call-n", type=int, default=113)
     p.add_argument("--ref-n", type=int, default=128)
     p.add_argument("--skip", nargs="+", default=[], choices=["steady", "first", "kernel", "reference"])
+    p.add_argument("--sizes", type=int, nargs="+", help="SmolLM2 lengths (default 15 113 512)")
+    p.add_argument("--gpt2-sizes", type=int, nargs="+", help="GPT-2-small lengths (default 128 1024)")
     p.add_argument("--threads", type=int, help="torch threads (default: the CPUs this process may use)")
     p.add_argument("--json", help="write all results to this file")
     args = p.parse_args(argv)
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(f"{b:>7}" for b in BACKENDS)
             + f"  {'auto is':>8} {'best':>8} auto/best (target <= {AUTO_TARGET}x)"
         )
-        sizes = [15, 113] if args.quick else [15, 113, 512]
-        gsizes = [128] if args.quick else [128, 1024]
+        sizes = args.sizes or ([15, 113] if args.quick else [15, 113, 512])
+        gsizes = args.gpt2_sizes or ([128] if args.quick else [128, 1024])
         rows = []
         for name, caches in (("SmolLM2", smollm2_caches(sizes)), ("GPT-2", gpt2_caches(gsizes))):
             for n, cache in caches.items():
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                     print_steady(rec)
             del caches
         results["steady"] = rows
-        print("\nelements per CPU-second (the cost model's rates; backend.py constants in brackets)")
+        print("\nelements per CPU-second of whole calls (overheads included; backend.py constants in brackets)")
         for b in ("native", "compiled", "eager"):
             for heads in (True, False):
                 rates = [r["elements"] / r[b]["cpu_s"] for r in rows if r["heads"] == heads and "cpu_s" in r.get(b, {})
