@@ -77,6 +77,7 @@ def bench_stream(bridge: Any, n: int, args: argparse.Namespace, device: torch.de
         return lens_alti.attribute(bridge, tokens=ids, heads=True, positions=[-1])
 
     stream = measure(streaming, device, args.repeats, args.max_seconds)
+    print(f"  (streaming measured first: {stream.seconds:.2f} s, {stream.peak_bytes / MB:.1f} MB)", flush=True)
     full = measure(cache_path, device, args.repeats, args.max_seconds)
     s, f = stream.output, full.output
     # fp32 rounding between the kernels used for one row and for all rows (not a difference of paths)
