@@ -429,6 +429,7 @@ def routes(
     batch: int = 0,
     attention_mask: Tensor | None = None,
     tokens: Any = None,
+    logit_mode: str = "direct",
     logit_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
@@ -444,10 +445,14 @@ def routes(
         cache_or_model: an ActivationCache or the model with `tokens=`.
         position: the explained position (negative counts from the last real token).
         threshold: edges below this weight are pruned (default 0.04, as in the paper).
-        target / contrast: with a target (id or one-token string), the receivers at `position` (in
-            the top `logit_layers` layers, default all) weight their parts by their logit update
-            (spec §7: positive updates normalised) instead of proximity, so the graph explains the
-            prediction of `target` (minus `contrast`).
+        target / contrast: with a target (id or one-token string) the graph explains the prediction
+            of `target` (minus `contrast`): edges are weighted by positive logit updates (spec §7,
+            normalised) instead of proximity where `logit_mode` says:
+            "direct" (default): the top node's parts are all direct parts of the logit (every
+            head's output at `position` from each source, in every layer; every MLP; the
+            embedding), each an edge from the node it reads; below them, proximity;
+            "column": the receivers at `position` in the top `logit_layers` layers (default all)
+            weight their own parts (heads, residual, MLP).
         batch: which batch item of the cache to explain.
         attention_mask: `[batch, pos]` as for `attribute`.
         tokens: ids or strings for node labels (and the input when a model is given).
@@ -457,9 +462,10 @@ def routes(
         source, receiver, weight, ...), `.head_importance[layer, head]`, `.node_importance`,
         `.to_networkx()`, `.computed_receivers[layer]`.
     """
-    from lens_alti.prediction import routes as _impl
+    from lens_alti.prediction_routes import routes as _impl
 
     return _impl(
         cache_or_model, position, threshold=threshold, target=target, contrast=contrast, batch=batch,
-        attention_mask=attention_mask, tokens=tokens, logit_layers=logit_layers, dtype=dtype, progress=progress,
+        attention_mask=attention_mask, tokens=tokens, logit_mode=logit_mode, logit_layers=logit_layers, dtype=dtype,
+        progress=progress,
     )

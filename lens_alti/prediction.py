@@ -1,4 +1,4 @@
-"""Orchestration of `logit_attribution` (spec §7) and `routes` (spec §8): cache or model in, result out.
+"""Orchestration of `logit_attribution` (spec §7): cache or model in, result out (routes: prediction_routes.py).
 
 Reading (`lens_alti.reading`, `lens_alti.reading.unembed`) gives records; the mathematics is in
 `lens_alti.alti.logit` and `lens_alti.alti.routes`; this module checks arguments, picks the
@@ -46,9 +46,8 @@ def run_model(
     tokens: Any,
     attention_mask: Tensor | None,
     decoder_tokens: Any,
-    names: list[str] | None,
 ) -> Any:
-    """`model.run_with_cache` with the hooks lens_alti reads (a model was given instead of a cache)."""
+    """`model.run_with_cache` recording only the hooks lens_alti reads (a model was given instead of a cache)."""
     if tokens is None:
         raise LensAltiError(
             "given a model instead of a cache, pass the input as tokens=... (ids [batch, pos] or a text)"
@@ -57,14 +56,17 @@ def run_model(
         if not hasattr(model, "to_tokens"):
             raise LensAltiError("this model has no to_tokens: pass token ids [batch, pos] as tokens=...")
         tokens = model.to_tokens(tokens)
-    kwargs: dict[str, Any] = {}
+    layout = model_layout(model)
+    wanted = set(layout.hook_names()) | set(logit_layout(model, layout).hooks)
+    wanted |= {"unembed.hook_in", "unembed.hook_out", "ln_final.hook_out", "decoder_ln_final.hook_out"}
+    wanted |= {"embed.hook_in", "decoder_embed.hook_in"}  # attribute's check of the decoder input
+    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if decoder_tokens is not None:
         kwargs["decoder_input"] = decoder_tokens
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, **kwargs)
-    del names
     return cache, tokens
 
 
@@ -200,7 +202,7 @@ def logit_attribution(
     if _is_cache(cache_or_model):
         cache = cache_or_model
     else:
-        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens, None)
+        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
     cache, model = cache_and_model(cache)
     layout = model_layout(model)
     llayout: LogitLayout = logit_layout(model, layout)
@@ -238,12 +240,13 @@ def logit_attribution(
     if b_U is not None:
         u_bias = b_U[tgt_ids.to(device)]
     real = readout.real_logits
-    logit = real[torch.arange(batch), rows, tgt_ids.to(device)].to(dtype)
+    items = torch.arange(batch, device=device)
+    logit = real[items, rows, tgt_ids.to(device)].to(dtype)
     if ctr_ids is not None:
         u = u - W_U[:, ctr_ids.to(device)].T
         if b_U is not None:
             u_bias = u_bias - b_U[ctr_ids.to(device)]
-        logit = logit - real[torch.arange(batch), rows, ctr_ids.to(device)].to(dtype)
+        logit = logit - real[items, rows, ctr_ids.to(device)].to(dtype)
     x_final = _gather_row(readout.final_residual, rows)
     _check_finite_rows("final residual stream", x_final)
     norm = readout.norm
@@ -332,7 +335,7 @@ def logit_attribution(
         )
         emb_col = rows
     tok = by.sum(1)
-    tok[torch.arange(batch), emb_col] += embedding
+    tok[items, emb_col] += embedding
     labels = _labels(model, tokens, batch)
     if seq2seq and labels is not None:
         dec = _labels(model, decoder_tokens, batch)
@@ -364,114 +367,4 @@ def logit_attribution(
         target_str=names(tgt_ids),
         contrast_str=names(ctr_ids),
         extra={"reconstruction_error": errors, "source_mask": None if src_valid is None else src_valid.long()},
-    )
-
-
-@torch.no_grad()
-def routes(
-    cache_or_model: Any,
-    position: Any = -1,
-    *,
-    threshold: float = 0.04,
-    target: Any = None,
-    contrast: Any = None,
-    batch: int = 0,
-    attention_mask: Tensor | None = None,
-    tokens: Any = None,
-    logit_layers: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool | None = None,
-) -> Any:
-    """See `lens_alti.routes`."""
-    import pandas as pd
-
-    from lens_alti.alti.routes import RouteLayer, build_routes
-    from lens_alti.errors import UnsupportedModelError
-    from lens_alti.results_logit import Routes, empty_edges
-
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    if contrast is not None and target is None:
-        raise ValueError("contrast needs a target: routes weighted by the logit difference target − contrast")
-    if _is_cache(cache_or_model):
-        cache = cache_or_model
-    else:
-        cache, tokens = run_model(cache_or_model, tokens, attention_mask, None, None)
-    cache, model = cache_and_model(cache)
-    layout = model_layout(model)
-    if layout.family != "decoder":
-        raise UnsupportedModelError(
-            f"{layout.architecture}: routes are implemented for decoder-only models; for encoders and "
-            "encoder-decoders use attribute(heads=True)"
-        )
-    llayout = logit_layout(model, layout)
-    have = set(cache.keys())
-    missing = [h for h in llayout.hooks if h not in have]
-    if missing:
-        raise MissingHooksError(missing, "routes reads these hooks (run_with_cache without names_filter records them).")
-    x0 = cache[llayout.embedding_hook]
-    n_batch, pos = x0.shape[:2]
-    if not 0 <= batch < n_batch:
-        raise ValueError(f"batch must be in 0..{n_batch - 1}, got {batch}")
-    valid = _valid(attention_mask, n_batch, pos, x0.device, "attention_mask")
-    rows = explained_rows(position, valid)
-    n = int(rows[batch])
-    item = slice(batch, batch + 1)
-
-    direction = None
-    if target is not None:
-        tgt = token_ids(model, target, 1, "target")
-        readout = llayout.readout(cache)
-        W_U = readout.W_U.to(dtype=dtype, device=x0.device)
-        u = W_U[:, tgt].T
-        if contrast is not None:
-            u = u - W_U[:, token_ids(model, contrast, 1, "contrast")].T
-        x_final = readout.final_residual[batch, n][None]
-        norm = readout.norm
-        w, _ = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u.new_zeros(1))
-        direction = w[0]
-
-    layers: list[RouteLayer] = []
-    steps = llayout.steps
-    by_layer: dict[int, dict[str, Any]] = {}
-    for step in steps:
-        by_layer.setdefault(step.layer, {})[step.kind] = step
-    vk = valid[item]
-    for layer in sorted(by_layer):
-        record = by_layer[layer]["self"].build(cache)
-        block = replace(
-            record,
-            pattern=record.pattern[item] * vk[:, None, None, :].to(record.pattern.dtype),
-            values=record.values[item],
-            residual=record.residual[item],
-            target=record.target[item],
-            norm=None if record.norm is None else replace(record.norm, scale=record.norm.scale[item]),
-        )
-        write = by_layer[layer].get("write")
-        mlp = None
-        parallel = False
-        if write is not None:
-            w_rec = write.build(cache)
-            mlp = w_rec.output[batch]
-            parallel = f"blocks.{layer}.hook_mlp_out" in write.hooks
-        layers.append(RouteLayer(block, mlp, parallel))
-    show = progress if progress is not None else pos >= 512
-    edges, head_imp, node_imp, computed = build_routes(
-        layers, n, threshold, direction=direction, logit_layers=logit_layers, dtype=dtype, progress=show
-    )
-    frame = pd.DataFrame([e.__dict__ for e in edges]) if edges else empty_edges()
-    labels = _labels(model, tokens, n_batch)
-    return Routes(
-        edges=frame,
-        head_importance=head_imp,
-        node_importance=node_imp,
-        position=n,
-        batch=batch,
-        threshold=threshold,
-        n_layers=len(layers),
-        computed_receivers=computed,
-        weighting="proximity" if direction is None else "logit",
-        str_tokens=None if labels is None else labels[batch],
-        target=None if target is None else int(token_ids(model, target, 1, "target")[0]),
-        contrast=None if contrast is None else int(token_ids(model, contrast, 1, "contrast")[0]),
     )

@@ -130,13 +130,16 @@ def test_marian_matches_reference(marian):
     assert float(res.tokens[:, :6].abs().sum()) > 0 and float(res.tokens[:, 6:].abs().sum()) > 0
 
 
-@pytest.mark.parametrize("arch", ["marian", "bart", "m2m100", "mbart"])
+@pytest.mark.parametrize("arch", ["marian", "bart", "m2m100", "mbart", "t5"])
 def test_seq2seq_completeness(arch):
     _, bridge = build_seq2seq(arch)
     src, tgt = _ids(2, 5, 7), _ids(2, 4, 8)
     _, cache = bridge.run_with_cache(src, decoder_input=tgt)
     res = lens_alti.logit_attribution(cache, 9, 10)
     torch.testing.assert_close(res.direct_total, res.logit, atol=1e-4 * float(res.logit.abs().max()), rtol=0)
+    if arch == "marian":  # given the model, it runs it with only the hooks it reads
+        direct = lens_alti.logit_attribution(bridge, 9, 10, tokens=src, decoder_tokens=tgt)
+        torch.testing.assert_close(direct.tokens, res.tokens)
     # tokens carry exactly the attention and embedding parts
     total = res.head_totals.sum((1, 2)) + res.cross_head_totals.sum((1, 2)) + res.embedding
     torch.testing.assert_close(res.tokens.sum(-1), total, atol=1e-5, rtol=1e-4)
@@ -198,3 +201,52 @@ def test_encoder_is_refused():
     _, cache = bert.run_with_cache(_ids(1, 5, 0))
     with pytest.raises(UnsupportedModelError, match="no next-token logits"):
         lens_alti.logit_attribution(cache, 1)
+
+
+def test_final_norm_read_from_behaviour(decoder):
+    """Gemma's 1 + w, LayerNorm's β and RMSNorm's gain come out of the probes, whatever the class."""
+    from lens_alti.reading.unembed import apply_norm, probe_norm
+
+    arch, _, bridge = decoder
+    norm = probe_norm(bridge.ln_final, 64, "ln_final")
+    inner = bridge.ln_final._original_component
+    want_gain = inner.weight.detach().double() + (1.0 if arch == "gemma2" else 0.0)
+    torch.testing.assert_close(norm.gain, want_gain, atol=1e-5, rtol=1e-5)
+    assert norm.kind == ("layernorm" if arch in ("gpt2", "neox") else "rmsnorm")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(apply_norm(norm, x), bridge.ln_final(x[None])[0].double(), atol=1e-5, rtol=1e-5)
+
+
+def test_norm_errors(run, monkeypatch):
+    import lens_alti.reading.unembed as unembed
+    from lens_alti.reading.unembed import FinalNorm, probe_norm
+
+    *_, cache = run
+    with pytest.raises(UnsupportedModelError, match="epsilon"):
+        probe_norm(torch.nn.Identity(), 64, "ln_final")
+    real = unembed.probe_norm
+    monkeypatch.setattr(
+        unembed, "probe_norm", lambda *a: FinalNorm("rmsnorm", 2 * real(*a).gain, None, real(*a).eps)
+    )
+    with pytest.raises(UnsupportedModelError, match="does not behave as a rmsnorm"):
+        lens_alti.logit_attribution(cache, 1)
+    monkeypatch.setattr(unembed, "probe_norm", real)
+    original = cache.cache_dict["unembed.hook_in"]
+    cache.cache_dict["unembed.hook_in"] = original + torch.randn_like(original)
+    try:
+        with pytest.raises(UnsupportedModelError, match="does not read the final norm"):
+            lens_alti.logit_attribution(cache, 1)
+    finally:
+        cache.cache_dict["unembed.hook_in"] = original
+
+
+def test_model_without_unembedding_is_refused(run):
+    from types import SimpleNamespace
+
+    from lens_alti.reading import model_layout
+    from lens_alti.reading.unembed import logit_layout
+
+    _, _, bridge, _, _ = run
+    layout = model_layout(bridge)
+    with pytest.raises(UnsupportedModelError, match="no unembedding"):
+        logit_layout(SimpleNamespace(cfg=bridge.cfg), layout)

@@ -114,8 +114,8 @@ def test_logit_weighting_matches_alti_logit(gpt2_run):
     logits = cache["unembed.hook_out"][1, 8]
     t, c = int(logits.argmax()), int(logits.argmin())  # a clearly positive logit difference
     la = lens_alti.logit_attribution(cache, t, c, position=8)
-    graph = lens_alti.routes(cache, position=8, threshold=0.001, target=t, contrast=c, batch=1)
-    assert graph.weighting == "logit"
+    graph = lens_alti.routes(cache, position=8, threshold=0.001, target=t, contrast=c, batch=1, logit_mode="column")
+    assert graph.weighting == "logit (column)"
     b, n, top = 1, 8, 2
     readout_bias = float(la.bias[b] - la.attn_bias[b].sum())
     mid = float(la.logit[b] - la.mlp[b, top]) - readout_bias  # x^mid_N · w
@@ -170,3 +170,67 @@ def test_routes_errors(gpt2_run):
     _, c2 = s2s.run_with_cache(tokens[:, :4], decoder_input=tokens[:, :3])
     with pytest.raises(UnsupportedModelError, match="decoder-only"):
         lens_alti.routes(c2)
+
+
+def test_padded_item_equals_running_alone():
+    from tests.models import build_bridge
+
+    _, bridge = build_bridge("llama", n_layers=2, seed=1)
+    ids = torch.full((2, 9), 3)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for b, n in enumerate([9, 6]):  # left padding
+        ids[b, 9 - n :] = torch.randint(4, VOCAB, (n,), generator=torch.Generator().manual_seed(30 + b))
+        mask[b, 9 - n :] = 1
+    _, cache = bridge.run_with_cache(ids, attention_mask=mask)
+    padded = lens_alti.routes(cache, threshold=0.01, batch=1, attention_mask=mask, target=11)
+    _, alone_cache = bridge.run_with_cache(ids[1:, 3:])
+    alone = lens_alti.routes(alone_cache, threshold=0.01, target=11)
+    assert padded.position == 8 and alone.position == 5
+    shift = lambda e: {(r.layer, r.kind, str(r.head), r.source - 3, r.receiver - 3) for r in e.itertuples()}  # noqa: E731
+    same = {(r.layer, r.kind, str(r.head), r.source, r.receiver) for r in alone.edges.itertuples()}
+    assert shift(padded.edges) == same
+    torch.testing.assert_close(padded.head_importance, alone.head_importance, atol=1e-5, rtol=1e-4)
+
+
+def test_logit_layers_limits_logit_weighting(gpt2_run):
+    _, _, cache = gpt2_run
+    target = int(cache["unembed.hook_out"][0, -1].argmax())
+    graph = lens_alti.routes(cache, threshold=0.01, target=target, logit_mode="column", logit_layers=1)
+    e = graph.edges
+    assert set(e[e.weighting == "logit"].layer) == {2}
+    assert set(e[e.layer < 2].weighting) <= {"proximity"}
+
+
+def test_direct_logit_weighting_is_alti_logit_shares(gpt2_run):
+    _, _, cache = gpt2_run
+    logits = cache["unembed.hook_out"][0, 9]
+    t, c = int(logits.argmax()), int(logits.argmin())
+    la = lens_alti.logit_attribution(cache, t, c)
+    graph = lens_alti.routes(cache, threshold=0.005, target=t, contrast=c)
+    assert graph.weighting == "logit (direct)"
+    per_item = lens_alti.routes(cache, threshold=0.005, target=[t, 1], contrast=[c, 2])  # one per batch item
+    assert per_item.edges.equals(graph.edges)
+    parts = torch.cat([la.heads[0].flatten(), la.mlp[0], la.embedding[:1]]).double().clamp(min=0)
+    shares = parts / parts.sum()
+    e = graph.edges
+    into_top = e[e.receiver_node.map(lambda n: n == (3, 9))]
+    assert len(into_top) == int((shares >= 0.005).sum()) and set(into_top.weighting) == {"logit"}
+    n_h, k = la.heads.shape[2], la.heads.shape[3]
+    for r in into_top.itertuples():
+        if r.kind == "head":
+            idx = (r.layer * n_h + r.head) * k + r.source
+            assert r.source_node == (r.layer, r.source)
+        elif r.kind == "mlp":
+            idx = 3 * n_h * k + r.layer
+            assert r.source_node == (r.layer + 1, 9, "mid")
+        else:
+            idx = -1
+            assert r.source_node == (0, 9)
+        assert r.weight == pytest.approx(float(shares[idx]), abs=1e-5)
+    # head importance of the direct edges is their share; below, proximity routes add credit
+    direct = into_top[into_top.kind == "head"].groupby(["layer", "head"]).weight.sum()
+    for (layer, head), value in direct.items():
+        assert float(graph.head_importance[layer, head]) >= value - 1e-9
+    assert set(e[~e.receiver_node.map(lambda n: n == (3, 9))].weighting) <= {"proximity"}
+    with pytest.raises(ValueError, match="logit_mode"):
+        lens_alti.routes(cache, target=t, logit_mode="sideways")

@@ -136,7 +136,7 @@ def readout_direction(
     x = x_final.to(u.dtype)
     if kind == "none":
         return u, u_bias
-    g = gain.to(u.dtype)
+    g = gain.to(device=u.device, dtype=u.dtype)
     if kind == "layernorm":
         xc = x - x.mean(-1, keepdim=True)
         scale = (xc.square().mean(-1) + eps).sqrt()
@@ -145,7 +145,7 @@ def readout_direction(
     else:
         scale = (x.square().mean(-1) + eps).sqrt()
         w = g * u / scale[:, None]
-    bias = u_bias if norm_bias is None else u_bias + (norm_bias.to(u.dtype) * u).sum(-1)
+    bias = u_bias if norm_bias is None else u_bias + (norm_bias.to(device=u.device, dtype=u.dtype) * u).sum(-1)
     return w, bias
 
 

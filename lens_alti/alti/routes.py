@@ -11,6 +11,7 @@ Model-agnostic: receives `AttentionBlock` records (batch size 1) and MLP outputs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -140,6 +141,7 @@ def build_routes(
     threshold: float,
     *,
     direction: Tensor | None = None,
+    logit_mode: str = "direct",
     logit_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
@@ -147,19 +149,30 @@ def build_routes(
     """The routes graph from node (L, position) down to the embeddings (spec §8).
 
     `direction[d]`: the logit direction at the residual stream of the explained position
-    (spec §7, the final norm linearised); with it the receivers at `position` in the top
-    `logit_layers` layers (all by default) weight their parts by logit update instead of
-    proximity. Returns (kept edges, head importance `[layer, head]`, node importance, number of
-    receivers computed per layer).
+    (spec §7, the final norm linearised). With it:
+    - `logit_mode="direct"` (default): the top node's parts are all the direct parts of the
+      logit (spec §7: every head's output at `position` from each source, every MLP, the
+      embedding), weighted by their positive logit updates; each kept part is an edge into the
+      top node from the node it reads (a head of layer l from `(l, j)`, an MLP from its mid node,
+      the embedding from `(0, position)`), and the graph continues below with proximity;
+    - `logit_mode="column"`: the receivers at `position` in the top `logit_layers` layers (all by
+      default) weight their own parts (heads, residual, MLP) by logit update instead of proximity.
+    Returns (kept edges, head importance `[layer, head]`, node importance, number of receivers
+    computed per layer).
     """
+    if logit_mode not in ("direct", "column"):
+        raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     n_layers = len(layers)
     n_heads = layers[0].block.pattern.shape[1]
     head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    importance: dict[tuple, float] = {(n_layers, position): 1.0}
+    top_node = (n_layers, position)
+    importance: dict[tuple, float] = {top_node: 1.0}
     edges: list[Edge] = []
     computed: list[int] = [0] * n_layers
+    column = direction is not None and logit_mode == "column"
     logit_from = 0 if logit_layers is None else n_layers - logit_layers
-    reached = {position}
+    reached_at: dict[int, set[int]] = {level: set() for level in range(n_layers + 1)}  # nodes (level, i)
+    reached_mid: dict[int, set[int]] = {level: set() for level in range(n_layers + 1)}  # nodes (level, i, "mid")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -173,16 +186,24 @@ def build_routes(
         importance[sn] = importance.get(sn, 0.0) + importance[rn] * weight
         if kind == "head":
             head_importance[layer, int(head)] += importance[rn] * weight
+        if len(sn) == 3:
+            reached_mid[sn[0]].add(sn[1])
+        else:
+            reached_at[sn[0]].add(sn[1])
+
+    if direction is not None and logit_mode == "direct":
+        _direct_edges(layers, position, direction, threshold, dtype, keep, computed)
+    else:
+        reached_at[n_layers].add(position)
 
     for layer in range(n_layers - 1, -1, -1):
         spec = layers[layer]
         top = layer + 1
-        use_logit = direction is not None and layer >= logit_from
-        if not reached:
-            break
-        if spec.mlp is not None and not spec.parallel:
+        use_logit = column and layer >= logit_from
+        sequential_mlp = spec.mlp is not None and not spec.parallel
+        if sequential_mlp and reached_at[top]:
             # MLP block: parts x^mid_i and mlp(x^mid_i), both lead to (top, i, "mid").
-            positions = torch.tensor(sorted(reached))
+            positions = torch.tensor(sorted(reached_at[top]))
             post = spec.block.target[0, positions].to(dtype) + spec.mlp[positions].to(dtype)
             mid = spec.block.target[0, positions].to(dtype)
             mlp_rows = spec.mlp[positions].to(dtype)
@@ -192,7 +213,6 @@ def build_routes(
             shares = torch.stack([s_mid, s_mlp], -1)
             total = shares.sum(-1, keepdim=True)
             shares = torch.where(total > 0, shares / total.clamp(min=1e-30), 0)
-            next_reached = set()
             for idx, i in enumerate(positions.tolist()):
                 how = "proximity"
                 row = shares[idx]
@@ -203,41 +223,73 @@ def build_routes(
                 for kind, weight in (("residual", float(row[0])), ("mlp", float(row[1]))):
                     if weight >= threshold:
                         keep(layer, kind, kind, i, i, weight, how, sn, rn)
-                        next_reached.add(i)
-            reached = next_reached
+        receivers = reached_mid[top] if sequential_mlp else reached_at[top]
+        if sequential_mlp:
             receiver_node = lambda i, top=top: (top, i, "mid")  # noqa: E731
         else:
             receiver_node = lambda i, top=top: (top, i)  # noqa: E731
-        if not reached:
-            break
-        positions = torch.tensor(sorted(reached))
-        mlp = spec.mlp if spec.parallel else None
-        heads, residual, mlp_share, logit = receiver_parts(
-            spec.block, positions, mlp, dtype, direction if use_logit else None
-        )
-        computed[layer] = len(positions)
-        next_reached = set()
-        for idx, i in enumerate(positions.tolist()):
-            rn = receiver_node(i)
-            how = "proximity"
-            h_row, r_w, m_w = heads[idx], float(residual[idx]), None if mlp_share is None else float(mlp_share[idx])
-            if use_logit and i == position:
-                shares = logit_shares(logit[idx])
-                h_row = shares[:-2].view(heads.shape[1], heads.shape[2])
-                r_w, m_w = float(shares[-2]), (None if mlp_share is None else float(shares[-1]))
-                how = "logit"
-            if r_w >= threshold:
-                keep(layer, "residual", "residual", i, i, r_w, how, (layer, i), rn)
-                next_reached.add(i)
-            if m_w is not None and m_w >= threshold:
-                keep(layer, "mlp", "mlp", i, i, m_w, how, (layer, i), rn)
-                next_reached.add(i)
-            for h, j in (h_row >= threshold).nonzero().tolist():
-                keep(layer, "head", h, j, i, float(h_row[h, j]), how, (layer, j), rn)
-                next_reached.add(j)
-        reached = next_reached
+        if receivers:
+            positions = torch.tensor(sorted(receivers))
+            mlp = spec.mlp if spec.parallel else None
+            heads, residual, mlp_share, logit = receiver_parts(
+                spec.block, positions, mlp, dtype, direction if use_logit else None
+            )
+            computed[layer] += len(positions)
+            for idx, i in enumerate(positions.tolist()):
+                rn = receiver_node(i)
+                how = "proximity"
+                h_row, r_w = heads[idx], float(residual[idx])
+                m_w = None if mlp_share is None else float(mlp_share[idx])
+                if use_logit and i == position:
+                    shares = logit_shares(logit[idx])
+                    h_row = shares[:-2].view(heads.shape[1], heads.shape[2])
+                    r_w, m_w = float(shares[-2]), (None if mlp_share is None else float(shares[-1]))
+                    how = "logit"
+                if r_w >= threshold:
+                    keep(layer, "residual", "residual", i, i, r_w, how, (layer, i), rn)
+                if m_w is not None and m_w >= threshold:
+                    keep(layer, "mlp", "mlp", i, i, m_w, how, (layer, i), rn)
+                for h, j in (h_row >= threshold).nonzero().tolist():
+                    keep(layer, "head", h, j, i, float(h_row[h, j]), how, (layer, j), rn)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     return edges, head_importance, importance, computed
+
+
+def _direct_edges(
+    layers: list[RouteLayer],
+    position: int,
+    direction: Tensor,
+    threshold: float,
+    dtype: torch.dtype,
+    keep: Callable[..., None],
+    computed: list[int],
+) -> None:
+    """Edges into the top node from every direct part of the logit, weighted by positive logit update."""
+    n_layers = len(layers)
+    w = direction.to(dtype)
+    at = torch.tensor([position])
+    values: list[Tensor] = []
+    labels: list[tuple] = []
+    for layer, spec in enumerate(layers):
+        *_, logit = receiver_parts(spec.block, at, spec.mlp if spec.parallel else None, dtype, direction)
+        computed[layer] += 1
+        n_h = spec.block.pattern.shape[1]
+        k = (logit.shape[1] - 2) // n_h
+        values.append(logit[0, :-2])
+        labels += [("head", layer, h, j, (layer, j)) for h in range(n_h) for j in range(k)]
+        if spec.parallel and spec.mlp is not None:
+            values.append(logit[0, -1:])
+            labels.append(("mlp", layer, "mlp", position, (layer, position)))
+        elif spec.mlp is not None:
+            values.append((spec.mlp[position].to(dtype) @ w)[None])
+            labels.append(("mlp", layer, "mlp", position, (layer + 1, position, "mid")))
+    values.append((layers[0].block.residual[0, position].to(dtype) @ w)[None])
+    labels.append(("residual", 0, "residual", position, (0, position)))
+    shares = logit_shares(torch.cat(values))
+    top = (n_layers, position)
+    for idx in (shares >= threshold).nonzero().flatten().tolist():
+        kind, layer, head, src, node = labels[idx]
+        keep(layer, kind, head, src, position, float(shares[idx]), "logit", node, top)

@@ -204,12 +204,37 @@ def _readout_reader(model: Any, stack: str, n_layers: int) -> tuple[Callable[[An
                 f"{norm_name}: the final norm does not behave as a {norm.kind} with the gain and bias its probes "
                 f"gave (max|Δ| = {err:.3g} of max|out| = {ref:.3g}); it cannot be linearised exactly"
             )
+        norm = _rescaled(norm, cache, real_norm_out, norm_name)
         W_U = model.W_U.detach()
         with torch.no_grad():
             b_U = model.unembed(torch.zeros(1, 1, d_model, dtype=W_U.dtype, device=W_U.device))[0, 0].detach()
         return Readout(x, norm, W_U, b_U if bool(b_U.abs().max() > 0) else None, logits, _softcap(model))
 
     return read, (last,)
+
+
+def _rescaled(norm: FinalNorm, cache: Any, norm_out: Tensor, norm_name: str) -> FinalNorm:
+    """Absorb a constant factor between the final norm and the unembedding (T5's d_model^-0.5 of tied
+    embeddings) into the norm's gain and bias; refuse anything else between them."""
+    if "unembed.hook_in" not in cache.keys():
+        return norm
+    into = cache["unembed.hook_in"].to(torch.float64)
+    out = norm_out.to(torch.float64)
+    if torch.equal(into, out):
+        return norm
+    alpha = float((into * out).sum() / (out * out).sum().clamp(min=1e-300))
+    err = float((into - alpha * out).abs().max())
+    if not err <= _NORM_CHECK_RTOL * max(float(into.abs().max()), 1e-30):
+        raise UnsupportedModelError(
+            f"{norm_name}: the unembedding does not read the final norm's output (nor a constant multiple of it); "
+            f"max|Δ| = {err:.3g}: the readout cannot be linearised"
+        )
+    gain = (torch.ones(out.shape[-1], dtype=torch.float64) if norm.gain is None else norm.gain) * alpha
+    bias = None if norm.bias is None else norm.bias * alpha
+    kind = norm.kind
+    if kind == "none":  # a pure rescaling: an RMS-free "norm" with gain alpha and no scale
+        raise UnsupportedModelError(f"{norm_name}: a rescaling before the unembedding without a final norm")
+    return FinalNorm(kind, gain, bias, norm.eps)
 
 
 def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:

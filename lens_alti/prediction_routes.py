@@ -1,0 +1,139 @@
+"""Orchestration of `routes` (spec §8): cache or model in, a Routes graph out.
+
+Reads the decoder's attention records and MLP writes (`lens_alti.reading`), hands them to
+`lens_alti.alti.routes.build_routes` for the explained item, and assembles the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lens_alti.alti.logit import readout_direction
+from lens_alti.errors import MissingHooksError
+from lens_alti.prediction import _is_cache, _labels, _valid, explained_rows, run_model, token_ids
+from lens_alti.reading import cache_and_model, model_layout
+from lens_alti.reading.unembed import logit_layout
+
+
+@torch.no_grad()
+def routes(
+    cache_or_model: Any,
+    position: Any = -1,
+    *,
+    threshold: float = 0.04,
+    target: Any = None,
+    contrast: Any = None,
+    batch: int = 0,
+    attention_mask: Tensor | None = None,
+    tokens: Any = None,
+    logit_mode: str = "direct",
+    logit_layers: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool | None = None,
+) -> Any:
+    """See `lens_alti.routes`."""
+    import pandas as pd
+
+    from lens_alti.alti.routes import RouteLayer, build_routes
+    from lens_alti.errors import UnsupportedModelError
+    from lens_alti.results_logit import Routes, empty_edges
+
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if logit_mode not in ("direct", "column"):
+        raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
+    if contrast is not None and target is None:
+        raise ValueError("contrast needs a target: routes weighted by the logit difference target − contrast")
+    if _is_cache(cache_or_model):
+        cache = cache_or_model
+    else:
+        cache, tokens = run_model(cache_or_model, tokens, attention_mask, None)
+    cache, model = cache_and_model(cache)
+    layout = model_layout(model)
+    if layout.family != "decoder":
+        raise UnsupportedModelError(
+            f"{layout.architecture}: routes are implemented for decoder-only models; for encoders and "
+            "encoder-decoders use attribute(heads=True)"
+        )
+    llayout = logit_layout(model, layout)
+    have = set(cache.keys())
+    missing = [h for h in llayout.hooks if h not in have]
+    if missing:
+        raise MissingHooksError(missing, "routes reads these hooks (run_with_cache without names_filter records them).")
+    x0 = cache[llayout.embedding_hook]
+    n_batch, pos = x0.shape[:2]
+    if not 0 <= batch < n_batch:
+        raise ValueError(f"batch must be in 0..{n_batch - 1}, got {batch}")
+    valid = _valid(attention_mask, n_batch, pos, x0.device, "attention_mask")
+    rows = explained_rows(position, valid)
+    n = int(rows[batch])
+    item = slice(batch, batch + 1)
+
+    def pick(which: Any) -> Any:  # one per batch item: the one of `batch`
+        if isinstance(which, (list, tuple, Tensor)) and not isinstance(which, str) and len(which) == n_batch > 1:
+            return which[batch]
+        return which
+
+    target, contrast = pick(target), pick(contrast)
+    direction = None
+    if target is not None:
+        tgt = token_ids(model, target, 1, "target")
+        readout = llayout.readout(cache)
+        W_U = readout.W_U.to(dtype=dtype, device=x0.device)
+        u = W_U[:, tgt].T
+        if contrast is not None:
+            u = u - W_U[:, token_ids(model, contrast, 1, "contrast")].T
+        x_final = readout.final_residual[batch, n][None]
+        norm = readout.norm
+        w, _ = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u.new_zeros(1))
+        direction = w[0]
+
+    layers: list[RouteLayer] = []
+    steps = llayout.steps
+    by_layer: dict[int, dict[str, Any]] = {}
+    for step in steps:
+        by_layer.setdefault(step.layer, {})[step.kind] = step
+    vk = valid[item]
+    for layer in sorted(by_layer):
+        record = by_layer[layer]["self"].build(cache)
+        block = replace(
+            record,
+            pattern=record.pattern[item] if bool(vk.all()) else record.pattern[item] * vk[:, None, None, :],
+            values=record.values[item],
+            residual=record.residual[item],
+            target=record.target[item],
+            norm=None if record.norm is None else replace(record.norm, scale=record.norm.scale[item]),
+        )
+        write = by_layer[layer].get("write")
+        mlp = None
+        parallel = False
+        if write is not None:
+            w_rec = write.build(cache)
+            mlp = w_rec.output[batch]
+            parallel = f"blocks.{layer}.hook_mlp_out" in write.hooks
+        layers.append(RouteLayer(block, mlp, parallel))
+    show = progress if progress is not None else pos >= 512
+    edges, head_imp, node_imp, computed = build_routes(
+        layers, n, threshold, direction=direction, logit_mode=logit_mode, logit_layers=logit_layers, dtype=dtype,
+        progress=show,
+    )
+    frame = pd.DataFrame([e.__dict__ for e in edges]) if edges else empty_edges()
+    labels = _labels(model, tokens, n_batch)
+    return Routes(
+        edges=frame,
+        head_importance=head_imp,
+        node_importance=node_imp,
+        position=n,
+        batch=batch,
+        threshold=threshold,
+        n_layers=len(layers),
+        computed_receivers=computed,
+        weighting="proximity" if direction is None else f"logit ({logit_mode})",
+        str_tokens=None if labels is None else labels[batch],
+        target=None if target is None else int(token_ids(model, target, 1, "target")[0]),
+        contrast=None if contrast is None else int(token_ids(model, contrast, 1, "contrast")[0]),
+    )
