@@ -31,7 +31,8 @@ def test_explain_target_and_contrast(folder, tmp_path, capsys):
     assert logit, text
     parts = re.search(r"= embedding (-?[\d.]+) \+ heads (-?[\d.]+) \+ MLPs (-?[\d.]+) \+ bias (-?[\d.]+)", text)
     assert abs(sum(float(x) for x in parts.groups()) - float(logit.group(1))) < 5e-3, "the printed parts add up"
-    assert "top 3 input tokens by ALTI-Logit" in text and "routes (logit weighting" in text
+    assert "top 3 input tokens by ALTI-Logit" in text
+    assert re.search(r"routes \(logit.*? weighting, threshold 0\.02\)", text)
     html = out.read_text()
     for heading in ("ALTI-Logit: which input tokens push", "Heads&#x27; direct logit attribution",
                     "Information-flow routes", "Pick the explained position"):
