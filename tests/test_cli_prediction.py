@@ -51,9 +51,9 @@ def test_explain_without_the_position_picker_for_long_texts(folder, tmp_path, ca
 def test_explain_prediction_errors_are_one_line(folder, capsys):
     rc = main(["explain", "t5 t6", "--model", str(folder), "--target", "t7 t8"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 1 and "--target 't7 t8' is not a single token" in err
+    assert rc == 2 and "--target 't7 t8' is not a single token" in err
     rc = main(["explain", "t5 t6", "--model", str(folder), "--contrast", "t8"])
-    assert rc == 1 and "--contrast needs --target" in capsys.readouterr().err
+    assert rc == 2 and "--contrast needs --target" in capsys.readouterr().err
 
 
 @pytest.mark.slow
