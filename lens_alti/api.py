@@ -191,8 +191,14 @@ def _run_blocks(
 
 def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_chunk_bytes: int, dtype: Any) -> None:
     """Refuse early (InsufficientMemoryError) when the results and one layer's work cannot fit (alti/memory.py)."""
+    d_model = int(getattr(getattr(model, "cfg", None), "d_model", 0) or 0)
+
+    def shape(r: list[BlockReader]) -> BlockShape:
+        batch, n_heads, queries, keys = cache[r[0].hooks[0]].shape  # hook_pattern [batch, head, query, key]
+        return BlockShape(len(r), batch, n_heads, queries, keys, d_model)
+
     shapes = [
-        BlockShape(len(r), *cache[r[0].hooks[0]].shape, int(getattr(getattr(model, "cfg", None), "d_model", 0) or 0))
+        shape(r)
         for r in layout.blocks.values()
         if r and r[0].hooks[0] in cache.keys() and cache[r[0].hooks[0]].dim() == 4
     ]
@@ -208,11 +214,11 @@ def _str_tokens(
         return None
     if pos is not None and not isinstance(tokens, (list, tuple)):  # token ids: one row per batch item, pos long
         ids = tokens = check_token_ids(name, tokens, dims=(1, 2))
-        rows = ids.shape[0] if ids.dim() == 2 else 1
-        if ids.shape[-1] != pos or rows != batch:
+        n_rows = ids.shape[0] if ids.dim() == 2 else 1
+        if ids.shape[-1] != pos or n_rows != batch:
             raise InvalidArgumentError(
                 name, f"ids of shape {tuple(ids.shape)}", f"[batch, pos] = [{batch}, {pos}], the cache's shape "
-                f"(tokens has {rows} rows but the cache has batch size {batch}; labels would be misaligned)"
+                f"(tokens has {n_rows} rows but the cache has batch size {batch}; labels would be misaligned)"
             )
     if pos is not None and isinstance(tokens, (str, list, tuple)):
         check_str_tokens(name, tokens, [pos] * batch)
@@ -481,7 +487,7 @@ def attribute(
     # The backend is chosen once for the whole call (alti/backend.py); streaming decides per block.
     chosen = resolve_backend(backend, None if streaming else cache, layout, heads=heads, dtype=dtype)
     opts = {"measure": measure, "heads": heads, "max_chunk_bytes": max_chunk_bytes, "backend": chosen}
-    run = {"dtype": dtype, "check": check}
+    run: dict[str, Any] = {"dtype": dtype, "check": check}
     n_blocks = sum(len(r) for r in layout.blocks.values())
 
     if layout.family != "encoder_decoder":
@@ -500,15 +506,15 @@ def attribute(
         pos_idx = resolve_positions(positions, valid)
         col = _collector(len(readers), valid, valid, opts, positions=pos_idx, self_stack=True, device=output_device)
         bar = _progress(progress, pos, n_blocks)
-        checks = _StackChecks(measure, heads, causal=layout.family == "decoder")
+        self_checks = _StackChecks(measure, heads, causal=layout.family == "decoder")
         try:
             if streaming:
                 inputs = forward_inputs(model, layout, tokens, attention_mask, None, None)
                 stacks = {"self": (col, valid, valid)}
-                _stream(model, layout, inputs, stacks, checks={"self": checks}, progress=bar, **run)
+                _stream(model, layout, inputs, stacks, checks={"self": self_checks}, progress=bar, **run)
                 out = col.finish()
             else:
-                out = _run_blocks(readers, cache, col, valid, valid, checks=checks, progress=bar, **run)
+                out = _run_blocks(readers, cache, col, valid, valid, checks=self_checks, progress=bar, **run)
         finally:
             bar.close()
         return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch, pos), pos_idx)
@@ -587,6 +593,7 @@ def _self_result(
     positions: Tensor | None,
 ) -> AltiResult:
     device = out.layers.device
+    assert out.rollout is not None  # internal: a self-attention stack's collector computes the rollout
     return AltiResult(
         layers=out.layers,
         rollout=out.rollout,
