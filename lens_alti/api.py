@@ -419,9 +419,10 @@ def attribute(
         decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
         check: verify each block's decomposition reproduces the real activation to
             max|Δ| ≤ 1e-4·max|y| and raise ReconstructionError otherwise.
-        tokens / decoder_tokens: with a cache, token ids `[batch, pos]` or strings, used only
-            for labels. With a model, the input to run (ids, a text or a list of texts) and,
-            for encoder-decoders, the target prefix ids `[batch, tgt]` (decoder start first).
+        tokens: with a cache, token ids `[batch, pos]` or strings, used only for labels. With a
+            model, the input to run (ids, a text or a list of texts).
+        decoder_tokens: encoder-decoders: with a cache, target labels; with a model, the target
+            prefix ids `[batch, tgt]` (decoder start first).
         parallel_mlp: for parallel attention+MLP blocks (GPT-J, NeoX): "exclude" (y = x + attn)
             or "residual" (the MLP output, a function of x_i alone, joins x_i's own term).
         dtype: computation dtype (fp16/bf16 caches are always computed in at least fp32).
@@ -665,15 +666,18 @@ def logit_attribution(
         cache_or_model: an ActivationCache (`model.run_with_cache(tokens)`; encoder-decoders:
             `run_with_cache(src, decoder_input=tgt)`), or the model itself with `tokens=`
             (then run here with the needed hooks).
-        target / contrast: token ids (an int, or one per batch item as a list or tensor) or token
-            strings (each exactly one token, e.g. " Mary"). With a contrast the logit
-            difference `target − contrast` is explained.
+        target: token ids (an int, or one per batch item as a list or tensor) or token
+            strings (each exactly one token, e.g. " Mary").
+        contrast: None, or token ids / strings as for `target`: the logit difference
+            `target − contrast` is then explained.
         position: the position whose next-token logit is explained: an int (negative counts from
             the last real token of each item) or one per batch item. Encoder-decoders: a target
             (decoder input) position.
         heads: keep the per-head, per-source parts `heads[b, layer, head, k]` (head totals always).
-        attention_mask / decoder_attention_mask: `[batch, pos]` 1 = real token, as for `attribute`.
-        tokens / decoder_tokens: ids or strings for labels (and the input when a model is given).
+        attention_mask: `[batch, pos]` 1 = real token, as for `attribute` (encoder-decoders: source).
+        decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
+        tokens: ids or strings for labels (and the input when a model is given).
+        decoder_tokens: encoder-decoders: target ids or strings (the target prefix with a model).
         check: verify each attention block's decomposition at the explained position and that
             the direct parts sum to the real logit (difference) within 1e-4 relative (fp32
             caches), else ReconstructionError / CompletenessError naming the gap.
@@ -721,12 +725,13 @@ def routes(
         cache_or_model: an ActivationCache or the model with `tokens=`.
         position: the explained position (negative counts from the last real token).
         threshold: edges below this weight are pruned (default 0.04, as in the paper).
-        target / contrast: with a target (id or one-token string) the graph explains the prediction
+        target: with a target (id or one-token string) the graph explains the prediction
             of `target` (minus `contrast`): edges are weighted by positive logit updates (spec §7,
-            normalised) instead of proximity where `logit_mode` says:
-            "direct" (default): the top node's parts are all direct parts of the logit (every
-            head's output at `position` from each source, in every layer; every MLP; the
-            embedding), each an edge from the node it reads; below them, proximity;
+            normalised) instead of proximity where `logit_mode` says.
+        contrast: None, or an id / one-token string whose logit is subtracted from `target`'s.
+        logit_mode: with a target, "direct" (default): the top node's parts are all direct parts
+            of the logit (every head's output at `position` from each source, in every layer;
+            every MLP; the embedding), each an edge from the node it reads; below them, proximity;
             "column": the receivers at `position` in the top `logit_layers` layers (default all)
             weight their own parts (heads, residual, MLP).
         batch: which batch item of the cache to explain.

@@ -50,7 +50,8 @@ class LayerCollector:
     """Collects one stack (encoder, decoder self, cross, ...) of `n_layers` blocks.
 
     Args:
-        valid_q / valid_k: `[b, q]` / `[b, k]` real receivers / sources (False = padding).
+        valid_q: `[b, q]` real receivers (False = padding).
+        valid_k: `[b, k]` real sources (False = padding).
         positions: `[b, r]` receivers of interest, or None for all.
         restrict_layers: with positions, return only those rows of `layers` and `rollout`
             (self-attention stacks); otherwise all token-level rows are kept (ALTI+ stacks).
