@@ -397,7 +397,7 @@ def read_table(out_dir: str | os.PathLike[str], which: str = "rollout", layer: i
         path = pathlib.Path(out_dir) / shard["file"]
         result = load(path)
         if not isinstance(result, AltiResult):
-            raise ResultFormatError(f"{path} holds an encoder-decoder result; a corpus shard holds an AltiResult")
+            raise ResultFormatError(f"{path} holds a {type(result).__name__}, not the AltiResult of a corpus shard")
         frame = result.to_dataframe(which)
         if layer is not None:
             frame = frame[frame["layer"] == (layer % result.n_layers)]
