@@ -191,8 +191,14 @@ def _run_blocks(
 
 def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_chunk_bytes: int, dtype: Any) -> None:
     """Refuse early (InsufficientMemoryError) when the results and one layer's work cannot fit (alti/memory.py)."""
+    d_model = int(getattr(getattr(model, "cfg", None), "d_model", 0) or 0)
+
+    def shape(r: list[BlockReader]) -> BlockShape:
+        batch, n_heads, queries, keys = cache[r[0].hooks[0]].shape  # hook_pattern [batch, head, query, key]
+        return BlockShape(len(r), batch, n_heads, queries, keys, d_model)
+
     shapes = [
-        BlockShape(len(r), *cache[r[0].hooks[0]].shape, int(getattr(getattr(model, "cfg", None), "d_model", 0) or 0))
+        shape(r)
         for r in layout.blocks.values()
         if r and r[0].hooks[0] in cache.keys() and cache[r[0].hooks[0]].dim() == 4
     ]
@@ -208,11 +214,11 @@ def _str_tokens(
         return None
     if pos is not None and not isinstance(tokens, (list, tuple)):  # token ids: one row per batch item, pos long
         ids = tokens = check_token_ids(name, tokens, dims=(1, 2))
-        rows = ids.shape[0] if ids.dim() == 2 else 1
-        if ids.shape[-1] != pos or rows != batch:
+        n_rows = ids.shape[0] if ids.dim() == 2 else 1
+        if ids.shape[-1] != pos or n_rows != batch:
             raise InvalidArgumentError(
                 name, f"ids of shape {tuple(ids.shape)}", f"[batch, pos] = [{batch}, {pos}], the cache's shape "
-                f"(tokens has {rows} rows but the cache has batch size {batch}; labels would be misaligned)"
+                f"(tokens has {n_rows} rows but the cache has batch size {batch}; labels would be misaligned)"
             )
     if pos is not None and isinstance(tokens, (str, list, tuple)):
         check_str_tokens(name, tokens, [pos] * batch)
@@ -413,9 +419,10 @@ def attribute(
         decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
         check: verify each block's decomposition reproduces the real activation to
             max|Δ| ≤ 1e-4·max|y| and raise ReconstructionError otherwise.
-        tokens / decoder_tokens: with a cache, token ids `[batch, pos]` or strings, used only
-            for labels. With a model, the input to run (ids, a text or a list of texts) and,
-            for encoder-decoders, the target prefix ids `[batch, tgt]` (decoder start first).
+        tokens: with a cache, token ids `[batch, pos]` or strings, used only for labels. With a
+            model, the input to run (ids, a text or a list of texts).
+        decoder_tokens: encoder-decoders: with a cache, target labels; with a model, the target
+            prefix ids `[batch, tgt]` (decoder start first).
         parallel_mlp: for parallel attention+MLP blocks (GPT-J, NeoX): "exclude" (y = x + attn)
             or "residual" (the MLP output, a function of x_i alone, joins x_i's own term).
         dtype: computation dtype (fp16/bf16 caches are always computed in at least fp32).
@@ -481,7 +488,7 @@ def attribute(
     # The backend is chosen once for the whole call (alti/backend.py); streaming decides per block.
     chosen = resolve_backend(backend, None if streaming else cache, layout, heads=heads, dtype=dtype)
     opts = {"measure": measure, "heads": heads, "max_chunk_bytes": max_chunk_bytes, "backend": chosen}
-    run = {"dtype": dtype, "check": check}
+    run: dict[str, Any] = {"dtype": dtype, "check": check}
     n_blocks = sum(len(r) for r in layout.blocks.values())
 
     if layout.family != "encoder_decoder":
@@ -500,15 +507,15 @@ def attribute(
         pos_idx = resolve_positions(positions, valid)
         col = _collector(len(readers), valid, valid, opts, positions=pos_idx, self_stack=True, device=output_device)
         bar = _progress(progress, pos, n_blocks)
-        checks = _StackChecks(measure, heads, causal=layout.family == "decoder")
+        self_checks = _StackChecks(measure, heads, causal=layout.family == "decoder")
         try:
             if streaming:
                 inputs = forward_inputs(model, layout, tokens, attention_mask, None, None)
                 stacks = {"self": (col, valid, valid)}
-                _stream(model, layout, inputs, stacks, checks={"self": checks}, progress=bar, **run)
+                _stream(model, layout, inputs, stacks, checks={"self": self_checks}, progress=bar, **run)
                 out = col.finish()
             else:
-                out = _run_blocks(readers, cache, col, valid, valid, checks=checks, progress=bar, **run)
+                out = _run_blocks(readers, cache, col, valid, valid, checks=self_checks, progress=bar, **run)
         finally:
             bar.close()
         return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch, pos), pos_idx)
@@ -587,6 +594,7 @@ def _self_result(
     positions: Tensor | None,
 ) -> AltiResult:
     device = out.layers.device
+    assert out.rollout is not None  # internal: a self-attention stack's collector computes the rollout
     return AltiResult(
         layers=out.layers,
         rollout=out.rollout,
@@ -658,15 +666,18 @@ def logit_attribution(
         cache_or_model: an ActivationCache (`model.run_with_cache(tokens)`; encoder-decoders:
             `run_with_cache(src, decoder_input=tgt)`), or the model itself with `tokens=`
             (then run here with the needed hooks).
-        target / contrast: token ids (an int, or one per batch item as a list or tensor) or token
-            strings (each exactly one token, e.g. " Mary"). With a contrast the logit
-            difference `target − contrast` is explained.
+        target: token ids (an int, or one per batch item as a list or tensor) or token
+            strings (each exactly one token, e.g. " Mary").
+        contrast: None, or token ids / strings as for `target`: the logit difference
+            `target − contrast` is then explained.
         position: the position whose next-token logit is explained: an int (negative counts from
             the last real token of each item) or one per batch item. Encoder-decoders: a target
             (decoder input) position.
         heads: keep the per-head, per-source parts `heads[b, layer, head, k]` (head totals always).
-        attention_mask / decoder_attention_mask: `[batch, pos]` 1 = real token, as for `attribute`.
-        tokens / decoder_tokens: ids or strings for labels (and the input when a model is given).
+        attention_mask: `[batch, pos]` 1 = real token, as for `attribute` (encoder-decoders: source).
+        decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
+        tokens: ids or strings for labels (and the input when a model is given).
+        decoder_tokens: encoder-decoders: target ids or strings (the target prefix with a model).
         check: verify each attention block's decomposition at the explained position and that
             the direct parts sum to the real logit (difference) within 1e-4 relative (fp32
             caches), else ReconstructionError / CompletenessError naming the gap.
@@ -714,12 +725,13 @@ def routes(
         cache_or_model: an ActivationCache or the model with `tokens=`.
         position: the explained position (negative counts from the last real token).
         threshold: edges below this weight are pruned (default 0.04, as in the paper).
-        target / contrast: with a target (id or one-token string) the graph explains the prediction
+        target: with a target (id or one-token string) the graph explains the prediction
             of `target` (minus `contrast`): edges are weighted by positive logit updates (spec §7,
-            normalised) instead of proximity where `logit_mode` says:
-            "direct" (default): the top node's parts are all direct parts of the logit (every
-            head's output at `position` from each source, in every layer; every MLP; the
-            embedding), each an edge from the node it reads; below them, proximity;
+            normalised) instead of proximity where `logit_mode` says.
+        contrast: None, or an id / one-token string whose logit is subtracted from `target`'s.
+        logit_mode: with a target, "direct" (default): the top node's parts are all direct parts
+            of the logit (every head's output at `position` from each source, in every layer;
+            every MLP; the embedding), each an edge from the node it reads; below them, proximity;
             "column": the receivers at `position` in the top `logit_layers` layers (default all)
             weight their own parts (heads, residual, MLP).
         batch: which batch item of the cache to explain.

@@ -382,7 +382,7 @@ def _add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="lens-alti", description="ALTI contributions for TransformerLens models")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # add_parser(parents=) takes the parser_class
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser(

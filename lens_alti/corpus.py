@@ -386,6 +386,8 @@ def read_table(out_dir: str | os.PathLike[str], which: str = "rollout", layer: i
     import numpy as np
     import pandas as pd
 
+    from lens_alti.errors import ResultFormatError
+    from lens_alti.results import AltiResult
     from lens_alti.saving import load
 
     frames = []
@@ -394,6 +396,8 @@ def read_table(out_dir: str | os.PathLike[str], which: str = "rollout", layer: i
             continue
         path = pathlib.Path(out_dir) / shard["file"]
         result = load(path)
+        if not isinstance(result, AltiResult):
+            raise ResultFormatError(f"{path} holds a {type(result).__name__}, not the AltiResult of a corpus shard")
         frame = result.to_dataframe(which)
         if layer is not None:
             frame = frame[frame["layer"] == (layer % result.n_layers)]

@@ -23,10 +23,17 @@ from lens_alti.alti.logit import (
     to_input_tokens,
     write_update,
 )
-from lens_alti.errors import CompletenessError, LensAltiError, MissingHooksError, NonFiniteError
+from lens_alti.errors import (
+    CompletenessError,
+    LensAltiError,
+    MissingHooksError,
+    NonFiniteError,
+    UnsupportedModelError,
+)
 from lens_alti.reading import cache_and_model, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.unembed import DirectWrite, LogitLayout, logit_layout
+from lens_alti.results import AltiResult, Seq2SeqAltiResult
 from lens_alti.results_logit import LogitAttribution
 
 _HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -269,7 +276,7 @@ def logit_attribution(
             mlp[:, step.layer] += value
             write_bias += bias
             continue
-        valid_k = src_valid if step.kind == "cross" else valid
+        valid_k = src_valid if step.kind == "cross" and src_valid is not None else valid  # cross: seq2seq only
         block = _row_block(record, rows, valid_k)
         upd = attention_update(block, rows, w, dtype)
         if check:
@@ -287,6 +294,8 @@ def logit_attribution(
         w = upd.below
     embedding = (_gather_row(x0, rows).to(dtype) * w).sum(-1)
     bias = attn_bias.sum(1) + write_bias + readout_bias
+    if self_heads is None:
+        raise UnsupportedModelError(f"{layout.architecture}: no attention (or mixer) block to attribute the logit to")
     head_totals = self_heads.sum(-1)
     cross_totals = None if cross_heads is None else cross_heads.sum(-1)
     parts = [embedding[:, None], head_totals, mlp, attn_bias, write_bias[:, None], readout_bias[:, None]]
@@ -308,9 +317,11 @@ def logit_attribution(
     from lens_alti.api import attribute
 
     if seq2seq:
+        assert src_valid is not None and cross_heads is not None  # internal: both set for encoder-decoder models
         res = attribute(
             cache, attention_mask=src_valid.long(), decoder_attention_mask=valid.long(), check=check, dtype=dtype
         )
+        assert isinstance(res, Seq2SeqAltiResult)  # internal: an encoder-decoder cache
         r_enc = res.encoder.rollout[:, -1].to(dtype)
         total = res.total.to(dtype)
         eye = torch.eye(pos, dtype=dtype, device=device).expand(batch, pos, pos)
@@ -325,6 +336,7 @@ def logit_attribution(
         emb_col = rows + src_len
     else:
         res = attribute(cache, attention_mask=valid.long(), check=check, dtype=dtype)
+        assert isinstance(res, AltiResult)  # internal: a decoder-only or encoder-only cache
         ro = res.rollout.to(dtype)
         by = torch.stack(
             [

@@ -172,6 +172,18 @@ def test_unfinished_run_has_no_table(tmp_path):
         read_table(tmp_path)
 
 
+def test_shard_replaced_by_an_encoder_decoder_result_is_refused(model, model_dir, tmp_path):
+    from tests.models import build_seq2seq
+
+    opts = RunOptions(model=str(model_dir), data=str(_data(tmp_path, _texts(3))), batch_size=4, max_length=12)
+    manifest = run_corpus(opts, tmp_path / "out", model=model, progress=False)
+    _, bridge = build_seq2seq("marian")
+    s2s = lens_alti.attribute(bridge, tokens=torch.tensor([[5, 6, 7]]), decoder_tokens=torch.tensor([[1, 10]]))
+    s2s.save(tmp_path / "out" / manifest["shards"][0]["file"])
+    with pytest.raises(lens_alti.ResultFormatError, match="Seq2SeqAltiResult, not the AltiResult"):
+        read_table(tmp_path / "out")
+
+
 def test_encoder_decoder_is_refused(tmp_path):
     from tests.models import build_seq2seq
 

@@ -250,3 +250,20 @@ def test_model_without_unembedding_is_refused(run):
     layout = model_layout(bridge)
     with pytest.raises(UnsupportedModelError, match="no unembedding"):
         logit_layout(SimpleNamespace(cfg=bridge.cfg), layout)
+
+
+def test_layout_without_attention_is_refused(run, monkeypatch):
+    *_, cache = run
+    import dataclasses
+
+    import lens_alti.prediction as prediction
+
+    real = prediction.logit_layout
+
+    def writes_only(model, layout):
+        out = real(model, layout)
+        return dataclasses.replace(out, steps=[s for s in out.steps if s.kind == "write"])
+
+    monkeypatch.setattr(prediction, "logit_layout", writes_only)
+    with pytest.raises(UnsupportedModelError, match="no attention"):
+        lens_alti.logit_attribution(cache, 5, 6, check=False)

@@ -15,6 +15,7 @@ rows otherwise) are computed, used for the running rollout `[b, rows, rows]`, an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -49,7 +50,8 @@ class LayerCollector:
     """Collects one stack (encoder, decoder self, cross, ...) of `n_layers` blocks.
 
     Args:
-        valid_q / valid_k: `[b, q]` / `[b, k]` real receivers / sources (False = padding).
+        valid_q: `[b, q]` real receivers (False = padding).
+        valid_k: `[b, k]` real sources (False = padding).
         positions: `[b, r]` receivers of interest, or None for all.
         restrict_layers: with positions, return only those rows of `layers` and `rollout`
             (self-attention stacks); otherwise all token-level rows are kept (ALTI+ stacks).
@@ -79,16 +81,16 @@ class LayerCollector:
         self.positions = None if positions is None else positions.to(self.device, torch.long)
         self.restrict = restrict_layers and positions is not None
         self.measure, self.heads = measure, heads
-        self.kernel_opts = {"max_chunk_bytes": max_chunk_bytes, "backend": backend}
+        self.kernel_opts: dict[str, Any] = {"max_chunk_bytes": max_chunk_bytes, "backend": backend}
         self.do_rollout = rollout
         self.out: StackResults | None = None
         self.errors = [float("nan")] * n_layers
         self.seen: set[int] = set()
         self.rows: int | None = None  # token-level rows kept per layer (restricted mode)
         self.acc: Tensor | None = None
-        self._on_device: dict[torch.device, tuple[Tensor, ...]] = {}
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor, Tensor | None]] = {}
 
-    def _masks(self, device: torch.device) -> tuple[Tensor, ...]:
+    def _masks(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
         """(valid_q, valid_k, positions) on the device a block lives on."""
         if device not in self._on_device:
             pos = None if self.positions is None else self.positions.to(device)
@@ -112,7 +114,7 @@ class LayerCollector:
 
         # Token-level rows: all, or those an exact rollout of the positions needs.
         need = q
-        if self.restrict:
+        if self.restrict and positions is not None:  # restrict implies positions
             need = rollout_rows(positions, q, tv.causal) if self.do_rollout else int(positions.max()) + 1
             if self.rows is None:
                 self.rows = need
@@ -122,7 +124,7 @@ class LayerCollector:
                     "the positions would need rows that were not computed. Run without positions=."
                 )
             need = self.rows
-        tok_tv = tv if need == q else select_receivers(tv, torch.arange(need, device=positions.device).expand(b, need))
+        tok_tv = tv if need == q else select_receivers(tv, torch.arange(need, device=tv.weights.device).expand(b, need))
         with_heads = self.heads and positions is None
         c = block_contributions(tok_tv, self.measure, heads=with_heads, key_mask=key_mask, **self.kernel_opts)
         tokens = (c.tokens * q_mask[:, :need, None]).to(self.device)
@@ -136,6 +138,7 @@ class LayerCollector:
                 hc = block_contributions(h_tv, "l1", heads=True, key_mask=key_mask, **self.kernel_opts)
                 h_mask = q_mask.gather(1, positions)
             outputs, outputs_residual = head_output_contributions(h_tv)
+            assert hc.heads is not None and hc.heads_residual is not None  # internal: computed with heads=True
             head_rows = (
                 hc.heads * h_mask[:, None, :, None],
                 hc.heads_residual * h_mask,
@@ -148,7 +151,7 @@ class LayerCollector:
     def _store(self, layer: int, tokens: Tensor, head_rows: tuple[Tensor, ...] | None) -> None:
         b = tokens.shape[0]
         pos = self.positions
-        kept = _rows(tokens, pos) if self.restrict else tokens
+        kept = _rows(tokens, pos) if self.restrict and pos is not None else tokens
         if self.out is None:
             self.out = StackResults(layers=self._alloc(b, kept.shape[1:], kept.dtype), errors=torch.empty(0))
             if self.do_rollout:
@@ -179,7 +182,8 @@ class LayerCollector:
             rows = tokens.shape[1]
             square = tokens[..., :rows]  # causal rows < `rows` read no source ≥ `rows`
             self.acc = square if self.acc is None else square @ self.acc
-            out.rollout[:, layer, :, :rows] = _rows(self.acc, pos) if self.restrict else self.acc
+            assert out.rollout is not None  # internal: allocated in the first _store when do_rollout
+            out.rollout[:, layer, :, :rows] = _rows(self.acc, pos) if self.restrict and pos is not None else self.acc
 
     def finish(self) -> StackResults:
         """The stacked results; raises if a layer never arrived."""

@@ -200,6 +200,7 @@ def _add_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, measur
 def _add_own_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, measure: str) -> None:
     """Diagonal residual term for restricted receivers: row r is position p = receivers[b, r]."""
     pos = tv.receivers
+    assert pos is not None  # internal: only called for restricted receivers
     b, h, q, k = tv.weights.shape
     inside = pos < k  # a receiver with no source at its own position has no diagonal term
     p = pos.clamp(max=k - 1)

@@ -122,7 +122,7 @@ def compile_available() -> bool:
     return _compile_failed is None and not os.environ.get("LENS_ALTI_NO_COMPILE")
 
 
-def get_kernel(name: str, compiled: bool | str) -> Callable[..., object]:
+def get_kernel(name: str, compiled: bool | str) -> Callable[..., Any]:
     """The kernel `name` for a backend: "native" (C, CPU), "compiled"/True (torch.compile,
     dynamic shapes: no recompilation per sequence length) or "eager"/False.
 

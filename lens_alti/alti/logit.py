@@ -136,7 +136,7 @@ def readout_direction(
     x = x_final.to(u.dtype)
     if kind == "none":
         return u, u_bias
-    g = gain.to(device=u.device, dtype=u.dtype)
+    g = u.new_ones(u.shape[-1]) if gain is None else gain.to(device=u.device, dtype=u.dtype)  # no gain: 1
     if kind == "layernorm":
         xc = x - x.mean(-1, keepdim=True)
         scale = (xc.square().mean(-1) + eps).sqrt()

@@ -18,6 +18,7 @@ contributions (`n²·d` per layer) are needed for those extra rows, never the pe
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import overload
 
 import torch
 from jaxtyping import Int
@@ -26,6 +27,12 @@ from torch import Tensor
 from lens_alti.alti.decompose import TransformedVectors
 
 
+@overload
+def _rows(t: Tensor, positions: Tensor, dim: int) -> Tensor: ...
+@overload
+def _rows(t: None, positions: Tensor, dim: int) -> None: ...
+@overload
+def _rows(t: Tensor | None, positions: Tensor, dim: int) -> Tensor | None: ...
 def _rows(t: Tensor | None, positions: Tensor, dim: int) -> Tensor | None:
     """Gather rows `positions[b, r]` along dimension `dim` of a batch-first tensor."""
     if t is None:

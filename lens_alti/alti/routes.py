@@ -196,12 +196,13 @@ def build_routes(
     else:
         reached_at[n_layers].add(position)
 
+    rn: tuple  # a receiver node: (level, i) or (level, i, "mid")
     for layer in range(n_layers - 1, -1, -1):
         spec = layers[layer]
         top = layer + 1
         use_logit = column and layer >= logit_from
         sequential_mlp = spec.mlp is not None and not spec.parallel
-        if sequential_mlp and reached_at[top]:
+        if spec.mlp is not None and not spec.parallel and reached_at[top]:  # sequential_mlp
             # MLP block: parts x^mid_i and mlp(x^mid_i), both lead to (top, i, "mid").
             positions = torch.tensor(sorted(reached_at[top]))
             post = spec.block.target[0, positions].to(dtype) + spec.mlp[positions].to(dtype)
@@ -216,7 +217,7 @@ def build_routes(
             for idx, i in enumerate(positions.tolist()):
                 how = "proximity"
                 row = shares[idx]
-                if use_logit and i == position:
+                if use_logit and direction is not None and i == position:
                     w = direction.to(dtype)
                     row, how = logit_shares(torch.stack([mid[idx] @ w, mlp_rows[idx] @ w])), "logit"
                 rn, sn = (top, i), (top, i, "mid")
@@ -224,10 +225,6 @@ def build_routes(
                     if weight >= threshold:
                         keep(layer, kind, kind, i, i, weight, how, sn, rn)
         receivers = reached_mid[top] if sequential_mlp else reached_at[top]
-        if sequential_mlp:
-            receiver_node = lambda i, top=top: (top, i, "mid")  # noqa: E731
-        else:
-            receiver_node = lambda i, top=top: (top, i)  # noqa: E731
         if receivers:
             positions = torch.tensor(sorted(receivers))
             mlp = spec.mlp if spec.parallel else None
@@ -236,11 +233,11 @@ def build_routes(
             )
             computed[layer] += len(positions)
             for idx, i in enumerate(positions.tolist()):
-                rn = receiver_node(i)
+                rn = (top, i, "mid") if sequential_mlp else (top, i)
                 how = "proximity"
                 h_row, r_w = heads[idx], float(residual[idx])
                 m_w = None if mlp_share is None else float(mlp_share[idx])
-                if use_logit and i == position:
+                if use_logit and logit is not None and i == position:
                     shares = logit_shares(logit[idx])
                     h_row = shares[:-2].view(heads.shape[1], heads.shape[2])
                     r_w, m_w = float(shares[-2]), (None if mlp_share is None else float(shares[-1]))
@@ -275,6 +272,7 @@ def _direct_edges(
     labels: list[tuple] = []
     for layer, spec in enumerate(layers):
         *_, logit = receiver_parts(spec.block, at, spec.mlp if spec.parallel else None, dtype, direction)
+        assert logit is not None  # internal: receiver_parts returns the logit updates when given a direction
         computed[layer] += 1
         n_h = spec.block.pattern.shape[1]
         k = (logit.shape[1] - 2) // n_h

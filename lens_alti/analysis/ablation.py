@@ -404,8 +404,8 @@ def token_deletion(
         raise InvalidArgumentError("prompts", prompts, "a non-empty list of 1-D token tensors, one per prompt")
     first = 1 if keep_first else 0
     checked = []
-    for n, p in enumerate(prompts):
-        t = check_token_ids(f"prompts[{n}]", p, vocab_size=vocab)
+    for n, prompt in enumerate(prompts):
+        t = check_token_ids(f"prompts[{n}]", prompt, vocab_size=vocab)
         if t.shape[0] < first + 2:
             raise InvalidArgumentError(
                 f"prompts[{n}]", f"{t.shape[0]} tokens", f"at least {first + 2} tokens: the receiver (last), "

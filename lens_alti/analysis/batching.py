@@ -23,7 +23,7 @@ def left_padded(model: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
         from lens_alti.errors import InvalidArgumentError
 
         raise InvalidArgumentError("texts", texts, "a non-empty list of strings (one prompt per batch item)")
-    rows = [model.to_tokens(t)[0] for t in texts]  # type: ignore[attr-defined]
+    rows = [model.to_tokens(t)[0] for t in texts]
     n = max(len(r) for r in rows)
     pad = model.tokenizer.pad_token_id
     pad = 0 if pad is None else pad

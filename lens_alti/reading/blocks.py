@@ -84,7 +84,7 @@ def attention_record(
     `sinks`: attention sinks take part of each row's mass, so rows sum to at most 1 (GPT-OSS).
     Every shape is validated before any arithmetic.
     """
-    W_O = detach(attn.W_O) if W_O is None else W_O
+    W_O = attn.W_O.detach() if W_O is None else W_O  # a TransformerLens attention always has W_O
     b_O = detach(attn.b_O) if b_O is None else b_O
     pattern = cache[f"{name}.hook_pattern"]
     values = cache[f"{name}.hook_v"]

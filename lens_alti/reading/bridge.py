@@ -135,7 +135,7 @@ def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[Blo
         p = f"{stack}.{layer}"
         names = {"attn": f"{p}.attn", "norm": f"{p}.ln1", "output": f"{p}.ln2.hook_in"}
         require_attention_hooks(model, names["attn"], arch, layer, blocks[layer].attn)
-        hooks = (
+        hooks: tuple[str, ...] = (
             f"{p}.attn.hook_pattern", f"{p}.attn.hook_v", f"{p}.hook_resid_pre",
             f"{p}.ln1.hook_in", f"{p}.ln1.hook_out", f"{p}.ln2.hook_in",
         )

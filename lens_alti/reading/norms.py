@@ -40,7 +40,7 @@ def _probe(inner: Any, weight: Tensor, bias: Tensor | None, eps: float, name: st
     if bias is not None:
         out = out - bias.to(torch.float64)
     w = weight.to(torch.float64)
-    tol = _PROBE_RTOL * float(max(1.0, w.abs().max(), (1 + w).abs().max()))
+    tol = _PROBE_RTOL * max(1.0, float(w.abs().max()), float((1 + w).abs().max()))
     errors = {
         (kind, gain): float((out - base * g).abs().max())
         for kind, base in bases.items()

@@ -156,7 +156,8 @@ def apply_norm(norm: FinalNorm, x: Tensor) -> Tensor:
         return x
     if norm.kind == "layernorm":
         x = x - x.mean(-1, keepdim=True)
-    out = x / (x.square().mean(-1, keepdim=True) + norm.eps).sqrt() * norm.gain.to(x.device)
+    out = x / (x.square().mean(-1, keepdim=True) + norm.eps).sqrt()
+    out = out if norm.gain is None else out * norm.gain.to(x.device)
     return out if norm.bias is None else out + norm.bias.to(x.device)
 
 

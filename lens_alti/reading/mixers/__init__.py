@@ -224,7 +224,9 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
         )
         e = attn.values.shape[-1]
         dtype = mixed.pattern.dtype
-        b_O = mixed.b_O + (0.0 if attn.b_O is None else attn.b_O.to(dtype) * m_attn)
+        mixed_b = mixed.b_O
+        assert mixed_b is not None  # internal: mixer_record always sets the bias (beta @ W.T)
+        b_O = mixed_b if attn.b_O is None else mixed_b + attn.b_O.to(dtype) * m_attn
         return AttentionBlock(
             name=f"{p}.attn+{child}",
             layer=layer,
@@ -248,7 +250,7 @@ def _mask_hooks(model: Any) -> list[str]:
     for layer, block in enumerate(model.blocks):
         found = find_mixer(block)
         kind = None if found is None else _kind(hf_module(found[1]))
-        if kind is not None and kind[3] is not None:
+        if found is not None and kind is not None and kind[3] is not None:
             out.append(f"blocks.{layer}.{found[0]}.{kind[3]}")
     return out
 

@@ -84,7 +84,7 @@ def _deltanet_projections(module: Any, h: Tensor) -> tuple[Tensor, Tensor, Tenso
         q, k, v = module.q_proj(h), module.k_proj(h), module.v_proj(h)
         z, b, a = module.g_proj(h), module.b_proj(h), module.a_proj(h)
     flat = (t.reshape(bsz, n, -1) for t in (q, k, v, z, b, a))
-    return tuple(flat)  # type: ignore[return-value]
+    return tuple(flat)
 
 
 def delta_rule_kernel(q: Tensor, k: Tensor, beta: Tensor, g: Tensor) -> Tensor:
