@@ -97,6 +97,11 @@ def post_norm(
 def is_post_norm(cache: Any, prefix: str) -> bool:
     """Post-norm when the first norm does not read the block input (it reads input + attention)."""
     x, ln_in = cache[f"{prefix}.hook_resid_pre"], cache[f"{prefix}.ln1.hook_in"]
-    # NaN-safe: a non-finite cache is reported by attribute's finiteness check, not here.
-    atol = 1e-6 * float(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).abs().max().clamp(min=1))
-    return not torch.allclose(ln_in, x, rtol=1e-5, atol=atol, equal_nan=True)
+    # Compared where both are finite: NaN/Inf (e.g. at padded positions, which attribute isolates)
+    # must not flip the layout; a non-finite real position is reported by attribute's own check.
+    finite = torch.isfinite(x) & torch.isfinite(ln_in)
+    if not bool(finite.any()):
+        return False
+    x, ln_in = x[finite], ln_in[finite]
+    atol = 1e-6 * float(x.abs().max().clamp(min=1))
+    return not torch.allclose(ln_in, x, rtol=1e-5, atol=atol)
