@@ -94,7 +94,8 @@ class AltiResult:
         if len(hits) == 0:
             raise InvalidArgumentError(
                 "position", position, f"one of the computed positions {self.positions[batch].tolist()} of batch "
-                f"item {batch}", f"Position {position} was not computed: this result was made with attribute(..., positions=...).",
+                f"item {batch}",
+                f"Position {position} was not computed: this result was made with attribute(..., positions=...).",
             )
         return int(hits[0])
 
