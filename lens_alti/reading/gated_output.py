@@ -44,7 +44,8 @@ def has_output_gate(hf_attn: Any, bridge_attn: Any) -> bool:
 
 def _linear(module: Any) -> torch.nn.Linear | None:
     """`module` itself if it is a Linear, else the Linear a bridge component wraps, else None."""
-    for candidate in (module, getattr(module, "original_component", None), getattr(module, "_original_component", None)):
+    wrapped = (getattr(module, "original_component", None), getattr(module, "_original_component", None))
+    for candidate in (module, *wrapped):
         if isinstance(candidate, torch.nn.Linear):
             return candidate
     return None
