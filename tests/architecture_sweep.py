@@ -112,6 +112,11 @@ _SIZES: dict[str, Any] = {
     "attn_layer_indices": [1], "attn_layer_offset": 1, "attn_layer_period": 2, "conv1d_width": 4, "block_types": None,
 }
 
+# Configs whose defaults cannot build a model at all (transformers needs values they leave as None).
+_CONFIG_EXTRA: dict[str, dict[str, Any]] = {
+    "Lfm2MoeConfig": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+}
+
 
 @dataclass
 class Outcome:
@@ -141,6 +146,7 @@ def tiny_config(config_cls: Any) -> Any:
             return True
 
     kwargs = {k: v for k, v in _SIZES.items() if k in accepted and has(k) and v is not None}
+    kwargs.update(_CONFIG_EXTRA.get(config_cls.__name__, {}))
     for sub in ("text_config",):
         if getattr(default, sub, None) is not None:
             raise ValueError("multimodal config")
