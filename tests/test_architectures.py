@@ -118,10 +118,11 @@ def test_norm_that_is_not_a_norm_is_refused():
 # --- bug 4: layers with no attention hooks say they are mixers, not attention ---
 
 
-def test_mamba_layer_is_a_mixer_not_attention():
-    _, bridge = _tiny("MambaForCausalLM")
+def test_unknown_mixer_layer_is_a_mixer_not_attention():
+    """Mamba is decomposed now (tests/test_mixers.py); RWKV's WKV mixer is not."""
+    _, bridge = _tiny("RwkvForCausalLM")
     _, cache = bridge.run_with_cache(_tokens(1, 5))
-    with pytest.raises(UnsupportedModelError, match="layer 0 is a MambaMixer mixer, not attention"):
+    with pytest.raises(UnsupportedModelError, match="layer 0 is a RwkvSelfAttention mixer, not attention"):
         lens_alti.attribute(cache)
     with pytest.raises(UnsupportedModelError, match="not attention"):
         lens_alti.hook_names(bridge)
@@ -245,10 +246,11 @@ def test_per_channel_output_gate_is_refused():
         lens_alti.attribute(cache)
 
 
-def test_parallel_mamba_branch_is_refused():
+def test_parallel_mamba_branch_is_decomposed():
+    """Falcon-H1's Mamba-2 branch beside attention is read by reading.mixers (no longer refused)."""
     _, bridge = _tiny("FalconH1ForCausalLM")
-    with pytest.raises(UnsupportedModelError, match="in parallel with attention"):
-        lens_alti.hook_names(bridge)
+    _, cache = bridge.run_with_cache(_tokens(1, 5))
+    assert float(lens_alti.attribute(cache).reconstruction_error.max()) < 1e-5
 
 
 def test_attention_sinks_rows_sum_below_one():
