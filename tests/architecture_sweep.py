@@ -123,7 +123,6 @@ NOTES: dict[str, str] = {
         "(the default config has position_embedding_type=None, no rotary embedding, which the bridge's adapter "
         "expects; with position_embedding_type='rope' it boots and works: tests/test_mixers.py, granite_moe_hybrid)"
     ),
-    "RwkvForCausalLM": "(RWKV's WKV mixer is not one of the linear-recurrent mixers lens_alti decomposes)",
 }
 
 
@@ -452,7 +451,7 @@ def markdown(results: list[Outcome]) -> str:
         for r in results:
             if r.outcome == kind:
                 reason = f"{r.reason} {NOTES[r.architecture]}" if r.architecture in NOTES else r.reason
-                lines.append(f"| {r.architecture} | {r.outcome} | {reason.replace('|', '/')} |")
+                lines.append(f"| {r.architecture} | {r.outcome} | {reason.replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"
 
 
