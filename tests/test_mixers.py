@@ -31,6 +31,16 @@ def _attribute(arch: str, cache, **kw):
     return lens_alti.attribute(cache, check=arch not in ATTENTION_NOT_YET, **kw)
 
 
+def _skip_refused_whole_model(arch: str, cache) -> None:
+    """Qwen3-Next / Qwen3.5 gate their attention output per channel: the whole model is refused
+    (tests/test_gated_output.py); their DeltaNet layers are checked layer by layer above, and the
+    same operator through a whole model by olmo_hybrid."""
+    if arch in ATTENTION_NOT_YET:
+        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="gated per channel"):
+            lens_alti.attribute(cache, check=False)
+        pytest.skip(f"{arch}: whole-model result refused (per-channel attention output gate)")
+
+
 def test_every_mixer_layer_reconstructs_the_real_output(run):
     """Σ_j T_i(x_j) + bias_i equals the real x + mixer(norm(x)) of the cache, layer by layer."""
     arch, _, bridge, _, cache, ref = run
@@ -47,6 +57,7 @@ def test_every_mixer_layer_reconstructs_the_real_output(run):
 def test_mixer_layers_match_reference(run, measure):
     """Computed in float64 from the float32 cache (in float32, ‖y‖ − ‖y − T‖ cancels for small T)."""
     arch, _, bridge, _, cache, ref = run
+    _skip_refused_whole_model(arch, cache)
     res = _attribute(arch, cache, measure=measure, dtype=torch.float64)
     assert res.layers.shape[1] == len(bridge.blocks)
     assert ref, f"{arch}: the reference found no mixer layer"
@@ -58,6 +69,7 @@ def test_mixer_layers_match_reference(run, measure):
 
 def test_float32_is_close_and_rows_sum_to_one(run):
     arch, *_, cache, ref = run
+    _skip_refused_whole_model(arch, cache)
     res = _attribute(arch, cache)
     assert res.layers.dtype == torch.float32
     for layer, want in ref.items():

@@ -55,8 +55,9 @@ def layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
         )
     if kind != "attention":
         raise UnsupportedModelError(
-            f"{ctx.arch}: layer {layer} is a {kind} mixer, not attention; lens_alti decomposes attention "
-            "layers only (recurrent / convolutional mixers are not supported yet), so this model has no ALTI result"
+            f"{ctx.arch}: layer {layer} is a {kind} mixer, not attention, and not one of the linear-recurrent "
+            "mixers lens_alti decomposes (Mamba, Mamba-2/SSD, short convolutions, gated DeltaNet), so this model "
+            "has no ALTI result"
         )
     return attention_layer_reader(model, layer, ctx)
 

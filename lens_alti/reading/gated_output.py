@@ -32,13 +32,23 @@ def has_output_gate(hf_attn: Any, bridge_attn: Any) -> bool:
     """True when the attention module gates its output before W_O (a gate projection exists)."""
     if any(isinstance(getattr(hf_attn, n, None), torch.nn.Module) for n in ("g_proj", "gate_proj", "o_gate")):
         return True
-    if getattr(bridge_attn, "gate", None) is not None:
-        return True
+    if getattr(bridge_attn, "gate", None) is not None or hasattr(bridge_attn, "hook_q_gate"):
+        return True  # TransformerLens 4.x caches Qwen3-Next / Qwen3.5's query-side gate as hook_q_gate
     # Qwen3-Next / Qwen3.5: q_proj emits queries and gates together (twice the query width).
-    q_proj, o_proj = getattr(hf_attn, "q_proj", None), getattr(hf_attn, "o_proj", None)
-    if isinstance(q_proj, torch.nn.Linear) and isinstance(o_proj, torch.nn.Linear):
+    # Booting a bridge wraps these projections in place (LinearBridge): unwrap them first.
+    q_proj, o_proj = _linear(getattr(hf_attn, "q_proj", None)), _linear(getattr(hf_attn, "o_proj", None))
+    if q_proj is not None and o_proj is not None:
         return q_proj.out_features == 2 * o_proj.in_features
     return False
+
+
+def _linear(module: Any) -> torch.nn.Linear | None:
+    """`module` itself if it is a Linear, else the Linear a bridge component wraps, else None."""
+    wrapped = (getattr(module, "original_component", None), getattr(module, "_original_component", None))
+    for candidate in (module, *wrapped):
+        if isinstance(candidate, torch.nn.Linear):
+            return candidate
+    return None
 
 
 def gated_pattern(
