@@ -52,8 +52,14 @@ def test_rows_sum_to_one_nonnegative_causal(bridges, arch, measure, batch, pos, 
         ones = (sums - 1).abs() < 1e-5
         if measure in ("l1", "l2"):
             # A row is all 0 when no source brings the resultant closer (every score clamps
-            # to 0; seen on random Gemma-2 and confirmed by the float64 reference).
-            assert (ones | (sums == 0))[real].all(), sums
+            # to 0; seen on random Gemma-2 and confirmed by the float64 reference). Rollout rows
+            # that read such a row (R^l = C^l R^(l-1)) then lose its share: they sum to at most 1.
+            degenerate = ((res.layers.sum(-1) == 0) & valid[:, None]).any(dim=(1, 2))  # [batch]
+            if name == "rollout" and bool(degenerate.any()):
+                within = (sums >= 0) & (sums <= 1 + 1e-5)
+                assert within[real].all(), sums
+            checked = real & ~degenerate[:, None, None] if name == "rollout" else real
+            assert (ones | (sums == 0))[checked].all(), sums
         else:
             assert ones[real].all(), sums
         assert (sums[~real] == 0).all()
