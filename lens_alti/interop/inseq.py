@@ -142,6 +142,7 @@ class _LensAlti(InseqAttribution):
             cache,
             attention_mask=args["source_mask"],
             decoder_attention_mask=args["target_mask"],
+            decoder_tokens=args["target"],  # the real target ids: never mistaken for a forgotten target
             measure=measure,
         )
         assert isinstance(res, lens_alti.Seq2SeqAltiResult)
