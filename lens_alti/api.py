@@ -32,6 +32,10 @@ from lens_alti.errors import (
     UnsupportedModelError,
     WeightProcessingWarning,
 )
+
+# Entry points whose work lives in its own module (re-exported here, documented there).
+from lens_alti.prediction import logit_attribution  # noqa: F401
+from lens_alti.prediction_routes import routes  # noqa: F401
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.stream import forward_inputs, stream_blocks, tokenize
@@ -638,115 +642,3 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     batch, pos = patterns.shape[0], patterns.shape[-1]
     valid = _prepare_mask(attention_mask, batch, pos, patterns.device, "attention_mask")
     return rollout(attention_rollout_layers(patterns, valid) * valid[:, None, :, None])
-
-
-def logit_attribution(
-    cache_or_model: Any,
-    target: Any,
-    contrast: Any = None,
-    *,
-    position: Any = -1,
-    heads: bool = True,
-    attention_mask: Tensor | None = None,
-    decoder_attention_mask: Tensor | None = None,
-    tokens: Any = None,
-    decoder_tokens: Any = None,
-    check: bool = True,
-    dtype: torch.dtype = torch.float32,
-) -> Any:
-    """ALTI-Logit (Ferrando et al. 2023; spec §7): a logit (difference) split exactly into parts.
-
-    Explains the logit of `target` (minus that of `contrast`) predicted at `position`: every
-    attention head's update at that position split over its sources, each MLP's, the
-    embedding's and the biases', read through the final norm linearised at its real scale
-    (LayerNorm, RMSNorm or Gemma's `1 + w`, read from the module's behaviour), and each layer's
-    update mapped to the input tokens through the ALTI rollout below it.
-
-    Args:
-        cache_or_model: an ActivationCache (`model.run_with_cache(tokens)`; encoder-decoders:
-            `run_with_cache(src, decoder_input=tgt)`), or the model itself with `tokens=`
-            (then run here with the needed hooks).
-        target: token ids (an int, or one per batch item as a list or tensor) or token
-            strings (each exactly one token, e.g. " Mary").
-        contrast: None, or token ids / strings as for `target`: the logit difference
-            `target − contrast` is then explained.
-        position: the position whose next-token logit is explained: an int (negative counts from
-            the last real token of each item) or one per batch item. Encoder-decoders: a target
-            (decoder input) position.
-        heads: keep the per-head, per-source parts `heads[b, layer, head, k]` (head totals always).
-        attention_mask: `[batch, pos]` 1 = real token, as for `attribute` (encoder-decoders: source).
-        decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
-        tokens: ids or strings for labels (and the input when a model is given).
-        decoder_tokens: encoder-decoders: target ids or strings (the target prefix with a model).
-        check: verify each attention block's decomposition at the explained position and that
-            the direct parts sum to the real logit (difference) within 1e-4 relative (fp32
-            caches), else ReconstructionError / CompletenessError naming the gap.
-        dtype: torch.float32 (default) or torch.float64.
-
-    Returns:
-        A LogitAttribution: `by_layer[b, layer, src]`, `tokens[b, src]`, `heads[b, layer, head, k]`,
-        `head_totals[b, layer, head]`, `mlp[b, layer]`, `attn_bias[b, layer]`, `embedding[b]`,
-        `bias[b]`, `logit[b]` (the real logit (difference)), `completeness_gap[b]`; for
-        encoder-decoders also `cross_heads`, `cross_head_totals` and `src` = source then target tokens.
-        Soft-capped logits (Gemma-2) are explained before the cap (`result.softcap` says so).
-    """
-    from lens_alti.prediction import logit_attribution as _impl
-
-    return _impl(
-        cache_or_model, target, contrast, position=position, heads=heads, attention_mask=attention_mask,
-        decoder_attention_mask=decoder_attention_mask, tokens=tokens, decoder_tokens=decoder_tokens,
-        check=check, dtype=dtype,
-    )
-
-
-def routes(
-    cache_or_model: Any,
-    position: Any = -1,
-    *,
-    threshold: float = 0.04,
-    target: Any = None,
-    contrast: Any = None,
-    batch: int = 0,
-    attention_mask: Tensor | None = None,
-    tokens: Any = None,
-    logit_mode: str = "direct",
-    logit_layers: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool | None = None,
-) -> Any:
-    """Information-flow routes (Ferrando & Voita 2024; spec §8) of one position of one batch item.
-
-    Built top-down from the node (n_layers, position): each reached receiver's parts (every head
-    and source, the residual, the MLP) are scored by proximity share (`max(0, ‖y‖₁ − ‖y − part‖₁)`
-    normalised over the receiver's parts, spec §3); edges with weight ≥ `threshold` are kept and
-    only their sources are expanded, so unreached receivers are never computed. Decoder-only models.
-
-    Args:
-        cache_or_model: an ActivationCache or the model with `tokens=`.
-        position: the explained position (negative counts from the last real token).
-        threshold: edges below this weight are pruned (default 0.04, as in the paper).
-        target: with a target (id or one-token string) the graph explains the prediction
-            of `target` (minus `contrast`): edges are weighted by positive logit updates (spec §7,
-            normalised) instead of proximity where `logit_mode` says.
-        contrast: None, or an id / one-token string whose logit is subtracted from `target`'s.
-        logit_mode: with a target, "direct" (default): the top node's parts are all direct parts
-            of the logit (every head's output at `position` from each source, in every layer;
-            every MLP; the embedding), each an edge from the node it reads; below them, proximity;
-            "column": the receivers at `position` in the top `logit_layers` layers (default all)
-            weight their own parts (heads, residual, MLP).
-        batch: which batch item of the cache to explain.
-        attention_mask: `[batch, pos]` as for `attribute`.
-        tokens: ids or strings for node labels (and the input when a model is given).
-
-    Returns:
-        A Routes graph: `.edges` (DataFrame: layer, kind, head ("mlp"/"residual" or the head index),
-        source, receiver, weight, ...), `.head_importance[layer, head]`, `.node_importance`,
-        `.to_networkx()`, `.computed_receivers[layer]`.
-    """
-    from lens_alti.prediction_routes import routes as _impl
-
-    return _impl(
-        cache_or_model, position, threshold=threshold, target=target, contrast=contrast, batch=batch,
-        attention_mask=attention_mask, tokens=tokens, logit_mode=logit_mode, logit_layers=logit_layers, dtype=dtype,
-        progress=progress,
-    )

@@ -203,7 +203,42 @@ def logit_attribution(
     check: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> LogitAttribution:
-    """See `lens_alti.logit_attribution`."""
+    """ALTI-Logit (Ferrando et al. 2023; spec §7): a logit (difference) split exactly into parts.
+
+    Explains the logit of `target` (minus that of `contrast`) predicted at `position`: every
+    attention head's update at that position split over its sources, each MLP's, the
+    embedding's and the biases', read through the final norm linearised at its real scale
+    (LayerNorm, RMSNorm or Gemma's `1 + w`, read from the module's behaviour), and each layer's
+    update mapped to the input tokens through the ALTI rollout below it.
+
+    Args:
+        cache_or_model: an ActivationCache (`model.run_with_cache(tokens)`; encoder-decoders:
+            `run_with_cache(src, decoder_input=tgt)`), or the model itself with `tokens=`
+            (then run here with the needed hooks).
+        target: token ids (an int, or one per batch item as a list or tensor) or token
+            strings (each exactly one token, e.g. " Mary").
+        contrast: None, or token ids / strings as for `target`: the logit difference
+            `target − contrast` is then explained.
+        position: the position whose next-token logit is explained: an int (negative counts from
+            the last real token of each item) or one per batch item. Encoder-decoders: a target
+            (decoder input) position.
+        heads: keep the per-head, per-source parts `heads[b, layer, head, k]` (head totals always).
+        attention_mask: `[batch, pos]` 1 = real token, as for `attribute` (encoder-decoders: source).
+        decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
+        tokens: ids or strings for labels (and the input when a model is given).
+        decoder_tokens: encoder-decoders: target ids or strings (the target prefix with a model).
+        check: verify each attention block's decomposition at the explained position and that
+            the direct parts sum to the real logit (difference) within 1e-4 relative (fp32
+            caches), else ReconstructionError / CompletenessError naming the gap.
+        dtype: torch.float32 (default) or torch.float64.
+
+    Returns:
+        A LogitAttribution: `by_layer[b, layer, src]`, `tokens[b, src]`, `heads[b, layer, head, k]`,
+        `head_totals[b, layer, head]`, `mlp[b, layer]`, `attn_bias[b, layer]`, `embedding[b]`,
+        `bias[b]`, `logit[b]` (the real logit (difference)), `completeness_gap[b]`; for
+        encoder-decoders also `cross_heads`, `cross_head_totals` and `src` = source then target tokens.
+        Soft-capped logits (Gemma-2) are explained before the cap (`result.softcap` says so).
+    """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if _is_cache(cache_or_model):

@@ -35,7 +35,35 @@ def routes(
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
 ) -> Any:
-    """See `lens_alti.routes`."""
+    """Information-flow routes (Ferrando & Voita 2024; spec §8) of one position of one batch item.
+
+    Built top-down from the node (n_layers, position): each reached receiver's parts (every head
+    and source, the residual, the MLP) are scored by proximity share (`max(0, ‖y‖₁ − ‖y − part‖₁)`
+    normalised over the receiver's parts, spec §3); edges with weight ≥ `threshold` are kept and
+    only their sources are expanded, so unreached receivers are never computed. Decoder-only models.
+
+    Args:
+        cache_or_model: an ActivationCache or the model with `tokens=`.
+        position: the explained position (negative counts from the last real token).
+        threshold: edges below this weight are pruned (default 0.04, as in the paper).
+        target: with a target (id or one-token string) the graph explains the prediction
+            of `target` (minus `contrast`): edges are weighted by positive logit updates (spec §7,
+            normalised) instead of proximity where `logit_mode` says.
+        contrast: None, or an id / one-token string whose logit is subtracted from `target`'s.
+        logit_mode: with a target, "direct" (default): the top node's parts are all direct parts
+            of the logit (every head's output at `position` from each source, in every layer;
+            every MLP; the embedding), each an edge from the node it reads; below them, proximity;
+            "column": the receivers at `position` in the top `logit_layers` layers (default all)
+            weight their own parts (heads, residual, MLP).
+        batch: which batch item of the cache to explain.
+        attention_mask: `[batch, pos]` as for `attribute`.
+        tokens: ids or strings for node labels (and the input when a model is given).
+
+    Returns:
+        A Routes graph: `.edges` (DataFrame: layer, kind, head ("mlp"/"residual" or the head index),
+        source, receiver, weight, ...), `.head_importance[layer, head]`, `.node_importance`,
+        `.to_networkx()`, `.computed_receivers[layer]`.
+    """
     import pandas as pd
 
     from lens_alti.alti.routes import RouteLayer, build_routes
