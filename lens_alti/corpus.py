@@ -147,18 +147,11 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
 
 def _write_shard(path: pathlib.Path, result: Any, corpus: dict[str, Any]) -> None:
     """One batch's result and its corpus rows, written to a temporary name then renamed."""
-    from safetensors.torch import save_file
-
-    from lens_alti.saving import to_bytes_dict
+    from lens_alti.saving import to_bytes_dict, write_atomic
 
     tensors, header = ({}, {}) if result is None else to_bytes_dict(result)
     header[CORPUS_KEY] = json.dumps(corpus, default=str)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, tensors, header)
 
 
 def shard_corpus(path: str | os.PathLike[str]) -> dict[str, Any]:

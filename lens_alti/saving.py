@@ -103,18 +103,23 @@ def to_bytes_dict(result: AltiResult | Seq2SeqAltiResult) -> tuple[dict[str, Ten
 
 def save(result: AltiResult | Seq2SeqAltiResult, path: str | os.PathLike[str]) -> pathlib.Path:
     """Write `result` to `path` (a .safetensors file), atomically: a temporary file renamed when complete."""
-    from safetensors.torch import save_file
-
     path = pathlib.Path(path)
     tensors, header = to_bytes_dict(result)
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, tensors, header)
+    return path
+
+
+def write_atomic(path: pathlib.Path, tensors: dict[str, Any], header: dict[str, str]) -> None:
+    """Write a .safetensors file under a temporary name and rename it when complete (never half-written)."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=header)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
