@@ -14,13 +14,14 @@ from lens_alti.alti.backend import resolve as resolve_backend
 from lens_alti.alti.collect import LayerCollector, StackResults
 from lens_alti.alti.contributions import BACKENDS, DEFAULT_CHUNK_BYTES, MEASURES
 from lens_alti.alti.decompose import (
+    HALF_TOLERANCE,
     RECONSTRUCTION_TOLERANCE,
     TransformedVectors,
     check_pattern_distribution,
     check_reconstruction,
     decompose,
 )
-from lens_alti.alti.masking import check_declared_padding, isolate_padding, leaked_attention
+from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, check_declared_padding, isolate_padding, leaked_attention
 from lens_alti.alti.memory import BlockShape, attribute_memory_check
 from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
 from lens_alti.errors import (
@@ -36,17 +37,11 @@ from lens_alti.errors import (
 # Entry points whose work lives in its own module (re-exported here, documented there).
 from lens_alti.prediction import logit_attribution  # noqa: F401
 from lens_alti.prediction_routes import routes  # noqa: F401
-from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, model_layout
+from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, is_cache, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.stream import forward_inputs, stream_blocks, tokenize
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
 from lens_alti.validation import check_choice, check_size, check_str_tokens, check_token_ids, check_type
-
-# Attention a real query may give a padded key before we call the mask inconsistent.
-_MASK_LEAK_TOLERANCE = 1e-6
-# A half-precision cache holds activations rounded at every step of the real forward
-# pass, so an exact fp32 decomposition of its inputs can only match them this well.
-_HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def hook_names(model: Any, parallel_mlp: str = "exclude") -> list[str]:
@@ -87,14 +82,14 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
         return block
     # |pattern|: a recurrent mixer's operator (pattern_is_distribution=False) can be negative.
     leak = leaked_attention(block.pattern.abs(), valid_q, valid_k)
-    if leak > _MASK_LEAK_TOLERANCE and block.recurrent:
+    if leak > MASK_LEAK_TOLERANCE and block.recurrent:
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
             f"this attention_mask (up to {leak:.3g}), and the cache does not show which positions the "
             "layer itself zeroed (lens_alti reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the "
             "sequences one at a time without padding."
         )
-    if leak > _MASK_LEAK_TOLERANCE:
+    if leak > MASK_LEAK_TOLERANCE:
         raise MaskMismatchError(
             f"{block.name}: real tokens attend to positions that the mask marks as padding "
             f"(attention up to {leak:.3g}); pass the same attention_mask "
@@ -146,9 +141,9 @@ def _block_vectors(
         checks.padding_checked = True
     block = _masked_block(block, valid_q, valid_k)
     if check:
-        check_pattern_distribution(block, valid_q, valid_k, 10 * _HALF_TOLERANCE.get(block.pattern.dtype, 1e-4))
+        check_pattern_distribution(block, valid_q, valid_k, 10 * HALF_TOLERANCE.get(block.pattern.dtype, 1e-4))
     tv = decompose(block, dtype=dtype, valid_rows=valid_q)
-    tolerance = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
+    tolerance = HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
     return tv, (check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))
 
 
@@ -282,14 +277,6 @@ def _check_decoder_input(cache: Any, decoder_tokens: Any = None) -> None:
             "If the target prefix really is the source shifted right (an identity translation), pass "
             "decoder_tokens=tgt_tokens or allow_shifted_source=True."
         )
-
-
-def _is_cache(obj: Any) -> bool:
-    try:
-        from transformer_lens import ActivationCache
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, ActivationCache)
 
 
 def _model_tokens(model: Any, tokens: Any, what: str) -> tuple[Tensor, Tensor | None]:
@@ -461,7 +448,7 @@ def attribute(
     max_chunk_bytes = check_size("max_chunk_bytes", max_chunk_bytes, minimum=1)
     for flag, value in (("heads", heads), ("check", check), ("allow_shifted_source", allow_shifted_source)):
         check_type(flag, value, bool, "True or False")
-    streaming = not _is_cache(cache)
+    streaming = not is_cache(cache)
     if streaming:
         model = cache
         layout = model_layout(model, parallel_mlp)

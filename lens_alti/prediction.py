@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lens_alti.alti.decompose import RECONSTRUCTION_TOLERANCE, check_reconstruction
+from lens_alti.alti.decompose import HALF_TOLERANCE, RECONSTRUCTION_TOLERANCE, check_reconstruction
 from lens_alti.alti.logit import (
     COMPLETENESS_TOLERANCE,
     _rows,
@@ -23,29 +23,20 @@ from lens_alti.alti.logit import (
     to_input_tokens,
     write_update,
 )
+from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, isolate_padding, leaked_attention
 from lens_alti.errors import (
     CompletenessError,
     LensAltiError,
+    MaskMismatchError,
     MissingHooksError,
     NonFiniteError,
     UnsupportedModelError,
 )
-from lens_alti.reading import cache_and_model, model_layout
+from lens_alti.reading import cache_and_model, is_cache, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.unembed import DirectWrite, LogitLayout, logit_layout
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
 from lens_alti.results_logit import LogitAttribution
-
-_HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
-_MASK_LEAK_TOLERANCE = 1e-6
-
-
-def _is_cache(obj: Any) -> bool:
-    try:
-        from transformer_lens import ActivationCache
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, ActivationCache)
 
 
 def run_model(
@@ -165,18 +156,18 @@ def _labels(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
 
 
 def _row_block(block: AttentionBlock, rows: Tensor, valid_k: Tensor) -> AttentionBlock:
-    """Zero padded sources in the explained rows; refuse real attention to padding."""
+    """Neutralise padded sources (as `attribute` does); refuse real attention to padding from the explained rows."""
     if bool(valid_k.all()):
         return block
-    pattern = block.pattern
-    row_pattern = _rows(pattern, rows, 2)
-    leak = (row_pattern * (~valid_k)[:, None, None, :]).amax() if row_pattern.numel() else 0
-    if float(leak) > _MASK_LEAK_TOLERANCE:
-        raise LensAltiError(
+    explained = torch.zeros(block.pattern.shape[0], block.pattern.shape[2], dtype=torch.bool, device=rows.device)
+    explained.scatter_(1, rows.view(rows.shape[0], -1), True)  # rows: [batch] (or [batch, r]) explained positions
+    leak = leaked_attention(block.pattern, explained, valid_k)
+    if leak > MASK_LEAK_TOLERANCE:
+        raise MaskMismatchError(
             f"{block.name}: the explained position attends to positions that the mask marks as padding "
-            f"(attention up to {float(leak):.3g}); pass the attention_mask that run_with_cache was given"
+            f"(attention up to {leak:.3g}); pass the attention_mask that run_with_cache was given"
         )
-    return replace(block, pattern=pattern * valid_k[:, None, None, :].to(pattern.dtype))
+    return isolate_padding(block, torch.ones_like(explained), valid_k)
 
 
 def _check_finite_rows(name: str, t: Tensor) -> None:
@@ -241,7 +232,7 @@ def logit_attribution(
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if _is_cache(cache_or_model):
+    if is_cache(cache_or_model):
         cache = cache_or_model
     else:
         cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
@@ -315,7 +306,7 @@ def logit_attribution(
         block = _row_block(record, rows, valid_k)
         upd = attention_update(block, rows, w, dtype)
         if check:
-            tol = _HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
+            tol = HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
             errors.append(check_reconstruction(upd.tv, upd.row_block, None, tol))
         if step.kind == "cross":
             if cross_heads is None:
@@ -338,7 +329,7 @@ def logit_attribution(
         parts.append(cross_totals)
     gap, scale = completeness_gap(logit, parts)
     if check:
-        tol = _HALF_TOLERANCE.get(x0.dtype, COMPLETENESS_TOLERANCE)
+        tol = HALF_TOLERANCE.get(x0.dtype, COMPLETENESS_TOLERANCE)
         bad = (gap.abs() > tol * scale).nonzero().flatten()
         if len(bad):
             b = int(bad[0])

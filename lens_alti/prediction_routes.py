@@ -14,8 +14,8 @@ from torch import Tensor
 
 from lens_alti.alti.logit import readout_direction
 from lens_alti.errors import MissingHooksError
-from lens_alti.prediction import _is_cache, _labels, _valid, explained_rows, run_model, token_ids
-from lens_alti.reading import cache_and_model, model_layout
+from lens_alti.prediction import _labels, _valid, explained_rows, run_model, token_ids
+from lens_alti.reading import cache_and_model, is_cache, model_layout
 from lens_alti.reading.unembed import logit_layout
 
 
@@ -76,7 +76,7 @@ def routes(
         raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     if contrast is not None and target is None:
         raise ValueError("contrast needs a target: routes weighted by the logit difference target − contrast")
-    if _is_cache(cache_or_model):
+    if is_cache(cache_or_model):
         cache = cache_or_model
     else:
         cache, tokens = run_model(cache_or_model, tokens, attention_mask, None)

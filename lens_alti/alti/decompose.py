@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # the records are the interface; alti never imports reading a
     from lens_alti.reading.records import AttentionBlock
 
 RECONSTRUCTION_TOLERANCE = 1e-4
+# A half-precision cache holds activations rounded at every step of the real forward
+# pass, so an exact fp32 decomposition of its inputs can only match them this well.
+HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # How far a pattern row may be from a distribution (negative mass, |Σ − 1|) before it is refused.
 DISTRIBUTION_TOLERANCE = 1e-3
 

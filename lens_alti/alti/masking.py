@@ -88,6 +88,10 @@ def check_declared_padding(
         )
 
 
+# Attention a real query may give a padded key before the mask is called inconsistent.
+MASK_LEAK_TOLERANCE = 1e-6
+
+
 def leaked_attention(pattern: Tensor, valid_q: Tensor, valid_k: Tensor) -> float:
     """Largest attention a real query gives a key the mask calls padding (0 when consistent)."""
     if pattern.numel() == 0:

@@ -18,7 +18,15 @@ point per kind of token mixer) and `hooked.py` (TransformerLens 3.x):
 - `blocks`: the record of one attention module from these features.
 """
 
-from lens_alti.reading.layout import BlockReader, Family, ModelLayout, cache_and_model, check_hooks, model_layout
+from lens_alti.reading.layout import (
+    BlockReader,
+    Family,
+    ModelLayout,
+    cache_and_model,
+    check_hooks,
+    is_cache,
+    model_layout,
+)
 from lens_alti.reading.records import AttentionBlock, NormAfterAttention
 
 __all__ = [
@@ -29,5 +37,6 @@ __all__ = [
     "NormAfterAttention",
     "cache_and_model",
     "check_hooks",
+    "is_cache",
     "model_layout",
 ]

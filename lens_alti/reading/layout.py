@@ -83,6 +83,15 @@ def model_layout(model: Any, parallel_mlp: str = "exclude") -> ModelLayout:
     return bridge_layout(model, parallel_mlp)
 
 
+def is_cache(obj: Any) -> bool:
+    """True for a TransformerLens ActivationCache (False when TransformerLens is not installed)."""
+    try:
+        from transformer_lens import ActivationCache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, ActivationCache)
+
+
 def cache_and_model(cache: Any) -> tuple[Any, Any]:
     """Check `cache` is an ActivationCache with its model attached; return (cache, model)."""
     try:
