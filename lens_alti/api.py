@@ -193,13 +193,13 @@ def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_
     d_model = int(getattr(getattr(model, "cfg", None), "d_model", 0) or 0)
 
     def shape(r: list[BlockReader]) -> BlockShape:
-        batch, n_heads, queries, keys = cache[r[0].hooks[0]].shape  # hook_pattern [batch, head, query, key]
+        batch, n_heads, queries, keys = r[0].pattern_shape(cache)  # hook_pattern [batch, head, query, key]
         return BlockShape(len(r), batch, n_heads, queries, keys, d_model)
 
     shapes = [
         shape(r)
         for r in layout.blocks.values()
-        if r and r[0].hooks[0] in cache.keys() and cache[r[0].hooks[0]].dim() == 4
+        if r and r[0].hooks[0] in cache.keys() and len(r[0].pattern_shape(cache)) == 4
     ]
     device = cache[layout.blocks[next(iter(layout.blocks))][0].hooks[0]].device
     size = torch.finfo(dtype).bits // 8
@@ -519,7 +519,7 @@ def attribute(
     else:
         if not allow_shifted_source:
             _check_decoder_input(cache, decoder_tokens)
-        batch, _, _, src_len = cache[enc[0].hooks[0]].shape
+        batch, _, _, src_len = enc[0].pattern_shape(cache)
         tgt_len = cache[dec[0].hooks[0]].shape[-1]
         device = cache[enc[0].hooks[0]].device
     src_valid = _prepare_mask(attention_mask, batch, src_len, device, "attention_mask")

@@ -252,7 +252,7 @@ def logit_attribution(
     batch, pos = x0.shape[:2]
     device = x0.device
     if seq2seq:
-        src_len = cache[layout.blocks["encoder"][0].hooks[0]].shape[-1]
+        src_len = layout.blocks["encoder"][0].pattern_shape(cache)[-1]
         src_valid = _valid(attention_mask, batch, src_len, device, "attention_mask")
         valid = _valid(decoder_attention_mask, batch, pos, device, "decoder_attention_mask")
     else:

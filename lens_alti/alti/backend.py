@@ -180,7 +180,7 @@ def call_work(cache: Any, layout: Any, heads: bool, dtype: torch.dtype) -> Work:
     for kind, readers in layout.blocks.items():
         causal = kind == "decoder_self" or (kind == "self" and layout.family == "decoder")
         for reader in readers:
-            b, h, q, k = cache[reader.hooks[0]].shape
+            b, h, q, k = reader.pattern_shape(cache)
             device = cache[reader.hooks[0]].device
             pairs = q * (q + 1) // 2 if causal and q == k else q * k
             elements += b * h * pairs * int(d_model or 64 * h)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.banded import BandedEncoderCache, band_width, source_length
 from lens_alti.reading.blocks import attention_record, sublayer_block
 from lens_alti.reading.gated_output import has_output_gate
 from lens_alti.reading.head_norm import head_norm_module
@@ -143,16 +144,37 @@ def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[Blo
         # T5Gemma: pre- and post-attention norms (the post one on the attention output only).
         if hasattr(blocks[layer], "ln1_post"):
             hooks += (f"{p}.ln1_post.hook_in",)
+        # LED: banded local attention on a window-padded encoder, cropped to the source (see `banded`).
+        w = band_width(original(blocks[layer].attn))
+        cross_pattern = "decoder_blocks.0.cross_attn.hook_pattern"
+        if w is not None:
+            if stack != "encoder_blocks":
+                raise UnsupportedModelError(
+                    f"{arch}: {names['attn']} is banded (Longformer) attention outside an encoder-decoder; only "
+                    "LED's encoder, whose source length the decoder's cross-attention gives, is supported"
+                )
+            hooks += (cross_pattern,)
 
-        def build(cache: Any, layer: int = layer, p: str = p, names: dict[str, str] = names) -> AttentionBlock:
+        def build(
+            cache: Any, layer: int = layer, p: str = p, names: dict[str, str] = names, w: int | None = w
+        ) -> AttentionBlock:
             block = blocks[layer]
+            if w is not None:
+                n = source_length(cache, cross_pattern, names["attn"])
+                cache = BandedEncoderCache(cache, p, names["attn"], w, n)
             out_norm = (block.ln1_post, f"{p}.ln1_post") if hasattr(block, "ln1_post") else None
             return sublayer_block(
                 cache, model, block.attn, names, layer=layer, arch=arch, residual=cache[f"{p}.hook_resid_pre"],
                 post=is_post_norm(cache, p), norm_component=block.ln1, column="diagonal", out_norm=out_norm,
             )
 
-        readers.append(BlockReader(names["attn"], hooks, build))
+        shape = None
+        if w is not None:
+            def shape(cache: Any, p: str = p) -> tuple[int, ...]:
+                b, _, h, _ = cache[f"{p}.attn.hook_pattern"].shape  # the band [batch, query, head, 2w+1]
+                n = source_length(cache, cross_pattern, f"{p}.attn")
+                return (b, h, n, n)
+        readers.append(BlockReader(names["attn"], hooks, build, shape))
     return readers
 
 

@@ -35,6 +35,12 @@ class BlockReader:
     name: str
     hooks: tuple[str, ...]
     build: Callable[[Any], AttentionBlock]
+    # The record's pattern shape [batch, head, query, key] when hooks[0] does not have it (LED's band).
+    shape: Callable[[Any], tuple[int, ...]] | None = None
+
+    def pattern_shape(self, cache: Any) -> tuple[int, ...]:
+        """The shape of the record's pattern, `[batch, head, query, key]` for attention, read from the cache."""
+        return tuple(self.shape(cache)) if self.shape is not None else tuple(cache[self.hooks[0]].shape)
 
 
 @dataclass(frozen=True)
