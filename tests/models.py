@@ -61,7 +61,7 @@ def build_bridge(arch: str, n_layers: int = 2, seed: int = 0) -> Built:
     return _with_untouched_copy(hf_model(arch, n_layers, seed))
 
 
-SEQ2SEQ_ARCHS = ("t5", "marian", "bart", "m2m100", "mbart")
+SEQ2SEQ_ARCHS = ("t5", "marian", "bart", "m2m100", "mbart", "led")
 
 
 def hf_seq2seq(arch: str, n_layers: int = 2, seed: int = 0) -> transformers.PreTrainedModel:
@@ -91,7 +91,11 @@ def hf_seq2seq(arch: str, n_layers: int = 2, seed: int = 0) -> transformers.PreT
             "bart": (transformers.BartConfig, transformers.BartForConditionalGeneration),
             "m2m100": (transformers.M2M100Config, transformers.M2M100ForConditionalGeneration),
             "mbart": (transformers.MBartConfig, transformers.MBartForConditionalGeneration),
+            "led": (transformers.LEDConfig, transformers.LEDForConditionalGeneration),
         }[arch]
+        if arch == "led":  # Longformer encoder: a window of 4 (2 keys each side), inputs padded to a multiple of 4
+            del common["max_position_embeddings"]
+            common.update(max_encoder_position_embeddings=64, max_decoder_position_embeddings=64, attention_window=4)
         model = cls[1](cls[0](**common))
     randomize_norms(model, seed)
     return model.eval()

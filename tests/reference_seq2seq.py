@@ -15,6 +15,10 @@ Supported (``config.model_type``):
   (spec 1a/1d); the encoder's ``final_layer_norm`` output is what cross-attention reads.
 - ``marian``, ``bart``: post-LN encoder and decoder (spec 1b, and 1c with ``L_i`` on every term).
 - ``m2m_100``, ``mbart``: pre-LN encoder and decoder with final encoder/decoder layer norms.
+- ``led``: BART's post-LN layout whose encoder self-attention is Longformer's sliding window:
+  the attention is recomputed densely from the ``query``/``key`` weights with the band mask
+  ``|i - j| <= attention_window / 2`` (HF's banded probabilities are not used), and the encoder's
+  internal padding to a multiple of the window is cropped from every captured activation.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ _T5_RMS_RTOL = 1e-5
 # Finite replacement for the additive "-inf"/finfo.min of attention masks; see _clamp_mask.
 _MASK_FLOOR = -1e30
 
-_POST_LN = {"bert", "marian", "bart"}
+# LED's encoder softmax is float32 (see _Block.rtol).
+_LED_RTOL = 1e-5
+
+_POST_LN = {"bert", "marian", "bart", "led"}
 _PRE_LN = {"m2m_100", "mbart"}
 
 
@@ -166,6 +173,9 @@ class _Block:
     norm_key: str
     y_key: tuple[str, str]
     rms: bool = False
+    # Tolerance of the checks against the real block output: LED's encoder takes its softmax in
+    # float32 even in a float64 model, so its real output is only float32-exact.
+    rtol: float = _RTOL
 
 
 def _linear_params(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -255,7 +265,7 @@ def _register_bart_like(
 ) -> tuple[list[_Block], list[_Block], list[_Block], nn.Module | None]:
     cfg = model.config
     kind = "post" if cfg.model_type in _POST_LN else "pre"
-    base = getattr(model, "model", model)
+    base = model.led if cfg.model_type == "led" else getattr(model, "model", model)
     enc, dec, cross = [], [], []
     for side, stack, out in (("enc", base.encoder, enc), ("dec", base.decoder, dec)):
         h = cfg.encoder_attention_heads if side == "enc" else cfg.decoder_attention_heads
@@ -263,6 +273,13 @@ def _register_bart_like(
         for idx, layer in enumerate(stack.layers):
             name = f"{side}{idx}"
             sa, sa_ln = layer.self_attn, layer.self_attn_layer_norm
+            if cfg.model_type == "led" and side == "enc":  # Longformer: its own value/output names
+                rec.add(f"{name}.attn", sa)
+                rec.add(f"{name}.norm", sa_ln)
+                v_proj, o_proj = sa.longformer_self_attn.value, sa.output
+                enc.append(_Block(kind, sa_ln, v_proj, o_proj, h, dh, f"{name}.attn", f"{name}.attn", f"{name}.norm",
+                                  ("out", f"{name}.norm"), rtol=_LED_RTOL))
+                continue
             rec.add(f"{name}.attn", sa, clamp=True)
             rec.add(f"{name}.norm", sa_ln)
             if kind == "post":
@@ -372,7 +389,9 @@ def _block_measures(
     if block.kind == "post":
         ln = block.norm
         z = parts.sum((1, 3)) + res + b_o  # input of the layer norm
-        _check_close(f"{what} layer-norm input z", layer, _rows(z, valid_q), _rows(rec.inp[block.norm_key], valid_q))
+        _check_close(
+            f"{what} layer-norm input z", layer, _rows(z, valid_q), _rows(rec.inp[block.norm_key], valid_q), block.rtol
+        )
         mu = z.mean(-1, keepdim=True)
         sigma = ((z - mu) ** 2).mean(-1, keepdim=True).add(ln.eps).sqrt()  # [b, n, 1]
         gamma = ln.weight
@@ -393,7 +412,9 @@ def _block_measures(
         eye = torch.eye(n, dtype=x.dtype)
         t = tok + eye[None, :, :, None] * res[:, :, None, :]  # δ_ij x_j
     y = t.sum(2) + bias
-    _check_close(f"{what} reconstruction of the block output", layer, _rows(y, valid_q), _rows(y_true, valid_q))
+    _check_close(
+        f"{what} reconstruction of the block output", layer, _rows(y, valid_q), _rows(y_true, valid_q), block.rtol
+    )
 
     vq = valid_q[:, :, None]
     y_l1 = _l1(y)
@@ -492,6 +513,37 @@ def reference_encoder(
     finally:
         rec.remove()
     return _run_blocks(blocks, rec, out.attentions, valid, valid, cross=False, causal=False, what="encoder")
+
+
+def _led_encoder_attentions(
+    model: nn.Module, rec: _Recorder, s_len: int, valid_s: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Dense ``[b, H, S, S]`` sliding-window attention of LED's encoder layers, from the weights.
+
+    LED pads the encoder input to a multiple of the window; the padded positions are masked keys
+    and are dropped, so every captured encoder activation is cropped to the first ``S`` positions
+    here. ``softmax((x W_q + b_q)/√dh · (x W_k + b_k)ᵀ)`` over the keys with ``|i − j| ≤ w`` that
+    are not padding (``w = attention_window / 2``).
+    """
+    for store in (rec.inp, rec.out):
+        for key in list(store):
+            if key.startswith("enc") and not key.startswith("enc."):
+                store[key] = store[key][:, :s_len]
+    probs = []
+    for idx, layer in enumerate(model.led.encoder.layers):
+        att = layer.self_attn.longformer_self_attn
+        x = rec.inp[f"enc{idx}.attn"]
+        bsz, n, d = x.shape
+        h = model.config.encoder_attention_heads
+        dh = d // h
+        q = (x @ att.query.weight.T + att.query.bias).view(bsz, n, h, dh).transpose(1, 2) / dh**0.5
+        k = (x @ att.key.weight.T + att.key.bias).view(bsz, n, h, dh).transpose(1, 2)
+        w = model.config.attention_window[idx] // 2
+        pos = torch.arange(n)
+        allowed = ((pos[:, None] - pos[None, :]).abs() <= w)[None, None] & valid_s[:, None, None, :]
+        scores = torch.where(allowed, q @ k.transpose(-1, -2), torch.tensor(float("-inf"), dtype=x.dtype))
+        probs.append(torch.softmax(scores, dim=-1))
+    return tuple(probs)
 
 
 def _alti_plus(r_enc: torch.Tensor, cross: torch.Tensor, dec_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,7 +646,10 @@ def reference_seq2seq(
             _T5_RMS_RTOL if kind == "t5" else _RTOL,
         )
 
-    enc = _run_blocks(enc_blocks, rec, out.encoder_attentions, valid_s, valid_s, False, False, "encoder")
+    enc_attentions = out.encoder_attentions
+    if kind == "led":
+        enc_attentions = _led_encoder_attentions(model, rec, input_ids.shape[1], valid_s)
+    enc = _run_blocks(enc_blocks, rec, enc_attentions, valid_s, valid_s, False, False, "encoder")
     dec = _run_blocks(dec_blocks, rec, out.decoder_attentions, valid_t, valid_t, False, True, "decoder self")
     crs = _run_blocks(cross_blocks, rec, out.cross_attentions, valid_t, valid_s, True, False, "cross")
 
