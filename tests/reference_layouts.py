@@ -13,6 +13,15 @@ Supported (``config.model_type``):
 - ``openai-gpt``: post-LN causal decoder, ``y = LN1(x + attn(x))``;
 - ``laguna``: per-layer head counts and a per-head output gate ``softplus(g_proj(xn))_i,h``
   multiplying head h's output at receiver i before ``o_proj``.
+- ``deepseek_v2``: multi-head latent attention: each head's value is decompressed from the
+  source's latent, ``v_j = kv_b_proj(RMSNorm(kv_a_proj_with_mqa(xn_j)[:kv_lora_rank]))`` (the value part
+  of each head's slice), ``o_proj`` over ``v_head_dim`` per head;
+- ``gemma4_text``: a scale-free RMSNorm on each value (``v_norm``), plain-``w`` RMSNorms, and a norm
+  on the attention output only, ``y = x + w ⊙ attn_i / rms(attn_i)``;
+- ``gpt_oss``: attention sinks: each row's probabilities sum to less than 1 (the sink logit takes
+  the rest and contributes no value); biased projections.
+The attention probabilities are the ones the Hugging Face module returned in eager mode (for
+GPT-OSS: without the sink column).
 Only meant for tiny models and unpadded batches.
 """
 
@@ -47,7 +56,7 @@ def _rms_norm(x: torch.Tensor, norm: nn.Module, offset: bool = False) -> torch.T
 
 def _layers(model: nn.Module) -> tuple[str, list[Any]]:
     kind = model.config.model_type
-    if kind in ("granite", "bitnet", "laguna"):
+    if kind in ("granite", "bitnet", "laguna", "deepseek_v2", "gemma4_text", "gpt_oss"):
         return kind, list(model.model.layers)
     if kind == "openai-gpt":
         return kind, list(model.transformer.h)
@@ -65,13 +74,32 @@ def _values(kind: str, layer: Any, xn: torch.Tensor, cfg: Any) -> tuple[torch.Te
         v = (xn @ w[:, 2 * d : 3 * d] + bias[2 * d : 3 * d]).view(b, n, h, dh)
         return v.permute(0, 2, 1, 3), attn.c_proj.weight.view(h, dh, d), attn.c_proj.bias
     attn = layer.self_attn
-    dh = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    if kind == "deepseek_v2":
+        h, r, dn, dv = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+        latent = (xn @ attn.kv_a_proj_with_mqa.weight.T)[..., :r]
+        if attn.kv_a_proj_with_mqa.bias is not None:
+            latent = latent + attn.kv_a_proj_with_mqa.bias[:r]
+        latent = _rms_norm(latent, attn.kv_a_layernorm)
+        kv = (latent @ attn.kv_b_proj.weight.T).view(b, n, h, dn + dv)
+        v = kv[..., dn:]  # [b, n, H, dv]: each head's value slice
+        w_o = attn.o_proj.weight.T.reshape(h, dv, d)
+        b_o = attn.o_proj.bias if attn.o_proj.bias is not None else torch.zeros(d, dtype=xn.dtype)
+        return v.permute(0, 2, 1, 3), w_o, b_o
+    if kind == "gemma4_text":
+        dh = attn.head_dim
+    else:
+        dh = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
     h = attn.o_proj.in_features // dh  # this layer's own head count (Laguna: per layer)
-    n_kv = cfg.num_key_value_heads or h
     v = xn @ attn.v_proj.weight.T
     if attn.v_proj.bias is not None:
         v = v + attn.v_proj.bias
-    v = v.view(b, n, n_kv, dh).repeat_interleave(h // n_kv, dim=2)
+    v = v.view(b, n, v.shape[-1] // dh, dh)
+    if kind == "gemma4_text":  # v_norm: x / sqrt(mean(x²) + eps), no gain
+        v_norm = v / _rms(v, attn.v_norm.eps)
+        _check("value norm formula", 0, v_norm, attn.v_norm(v), 1e-5)
+        v = v_norm
+    n_kv = v.shape[2]
+    v = v.repeat_interleave(h // n_kv, dim=2)
     w_o = attn.o_proj.weight.T.reshape(h, dh, d)
     b_o = attn.o_proj.bias if attn.o_proj.bias is not None else torch.zeros(d, dtype=xn.dtype)
     return v.permute(0, 2, 1, 3), w_o, b_o
@@ -88,6 +116,8 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
     model.config._attn_implementation = "eager"
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
+    if hasattr(model, "set_experts_implementation") and getattr(model.config, "_experts_implementation", None):
+        model.set_experts_implementation("eager")  # grouped_mm kernels refuse float64 (GPT-OSS)
     kind, layers = _layers(model)
     cfg = model.config
     captured: dict[str, torch.Tensor] = {}
@@ -134,6 +164,12 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
         a = a.to(torch.float64)  # [b, H, n, n]
         if torch.triu(a, diagonal=1).abs().max() != 0 or a.min() < 0:
             raise AssertionError(f"reference: attention at layer {idx} is not causal probabilities")
+        rows = a.sum(-1)
+        if kind == "gpt_oss":  # the sink takes part of every row's mass
+            if rows.max() > 1 + 1e-9 or rows.min() > 1 - 1e-6:
+                raise AssertionError(f"reference: GPT-OSS rows at layer {idx} do not leave mass to the sink")
+        elif (rows - 1).abs().max() > 1e-6:  # some HF softmaxes run in float32 even in a float64 model
+            raise AssertionError(f"reference: attention rows at layer {idx} do not sum to 1")
         if kind == "openai-gpt":
             xn = x  # post-LN: attention reads the residual itself
         else:
@@ -168,7 +204,15 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
             t = m * tok + eye[None, :, :, None] * x[:, None, :, :]
             bias = m * b_o
             y_true = x + m * captured[f"attn_out{idx}"]
-        elif kind in ("bitnet", "laguna"):
+        elif kind == "gemma4_text":  # y = x + w ⊙ u_i / rms(u_i), u = attn_out (real, captured)
+            post = layer.post_attention_layernorm
+            u = captured[f"attn_out{idx}"]
+            rms = _rms(u, post.eps)  # [b, i, 1]
+            _check("post-attention norm formula", idx, u / rms * post.weight, post(u), 1e-5)
+            t = post.weight * tok / rms[:, :, None, :] + eye[None, :, :, None] * x[:, None, :, :]
+            bias = post.weight * b_o / rms
+            y_true = x + post(u)
+        elif kind in ("bitnet", "laguna", "deepseek_v2", "gpt_oss"):
             t = tok + eye[None, :, :, None] * x[:, None, :, :]
             bias = b_o
             y_true = x + captured[f"attn_out{idx}"]

@@ -24,6 +24,13 @@ LAYOUTS = {
     # 4 heads in layer 0, 8 in layer 1; a per-head softplus gate on each head's output before o_proj.
     "laguna": ("LagunaForCausalLM", {"num_attention_heads_per_layer": [4, 8], "gating": "per-head",
                                      "mlp_layer_types": ["dense", "dense"]}),
+    # Multi-head latent attention: values decompressed from a normed per-token latent (head-major hook_v).
+    # (num_key_value_heads = heads: HF's eager MLA expands the latent to every head and cannot repeat it again)
+    "deepseek_v2": ("DeepseekV2ForCausalLM", {"num_key_value_heads": 4}),
+    # A gain-free RMSNorm on each value, plain-w RMSNorms, a norm on the attention output.
+    "gemma4": ("Gemma4ForCausalLM", {}),
+    # Attention sinks: rows sum to less than 1.
+    "gpt_oss": ("GptOssForCausalLM", {}),
 }
 
 
