@@ -15,6 +15,9 @@ Supported (``config.model_type``):
   (spec 1a/1d); the encoder's ``final_layer_norm`` output is what cross-attention reads.
 - ``marian``, ``bart``: post-LN encoder and decoder (spec 1b, and 1c with ``L_i`` on every term).
 - ``m2m_100``, ``mbart``: pre-LN encoder and decoder with final encoder/decoder layer norms.
+- ``t5gemma``: pre-RMSNorm blocks (gain ``1 + w``) whose attention output is normalised again
+  before joining the residual, ``y = x + (1 + w') ⊙ a_i / rms(a_i)`` (spec 1d), grouped-query
+  heads, and a final encoder norm that cross-attention reads.
 - ``led``: BART's post-LN layout whose encoder self-attention is Longformer's sliding window:
   the attention is recomputed densely from the ``query``/``key`` weights with the band mask
   ``|i - j| <= attention_window / 2`` (HF's banded probabilities are not used), and the encoder's
@@ -83,6 +86,11 @@ def _layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
 def _t5_rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """T5 RMS norm ``g ⊙ x / sqrt(mean(x²) + eps)``: no centring, no beta, eps inside the root."""
     return norm.weight * x / (x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt()
+
+
+def _gemma_rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """T5Gemma RMS norm ``(1 + w) ⊙ x / sqrt(mean(x²) + eps)``."""
+    return (1.0 + norm.weight) * x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
 
 
 def _l1(x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +181,9 @@ class _Block:
     norm_key: str
     y_key: tuple[str, str]
     rms: bool = False
+    gemma: bool = False  # an RMSNorm with gain 1 + w (T5Gemma)
+    post_norm: nn.Module | None = None  # a norm on the attention output only (T5Gemma, spec 1d)
+    n_kv: int = 0  # key/value heads (0: as many as query heads)
     # Tolerance of the checks against the real block output: LED's encoder takes its softmax in
     # float32 even in a float64 model, so its real output is only float32-exact.
     rtol: float = _RTOL
@@ -310,6 +321,41 @@ def _register_bart_like(
     return enc, dec, cross, final
 
 
+def _register_t5gemma(
+    model: nn.Module, rec: _Recorder
+) -> tuple[list[_Block], list[_Block], list[_Block], nn.Module]:
+    base = model.model
+    enc, dec, cross = [], [], []
+    for side, stack, out in (("enc", base.encoder, enc), ("dec", base.decoder, dec)):
+        for idx, layer in enumerate(stack.layers):
+            sa = layer.self_attn
+            h, dh = sa.config.num_attention_heads, sa.head_dim
+            n_kv = sa.config.num_key_value_heads
+            name = f"{side}{idx}"
+            rec.add(f"{name}.attn", sa, clamp=True)
+            rec.add(f"{name}.norm", layer.pre_self_attn_layernorm)
+            rec.add(f"{name}.next", layer.pre_cross_attn_layernorm if side == "dec" else layer.pre_feedforward_layernorm)
+            out.append(
+                _Block("pre", layer.pre_self_attn_layernorm, sa.v_proj, sa.o_proj, h, dh, f"{name}.norm",
+                       f"{name}.attn", f"{name}.norm", ("inp", f"{name}.next"), gemma=True,
+                       post_norm=layer.post_self_attn_layernorm, n_kv=n_kv, rtol=_T5_RMS_RTOL)
+            )
+            if side == "dec":
+                ca = layer.cross_attn
+                xname = f"x{idx}"
+                rec.add(f"{xname}.attn", ca, clamp=True)
+                rec.add(f"{xname}.norm", layer.pre_cross_attn_layernorm)
+                rec.add(f"{xname}.next", layer.pre_feedforward_layernorm)
+                cross.append(
+                    _Block("pre", layer.pre_cross_attn_layernorm, ca.v_proj, ca.o_proj, h, dh, f"{xname}.norm",
+                           f"{xname}.attn", f"{xname}.norm", ("inp", f"{xname}.next"), gemma=True,
+                           post_norm=layer.post_cross_attn_layernorm, n_kv=ca.config.num_key_value_heads,
+                           rtol=_T5_RMS_RTOL)
+                )
+    rec.add("enc.final_norm", base.encoder.norm)
+    return enc, dec, cross, base.encoder.norm
+
+
 def _prepare(hf_model: nn.Module) -> nn.Module:
     """A float64, eval, eager-attention deep copy of ``hf_model``."""
     model = copy.deepcopy(hf_model).double().eval()
@@ -322,6 +368,12 @@ def _prepare(hf_model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # One attention block: transformed vectors, reconstruction checks, measures
 # --------------------------------------------------------------------------------------------
+
+
+def _pre_norm(block: _Block, x: torch.Tensor) -> torch.Tensor:
+    if block.gemma:
+        return _gemma_rms(x, block.norm)
+    return _t5_rms(x, block.norm) if block.rms else _layer_norm(x, block.norm)
 
 
 def _block_measures(
@@ -351,14 +403,14 @@ def _block_measures(
         vin = rec.kv[block.attn_key]  # encoder output e_s (already after the encoder's final norm)
     elif block.kind == "pre":
         vin = attn_in  # norm(x_j): what the attention module really saw
-        mine = _t5_rms(x, block.norm) if block.rms else _layer_norm(x, block.norm)
-        _check_close(f"{what} pre-norm of the residual", layer, mine, vin, _T5_RMS_RTOL if block.rms else _RTOL)
+        mine = _pre_norm(block, x)
+        _check_close(f"{what} pre-norm of the residual", layer, mine, vin, _T5_RMS_RTOL if block.rms or block.gemma else _RTOL)
         _check_close(f"{what} norm module output", layer, rec.out[block.norm_key], vin)
     else:
         vin = x
     if cross and block.kind == "pre":
-        normed = _t5_rms(x, block.norm) if block.rms else _layer_norm(x, block.norm)
-        _check_close(f"{what} pre-norm of the residual", layer, normed, attn_in, _T5_RMS_RTOL if block.rms else _RTOL)
+        normed = _pre_norm(block, x)
+        _check_close(f"{what} pre-norm of the residual", layer, normed, attn_in, _T5_RMS_RTOL if block.rms or block.gemma else _RTOL)
     if block.kind == "post":
         _check_close(f"{what} block input", layer, attn_in, x)
     m = vin.shape[1]
@@ -370,7 +422,8 @@ def _block_measures(
     v = vin @ wv.T
     if bv is not None:
         v = v + bv
-    v = v.view(bsz, m, h, dh).permute(0, 2, 1, 3)  # [b, H, m, dh]
+    n_kv = block.n_kv or h
+    v = v.view(bsz, m, n_kv, dh).repeat_interleave(h // n_kv, dim=2).permute(0, 2, 1, 3)  # [b, H, m, dh]
     w_o = wo.T.reshape(h, dh, d)  # Linear weight is [out, in]; input index = head * dh + k
     b_o = torch.zeros(d, dtype=x.dtype) if bo is None else bo
     vo = torch.einsum("bhjk,hke->bhje", v, w_o)  # VO[h, j]
@@ -404,6 +457,17 @@ def _block_measures(
         parts = lin(parts, sigma[:, None, :, :, None])
         res = lin(res, sigma)
         bias = lin(b_o.expand(bsz, n, d), sigma) + beta
+
+    if block.post_norm is not None:  # y = x + g ⊙ a_i / rms(a_i), a = the attention module's real output
+        u = rec.out[block.attn_key]
+        _check_close(
+            f"{what} attention output", layer, _rows(parts.sum((1, 3)) + b_o, valid_q), _rows(u, valid_q), block.rtol
+        )
+        rms = (u.pow(2).mean(-1, keepdim=True) + block.post_norm.eps).sqrt()  # [b, n, 1]
+        gain = 1.0 + block.post_norm.weight
+        _check_close(f"{what} post-attention norm formula", layer, gain * u / rms, block.post_norm(u), _T5_RMS_RTOL)
+        parts = gain * parts / rms[:, None, :, None, :]
+        bias = gain * b_o / rms
 
     tok = parts.sum(1)  # [b, n, m, d]
     if cross:
@@ -609,6 +673,8 @@ def reference_seq2seq(
     rec = _Recorder()
     if kind == "t5":
         enc_blocks, dec_blocks, cross_blocks, final_norm = _register_t5(model, rec)
+    elif kind == "t5gemma":
+        enc_blocks, dec_blocks, cross_blocks, final_norm = _register_t5gemma(model, rec)
     elif kind in _POST_LN | _PRE_LN and kind != "bert":
         enc_blocks, dec_blocks, cross_blocks, final_norm = _register_bart_like(model, rec)
     else:
@@ -637,13 +703,16 @@ def reference_seq2seq(
         _check_close("cross-attention key/value states vs encoder output", idx, rec.kv[block.attn_key], e)
     if final_norm is not None:
         last = rec.inp["enc.final_norm"]
-        mine = _t5_rms(last, final_norm) if kind == "t5" else _layer_norm(last, final_norm)
+        if kind == "t5gemma":
+            mine = _gemma_rms(last, final_norm)
+        else:
+            mine = _t5_rms(last, final_norm) if kind == "t5" else _layer_norm(last, final_norm)
         _check_close(
             "encoder final norm",
             len(enc_blocks),
             _rows(mine, valid_s),
             _rows(e, valid_s),
-            _T5_RMS_RTOL if kind == "t5" else _RTOL,
+            _T5_RMS_RTOL if kind in ("t5", "t5gemma") else _RTOL,
         )
 
     enc_attentions = out.encoder_attentions

@@ -70,3 +70,30 @@ def test_laguna_layers_have_their_own_head_counts(layout_run):
     assert cache["blocks.0.attn.hook_pattern"].shape[1] == 4 and cache["blocks.1.attn.hook_pattern"].shape[1] == 8
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="one head count for every layer"):
         lens_alti.attribute(cache, heads=True)
+
+
+@pytest.fixture(scope="module")
+def t5gemma_run():
+    from tests.reference_seq2seq import reference_seq2seq
+
+    reference_model, bridge = build_tiny("T5GemmaForConditionalGeneration")
+    g = torch.Generator().manual_seed(4)
+    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt)
+    return cache, reference_seq2seq(reference_model, src, tgt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_t5gemma_norms_before_and_after_attention_match_reference(t5gemma_run, dtype):
+    """T5Gemma: pre- and post-attention RMSNorms (gain 1 + w) in encoder, decoder self- and cross-attention."""
+    cache, ref = t5gemma_run
+    res = lens_alti.attribute(cache, dtype=dtype, heads=True)
+    for kind, errs in res.reconstruction_error.items():
+        assert float(errs.max()) < 1e-5, kind
+    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
+    close(res.encoder.layers, ref["encoder_l1"])
+    close(res.encoder.rollout, ref["encoder_rollout"])
+    close(res.decoder_self, ref["decoder_self"])
+    close(res.cross, ref["cross"])
+    close(res.cross_heads, ref["cross_heads"])
+    close(res.total, ref["total"])
