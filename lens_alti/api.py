@@ -23,7 +23,7 @@ from lens_alti.alti.decompose import (
 )
 from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, check_declared_padding, isolate_padding, leaked_attention
 from lens_alti.alti.memory import BlockShape, attribute_memory_check
-from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout
+from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout, split_merged
 from lens_alti.errors import (
     InvalidArgumentError,
     MaskMismatchError,
@@ -511,6 +511,16 @@ def attribute(
             bar.close()
         return _self_result(out, valid, layout, measure, _str_tokens(model, tokens, batch, pos), pos_idx)
 
+    if "merged" in layout.blocks:  # T5Gemma2: one decoder block over [target ; source] (reading/merged.py)
+        if streaming:
+            raise UnsupportedModelError(
+                f"{layout.architecture}: attribute(model, tokens) does not stream merged self+cross attention; run "
+                "`_, cache = model.run_with_cache(src, decoder_input=tgt)` and pass the cache"
+            )
+        return _merged_seq2seq(
+            cache, model, layout, tokens, decoder_tokens, attention_mask, decoder_attention_mask, positions,
+            opts, run, progress, output_device, allow_shifted_source,
+        )
     enc, dec, crs = layout.blocks["encoder"], layout.blocks["decoder_self"], layout.blocks["cross"]
     if streaming:
         if decoder_tokens is None:
@@ -570,6 +580,66 @@ def attribute(
         decoder_self_heads_residual=self_out.heads_residual,
         cross_heads=cross_out.heads,
         cross_heads_residual=cross_out.heads_residual,
+        source_str_tokens=encoder.str_tokens,
+        target_str_tokens=_str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"),
+        positions=None if pos_idx is None else pos_idx.to(total.device),
+    )
+
+
+def _merged_seq2seq(
+    cache: Any, model: Any, layout: ModelLayout, tokens: Any, decoder_tokens: Any, attention_mask: Any,
+    decoder_attention_mask: Any, positions: Any, opts: dict[str, Any], run: dict[str, Any], progress: Any,
+    output_device: Any, allow_shifted_source: bool,
+) -> Seq2SeqAltiResult:
+    """ALTI+ of an encoder-decoder whose decoder blocks attend to [target prefix ; source] in one softmax.
+
+    Each merged block's contributions `[T, T+S]` are split by `alti.rollout.split_merged` into a
+    self block and a cross block (residual column = the target's whole share) whose ALTI+ rollout
+    is exactly the merged block's; `reconstruction_error["decoder_self"]` and `["cross"]` are both
+    the merged blocks' errors.
+    """
+    measure, heads = opts["measure"], opts["heads"]
+    if heads:
+        raise UnsupportedModelError(
+            f"{layout.architecture}: per-head contributions of merged self+cross attention blocks are not split "
+            "into decoder-self and cross heads; call attribute(..., heads=False)"
+        )
+    if not allow_shifted_source:
+        _check_decoder_input(cache, decoder_tokens)
+    enc, mrg = layout.blocks["encoder"], layout.blocks["merged"]
+    batch, _, _, src_len = enc[0].pattern_shape(cache)
+    tgt_len = cache[mrg[0].hooks[0]].shape[-1]
+    device = cache[enc[0].hooks[0]].device
+    src_valid = _prepare_mask(attention_mask, batch, src_len, device, "attention_mask")
+    tgt_valid = _prepare_mask(decoder_attention_mask, batch, tgt_len, device, "decoder_attention_mask")
+    keys_valid = torch.cat([tgt_valid, src_valid], dim=1)
+    pos_idx = resolve_positions(positions, tgt_valid)
+    enc_col = _collector(len(enc), src_valid, src_valid, opts, positions=None, self_stack=True, device=output_device)
+    mrg_col = _collector(len(mrg), tgt_valid, keys_valid, opts, positions=pos_idx, self_stack=False,
+                         device=output_device)
+    bar = _progress(progress, max(src_len, tgt_len), len(enc) + len(mrg))
+    try:
+        enc_out = _run_blocks(enc, cache, enc_col, src_valid, src_valid, checks=_StackChecks(measure, heads, False),
+                              progress=bar, **run)
+        mrg_out = _run_blocks(mrg, cache, mrg_col, tgt_valid, keys_valid, checks=_StackChecks(measure, heads),
+                              progress=bar, **run)
+    finally:
+        bar.close()
+    encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch, src_len), None)
+    decoder_self, cross = split_merged(mrg_out.layers, tgt_len)
+    total = encoder_decoder_rollout(encoder.rollout[:, -1], cross, decoder_self)
+    tgt_mask = tgt_valid.to(total.device)
+    return Seq2SeqAltiResult(
+        encoder=encoder,
+        decoder_self=decoder_self,
+        cross=cross,
+        total=total * tgt_mask[:, None, :, None].to(total.dtype),
+        source_mask=src_valid.long().to(total.device),
+        target_mask=tgt_mask.long(),
+        reconstruction_error={"encoder": enc_out.errors, "decoder_self": mrg_out.errors, "cross": mrg_out.errors},
+        measure=measure,
+        architecture=layout.architecture,
+        weight_processing=layout.weight_processing,
         source_str_tokens=encoder.str_tokens,
         target_str_tokens=_str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"),
         positions=None if pos_idx is None else pos_idx.to(total.device),

@@ -155,6 +155,8 @@ def tiny_config(config_cls: Any) -> Any:
 
     kwargs = {k: v for k, v in _SIZES.items() if k in accepted and has(k) and v is not None}
     kwargs.update(_CONFIG_EXTRA.get(config_cls.__name__, {}))
+    if config_cls.__name__ == "T5Gemma2Config":
+        return _t5gemma2_config(config_cls)
     for sub in ("text_config",):
         if getattr(default, sub, None) is not None:
             raise ValueError("multimodal config")
@@ -195,6 +197,23 @@ def tiny_config(config_cls: Any) -> Any:
                 raise
             del kwargs[named[0]]
     return config_cls(**kwargs)
+
+
+def _t5gemma2_config(config_cls: Any) -> Any:
+    """T5Gemma2 as a text model: tiny text encoder and decoder; its encoder always builds a SigLIP
+    vision tower, here a tiny one that text inputs never run."""
+    from transformers.models.t5gemma2 import configuration_t5gemma2 as c
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 16, "patch_size": 8}
+    encoder = c.T5Gemma2EncoderConfig(
+        text_config=tiny_config(c.T5Gemma2TextConfig).to_dict(), vision_config=vision, mm_tokens_per_image=4,
+        boi_token_index=1001, eoi_token_index=1002,
+    )
+    return config_cls(
+        encoder=encoder.to_dict(), decoder=tiny_config(c.T5Gemma2DecoderConfig).to_dict(), vocab_size=1000,
+        pad_token_id=3, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, image_token_index=1003,  # outside the text vocabulary
+    )
 
 
 def _with_architecture(cfg: Any, name: str) -> Any:

@@ -64,3 +64,18 @@ def encoder_decoder_rollout(
         acc_src, acc_tgt = acc[..., :s], acc[..., s:]
         out.append(acc)
     return torch.stack(out, dim=1)
+
+
+def split_merged(
+    merged: Float[Tensor, "b l t ts"], t: int
+) -> tuple[Float[Tensor, "b l t t"], Float[Tensor, "b l t s1"]]:
+    """(decoder_self, cross) of merged self+cross blocks (T5Gemma2), for `encoder_decoder_rollout`.
+
+    `merged[b, l]` `[T, T+S]`: one block's contributions of the T target-prefix tokens (the
+    residual on the diagonal) then the S source tokens, rows summing to 1. Written as a
+    cross block whose residual column is the target's whole share `c_tgt_i = Σ_j merged[i, j]`,
+    and a self block `merged[i, j] / c_tgt_i`, the ALTI+ step (self rows scaled by the
+    residual share) gives back exactly `[merged[:, T:], merged[:, :T]]`.
+    """
+    tgt, src = merged[..., :t], merged[..., t:]
+    return normalise_rows(tgt), torch.cat([src, tgt.sum(-1, keepdim=True)], dim=-1)

@@ -15,6 +15,7 @@ from lens_alti.reading.head_norm import head_norm_module
 from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
+from lens_alti.reading.merged import is_merged, merged_readers
 from lens_alti.reading.mixers import mixer_reader
 from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
@@ -229,6 +230,12 @@ def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     if hasattr(model, "encoder_blocks") and hasattr(model, "decoder_blocks"):
         if len(model.decoder_blocks) == 0 or len(model.encoder_blocks) == 0:
             raise UnsupportedModelError(f"{arch}: the model has no encoder or no decoder layers")
+        if is_merged(model):  # T5Gemma2: decoder self- and cross-attention in one softmax
+            blocks = {
+                "encoder": _encoder_readers(model, model.encoder_blocks, "encoder_blocks", arch),
+                "merged": merged_readers(model, arch),
+            }
+            return ModelLayout("encoder_decoder", arch, processing, blocks)
         dec_self, cross = _decoder_readers(model, arch)
         blocks = {
             "encoder": _encoder_readers(model, model.encoder_blocks, "encoder_blocks", arch),
