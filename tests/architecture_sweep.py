@@ -212,7 +212,8 @@ def _t5gemma2_config(config_cls: Any) -> Any:
     )
     return config_cls(
         encoder=encoder.to_dict(), decoder=tiny_config(c.T5Gemma2DecoderConfig).to_dict(), vocab_size=1000,
-        pad_token_id=3, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, image_token_index=1003,  # outside the text vocabulary
+        pad_token_id=3, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        image_token_index=1003,  # image tokens outside the text vocabulary
     )
 
 

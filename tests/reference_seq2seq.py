@@ -184,6 +184,8 @@ class _Block:
     gemma: bool = False  # an RMSNorm with gain 1 + w (T5Gemma)
     post_norm: nn.Module | None = None  # a norm on the attention output only (T5Gemma, spec 1d)
     n_kv: int = 0  # key/value heads (0: as many as query heads)
+    # T5Gemma2's decoder: one softmax over [target prefix ; source] keys, the residual on the diagonal
+    merged: bool = False
     # Tolerance of the checks against the real block output: LED's encoder takes its softmax in
     # float32 even in a float64 model, so its real output is only float32-exact.
     rtol: float = _RTOL
@@ -334,7 +336,8 @@ def _register_t5gemma(
             name = f"{side}{idx}"
             rec.add(f"{name}.attn", sa, clamp=True)
             rec.add(f"{name}.norm", layer.pre_self_attn_layernorm)
-            rec.add(f"{name}.next", layer.pre_cross_attn_layernorm if side == "dec" else layer.pre_feedforward_layernorm)
+            nxt = layer.pre_cross_attn_layernorm if side == "dec" else layer.pre_feedforward_layernorm
+            rec.add(f"{name}.next", nxt)
             out.append(
                 _Block("pre", layer.pre_self_attn_layernorm, sa.v_proj, sa.o_proj, h, dh, f"{name}.norm",
                        f"{name}.attn", f"{name}.norm", ("inp", f"{name}.next"), gemma=True,
@@ -368,6 +371,11 @@ def _prepare(hf_model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 # One attention block: transformed vectors, reconstruction checks, measures
 # --------------------------------------------------------------------------------------------
+
+
+def _norm_rtol(block: _Block) -> float:
+    """T5 / T5Gemma norms compute in float32 even in a float64 model."""
+    return _T5_RMS_RTOL if block.rms or block.gemma else _RTOL
 
 
 def _pre_norm(block: _Block, x: torch.Tensor) -> torch.Tensor:
@@ -404,13 +412,15 @@ def _block_measures(
     elif block.kind == "pre":
         vin = attn_in  # norm(x_j): what the attention module really saw
         mine = _pre_norm(block, x)
-        _check_close(f"{what} pre-norm of the residual", layer, mine, vin, _T5_RMS_RTOL if block.rms or block.gemma else _RTOL)
+        _check_close(f"{what} pre-norm of the residual", layer, mine, vin, _norm_rtol(block))
         _check_close(f"{what} norm module output", layer, rec.out[block.norm_key], vin)
+        if block.merged:  # the sources: the decoder prefix, then the encoder output e_s
+            vin = torch.cat([attn_in, rec.kv[block.attn_key]], dim=1)
     else:
         vin = x
     if cross and block.kind == "pre":
         normed = _pre_norm(block, x)
-        _check_close(f"{what} pre-norm of the residual", layer, normed, attn_in, _T5_RMS_RTOL if block.rms or block.gemma else _RTOL)
+        _check_close(f"{what} pre-norm of the residual", layer, normed, attn_in, _norm_rtol(block))
     if block.kind == "post":
         _check_close(f"{what} block input", layer, attn_in, x)
     m = vin.shape[1]
@@ -473,7 +483,7 @@ def _block_measures(
     if cross:
         t = torch.cat([tok, res[:, :, None, :]], dim=2)  # [b, n, m+1, d]
     else:
-        eye = torch.eye(n, dtype=x.dtype)
+        eye = torch.eye(n, m, dtype=x.dtype)  # m = n, or n + S for a merged block (residual on key j = i)
         t = tok + eye[None, :, :, None] * res[:, :, None, :]  # δ_ij x_j
     y = t.sum(2) + bias
     _check_close(
@@ -495,7 +505,7 @@ def _block_measures(
         out[key] = _normalise_rows(c)
     mean_a = a.mean(1)
     out["attention"] = _normalise_rows(mean_a)
-    if not cross:
+    if not cross and not block.merged:
         step = torch.where(vq, 0.5 * mean_a + 0.5 * torch.eye(n, dtype=x.dtype), torch.zeros_like(mean_a))
         out["attn_rollout_step"] = _normalise_rows(step)
 
@@ -739,3 +749,85 @@ def reference_seq2seq(
     result["total_blockproduct"] = block_product
     result["source_contribution"] = total[:, -1, :, :s_len].sum(-1)
     return result
+
+
+def _register_t5gemma2(
+    model: nn.Module, rec: _Recorder, probs: dict[str, torch.Tensor]
+) -> tuple[list[_Block], list[_Block], nn.Module]:
+    """T5Gemma2: a T5Gemma-like text encoder; decoder layers with one merged attention module."""
+    base = model.model
+    enc, dec = [], []
+    stacks = (("enc", base.encoder.text_model.layers, enc), ("dec", base.decoder.layers, dec))
+    for side, layers, out in stacks:
+        for idx, layer in enumerate(layers):
+            sa = layer.self_attn
+            name = f"{side}{idx}"
+            rec.add(f"{name}.attn", sa)
+            rec.add(f"{name}.norm", layer.pre_self_attn_layernorm)
+            rec.add(f"{name}.next", layer.pre_feedforward_layernorm)
+
+            def keep(_m: nn.Module, _a: tuple, output: Any, name: str = name) -> None:
+                # eager: (out, weights) in the encoder, (out, self weights, cross weights) in the decoder
+                probs[name] = torch.cat([w for w in output[1:] if isinstance(w, torch.Tensor)], dim=-1).detach()
+
+            rec._handles.append(sa.register_forward_hook(keep))
+            out.append(
+                _Block("pre", layer.pre_self_attn_layernorm, sa.v_proj, sa.o_proj, sa.config.num_attention_heads,
+                       sa.head_dim, f"{name}.norm", f"{name}.attn", f"{name}.norm", ("inp", f"{name}.next"),
+                       gemma=True, post_norm=layer.post_self_attn_layernorm, n_kv=sa.config.num_key_value_heads,
+                       rtol=_T5_RMS_RTOL, merged=side == "dec")
+            )
+    final = base.encoder.text_model.norm
+    rec.add("enc.final_norm", final)
+    return enc, dec, final
+
+
+@torch.no_grad()
+def reference_merged_seq2seq(
+    hf_model: nn.Module, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Dense float64 ALTI+ of T5Gemma2 (unpadded), whose decoder blocks are merged self+cross attention.
+
+    Each decoder block is one attention block over the keys ``[target prefix ; source]`` (values
+    ``v_proj`` of the pre-normed decoder stream and of the encoder output), the receiver's own
+    residual on key ``j = i``, and a norm on the attention output. Returns ``encoder_l1`` /
+    ``encoder_rollout`` ``[b, L, S, S]``, ``merged`` ``[b, L, T, T+S]`` (target keys first) and
+    ``total`` ``[b, L, T, S+T]``: spec §4 with the block's own matrix ``J = [C_src, C_tgt]``,
+    ``R^0 = [C_src R_enc, C_tgt]``, ``R^l = [C_src R_enc + C_tgt R^{l-1}_src, C_tgt R^{l-1}_tgt]``.
+    """
+    model = _prepare(hf_model)
+    rec = _Recorder()
+    probs: dict[str, torch.Tensor] = {}
+    enc_blocks, dec_blocks, final_norm = _register_t5gemma2(model, rec, probs)
+    input_ids, decoder_input_ids = input_ids.long(), decoder_input_ids.long()
+    try:
+        out = model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, use_cache=False,
+                    output_attentions=True)
+    finally:
+        rec.remove()
+    e = out.encoder_last_hidden_state.to(torch.float64)
+    _check_close("encoder final norm", len(enc_blocks), _gemma_rms(rec.inp["enc.final_norm"], final_norm), e,
+                 _T5_RMS_RTOL)
+    valid_s = torch.ones(input_ids.shape, dtype=torch.bool)
+    valid_t = torch.ones(decoder_input_ids.shape, dtype=torch.bool)
+    enc_attn = tuple(probs[f"enc{i}"] for i in range(len(enc_blocks)))
+    enc = _run_blocks(enc_blocks, rec, enc_attn, valid_s, valid_s, False, False, "encoder")
+    merged = []
+    for idx, block in enumerate(dec_blocks):
+        _check_close("merged attention's encoder states", idx, rec.kv[block.attn_key], e)
+        a = probs[f"dec{idx}"].to(torch.float64)
+        res = _block_measures(block, rec, a, valid_t, torch.cat([valid_t, valid_s], 1), False, False, "merged", idx)
+        merged.append(res["l1"])
+    c = torch.stack(merged, dim=1)  # [b, L, T, T+S]
+    t_len = decoder_input_ids.shape[1]
+    r_enc = enc["rollout"][:, -1]
+    acc: list[torch.Tensor] = []
+    for layer in range(c.shape[1]):
+        c_tgt, c_src = c[:, layer, :, :t_len], c[:, layer, :, t_len:]
+        if layer == 0:
+            cur = torch.cat([c_src @ r_enc, c_tgt], dim=2)
+        else:
+            prev_src, prev_tgt = acc[-1][..., : r_enc.shape[-1]], acc[-1][..., r_enc.shape[-1] :]
+            cur = _normalise_rows(torch.cat([c_src @ r_enc + c_tgt @ prev_src, c_tgt @ prev_tgt], dim=2))
+        acc.append(cur)
+    return {"encoder_l1": enc["l1"], "encoder_rollout": enc["rollout"], "merged": c, "total": torch.stack(acc, 1)}

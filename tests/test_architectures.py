@@ -213,14 +213,19 @@ def test_distribution_error_is_a_lens_alti_error():
     assert issubclass(PatternNotDistributionError, LensAltiError)
 
 
-# --- bug 3: banded Longformer / LED patterns are refused by name, before any arithmetic ---
+# --- bug 3: banded Longformer / LED patterns: LED's encoder is expanded (tests/test_banded.py); a band
+# reaching any other reader is refused by name, before any arithmetic ---
 
 
-def test_led_banded_attention_is_refused_by_layout():
+def test_led_band_reaching_a_dense_reader_is_refused_by_layout():
+    from lens_alti.reading.geometry import checked_values
+
     _, bridge = _tiny("LEDForConditionalGeneration")
     _, cache = bridge.run_with_cache(_tokens(2, 6, 1), decoder_input=_tokens(2, 4, 2))
+    band, attn = cache["encoder_blocks.0.attn.hook_pattern"], bridge.encoder_blocks[0].attn
     with pytest.raises(UnsupportedModelError, match=r"banded local-attention layout \[batch, query, head, 2w\+1\]"):
-        lens_alti.attribute(cache)
+        checked_values(band, cache["encoder_blocks.0.attn.hook_v"], attn.W_O.detach(), "encoder_blocks.0.attn")
+    assert lens_alti.attribute(cache).encoder.layers.shape == (2, 2, 6, 6)  # attribute expands the band
 
 
 # --- bug 2 (continued): Gemma-4 reads the normalised values (its v_norm comes after hook_v) ---

@@ -97,3 +97,41 @@ def test_t5gemma_norms_before_and_after_attention_match_reference(t5gemma_run, d
     close(res.cross, ref["cross"])
     close(res.cross_heads, ref["cross_heads"])
     close(res.total, ref["total"])
+
+
+@pytest.fixture(scope="module")
+def t5gemma2_run():
+    from tests.reference_seq2seq import reference_merged_seq2seq
+
+    reference_model, bridge = build_tiny("T5Gemma2ForConditionalGeneration")
+    g = torch.Generator().manual_seed(5)
+    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt)
+    return cache, reference_merged_seq2seq(reference_model, src, tgt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_t5gemma2_merged_self_and_cross_attention_matches_reference(t5gemma2_run, dtype):
+    """T5Gemma2's decoder: one block over [target prefix ; source], split exactly into decoder_self and cross."""
+    cache, ref = t5gemma2_run
+    res = lens_alti.attribute(cache, dtype=dtype)
+    for kind, errs in res.reconstruction_error.items():
+        assert float(errs.max()) < 1e-5, kind
+    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
+    close(res.encoder.layers, ref["encoder_l1"])
+    close(res.encoder.rollout, ref["encoder_rollout"])
+    t = ref["merged"].shape[2]
+    # The merged block's own matrix: cross's source columns; the self rows scaled by cross's residual column.
+    close(res.cross[..., :-1], ref["merged"][..., t:])
+    close(res.decoder_self * res.cross[..., -1:], ref["merged"][..., :t])
+    close(res.total, ref["total"])
+    assert float(res.source_contribution.mean()) > 0.05  # the source matters: not a residual-only picture
+
+
+def test_t5gemma2_refuses_heads_and_streaming(t5gemma2_run):
+    cache, _ = t5gemma2_run
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="heads=False"):
+        lens_alti.attribute(cache, heads=True)
+    src, tgt = torch.randint(4, 1000, (1, 4)), torch.randint(4, 1000, (1, 3))
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="run_with_cache"):
+        lens_alti.attribute(cache.model, tokens=src, decoder_tokens=tgt)

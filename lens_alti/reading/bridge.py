@@ -131,6 +131,10 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     return ModelLayout("decoder", arch, weight_processing(model), {"self": readers})
 
 
+# Where a banded (LED) encoder reads the source length: the decoder's cross-attention keys.
+_CROSS_PATTERN = "decoder_blocks.0.cross_attn.hook_pattern"
+
+
 def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[BlockReader]:
     """Self-attention of encoder layers (BERT `blocks`, seq2seq `encoder_blocks`)."""
     readers = []
@@ -147,21 +151,20 @@ def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[Blo
             hooks += (f"{p}.ln1_post.hook_in",)
         # LED: banded local attention on a window-padded encoder, cropped to the source (see `banded`).
         w = band_width(original(blocks[layer].attn))
-        cross_pattern = "decoder_blocks.0.cross_attn.hook_pattern"
         if w is not None:
             if stack != "encoder_blocks":
                 raise UnsupportedModelError(
                     f"{arch}: {names['attn']} is banded (Longformer) attention outside an encoder-decoder; only "
                     "LED's encoder, whose source length the decoder's cross-attention gives, is supported"
                 )
-            hooks += (cross_pattern,)
+            hooks += (_CROSS_PATTERN,)
 
         def build(
             cache: Any, layer: int = layer, p: str = p, names: dict[str, str] = names, w: int | None = w
         ) -> AttentionBlock:
             block = blocks[layer]
             if w is not None:
-                n = source_length(cache, cross_pattern, names["attn"])
+                n = source_length(cache, _CROSS_PATTERN, names["attn"])
                 cache = BandedEncoderCache(cache, p, names["attn"], w, n)
             out_norm = (block.ln1_post, f"{p}.ln1_post") if hasattr(block, "ln1_post") else None
             return sublayer_block(
@@ -173,7 +176,7 @@ def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[Blo
         if w is not None:
             def shape(cache: Any, p: str = p) -> tuple[int, ...]:
                 b, _, h, _ = cache[f"{p}.attn.hook_pattern"].shape  # the band [batch, query, head, 2w+1]
-                n = source_length(cache, cross_pattern, f"{p}.attn")
+                n = source_length(cache, _CROSS_PATTERN, f"{p}.attn")
                 return (b, h, n, n)
         readers.append(BlockReader(names["attn"], hooks, build, shape))
     return readers

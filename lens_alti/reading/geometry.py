@@ -44,7 +44,8 @@ def check_pattern(pattern: Tensor, name: str, n_heads: int) -> None:
         raise UnsupportedModelError(
             f"{name}.hook_pattern has shape {_shape(pattern)}: the banded local-attention layout "
             "[batch, query, head, 2w+1] of Longformer / LED (each query's window of keys, not all keys). "
-            "lens_alti reads patterns [batch, head, query, key] and does not expand attention bands"
+            "lens_alti reads patterns [batch, head, query, key] and expands bands only in LED's encoder "
+            "(reading/banded.py)"
         )
     if pattern.shape[1] != n_heads:
         raise UnsupportedModelError(
