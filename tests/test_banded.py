@@ -111,3 +111,11 @@ def test_led_encoder_is_padded_to_the_window_and_read_at_the_source_length(led):
     assert res.encoder.layers.shape == (1, 2, 7, 7)
     assert float(res.encoder.layers[0, 0].triu(3).abs().max()) < 1e-6  # nothing beyond the window in layer 0
     assert float(res.encoder.layers[0, 0].triu(1).abs().max()) > 1e-3
+
+
+def test_led_streaming_equals_the_cache(led):
+    _, bridge = led
+    src, tgt = torch.randint(4, 1000, (1, 7)), torch.randint(4, 1000, (1, 5))
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt)
+    streamed = lens_alti.attribute(bridge, tokens=src, decoder_tokens=tgt)
+    torch.testing.assert_close(streamed.total, lens_alti.attribute(cache).total, atol=1e-6, rtol=0)

@@ -135,3 +135,9 @@ def test_t5gemma2_refuses_heads_and_streaming(t5gemma2_run):
     src, tgt = torch.randint(4, 1000, (1, 4)), torch.randint(4, 1000, (1, 3))
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="run_with_cache"):
         lens_alti.attribute(cache.model, tokens=src, decoder_tokens=tgt)
+
+
+def test_t5gemma2_refuses_logit_attribution(t5gemma2_run):
+    cache, _ = t5gemma2_run
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="merges self- and cross-attention"):
+        lens_alti.logit_attribution(cache, target=7)

@@ -85,7 +85,17 @@ def forward_inputs(
         kwargs["attention_mask"] = attention_mask
     if decoder_attention_mask is not None:
         kwargs["decoder_attention_mask"] = decoder_attention_mask
+    if _banded_encoder(model):  # LED returns (and the bridge hooks) its patterns only when asked, as run_with_cache does
+        kwargs["output_attentions"] = True
     return kwargs
+
+
+def _banded_encoder(model: Any) -> bool:
+    from lens_alti.reading.banded import band_width
+    from lens_alti.reading.layer_kinds import original
+
+    blocks = getattr(model, "encoder_blocks", None)
+    return bool(blocks) and band_width(original(getattr(blocks[0], "attn", None))) is not None
 
 
 class _AllBlocksRead(Exception):

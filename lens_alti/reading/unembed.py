@@ -310,4 +310,10 @@ def logit_layout(model: Any, layout: ModelLayout) -> LogitLayout:
         raise UnsupportedModelError(f"{layout.architecture}: the model has no unembedding (W_U) to read logits from")
     if layout.family == "decoder":
         return _decoder_only(model, layout)
+    if "merged" in layout.blocks:
+        raise UnsupportedModelError(
+            f"{layout.architecture}: its decoder merges self- and cross-attention in one block (reading/merged.py); "
+            "logit attribution reads separate decoder self- and cross-attention blocks, so it is not available for "
+            "this model (attribute() is)"
+        )
     return _encoder_decoder(model, layout)
