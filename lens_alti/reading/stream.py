@@ -85,7 +85,7 @@ def forward_inputs(
         kwargs["attention_mask"] = attention_mask
     if decoder_attention_mask is not None:
         kwargs["decoder_attention_mask"] = decoder_attention_mask
-    if _banded_encoder(model):  # LED returns (and the bridge hooks) its patterns only when asked, as run_with_cache does
+    if _banded_encoder(model):  # LED returns (and the bridge hooks) its patterns only when asked (as run_with_cache)
         kwargs["output_attentions"] = True
     return kwargs
 
