@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lens_alti.alti.backend import resolve as resolve_backend
 from lens_alti.alti.collect import LayerCollector, StackResults
-from lens_alti.alti.contributions import BACKENDS, DEFAULT_CHUNK_BYTES, MEASURES
+from lens_alti.alti.contributions import BACKENDS, DEFAULT_CHUNK_BYTES, MEASURES, normalise_rows
 from lens_alti.alti.decompose import (
     HALF_TOLERANCE,
     RECONSTRUCTION_TOLERANCE,
@@ -80,6 +80,9 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
     """
     if bool(valid_q.all()) and bool(valid_k.all()):
         return block
+    if block.padding_unmasked:  # recomputed without the padding mask (reading/relative_bias.py)
+        keys = valid_k[:, None, None, :].to(block.pattern.dtype)
+        block = replace(block, pattern=normalise_rows(block.pattern * keys))
     # |pattern|: a recurrent mixer's operator (pattern_is_distribution=False) can be negative.
     leak = leaked_attention(block.pattern.abs(), valid_q, valid_k)
     if leak > MASK_LEAK_TOLERANCE and block.recurrent:

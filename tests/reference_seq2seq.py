@@ -15,6 +15,7 @@ Supported (``config.model_type``):
   (spec 1a/1d); the encoder's ``final_layer_norm`` output is what cross-attention reads.
 - ``marian``, ``bart``: post-LN encoder and decoder (spec 1b, and 1c with ``L_i`` on every term).
 - ``m2m_100``, ``mbart``: pre-LN encoder and decoder with final encoder/decoder layer norms.
+- ``switch_transformers``: T5's attention layout (its sparse MLPs are not read).
 - ``t5gemma``: pre-RMSNorm blocks (gain ``1 + w``) whose attention output is normalised again
   before joining the residual, ``y = x + (1 + w') ⊙ a_i / rms(a_i)`` (spec 1d), grouped-query
   heads, and a final encoder norm that cross-attention reads.
@@ -681,7 +682,7 @@ def reference_seq2seq(
     kind = hf_model.config.model_type
     model = _prepare(hf_model)
     rec = _Recorder()
-    if kind == "t5":
+    if kind in ("t5", "switch_transformers"):  # Switch: T5's attention layout, sparse MLPs
         enc_blocks, dec_blocks, cross_blocks, final_norm = _register_t5(model, rec)
     elif kind == "t5gemma":
         enc_blocks, dec_blocks, cross_blocks, final_norm = _register_t5gemma(model, rec)
@@ -716,13 +717,13 @@ def reference_seq2seq(
         if kind == "t5gemma":
             mine = _gemma_rms(last, final_norm)
         else:
-            mine = _t5_rms(last, final_norm) if kind == "t5" else _layer_norm(last, final_norm)
+            mine = _t5_rms(last, final_norm) if kind in ("t5", "switch_transformers") else _layer_norm(last, final_norm)
         _check_close(
             "encoder final norm",
             len(enc_blocks),
             _rows(mine, valid_s),
             _rows(e, valid_s),
-            _T5_RMS_RTOL if kind in ("t5", "t5gemma") else _RTOL,
+            _T5_RMS_RTOL if kind in ("t5", "t5gemma", "switch_transformers") else _RTOL,
         )
 
     enc_attentions = out.encoder_attentions

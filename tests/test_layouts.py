@@ -141,3 +141,49 @@ def test_t5gemma2_refuses_logit_attribution(t5gemma2_run):
     cache, _ = t5gemma2_run
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="merges self- and cross-attention"):
         lens_alti.logit_attribution(cache, target=7)
+
+
+@pytest.fixture(scope="module")
+def switch_model():
+    return build_tiny("SwitchTransformersForConditionalGeneration")
+
+
+def test_switch_transformers_bridge_pattern_is_the_position_bias(switch_model):
+    """Why the pattern is recomputed: TransformerLens 4.3 caches Switch's position bias as hook_pattern."""
+    _, bridge = switch_model
+    src, tgt = torch.randint(4, 1000, (2, 7)), torch.randint(4, 1000, (2, 5))
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt)
+    assert cache["encoder_blocks.0.attn.hook_pattern"].shape[0] == 1  # [1, head, q, k]: not per batch item
+    assert float(cache["encoder_blocks.0.attn.hook_pattern"].amin()) < 0
+
+
+def test_switch_transformers_recomputed_pattern_matches_reference_with_padding(switch_model):
+    """Switch: the pattern recomputed from hook_q/hook_k and the relative bias, padding renormalised."""
+    from tests.reference_seq2seq import reference_seq2seq
+
+    reference_model, bridge = switch_model
+    g = torch.Generator().manual_seed(6)
+    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
+    smask, tmask = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    smask[1, 5:] = 0
+    tmask[1, 4:] = 0
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt, attention_mask=smask, decoder_attention_mask=tmask)
+    ref = reference_seq2seq(reference_model, src, tgt, smask, tmask)
+    res = lens_alti.attribute(cache, attention_mask=smask, decoder_attention_mask=tmask, dtype=torch.float64)
+    for kind, errs in res.reconstruction_error.items():
+        assert float(errs.max()) < 1e-5, kind
+    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
+    close(res.encoder.layers, ref["encoder_l1"])
+    close(res.decoder_self, ref["decoder_self"])
+    close(res.cross, ref["cross"])
+    close(res.total, ref["total"])
+
+
+def test_switch_transformers_wrong_mask_is_caught(switch_model):
+    _, bridge = switch_model
+    src, tgt = torch.randint(4, 1000, (2, 7)), torch.randint(4, 1000, (2, 5))
+    smask = torch.ones(2, 7, dtype=torch.long)
+    smask[1, 5:] = 0
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt, attention_mask=smask)
+    with pytest.raises(lens_alti.errors.ReconstructionError):
+        lens_alti.attribute(cache)  # the cache was run with a mask that attribute was not given

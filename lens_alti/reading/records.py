@@ -51,6 +51,7 @@ class AttentionBlock:
     `recurrent`: True for linear-recurrent mixers, whose "heads" are channels (no per-head
     results, no attention weights); gated or sink attention is not a distribution but is
     still attention.
+    `padding_unmasked`: see `reading/relative_bias.py`.
     """
 
     name: str
@@ -66,3 +67,6 @@ class AttentionBlock:
     architecture: str = "unknown"
     pattern_is_distribution: bool = True
     recurrent: bool = False
+    # The pattern was recomputed without the (uncached) padding mask: rows are renormalised over the
+    # valid keys of the mask given to attribute, which is what an additive -inf mask does (Switch).
+    padding_unmasked: bool = False
