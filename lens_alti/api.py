@@ -533,7 +533,7 @@ def attribute(
         if not allow_shifted_source:
             _check_decoder_input(cache, decoder_tokens)
         batch, _, _, src_len = enc[0].pattern_shape(cache)
-        tgt_len = cache[dec[0].hooks[0]].shape[-1]
+        tgt_len = dec[0].pattern_shape(cache)[-1]
         device = cache[enc[0].hooks[0]].device
     src_valid = _prepare_mask(attention_mask, batch, src_len, device, "attention_mask")
     tgt_valid = _prepare_mask(decoder_attention_mask, batch, tgt_len, device, "decoder_attention_mask")
@@ -611,7 +611,7 @@ def _merged_seq2seq(
         _check_decoder_input(cache, decoder_tokens)
     enc, mrg = layout.blocks["encoder"], layout.blocks["merged"]
     batch, _, _, src_len = enc[0].pattern_shape(cache)
-    tgt_len = cache[mrg[0].hooks[0]].shape[-1]
+    tgt_len = mrg[0].pattern_shape(cache)[2]
     device = cache[enc[0].hooks[0]].device
     src_valid = _prepare_mask(attention_mask, batch, src_len, device, "attention_mask")
     tgt_valid = _prepare_mask(decoder_attention_mask, batch, tgt_len, device, "decoder_attention_mask")

@@ -20,7 +20,7 @@ from lens_alti.reading.mixers import mixer_reader
 from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import AttentionBlock
-from lens_alti.reading.relative_bias import RecomputedPatternCache, caches_bias_as_pattern
+from lens_alti.reading.relative_bias import RecomputedPatternCache, caches_bias_as_pattern, local_block_len
 from lens_alti.reading.relative_bias import pattern_shape as relative_pattern_shape
 from lens_alti.reading.value_norm import value_norm
 
@@ -227,19 +227,25 @@ def _decoder_readers(model: Any, arch: str) -> tuple[list[BlockReader], list[Blo
     return self_readers, cross_readers
 
 
-def _recomputed(reader: BlockReader, bridge_attn: Any, bias_module: Any | None, causal: bool) -> BlockReader:
-    """`reader` with its pattern recomputed from the cached queries and keys (see `relative_bias`)."""
+def _recomputed(
+    reader: BlockReader, bridge_attn: Any, bias_module: Any | None, causal: bool, local_len: int | None = None
+) -> BlockReader:
+    """`reader` with its pattern recomputed from the cached queries and keys (see `relative_bias`).
+
+    The pattern hook is not read (it holds the position bias, or never fires), so hook_q leads.
+    """
     name = reader.name
     hf_attn = original(bridge_attn)
 
     def build(cache: Any) -> AttentionBlock:
-        view = RecomputedPatternCache(cache, name, hf_attn, bias_module, causal)
+        view = RecomputedPatternCache(cache, name, hf_attn, bias_module, causal, local_len)
         return replace(reader.build(view), padding_unmasked=True)
 
     def shape(cache: Any) -> tuple[int, ...]:
         return relative_pattern_shape(cache, name)
 
-    return BlockReader(name, (*reader.hooks, f"{name}.hook_q", f"{name}.hook_k"), build, shape)
+    others = tuple(h for h in reader.hooks if h != f"{name}.hook_pattern")
+    return BlockReader(name, (f"{name}.hook_q", f"{name}.hook_k", *others), build, shape)
 
 
 def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:
@@ -262,15 +268,18 @@ def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:
             "decoder_self": dec_self,
             "cross": cross,
         }
-        if caches_bias_as_pattern(model.encoder_blocks[0].attn):  # Switch Transformers (see `relative_bias`)
-            enc_bias, dec_bias = original(model.encoder_blocks[0].attn), original(model.decoder_blocks[0].self_attn)
-            blocks = {
-                "encoder": [_recomputed(r, model.encoder_blocks[i].attn, enc_bias, False)
-                            for i, r in enumerate(blocks["encoder"])],
-                "decoder_self": [_recomputed(r, model.decoder_blocks[i].self_attn, dec_bias, True)
-                                 for i, r in enumerate(dec_self)],
-                "cross": [_recomputed(r, model.decoder_blocks[i].cross_attn, None, False) for i, r in enumerate(cross)],
-            }
+        # Switch Transformers / LongT5: patterns recomputed from hook_q / hook_k (see `relative_bias`).
+        enc0, dec0 = original(model.encoder_blocks[0].attn), original(model.decoder_blocks[0].self_attn)
+        local = local_block_len(enc0, "encoder_blocks.0.attn")
+        if local is not None or caches_bias_as_pattern(model.encoder_blocks[0].attn):
+            blocks["encoder"] = [_recomputed(r, model.encoder_blocks[i].attn, enc0, False, local)
+                                 for i, r in enumerate(blocks["encoder"])]
+        if caches_bias_as_pattern(model.decoder_blocks[0].self_attn):
+            blocks["decoder_self"] = [_recomputed(r, model.decoder_blocks[i].self_attn, dec0, True)
+                                      for i, r in enumerate(dec_self)]
+        if caches_bias_as_pattern(model.decoder_blocks[0].cross_attn):
+            blocks["cross"] = [_recomputed(r, model.decoder_blocks[i].cross_attn, None, False)
+                               for i, r in enumerate(cross)]
         return ModelLayout("encoder_decoder", arch, processing, blocks)
     if not hasattr(model, "blocks"):
         raise UnsupportedModelError(f"{arch}: no attention blocks found (neither `blocks` nor `encoder_blocks`)")
