@@ -16,6 +16,8 @@ Supported (``config.model_type``):
 - ``marian``, ``bart``: post-LN encoder and decoder (spec 1b, and 1c with ``L_i`` on every term).
 - ``m2m_100``, ``mbart``: pre-LN encoder and decoder with final encoder/decoder layer norms.
 - ``switch_transformers``: T5's attention layout (its sparse MLPs are not read).
+- ``longt5`` (``encoder_attention_type="local"``): T5's layout; the encoder's local attention is
+  recomputed densely from the weights with the band ``|i − j| <= local_radius``.
 - ``t5gemma``: pre-RMSNorm blocks (gain ``1 + w``) whose attention output is normalised again
   before joining the residual, ``y = x + (1 + w') ⊙ a_i / rms(a_i)`` (spec 1d), grouped-query
   heads, and a final encoder norm that cross-attention reads.
@@ -48,7 +50,7 @@ _T5_RMS_RTOL = 1e-5
 # Finite replacement for the additive "-inf"/finfo.min of attention masks; see _clamp_mask.
 _MASK_FLOOR = -1e30
 
-# LED's encoder softmax is float32 (see _Block.rtol).
+# LED's and LongT5's local encoder softmaxes are float32 (see _Block.rtol).
 _LED_RTOL = 1e-5
 
 _POST_LN = {"bert", "marian", "bart", "led"}
@@ -231,16 +233,17 @@ def _register_t5(model: nn.Module, rec: _Recorder) -> tuple[list[_Block], list[_
     for side, stack, out in (("enc", model.encoder, enc), ("dec", model.decoder, dec)):
         for idx, block in enumerate(stack.block):
             sa = block.layer[0]
+            attn = getattr(sa, "SelfAttention", None) or sa.LocalSelfAttention  # LongT5: local encoder attention
             name = f"{side}{idx}"
             rec.add(f"{name}.block", sa)
-            rec.add(f"{name}.attn", sa.SelfAttention, clamp=True)
+            rec.add(f"{name}.attn", attn, clamp=True)
             rec.add(f"{name}.norm", sa.layer_norm)
             out.append(
                 _Block(
                     "pre",
                     sa.layer_norm,
-                    sa.SelfAttention.v,
-                    sa.SelfAttention.o,
+                    attn.v,
+                    attn.o,
                     h,
                     dh,
                     f"{name}.block",
@@ -248,6 +251,7 @@ def _register_t5(model: nn.Module, rec: _Recorder) -> tuple[list[_Block], list[_
                     f"{name}.norm",
                     ("out", f"{name}.block"),
                     rms=True,
+                    rtol=_LED_RTOL if attn is not getattr(sa, "SelfAttention", None) else _RTOL,  # float32 softmax
                 )
             )
             if side == "dec":
@@ -621,6 +625,32 @@ def _led_encoder_attentions(
     return tuple(probs)
 
 
+def _longt5_local_attentions(model: nn.Module, rec: _Recorder, valid_s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Dense ``[b, H, S, S]`` LongT5 local attention from the weights: ``softmax(q_i·k_j + b(j − i))``
+    over the keys with ``|i − j| <= local_radius`` that are not padding (no 1/√d scaling; the
+    relative bias ``b`` from layer 0's embedding, bucketed as in T5)."""
+    cfg = model.config
+    first = model.encoder.block[0].layer[0].LocalSelfAttention
+    probs = []
+    for idx, block in enumerate(model.encoder.block):
+        att = block.layer[0].LocalSelfAttention
+        xn = rec.inp[f"enc{idx}.attn"]
+        bsz, n, _ = xn.shape
+        q = (xn @ att.q.weight.T).view(bsz, n, cfg.num_heads, cfg.d_kv).transpose(1, 2)
+        k = (xn @ att.k.weight.T).view(bsz, n, cfg.num_heads, cfg.d_kv).transpose(1, 2)
+        pos = torch.arange(n)
+        rel = pos[None, :] - pos[:, None]
+        bucket = first._relative_position_bucket(
+            rel, bidirectional=True, num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance,
+        )
+        bias = first.relative_attention_bias.weight[bucket].permute(2, 0, 1)  # [H, S, S]
+        allowed = (rel.abs() <= cfg.local_radius)[None, None] & valid_s[:, None, None, :]
+        scores = torch.where(allowed, q @ k.transpose(-1, -2) + bias, torch.tensor(float("-inf"), dtype=xn.dtype))
+        probs.append(torch.softmax(scores, dim=-1))
+    return tuple(probs)
+
+
 def _alti_plus(r_enc: torch.Tensor, cross: torch.Tensor, dec_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Spec §4 steps 1-5 and, independently, the block-matrix product.
 
@@ -682,7 +712,7 @@ def reference_seq2seq(
     kind = hf_model.config.model_type
     model = _prepare(hf_model)
     rec = _Recorder()
-    if kind in ("t5", "switch_transformers"):  # Switch: T5's attention layout, sparse MLPs
+    if kind in ("t5", "switch_transformers", "longt5"):  # Switch: sparse MLPs; LongT5: local encoder attention
         enc_blocks, dec_blocks, cross_blocks, final_norm = _register_t5(model, rec)
     elif kind == "t5gemma":
         enc_blocks, dec_blocks, cross_blocks, final_norm = _register_t5gemma(model, rec)
@@ -717,18 +747,21 @@ def reference_seq2seq(
         if kind == "t5gemma":
             mine = _gemma_rms(last, final_norm)
         else:
-            mine = _t5_rms(last, final_norm) if kind in ("t5", "switch_transformers") else _layer_norm(last, final_norm)
+            t5_like = kind in ("t5", "switch_transformers", "longt5")
+            mine = _t5_rms(last, final_norm) if t5_like else _layer_norm(last, final_norm)
         _check_close(
             "encoder final norm",
             len(enc_blocks),
             _rows(mine, valid_s),
             _rows(e, valid_s),
-            _T5_RMS_RTOL if kind in ("t5", "t5gemma", "switch_transformers") else _RTOL,
+            _T5_RMS_RTOL if kind in ("t5", "t5gemma", "switch_transformers", "longt5") else _RTOL,
         )
 
     enc_attentions = out.encoder_attentions
     if kind == "led":
         enc_attentions = _led_encoder_attentions(model, rec, input_ids.shape[1], valid_s)
+    if kind == "longt5":
+        enc_attentions = _longt5_local_attentions(model, rec, valid_s)
     enc = _run_blocks(enc_blocks, rec, enc_attentions, valid_s, valid_s, False, False, "encoder")
     dec = _run_blocks(dec_blocks, rec, out.decoder_attentions, valid_t, valid_t, False, True, "decoder self")
     crs = _run_blocks(cross_blocks, rec, out.cross_attentions, valid_t, valid_s, True, False, "cross")

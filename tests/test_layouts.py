@@ -187,3 +187,34 @@ def test_switch_transformers_wrong_mask_is_caught(switch_model):
     _, cache = bridge.run_with_cache(src, decoder_input=tgt, attention_mask=smask)
     with pytest.raises(lens_alti.errors.ReconstructionError):
         lens_alti.attribute(cache)  # the cache was run with a mask that attribute was not given
+
+
+def test_longt5_local_attention_matches_reference_with_padding():
+    """LongT5: a local radius of 2 (blocks of 3) on 7 tokens, so the band matters; padded batch."""
+    from tests.reference_seq2seq import reference_seq2seq
+
+    reference_model, bridge = build_tiny("LongT5ForConditionalGeneration", local_radius=2)
+    assert bridge.encoder_blocks[0].attn.original_component.block_len == 3
+    g = torch.Generator().manual_seed(7)
+    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
+    smask, tmask = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    smask[1, 5:] = 0
+    tmask[1, 4:] = 0
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt, attention_mask=smask, decoder_attention_mask=tmask)
+    ref = reference_seq2seq(reference_model, src, tgt, smask, tmask)
+    res = lens_alti.attribute(cache, attention_mask=smask, decoder_attention_mask=tmask, dtype=torch.float64)
+    for kind, errs in res.reconstruction_error.items():
+        assert float(errs.max()) < 1e-5, kind
+    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
+    close(res.encoder.layers, ref["encoder_l1"])
+    assert float(res.encoder.layers[0, 0].triu(3).abs().max()) < 1e-9  # nothing beyond the radius
+    close(res.decoder_self, ref["decoder_self"])
+    close(res.cross, ref["cross"])
+    close(res.total, ref["total"])
+
+
+def test_longt5_transient_global_is_refused():
+    _, bridge = build_tiny("LongT5ForConditionalGeneration", encoder_attention_type="transient-global")
+    _, cache = bridge.run_with_cache(torch.randint(4, 1000, (1, 6)), decoder_input=torch.randint(4, 1000, (1, 4)))
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="transient-global"):
+        lens_alti.attribute(cache)
