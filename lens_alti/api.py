@@ -23,7 +23,13 @@ from lens_alti.alti.decompose import (
 )
 from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, check_declared_padding, isolate_padding, leaked_attention
 from lens_alti.alti.memory import BlockShape, attribute_memory_check
-from lens_alti.alti.rollout import attention_rollout_layers, encoder_decoder_rollout, rollout, split_merged
+from lens_alti.alti.rollout import (
+    attention_rollout_layers,
+    encoder_decoder_rollout,
+    rollout,
+    split_merged,
+    split_merged_heads,
+)
 from lens_alti.errors import (
     InvalidArgumentError,
     MaskMismatchError,
@@ -598,15 +604,10 @@ def _merged_seq2seq(
 
     Each merged block's contributions `[T, T+S]` are split by `alti.rollout.split_merged` into a
     self block and a cross block (residual column = the target's whole share) whose ALTI+ rollout
-    is exactly the merged block's; `reconstruction_error["decoder_self"]` and `["cross"]` are both
-    the merged blocks' errors.
+    is exactly the merged block's (per head: `split_merged_heads`, the same split);
+    `reconstruction_error["decoder_self"]` and `["cross"]` are both the merged blocks' errors.
     """
     measure, heads = opts["measure"], opts["heads"]
-    if heads:
-        raise UnsupportedModelError(
-            f"{layout.architecture}: per-head contributions of merged self+cross attention blocks are not split "
-            "into decoder-self and cross heads; call attribute(..., heads=False)"
-        )
     if not allow_shifted_source:
         _check_decoder_input(cache, decoder_tokens)
     enc, mrg = layout.blocks["encoder"], layout.blocks["merged"]
@@ -630,6 +631,9 @@ def _merged_seq2seq(
         bar.close()
     encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch, src_len), None)
     decoder_self, cross = split_merged(mrg_out.layers, tgt_len)
+    head_parts: tuple[Tensor | None, ...] = (None, None, None, None)
+    if mrg_out.heads is not None and mrg_out.heads_residual is not None:
+        head_parts = split_merged_heads(mrg_out.heads, mrg_out.heads_residual, tgt_len)
     total = encoder_decoder_rollout(encoder.rollout[:, -1], cross, decoder_self)
     tgt_mask = tgt_valid.to(total.device)
     return Seq2SeqAltiResult(
@@ -643,6 +647,10 @@ def _merged_seq2seq(
         measure=measure,
         architecture=layout.architecture,
         weight_processing=layout.weight_processing,
+        decoder_self_heads=head_parts[0],
+        decoder_self_heads_residual=head_parts[1],
+        cross_heads=head_parts[2],
+        cross_heads_residual=head_parts[3],
         source_str_tokens=encoder.str_tokens,
         target_str_tokens=_str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"),
         positions=None if pos_idx is None else pos_idx.to(total.device),

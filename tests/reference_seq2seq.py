@@ -825,7 +825,8 @@ def reference_merged_seq2seq(
     Each decoder block is one attention block over the keys ``[target prefix ; source]`` (values
     ``v_proj`` of the pre-normed decoder stream and of the encoder output), the receiver's own
     residual on key ``j = i``, and a norm on the attention output. Returns ``encoder_l1`` /
-    ``encoder_rollout`` ``[b, L, S, S]``, ``merged`` ``[b, L, T, T+S]`` (target keys first) and
+    ``encoder_rollout`` ``[b, L, S, S]``, ``merged`` ``[b, L, T, T+S]`` (target keys first), its
+    per-head parts ``merged_heads`` ``[b, L, H, T, T+S]`` and ``merged_heads_residual`` ``[b, L, T]``, and
     ``total`` ``[b, L, T, S+T]``: spec §4 with the block's own matrix ``J = [C_src, C_tgt]``,
     ``R^0 = [C_src R_enc, C_tgt]``, ``R^l = [C_src R_enc + C_tgt R^{l-1}_src, C_tgt R^{l-1}_tgt]``.
     """
@@ -846,12 +847,14 @@ def reference_merged_seq2seq(
     valid_t = torch.ones(decoder_input_ids.shape, dtype=torch.bool)
     enc_attn = tuple(probs[f"enc{i}"] for i in range(len(enc_blocks)))
     enc = _run_blocks(enc_blocks, rec, enc_attn, valid_s, valid_s, False, False, "encoder")
-    merged = []
+    merged, heads, heads_residual = [], [], []
     for idx, block in enumerate(dec_blocks):
         _check_close("merged attention's encoder states", idx, rec.kv[block.attn_key], e)
         a = probs[f"dec{idx}"].to(torch.float64)
         res = _block_measures(block, rec, a, valid_t, torch.cat([valid_t, valid_s], 1), False, False, "merged", idx)
         merged.append(res["l1"])
+        heads.append(res["heads"])
+        heads_residual.append(res["heads_residual"])
     c = torch.stack(merged, dim=1)  # [b, L, T, T+S]
     t_len = decoder_input_ids.shape[1]
     r_enc = enc["rollout"][:, -1]
@@ -864,4 +867,7 @@ def reference_merged_seq2seq(
             prev_src, prev_tgt = acc[-1][..., : r_enc.shape[-1]], acc[-1][..., r_enc.shape[-1] :]
             cur = _normalise_rows(torch.cat([c_src @ r_enc + c_tgt @ prev_src, c_tgt @ prev_tgt], dim=2))
         acc.append(cur)
-    return {"encoder_l1": enc["l1"], "encoder_rollout": enc["rollout"], "merged": c, "total": torch.stack(acc, 1)}
+    return {
+        "encoder_l1": enc["l1"], "encoder_rollout": enc["rollout"], "merged": c, "total": torch.stack(acc, 1),
+        "merged_heads": torch.stack(heads, 1), "merged_heads_residual": torch.stack(heads_residual, 1),
+    }

@@ -128,10 +128,22 @@ def test_t5gemma2_merged_self_and_cross_attention_matches_reference(t5gemma2_run
     assert float(res.source_contribution.mean()) > 0.05  # the source matters: not a residual-only picture
 
 
-def test_t5gemma2_refuses_heads_and_streaming(t5gemma2_run):
+def test_t5gemma2_heads_split_like_the_tokens(t5gemma2_run):
+    """Per head: cross heads are the merged block's source parts; self heads × cross residual its target parts."""
+    cache, ref = t5gemma2_run
+    res = lens_alti.attribute(cache, dtype=torch.float64, heads=True)
+    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
+    t = ref["merged"].shape[2]
+    close(res.cross_heads, ref["merged_heads"][..., t:])
+    share = res.cross_heads_residual
+    close(res.decoder_self_heads * share[:, :, None, :, None], ref["merged_heads"][..., :t])
+    close(res.decoder_self_heads_residual * share, ref["merged_heads_residual"])
+    rows = res.cross_heads.sum((2, 4)) + res.cross_heads_residual
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
+def test_t5gemma2_refuses_streaming(t5gemma2_run):
     cache, _ = t5gemma2_run
-    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="heads=False"):
-        lens_alti.attribute(cache, heads=True)
     src, tgt = torch.randint(4, 1000, (1, 4)), torch.randint(4, 1000, (1, 3))
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="run_with_cache"):
         lens_alti.attribute(cache.model, tokens=src, decoder_tokens=tgt)

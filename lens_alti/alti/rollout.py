@@ -79,3 +79,23 @@ def split_merged(
     """
     tgt, src = merged[..., :t], merged[..., t:]
     return normalise_rows(tgt), torch.cat([src, tgt.sum(-1, keepdim=True)], dim=-1)
+
+
+def split_merged_heads(
+    heads: Float[Tensor, "b l h t ts"], residual: Float[Tensor, "b l t"], t: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-head contributions of merged blocks split like `split_merged`.
+
+    `heads[b, l, h, i, :]` over the keys `[target ; source]` and `residual[b, l, i]` sum to 1
+    per row. Returns (self heads `[b, l, h, T, T]`, self residual `[b, l, T]`, cross heads
+    `[b, l, h, T, S]`, cross residual `[b, l, T]`): the cross block keeps the source parts and
+    gives the rest (every target part and the residual) to its residual; the self block is
+    that rest renormalised, so cross residual × self parts gives back the merged parts.
+    """
+    cross_heads = heads[..., t:]
+    cross_residual = heads[..., :t].sum(dim=(2, 4)) + residual  # [b, l, T]
+    keep = cross_residual > 0
+    safe = torch.where(keep, cross_residual, torch.ones_like(cross_residual))
+    self_heads = torch.where(keep[:, :, None, :, None], heads[..., :t] / safe[:, :, None, :, None], 0)
+    self_residual = torch.where(keep, residual / safe, 0)
+    return self_heads, self_residual, cross_heads, cross_residual
