@@ -165,6 +165,12 @@ class Seq2SeqAltiResult:
             (None unless `heads=True`).
         source_mask / target_mask: `[batch, S]` / `[batch, T]`, 1 for real tokens.
         reconstruction_error: per block kind ("encoder", "decoder_self", "cross"), `[layer]`.
+
+    Models whose decoder attends to [target prefix ; source] in one softmax (T5Gemma2) have one
+    block per decoder layer; it is reported split exactly (`alti.rollout.split_merged`): `cross`
+    holds its source columns and, as the residual column, the target prefix's whole share (with
+    measure="attention": the attention to the target prefix); `decoder_self` is the target part
+    renormalised; both `reconstruction_error` entries are the merged blocks' errors.
     """
 
     encoder: AltiResult
