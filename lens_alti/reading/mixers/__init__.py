@@ -150,6 +150,10 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
     """
     block = model.blocks[layer]
     hf_block = hf_module(block)
+    from lens_alti.reading.mixers.griffin import griffin_reader, is_griffin_layer
+
+    if not with_attention and is_griffin_layer(hf_block):  # RecurrentGemma: RG-LRU or local attention
+        return griffin_reader(model, layer, arch)
     if not with_attention and getattr(hf_block, "block_type", None) in ("mlp", "moe"):
         return _token_wise_reader(model, layer, arch)  # NemotronH: a layer that is only an MLP
     found = find_mixer(block)
