@@ -11,7 +11,8 @@ every value off and only the biases on gives bias_i. The sum is checked against 
 layer output captured from the Hugging Face forward pass.
 
 Equations: Mamba (Gu & Dao 2023; hidden attention, Ali et al. 2024), Mamba-2 SSD (Dao & Gu
-2024), causal short convolution (LFM2), gated DeltaNet (Yang et al. 2024) as in Qwen3-Next.
+2024), causal short convolution (LFM2), gated DeltaNet (Yang et al. 2024) as in Qwen3-Next, RecurrentGemma's
+RG-LRU (De et al. 2024).
 Tiny models only: everything is dense and sequential.
 """
 
@@ -29,11 +30,13 @@ MAMBA1 = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer")
 SHORTCONV = ("Lfm2ShortConv", "Lfm2MoeShortConv")
 DELTANET = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "OlmoHybridGatedDeltaNet")
-# NemotronH's single-sublayer layers that are not recurrent: attention (pattern not cached by the
-# bridge) and MLPs (their contribution matrix is the identity).
-PLAIN_ATTENTION = ("NemotronHAttention",)
+RGLRU = ("RecurrentGemmaRecurrentBlock",)
+# Single-sublayer layers that are not recurrent: attention whose pattern the bridge does not cache
+# (NemotronH's "*" layers, RecurrentGemma's local attention; the reference uses the Hugging Face
+# module's own attention probabilities) and MLPs (their contribution matrix is the identity).
+PLAIN_ATTENTION = ("NemotronHAttention", "RecurrentGemmaAttention")
 TOKEN_WISE = ("NemotronHMLP", "NemotronHMoE")
-KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET + PLAIN_ATTENTION + TOKEN_WISE
+KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET + RGLRU + PLAIN_ATTENTION + TOKEN_WISE
 _RTOL = 1e-9
 
 
@@ -231,7 +234,48 @@ def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
     return _Frozen(run, v0)
 
 
+def _rglru(m: nn.Module, h: torch.Tensor) -> _Frozen:
+    """RecurrentGemma's recurrent block (De et al. 2024, Griffin), step by step:
+    p = conv(x) + b, x = linear_x(h); per block-diagonal head, i_t = σ(p_t W_i + b_i), ρ_t = σ(p_t W_a + b_a),
+    a_t = exp(−8 ρ_t softplus(Λ)); s_t = a_t s_{t−1} + √(1 − a_t²) i_t p_t, restarted at t = 0 (a = 0, factor 1);
+    out = linear_out(gelu_tanh(linear_y(h)) ⊙ s)."""
+    lru = m.rg_lru
+    bsz, n, _ = h.shape
+    heads, bw = lru.num_attention_heads, lru.block_width
+    x = _lin(h, m.linear_x)
+    y = F.gelu(_lin(h, m.linear_y), approximate="tanh")
+    w = m.conv_1d.weight.detach().double()[:, 0]
+    cb = m.conv_1d.bias.detach().double()
+    p = _conv_seq(x, w, cb)
+    gi, ga = torch.zeros_like(p), torch.zeros_like(p)
+    for hd in range(heads):
+        blk = p[..., hd * bw : (hd + 1) * bw]
+        gi[..., hd * bw : (hd + 1) * bw] = torch.sigmoid(
+            blk @ lru.input_gate_weight[hd].detach().double() + lru.input_gate_bias[hd].detach().double()
+        )
+        ga[..., hd * bw : (hd + 1) * bw] = torch.sigmoid(
+            blk @ lru.recurrent_gate_weight[hd].detach().double() + lru.recurrent_gate_bias[hd].detach().double()
+        )
+    a = torch.exp(-8.0 * ga * F.softplus(lru.recurrent_param.detach().double()))
+    factor = torch.sqrt(1 - a * a)
+    a[:, 0] = 0.0  # reset at position 0
+    factor[:, 0] = 1.0
+
+    def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
+        u = _conv_seq(v, w, cb if biases else None) * gi * factor
+        state = torch.zeros(bsz, u.shape[-1], dtype=torch.float64)
+        outs = []
+        for t in range(n):
+            state = a[:, t] * state + u[:, t]
+            outs.append(state * y[:, t])
+        out = torch.stack(outs, 1) @ m.linear_out.weight.detach().double().T
+        return out + m.linear_out.bias.detach().double() if biases else out
+
+    return _Frozen(run, x)
+
+
 _BUILDERS: dict[tuple[str, ...], Callable[[nn.Module, torch.Tensor], _Frozen]] = {
+    RGLRU: _rglru,
     MAMBA1: _mamba1,
     MAMBA2: _mamba2,
     SHORTCONV: _short_conv,
@@ -252,7 +296,7 @@ def _mixers(model: nn.Module) -> dict[int, tuple[nn.Module, nn.Module]]:
     layers = backbone.layers
     out = {}
     for idx, layer in enumerate(layers):
-        for child in ("mixer", "mamba", "conv", "linear_attn"):
+        for child in ("mixer", "mamba", "conv", "linear_attn", "temporal_block"):
             mod = getattr(layer, child, None)
             if mod is not None and type(mod).__name__ in KNOWN:
                 out[idx] = (layer, mod)
@@ -289,7 +333,7 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
     for idx, (layer, mod) in mixers.items():
 
         def layer_pre(_m: nn.Module, args: tuple, kwargs: dict, idx: int = idx) -> None:
-            hs = args[0] if args else kwargs["hidden_states"]
+            hs = args[0] if args else kwargs.get("hidden_states", kwargs.get("activations"))
             seen.setdefault(idx, {})["x"] = hs.detach().double().clone()
 
         def mixer_pre(_m: nn.Module, args: tuple, kwargs: dict, idx: int = idx) -> None:
