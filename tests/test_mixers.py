@@ -185,3 +185,29 @@ def test_hook_names_suffice_for_a_padded_batch(run):
     a = _attribute(arch, full, attention_mask=mask)
     b = _attribute(arch, small, attention_mask=mask)
     torch.testing.assert_close(a.layers, b.layers)
+
+
+def test_recurrent_gemma_check_goes_through_the_real_layer_output(monkeypatch):
+    """RecurrentGemma caches no residual between its temporal block and the MLP: the check compares
+    r̂ + mlp(norm(r̂)) with the real hook_resid_post. A wrong operator (the RG-LRU decay kernel
+    off by 1%) or a corrupted input must fail it."""
+    from lens_alti.reading.mixers import griffin
+
+    _, bridge = build_mixer_bridge("recurrent_gemma")
+    _, cache = bridge.run_with_cache(_tokens())
+    lens_alti.attribute(cache)  # passes as is
+    real = griffin.gated_decay
+    monkeypatch.setattr(griffin, "gated_decay", lambda log_a, reset: real(log_a, reset) * 1.01)
+    with pytest.raises(lens_alti.errors.ReconstructionError, match="blocks.0"):
+        lens_alti.attribute(cache)
+    monkeypatch.setattr(griffin, "gated_decay", real)
+    name = "blocks.1.hook_resid_pre"
+    original = cache.cache_dict[name]
+    try:
+        bad = original.clone()
+        bad[:, 3] += 0.5
+        cache.cache_dict[name] = bad
+        with pytest.raises(lens_alti.errors.ReconstructionError, match="blocks.1"):
+            lens_alti.attribute(cache)
+    finally:
+        cache.cache_dict[name] = original
