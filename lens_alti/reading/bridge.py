@@ -15,6 +15,7 @@ from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
 from lens_alti.reading.mixers import mixer_reader
+from lens_alti.reading.mixers.rwkv import is_rwkv_block, rwkv_readers
 from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import AttentionBlock
@@ -125,7 +126,12 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     cfg = model.cfg
     arch = str(getattr(cfg, "architecture", None) or type(model).__name__)
     ctx = DecoderContext(arch, bool(getattr(cfg, "parallel_attn_mlp", False)), parallel_mlp)
-    readers = [layer_reader(model, layer, ctx) for layer in range(cfg.n_layers)]
+    readers: list[BlockReader] = []
+    for layer in range(cfg.n_layers):
+        if is_rwkv_block(model.blocks[layer]):  # two token-mixing steps: time mixing, then channel mixing
+            readers += rwkv_readers(model, layer, arch)
+        else:
+            readers.append(layer_reader(model, layer, ctx))
     return ModelLayout("decoder", arch, weight_processing(model), {"self": readers})
 
 
