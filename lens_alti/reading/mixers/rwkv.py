@@ -112,7 +112,9 @@ def rwkv_readers(model: Any, layer: int, arch: str) -> list[BlockReader]:
         values = torch.cat(((h * mu) @ W_v.T, (h * (1 - mu)) @ W_v.T), dim=-1)
         W_o = _weight(att.output)
         if W_o.shape[1] != C or W_v.shape[0] != C:
-            raise UnsupportedModelError(f"{tm}: key has {C} channels, value {W_v.shape[0]}, output reads {W_o.shape[1]}")
+            raise UnsupportedModelError(
+                f"{tm}: key has {C} channels, value {W_v.shape[0]}, output reads {W_o.shape[1]}"
+            )
         out = SimpleNamespace(weight=torch.cat((W_o, W_o), dim=1), bias=None)
         b, n = h.shape[:2]
         return mixer_record(
