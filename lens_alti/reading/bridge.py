@@ -58,8 +58,7 @@ def layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
         raise UnsupportedModelError(
             f"{ctx.arch}: layer {layer} is a {kind} mixer, not attention, and not one of the linear-recurrent "
             "mixers lens_alti decomposes (Mamba, Mamba-2/SSD, short convolutions, gated DeltaNet, RG-LRU, RWKV), so "
-            "this model "
-            "has no ALTI result"
+            "this model has no ALTI result"
         )
     return attention_layer_reader(model, layer, ctx)
 
