@@ -211,3 +211,13 @@ def test_recurrent_gemma_check_goes_through_the_real_layer_output(monkeypatch):
             lens_alti.attribute(cache)
     finally:
         cache.cache_dict[name] = original
+
+
+def test_logit_attribution_needs_the_residual_after_the_mixer():
+    """Mamba and RecurrentGemma layers have no hook_resid_mid in the bridge: a specific refusal, not the
+    'run without names_filter' advice of a missing hook (no run can record it)."""
+    for arch in ("mamba", "recurrent_gemma"):
+        _, bridge = build_mixer_bridge(arch)
+        _, cache = bridge.run_with_cache(_tokens())
+        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="hook_resid_mid in the bridge"):
+            lens_alti.logit_attribution(cache, target=5)

@@ -116,3 +116,12 @@ def test_hook_names_suffice_and_heads_are_refused(run):
     torch.testing.assert_close(lens_alti.attribute(small).layers, lens_alti.attribute(cache).layers)
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="per channel, not per head"):
         lens_alti.attribute(cache, heads=True)
+
+
+def test_logit_attribution_and_routes_are_refused(run):
+    """They read one token mixer and one MLP per layer; RWKV's channel mixing is a second token mixer."""
+    *_, cache, _ = run
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="2 token-mixing steps"):
+        lens_alti.logit_attribution(cache, target=5)
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="2 token-mixing steps"):
+        lens_alti.routes(cache)
