@@ -8,7 +8,9 @@ import torch
 import lens_alti
 from lens_alti.alti.decompose import check_reconstruction, decompose
 from lens_alti.reading import model_layout
+from tests import mixer_models
 from tests.mixer_models import ATTENTION_NOT_YET, MIXER_ARCHS, build_mixer_bridge
+from tests.models import boot
 from tests.reference_mixers import reference_mixer_layers
 
 TOL = 1e-5
@@ -221,3 +223,13 @@ def test_logit_attribution_needs_the_residual_after_the_mixer():
         _, cache = bridge.run_with_cache(_tokens())
         with pytest.raises(lens_alti.errors.UnsupportedModelError, match="hook_resid_mid in the bridge"):
             lens_alti.logit_attribution(cache, target=5)
+
+
+def test_recurrent_gemma_half_precision_cache():
+    """A bfloat16 model: recomputed in float64 from the half cache, checked within the half tolerance."""
+    hf = mixer_models.hf_mixer_model("recurrent_gemma").to(torch.bfloat16)
+    _, cache = boot(hf).run_with_cache(_tokens())
+    res = lens_alti.attribute(cache)
+    assert float(res.reconstruction_error.max()) < 5e-2
+    sums = res.layers.sum(-1)
+    assert bool(((sums - 1).abs() < 1e-4).all())

@@ -125,3 +125,11 @@ def test_logit_attribution_and_routes_are_refused(run):
         lens_alti.logit_attribution(cache, target=5)
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="2 token-mixing steps"):
         lens_alti.routes(cache)
+
+
+def test_half_precision_cache(run):
+    hf = copy.deepcopy(run[0]).to(torch.bfloat16)
+    _, cache = boot(hf).run_with_cache(_tokens())
+    res = lens_alti.attribute(cache)
+    assert float(res.reconstruction_error.max()) < 5e-2
+    assert bool(((res.layers.sum(-1) - 1).abs() < 1e-4).all())

@@ -174,7 +174,7 @@ def griffin_reader(model: Any, layer: int, arch: str) -> BlockReader:
         wdtype = hf_layer.mlp_block.down_proj.weight.dtype
         with torch.no_grad():
             mlp = hf_layer.mlp_block(hf_layer.channel_pre_norm(r_hat.to(wdtype))).double()
-        return (post.double() - mlp).to(torch.promote_types(post.dtype, torch.float32))
+        return (post.double() - mlp).to(post.dtype)  # the cache's precision (half tolerance for a half cache)
 
     def build(cache: Any) -> AttentionBlock:
         x = cache[f"{p}.hook_resid_pre"]
