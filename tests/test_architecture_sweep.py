@@ -16,6 +16,7 @@ FAST = {
     "GPT2LMHeadModel": WORKS,
     "DeepseekV2ForCausalLM": WORKS,  # multi-head latent attention: head-major hook_v
     "MambaForCausalLM": WORKS,  # a linear-recurrent mixer, decomposed by reading.mixers
+    "RecurrentGemmaForCausalLM": WORKS,  # RG-LRU and local attention recomputed, checked through the MLP
     "SwitchTransformersForConditionalGeneration": REFUSED,  # its hook_pattern is not a distribution
     "JetMoeForCausalLM": REFUSED,  # no hook_v in the bridge
 }
