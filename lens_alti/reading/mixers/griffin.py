@@ -28,6 +28,7 @@ the generic check of recurrent mixers that read padded positions; right padding 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layout import BlockReader
+from lens_alti.reading.mixers import hf_module, mixer_record
 from lens_alti.reading.mixers.operators import causal_conv, compose
 from lens_alti.reading.records import AttentionBlock
 
@@ -151,8 +153,6 @@ def local_attention_pattern(module: Any, h: Tensor) -> tuple[Tensor, Tensor]:
 
 def griffin_reader(model: Any, layer: int, arch: str) -> BlockReader:
     """Reader of RecurrentGemma decoder layer `layer` (see the module docstring)."""
-    from lens_alti.reading.mixers import hf_module, mixer_record
-
     hf_layer = hf_module(model.blocks[layer])
     temporal = hf_layer.temporal_block
     p = f"blocks.{layer}"
@@ -191,7 +191,7 @@ def griffin_reader(model: Any, layer: int, arch: str) -> BlockReader:
             mixed = mixed + beta @ temporal.linear_out.weight.detach().double().T
             if temporal.linear_out.bias is not None:
                 mixed = mixed + temporal.linear_out.bias.detach().double()
-            return _with_target(record, target_of(x, mixed, post))
+            return replace(record, target=target_of(x, mixed, post))
         pattern, v = local_attention_pattern(temporal, h)
         H, dh = pattern.shape[1], v.shape[-1]
         W_O = temporal.o_proj.weight.detach().double().T.reshape(H, dh, -1)
@@ -214,8 +214,3 @@ def griffin_reader(model: Any, layer: int, arch: str) -> BlockReader:
 
     return BlockReader(name, hooks, build)
 
-
-def _with_target(record: AttentionBlock, target: Tensor) -> AttentionBlock:
-    from dataclasses import replace
-
-    return replace(record, target=target)

@@ -26,13 +26,9 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layout import BlockReader
+from lens_alti.reading.mixers import hf_module as _hf
+from lens_alti.reading.mixers import mixer_record
 from lens_alti.reading.records import AttentionBlock
-
-
-def _hf(component: Any) -> Any:
-    from lens_alti.reading.mixers import hf_module
-
-    return hf_module(component)
 
 
 def is_rwkv_block(block: Any) -> bool:
@@ -78,8 +74,6 @@ def _shift_left(op: Tensor) -> Tensor:
 
 def rwkv_readers(model: Any, layer: int, arch: str) -> list[BlockReader]:
     """The two readers (time mixing, channel mixing) of RWKV layer `layer`; see the module docstring."""
-    from lens_alti.reading.mixers import mixer_record
-
     block = model.blocks[layer]
     att, ffn = _hf(block.time_mix), _hf(block.channel_mix)
     p = f"blocks.{layer}"
