@@ -221,7 +221,16 @@ def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:
         }
         return ModelLayout("encoder_decoder", arch, processing, blocks)
     if not hasattr(model, "blocks"):
-        raise UnsupportedModelError(f"{arch}: no attention blocks found (neither `blocks` nor `encoder_blocks`)")
+        stacks = [name for name, _ in model.named_children() if name.endswith("_blocks")]
+        if stacks:  # HRM-Text: L_blocks / H_blocks, each stack called several times per forward pass
+            raise UnsupportedModelError(
+                f"{arch}: the model runs its block stacks ({', '.join(stacks)}) recurrently, several times per "
+                "forward pass (cycles), and a cache keeps only the last call of each hook: the activations of the "
+                "other passes, which the attribution through the whole computation needs, are missing"
+            )
+        raise UnsupportedModelError(
+            f"{arch}: no attention blocks found (neither `blocks` nor `encoder_blocks` and `decoder_blocks`)"
+        )
     if getattr(cfg, "attention_dir", "causal") == "bidirectional":
         return ModelLayout("encoder", arch, processing, {"self": _encoder_readers(model, model.blocks, "blocks", arch)})
     return _bridge_decoder_layout(model, parallel_mlp)
