@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_alti.alti.decompose import TransformedVectors, decompose
+from lens_alti.alti.decompose import TransformedVectors, decompose, group_heads
 
 if TYPE_CHECKING:  # records are the interface; alti never imports reading at run time
     from lens_alti.reading.records import AttentionBlock, NormAfterAttention
@@ -77,7 +77,8 @@ def _pass_norm(norm: NormAfterAttention | None, w: Float[Tensor, "b d"]) -> tupl
 class AttentionUpdate:
     """Logit updates of one attention block at the explained position.
 
-    `heads[b, h, k]` = `T^h_N(x_k)·w` (spec §7 Δ^l[h, k]); `bias[b]` = the block's terms owned by no
+    `heads[b, h, k]` = `T^h_N(x_k)·w` (spec §7 Δ^l[h, k]; a head's channels summed when the
+    record groups channels into heads); `bias[b]` = the block's terms owned by no
     source (b_O, post-norm β) read through w; `below[b, d]` the direction at the block's input;
     `tv` the decomposition restricted to the explained row and `row_block` that row's record
     (so its reconstruction can be checked).
@@ -100,7 +101,7 @@ def attention_update(
     # s_N ⊙ A[h,N,k]·VO[h,k] read through w: A[h,N,k] · (VO[h,k] · (s_N ⊙ w)).
     sw = w if tv.scale is None else tv.scale[:, 0] * w  # [b, d]
     vo_w = torch.einsum("bhkd,bd->bhk", tv.vo, sw)
-    heads = tv.weights[:, :, 0, :] * vo_w
+    heads = group_heads(tv.weights[:, :, 0, :] * vo_w, tv.channels_per_head)  # channels → real heads
     bias = (tv.bias[:, 0] * w).sum(-1)
     below, _ = _pass_norm(row_block.norm, w)
     return AttentionUpdate(heads=heads, bias=bias, below=below, tv=tv, row_block=row_block)

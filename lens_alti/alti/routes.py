@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_alti.alti.decompose import decompose
+from lens_alti.alti.decompose import decompose, group_heads
 from lens_alti.alti.kernels import get_kernel
 
 if TYPE_CHECKING:
@@ -100,13 +100,19 @@ def receiver_parts(
         y = y + mlp_rows
     scale = tv.scale[0] if tv.scale is not None else torch.ones_like(y)
     y_l1 = y.abs().sum(-1)
-    kernel = get_kernel("l1+heads", False)
+    G = tv.channels_per_head  # > 1: channels grouped into heads; a head's part sums its channels
+    kernel = get_kernel("l1+heads", False) if G == 1 else get_kernel("l1", False)
     d = y.shape[-1]
     rows = max(1, _CHUNK_BYTES // max(1, h * k * d * y.element_size()))
-    heads = A.new_zeros(r, h, k)
+    heads = A.new_zeros(r, h // G, k)
     for i0 in range(0, r, rows):
         i1 = min(r, i0 + rows)
-        per_head, _ = kernel(y[i0:i1], scale[i0:i1], A[:, i0:i1], vo)
+        if G == 1:
+            per_head, _ = kernel(y[i0:i1], scale[i0:i1], A[:, i0:i1], vo)
+        else:
+            per_head = torch.stack(
+                [kernel(y[i0:i1], scale[i0:i1], A[c0 : c0 + G, i0:i1], vo[c0 : c0 + G]) for c0 in range(0, h, G)]
+            )
         heads[i0:i1] = (y_l1[i0:i1, None, None] - per_head.transpose(0, 1)).clamp(min=0)
     residual = (y_l1 - (y - tv.residual[0]).abs().sum(-1)).clamp(min=0)
     mlp_score = None if mlp_rows is None else (y_l1 - (y - mlp_rows).abs().sum(-1)).clamp(min=0)
@@ -121,7 +127,7 @@ def receiver_parts(
         w = direction.to(dtype)
         sw = scale * w  # [r, d]
         vo_w = torch.einsum("hkd,rd->rhk", vo, sw)
-        head_logit = A.transpose(0, 1) * vo_w  # [r, h, k]
+        head_logit = group_heads(A.transpose(0, 1) * vo_w, G)  # [r, H, k]
         res_logit = tv.residual[0] @ w
         mlp_logit = torch.zeros_like(res_logit) if mlp_rows is None else mlp_rows @ w
         logit = torch.cat([head_logit.reshape(r, -1), res_logit[:, None], mlp_logit[:, None]], dim=1)
@@ -163,7 +169,7 @@ def build_routes(
     if logit_mode not in ("direct", "column"):
         raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     n_layers = len(layers)
-    n_heads = layers[0].block.pattern.shape[1]
+    n_heads = layers[0].block.pattern.shape[1] // layers[0].block.channels_per_head
     head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     top_node = (n_layers, position)
     importance: dict[tuple, float] = {top_node: 1.0}
@@ -274,7 +280,7 @@ def _direct_edges(
         *_, logit = receiver_parts(spec.block, at, spec.mlp if spec.parallel else None, dtype, direction)
         assert logit is not None  # internal: receiver_parts returns the logit updates when given a direction
         computed[layer] += 1
-        n_h = spec.block.pattern.shape[1]
+        n_h = spec.block.pattern.shape[1] // spec.block.channels_per_head
         k = (logit.shape[1] - 2) // n_h
         values.append(logit[0, :-2])
         labels += [("head", layer, h, j, (layer, j)) for h in range(n_h) for j in range(k)]

@@ -9,7 +9,7 @@ import torch
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import attention_record, sublayer_block
-from lens_alti.reading.gated_output import has_output_gate
+from lens_alti.reading.gated_output import gate_hook, has_output_gate
 from lens_alti.reading.head_norm import head_norm_module
 from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
@@ -88,8 +88,9 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
     sub_norm = head_norm_module(hf_attn)
     gated = has_output_gate(hf_attn, block.attn)
     sinks = isinstance(getattr(hf_attn, "sinks", None), torch.Tensor)  # GPT-OSS: learned per-head sink logits
+    gate_pre = gate_hook(getattr(model, "hook_dict", {}), f"{p}.attn") if gated else None
     if gated:
-        hooks += [f"{p}.attn.o.hook_in"]
+        hooks += [f"{p}.attn.o.hook_in"] + ([gate_pre] if gate_pre is not None else [])
 
     def build(cache: Any) -> AttentionBlock:
         attn = block.attn
@@ -115,7 +116,8 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
         return attention_record(
             cache, attn, f"{p}.attn", layer, ctx.arch, residual, target, norm,
             value_layout=layout, values_map=values_map, W_O=W_O, b_O=b_O, head_norm=sub_norm,
-            gate_input=cache[f"{p}.attn.o.hook_in"] if gated else None, sinks=sinks,
+            gate_input=cache[f"{p}.attn.o.hook_in"] if gated else None,
+            gate_pre=cache[gate_pre] if gate_pre is not None and gate_pre in cache.keys() else None, sinks=sinks,
         )
 
     return BlockReader(f"{p}.attn", tuple(hooks), build)
