@@ -8,7 +8,8 @@ import torch
 import lens_alti
 from lens_alti.alti.decompose import check_reconstruction, decompose
 from lens_alti.reading import model_layout
-from tests.mixer_models import ATTENTION_NOT_YET, MIXER_ARCHS, build_mixer_bridge
+from tests.mixer_models import MIXER_ARCHS, build_mixer_bridge
+from tests.reference_gated import per_head_alti
 from tests.reference_mixers import reference_mixer_layers
 
 TOL = 1e-5
@@ -28,17 +29,7 @@ def run(request):
 
 
 def _attribute(arch: str, cache, **kw):
-    return lens_alti.attribute(cache, check=arch not in ATTENTION_NOT_YET, **kw)
-
-
-def _skip_refused_whole_model(arch: str, cache) -> None:
-    """Qwen3-Next / Qwen3.5 gate their attention output per channel: the whole model is refused
-    (tests/test_gated_output.py); their DeltaNet layers are checked layer by layer above, and the
-    same operator through a whole model by olmo_hybrid."""
-    if arch in ATTENTION_NOT_YET:
-        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="gated per channel"):
-            lens_alti.attribute(cache, check=False)
-        pytest.skip(f"{arch}: whole-model result refused (per-channel attention output gate)")
+    return lens_alti.attribute(cache, **kw)
 
 
 def test_every_mixer_layer_reconstructs_the_real_output(run):
@@ -57,19 +48,16 @@ def test_every_mixer_layer_reconstructs_the_real_output(run):
 def test_mixer_layers_match_reference(run, measure):
     """Computed in float64 from the float32 cache (in float32, ‖y‖ − ‖y − T‖ cancels for small T)."""
     arch, _, bridge, _, cache, ref = run
-    _skip_refused_whole_model(arch, cache)
     res = _attribute(arch, cache, measure=measure, dtype=torch.float64)
     assert res.layers.shape[1] == len(bridge.blocks)
     assert ref, f"{arch}: the reference found no mixer layer"
     for layer, want in ref.items():
         torch.testing.assert_close(res.layers[:, layer], want[measure], atol=TOL, rtol=0)
-    if arch not in ATTENTION_NOT_YET:
-        assert float(res.reconstruction_error.max()) < 1e-5
+    assert float(res.reconstruction_error.max()) < 1e-5
 
 
 def test_float32_is_close_and_rows_sum_to_one(run):
     arch, *_, cache, ref = run
-    _skip_refused_whole_model(arch, cache)
     res = _attribute(arch, cache)
     assert res.layers.dtype == torch.float32
     for layer, want in ref.items():
@@ -136,10 +124,49 @@ def test_left_padded_batch_equals_single_runs(run):
     assert float(padded.layers[1, :, :3].abs().max()) == 0 and float(padded.layers[1, :, :, :3].abs().max()) == 0
 
 
-def test_per_head_contributions_are_refused_for_mixer_layers(run):
-    arch, *_, cache, _ = run
-    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="per channel, not per head"):
+def _headless(ref) -> bool:
+    """A mixer layer whose channels form no heads (Mamba-1, short convolution, an MLP-only layer,
+    Falcon-H1's parallel block): the reference gives it no per-head parts."""
+    return any("parts" not in want and not bool(want["attention"]) for want in ref.values())
+
+
+def test_per_head_contributions_are_refused_for_headless_mixer_layers(run):
+    arch, *_, cache, ref = run
+    if not _headless(ref):
+        pytest.skip(f"{arch}: every mixer layer has heads")
+    # NemotronH meets its 4-head attention layer after its 8-head Mamba-2 layer, before the MLP-only one.
+    with pytest.raises(
+        lens_alti.errors.UnsupportedModelError, match="per channel, not per head|one head count for every layer"
+    ):
         _attribute(arch, cache, heads=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_per_head_contributions_of_mixers_with_heads_match_reference(run, backend):
+    """Mamba-2 and gated DeltaNet: a head's part is the sum of its channels' parts (spec-mixers §5),
+    against the reference's runs with one token's one head switched on."""
+    arch, _, bridge, _, cache, ref = run
+    if _headless(ref):
+        pytest.skip(f"{arch}: a mixer layer without heads")
+    counts = {int(w["parts"].shape[1]) for w in ref.values() if "parts" in w}
+    counts |= {int(bridge.cfg.n_heads)} if any(bool(w["attention"]) for w in ref.values()) else set()
+    attn_heads = {b.attn.W_O.shape[0] for b in bridge.blocks if hasattr(b, "attn") and hasattr(b.attn, "W_O")}
+    if len(counts | attn_heads) > 1:  # Bamba, GraniteMoeHybrid: 8 SSM heads, 4 attention heads
+        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="one head count for every layer"):
+            _attribute(arch, cache, heads=True, backend=backend)
+        return
+    res = _attribute(arch, cache, heads=True, dtype=torch.float64, backend=backend)
+    checked = 0
+    for layer, want in ref.items():
+        if "parts" not in want:
+            continue
+        expect = per_head_alti(want["parts"], want["y"], want["x"])
+        for key in ("heads", "heads_residual", "head_outputs", "head_outputs_residual"):
+            torch.testing.assert_close(getattr(res, key)[:, layer], expect[key], atol=TOL, rtol=0, msg=key)
+        checked += 1
+    assert checked
+    rows = res.heads.sum((2, 4)) + res.heads_residual  # [b, layer, q]
+    assert float((rows - 1).abs().max()) < 1e-9
 
 
 def test_attention_baselines_are_refused_for_mixer_layers(run):
@@ -165,3 +192,17 @@ def test_hook_names_suffice_for_a_padded_batch(run):
     a = _attribute(arch, full, attention_mask=mask)
     b = _attribute(arch, small, attention_mask=mask)
     torch.testing.assert_close(a.layers, b.layers)
+
+
+def test_per_head_left_padded_batch_equals_single_runs(run):
+    """Per-head results of a Mamba-2 model (the layer's own zeroed input shows the padding)."""
+    arch, _, bridge, tokens, _, ref = run
+    if arch != "mamba2":
+        pytest.skip("the pure Mamba-2 model covers the padded per-head path")
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    padded = _attribute(arch, bridge.run_with_cache(tokens, attention_mask=mask)[1], attention_mask=mask, heads=True)
+    single = _attribute(arch, bridge.run_with_cache(tokens[1:, 3:])[1], heads=True)
+    torch.testing.assert_close(padded.heads[1:, :, :, 3:, 3:], single.heads, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.head_outputs[1:, :, :, 3:], single.head_outputs, atol=1e-5, rtol=0)
+    assert float(padded.heads[1, :, :, :3].abs().max()) == 0 and float(padded.heads[1, ..., :3].abs().max()) == 0
