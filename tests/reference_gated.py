@@ -3,7 +3,7 @@
 Qwen3-Next / Qwen3.5 / Qwen3.5-MoE attention layers and AFMoE compute
 `o_proj(σ(gate_i) ⊙ z_i)` with `z_i,h = Σ_j A[h,i,j] v_j,h` and the gate a projection of the
 receiver's own (normed) input: `q_proj`'s second half per head (Qwen3-Next, Qwen3.5) or
-`gate_proj` (AFMoE). With the gate at its real value,
+`gate_proj` (AFMoE), or `softplus(g_proj)` (Laguna with `gating="per-element"`). With the gate at its real value,
 `T_i(x_j) = Σ_h A[h,i,j] (g_i,h ⊙ v_j,h) W_O[h]` (docs/spec-mixers.md §5); AFMoE then applies
 an RMSNorm to the attention output before the residual sum (spec 1d: `s_i = w / rms_i`).
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATED = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "AfmoeAttention")
+GATED = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "AfmoeAttention", "LagunaAttention")
 
 
 def _lin(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
@@ -71,7 +71,7 @@ def reference_gated_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
     layers = list(model.model.layers)
     for idx, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
-        if attn is None or type(attn).__name__ not in GATED:
+        if attn is None or type(attn).__name__ not in GATED or getattr(attn, "gate_per_head", False):
             continue
 
         def layer_pre(_m: nn.Module, args: tuple, kwargs: dict, idx: int = idx) -> None:
@@ -110,10 +110,11 @@ def reference_gated_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         v = _lin(h, attn.v_proj).view(b, n, -1, e)
         v = v.repeat_interleave(H // v.shape[2], 2)  # [b, j, H, e]
         if type(attn).__name__ == "AfmoeAttention":
-            gate = _lin(h, attn.gate_proj).view(b, n, H, e)
+            g = torch.sigmoid(_lin(h, attn.gate_proj).view(b, n, H, e))  # [b, i, H, e]
+        elif type(attn).__name__ == "LagunaAttention":  # gating="per-element": softplus(g_proj)
+            g = F.softplus(_lin(h, attn.g_proj).view(b, n, H, e))
         else:  # q_proj emits [query | gate] per head
-            gate = _lin(h, attn.q_proj).view(b, n, H, 2 * e)[..., e:]
-        g = torch.sigmoid(gate)  # [b, i, H, e]
+            g = torch.sigmoid(_lin(h, attn.q_proj).view(b, n, H, 2 * e)[..., e:])
         W_O = attn.o_proj.weight.detach().double().T.reshape(H, e, d)
         parts = torch.einsum("bhij,bihe,bjhe,hed->bhijd", probs, g, v, W_O)
         o_bias = torch.zeros(d, dtype=torch.float64) if attn.o_proj.bias is None else attn.o_proj.bias.double()

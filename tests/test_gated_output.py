@@ -31,6 +31,7 @@ MODELS = {
     "qwen3_5": lambda: build_mixer_bridge("qwen3_5"),
     "qwen3_5_moe": lambda: build_tiny("Qwen3_5MoeForCausalLM"),
     "afmoe": lambda: build_tiny("AfmoeForCausalLM"),
+    "laguna_per_element": lambda: build_tiny("LagunaForCausalLM", gating="per-element"),  # softplus gate
 }
 
 
@@ -106,7 +107,7 @@ def test_gate_from_the_ratio_equals_the_cached_gate(run):
 def test_attention_measure_is_refused(run):
     """The pattern is the gated operator g_i·A, not attention weights (hybrids meet a mixer layer first)."""
     name, *_, cache, _ = run
-    match = "gates its heads' output per receiver" if name == "afmoe" else "no attention weights"
+    match = "gates its heads' output per receiver" if name in ("afmoe", "laguna_per_element") else "no attention weights"
     with pytest.raises(UnsupportedModelError, match=match):
         lens_alti.attribute(cache, measure="attention")
 

@@ -7,7 +7,8 @@ value the gate is fixed per receiver, so the block stays linear in the sources,
 
 - a gate per head (one scalar g_i,h per receiver and head, Laguna's default) folds into the
   pattern: `A'[h,i,j] = g_i,h · A[h,i,j]` (cheap: the record keeps H heads);
-- a gate per channel (g_i,h,e: Qwen3-Next, Qwen3.5, Qwen3.5-MoE, AFMoE) makes each value
+- a gate per channel (g_i,h,e: Qwen3-Next, Qwen3.5, Qwen3.5-MoE, AFMoE, Laguna with
+  `gating="per-element"`) makes each value
   vector receiver-dependent, so the record holds one "channel" per (head, d_head index)
   c = h·E + e, exactly like the linear-recurrent mixers: `A'[c,i,j] = g_i,h,e · A[h,i,j]`,
   `v'[j,c] = v[j,h,e]` (one number), `W_O'[c] = W_O[h,e]`, `channels_per_head = E`.
@@ -17,7 +18,7 @@ value the gate is fixed per receiver, so the block stays linear in the sources,
 
 Where the gate comes from: the cached pre-activation when the bridge records it
 (TransformerLens 4.3: `attn.hook_q_gate` for Qwen3-Next / Qwen3.5, `attn.gate.hook_out` for
-AFMoE, both `[b, q, H·E]` before the sigmoid), else the ratio of what `o_proj` really received
+AFMoE and Laguna, all `[b, q, H·E]` before the sigmoid, or Laguna's softplus), else the ratio of what `o_proj` really received
 (`attn.o.hook_in`) to the ungated `z` rebuilt from the pattern and values (0 where |z| is
 below 1e-6 of its largest entry, where any gate gives o ≈ 0). Whichever is used must reproduce
 o_proj's real input to 1e-4 of its largest entry before it is folded in.
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -109,9 +111,12 @@ def gated_output(
 
     gate = None
     if gate_pre is not None:
-        cached = torch.sigmoid(_flat(gate_pre, b, q, h, e, "the cached gate", name))
-        if float((o - cached * z).abs().max()) <= bound:
-            gate = cached
+        pre = _flat(gate_pre, b, q, h, e, "the cached gate", name)
+        for activation in (torch.sigmoid, F.softplus):  # Qwen3-Next / Qwen3.5 / AFMoE; Laguna
+            cached = activation(pre)
+            if float((o - cached * z).abs().max()) <= bound:
+                gate = cached
+                break
     if gate is None:  # the ratio of o_proj's real input to the ungated z
         floor = _Z_FLOOR * max(float(z.abs().max()), 1e-300)
         big = z.abs() > floor
