@@ -203,7 +203,8 @@ def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_
 
     def shape(r: list[BlockReader]) -> BlockShape:
         batch, n_heads, queries, keys = cache[r[0].hooks[0]].shape  # hook_pattern [batch, head, query, key]
-        return BlockShape(len(r), batch, n_heads, queries, keys, d_model)
+        channels = max(x.channels_per_head for x in r)  # per-channel output gates: head·d_head channels
+        return BlockShape(len(r), batch, n_heads * channels, queries, keys, d_model)
 
     shapes = [
         shape(r)

@@ -283,8 +283,8 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
     `[b, i]` (Σ_j of the raw L1 contributions over ‖y_i‖₁: how well float32 can resolve the row), and
     `attention` (a bool tensor: the layer is attention whose pattern the bridge does not cache),
     and for mixers with heads (Mamba-2, gated DeltaNet; not Falcon-H1's parallel block) `parts`
-    `[b, H, i, j, d]` and the layer input `x`: each head's share T^h_i(x_j) of T (residual excluded), from runs with only
-    token j's value and only head h's channels switched on.
+    `[b, H, i, j, d]` and the layer input `x`: each head's share T^h_i(x_j) of T (residual
+    excluded), from runs with only token j's value and only head h's channels switched on.
     """
     model = copy.deepcopy(hf_model).eval()
     if hasattr(model, "set_attn_implementation"):

@@ -107,7 +107,8 @@ def test_gate_from_the_ratio_equals_the_cached_gate(run):
 def test_attention_measure_is_refused(run):
     """The pattern is the gated operator g_i·A, not attention weights (hybrids meet a mixer layer first)."""
     name, *_, cache, _ = run
-    match = "gates its heads' output per receiver" if name in ("afmoe", "laguna_per_element") else "no attention weights"
+    all_attention = name in ("afmoe", "laguna_per_element")
+    match = "gates its heads' output per receiver" if all_attention else "no attention weights"
     with pytest.raises(UnsupportedModelError, match=match):
         lens_alti.attribute(cache, measure="attention")
 
@@ -205,3 +206,26 @@ def test_channel_grouping_that_does_not_divide_is_a_reader_error():
     decompose(block)  # 6 channels, 3 per head: fine
     with pytest.raises(LensAltiError, match="channels_per_head = 4 does not divide"):
         decompose(replace(block, channels_per_head=4))
+
+
+def test_head_ablation_on_gated_heads_and_refusal_on_mixer_heads():
+    """AFMoE's hook_z is the gated z (o_proj's input): zeroing head h removes exactly head h's output.
+    Mamba-2 has per-head ALTI now, but no hook_z to ablate: a clear refusal, not a KeyError."""
+    from lens_alti.analysis.ablation import head_ablation, logit_diff
+
+    _, bridge = MODELS["afmoe"]()
+    tokens = _tokens(1)
+    table = head_ablation(bridge, tokens, logit_diff([5], [6]))
+    assert len(table.table) == bridge.cfg.n_layers * bridge.cfg.n_heads
+    _, mamba = build_mixer_bridge("mamba2")
+    with pytest.raises(UnsupportedModelError, match="has no attention hook_z"):
+        head_ablation(mamba, tokens, logit_diff([5], [6]))
+
+
+def test_memory_estimate_counts_the_channels():
+    """The up-front estimate sees H·d_head channels for per-channel gates and H for per-head ones."""
+    bridge = MODELS["afmoe"]()[1]
+    readers = model_layout(bridge).blocks["self"]
+    assert {r.channels_per_head for r in readers} == {bridge.cfg.d_head} and bridge.cfg.d_head > 1
+    readers = model_layout(build_tiny("LagunaForCausalLM")[1]).blocks["self"]
+    assert {r.channels_per_head for r in readers} == {1}

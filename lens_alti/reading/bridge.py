@@ -9,7 +9,7 @@ import torch
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import attention_record, sublayer_block
-from lens_alti.reading.gated_output import gate_hook, has_output_gate
+from lens_alti.reading.gated_output import gate_channels, gate_hook, has_output_gate
 from lens_alti.reading.head_norm import head_norm_module
 from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
@@ -120,7 +120,8 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
             gate_pre=cache[gate_pre] if gate_pre is not None and gate_pre in cache.keys() else None, sinks=sinks,
         )
 
-    return BlockReader(f"{p}.attn", tuple(hooks), build)
+    channels = gate_channels(hf_attn, int(getattr(cfg, "d_head", 1) or 1)) if gated else 1
+    return BlockReader(f"{p}.attn", tuple(hooks), build, channels)
 
 
 def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:

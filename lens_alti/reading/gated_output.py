@@ -18,8 +18,8 @@ value the gate is fixed per receiver, so the block stays linear in the sources,
 
 Where the gate comes from: the cached pre-activation when the bridge records it
 (TransformerLens 4.3: `attn.hook_q_gate` for Qwen3-Next / Qwen3.5, `attn.gate.hook_out` for
-AFMoE and Laguna, all `[b, q, H·E]` before the sigmoid, or Laguna's softplus), else the ratio of what `o_proj` really received
-(`attn.o.hook_in`) to the ungated `z` rebuilt from the pattern and values (0 where |z| is
+AFMoE and Laguna, all `[b, q, H·E]` before the sigmoid, or Laguna's softplus), else the ratio
+of what `o_proj` really received (`attn.o.hook_in`) to the ungated `z` rebuilt from the pattern and values (0 where |z| is
 below 1e-6 of its largest entry, where any gate gives o ≈ 0). Whichever is used must reproduce
 o_proj's real input to 1e-4 of its largest entry before it is folded in.
 """
@@ -55,6 +55,18 @@ def has_output_gate(hf_attn: Any, bridge_attn: Any) -> bool:
     if q_proj is not None and o_proj is not None:
         return q_proj.out_features == 2 * o_proj.in_features
     return False
+
+
+def gate_channels(hf_attn: Any, d_head: int) -> int:
+    """`d_head` when the gate has one entry per (head, channel) — o_proj's input width — else 1."""
+    o_proj = _linear(getattr(hf_attn, "o_proj", None))
+    width = None if o_proj is None else o_proj.in_features
+    for child in ("g_proj", "gate_proj", "o_gate"):
+        gate = _linear(getattr(hf_attn, child, None))
+        if gate is not None:
+            return d_head if gate.out_features == width else 1
+    q_proj = _linear(getattr(hf_attn, "q_proj", None))
+    return d_head if q_proj is not None and width is not None and q_proj.out_features == 2 * width else 1
 
 
 def gate_hook(hook_dict: Any, prefix: str) -> str | None:
