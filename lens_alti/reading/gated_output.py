@@ -20,8 +20,9 @@ Where the gate comes from: the cached pre-activation when the bridge records it
 (TransformerLens 4.3: `attn.hook_q_gate` for Qwen3-Next / Qwen3.5, `attn.gate.hook_out` for
 AFMoE and Laguna, all `[b, q, H·E]` before the sigmoid, or Laguna's softplus), else the ratio
 of what `o_proj` really received (`attn.o.hook_in`) to the ungated `z` rebuilt from the
-pattern and values (0 where |z| is below 1e-6 of its largest entry, where any gate gives o ≈ 0). Whichever is used must reproduce
-o_proj's real input to 1e-4 of its largest entry before it is folded in.
+pattern and values (0 where |z| is below 1e-6 of its largest entry, where any gate gives
+o ≈ 0). Whichever is used must reproduce o_proj's real input to 1e-4 of its largest entry
+before it is folded in.
 """
 
 from __future__ import annotations
