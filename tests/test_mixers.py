@@ -206,3 +206,47 @@ def test_per_head_left_padded_batch_equals_single_runs(run):
     torch.testing.assert_close(padded.heads[1:, :, :, 3:, 3:], single.heads, atol=1e-5, rtol=0)
     torch.testing.assert_close(padded.head_outputs[1:, :, :, 3:], single.head_outputs, atol=1e-5, rtol=0)
     assert float(padded.heads[1, :, :, :3].abs().max()) == 0 and float(padded.heads[1, ..., :3].abs().max()) == 0
+
+
+def _final_direction(hf, tokens: torch.Tensor, target: int) -> torch.Tensor:
+    """w = g / rms(x_N) ⊙ W_U[:, target]: the final RMSNorm linearised at the last position's real input."""
+    backbone = getattr(hf, "backbone", None) or hf.model
+    norm = getattr(backbone, "norm_f", None) or backbone.norm
+    seen = {}
+
+    def grab(_m: torch.nn.Module, args: tuple) -> None:
+        seen["x"] = args[0].detach().double()
+
+    handle = norm.register_forward_pre_hook(grab)
+    with torch.no_grad():
+        hf(input_ids=tokens, use_cache=False)
+    handle.remove()
+    x_n = seen["x"][0, -1]
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    return norm.weight.double() / (x_n.pow(2).mean() + eps).sqrt() * hf.lm_head.weight[target].double()
+
+
+def test_logit_attribution_and_routes_per_mixer_head():
+    """Mamba-2: ALTI-Logit's Δ^l[h, k] = T^h_N(x_k)·w per SSM head, against the per-head reference;
+    routes' head axis is the 8 SSM heads."""
+    hf, bridge = build_mixer_bridge("mamba2")
+    tokens, target = _tokens(1, 6), 5
+    _, cache = bridge.run_with_cache(tokens)
+    attr = lens_alti.logit_attribution(cache, target=target, tokens=tokens, dtype=torch.float64)
+    ref = reference_mixer_layers(hf, tokens)
+    w = _final_direction(hf, tokens, target)
+    for layer, want in ref.items():
+        torch.testing.assert_close(attr.heads[0, layer], want["parts"][0, :, -1] @ w, atol=1e-6, rtol=1e-6)
+    routes = lens_alti.routes(cache, target=target, tokens=tokens)
+    assert routes.head_importance.shape == (len(ref), want["parts"].shape[1])
+
+
+def test_logit_attribution_and_routes_refuse_mixed_head_counts():
+    """Jamba: a Mamba-1 layer (no heads: one part) and a 4-head attention layer."""
+    _, bridge = build_mixer_bridge("jamba")
+    tokens = _tokens(1, 6)
+    _, cache = bridge.run_with_cache(tokens)
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="need one head count"):
+        lens_alti.logit_attribution(cache, target=5, tokens=tokens)
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="different numbers of heads"):
+        lens_alti.routes(cache, target=5, tokens=tokens)

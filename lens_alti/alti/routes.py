@@ -21,6 +21,8 @@ from torch import Tensor
 
 from lens_alti.alti.decompose import decompose, group_heads
 from lens_alti.alti.kernels import get_kernel
+from lens_alti.alti.logit import channel_groups
+from lens_alti.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from lens_alti.reading.records import AttentionBlock
@@ -61,8 +63,12 @@ def restrict_receivers(block: AttentionBlock, positions: Tensor) -> AttentionBlo
     norm = block.norm
     if norm is not None:
         norm = replace(norm, scale=norm.scale[:, positions])
+    b_O = block.b_O
+    if b_O is not None and b_O.dim() == 3:  # a per-receiver bias (recurrent mixers)
+        b_O = b_O[:, positions]
     return replace(
         block,
+        b_O=b_O,
         pattern=block.pattern[:, :, positions],
         residual=block.residual[:, positions],
         target=block.target[:, positions],
@@ -100,7 +106,7 @@ def receiver_parts(
         y = y + mlp_rows
     scale = tv.scale[0] if tv.scale is not None else torch.ones_like(y)
     y_l1 = y.abs().sum(-1)
-    G = tv.channels_per_head  # > 1: channels grouped into heads; a head's part sums its channels
+    G = channel_groups(block)  # > 1: channels grouped into heads; a head's part sums its channels
     kernel = get_kernel("l1+heads", False) if G == 1 else get_kernel("l1", False)
     d = y.shape[-1]
     rows = max(1, _CHUNK_BYTES // max(1, h * k * d * y.element_size()))
@@ -169,7 +175,13 @@ def build_routes(
     if logit_mode not in ("direct", "column"):
         raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     n_layers = len(layers)
-    n_heads = layers[0].block.pattern.shape[1] // layers[0].block.channels_per_head
+    counts = {layer.block.pattern.shape[1] // channel_groups(layer.block) for layer in layers}
+    if len(counts) > 1:
+        raise UnsupportedModelError(
+            f"routes: the layers have different numbers of heads ({sorted(counts)}; hybrid models, per-layer head "
+            "counts, mixers without heads count as one part): head_importance[layer, head] needs one head count"
+        )
+    n_heads = counts.pop()
     head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     top_node = (n_layers, position)
     importance: dict[tuple, float] = {top_node: 1.0}
@@ -280,7 +292,7 @@ def _direct_edges(
         *_, logit = receiver_parts(spec.block, at, spec.mlp if spec.parallel else None, dtype, direction)
         assert logit is not None  # internal: receiver_parts returns the logit updates when given a direction
         computed[layer] += 1
-        n_h = spec.block.pattern.shape[1] // spec.block.channels_per_head
+        n_h = spec.block.pattern.shape[1] // channel_groups(spec.block)
         k = (logit.shape[1] - 2) // n_h
         values.append(logit[0, :-2])
         labels += [("head", layer, h, j, (layer, j)) for h in range(n_h) for j in range(k)]

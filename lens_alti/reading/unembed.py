@@ -242,6 +242,7 @@ def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
     readers: list[BlockReader] = layout.blocks["self"]
     n = len(readers)
     attn_only = bool(getattr(model.cfg, "attn_only", False))
+    hook_dict = getattr(model, "hook_dict", {})
     steps: list[Step] = []
     hooks: list[str] = ["blocks.0.hook_resid_pre"]
     for layer, reader in enumerate(readers):
@@ -255,11 +256,17 @@ def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
 
             def build(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
                 return DirectWrite(f"{p}.mlp", layer, cache[f"{p}.hook_mlp_out"], None)
-        else:
+        elif f"{p}.hook_resid_mid" in hook_dict or f"{reader.name}.hook_out" not in reader.hooks:
             names = (f"{p}.hook_resid_post", f"{p}.hook_resid_mid")
 
             def build(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
                 out = cache[f"{p}.hook_resid_post"] - cache[f"{p}.hook_resid_mid"]
+                return DirectWrite(f"{p}.mlp", layer, out, None)
+        else:  # a mixer block with no resid_mid (Mamba: y = x + mixer(norm(x)), usually no MLP)
+            names = (f"{p}.hook_resid_post", f"{p}.hook_resid_pre", f"{reader.name}.hook_out")
+
+            def build(cache: Any, layer: int = layer, p: str = p, mix: str = reader.name) -> DirectWrite:
+                out = cache[f"{p}.hook_resid_post"] - cache[f"{p}.hook_resid_pre"] - cache[f"{mix}.hook_out"]
                 return DirectWrite(f"{p}.mlp", layer, out, None)
 
         steps.append(Step("write", layer, names, build))
