@@ -89,8 +89,8 @@ class AttentionUpdate:
 
     `heads[b, h, k]` = `T^h_N(x_k)·w` (spec §7 Δ^l[h, k]; a head's channels summed when the
     record groups channels into heads, all channels as one "head" when they form none);
-    `bias[b]` = the block's terms owned by no source (b_O, post-norm β) read through w; `below[b, d]` the direction at the block's input;
-    `tv` the decomposition restricted to the explained row and `row_block` that row's record
+    `bias[b]` = the block's terms owned by no source (b_O, post-norm β) read through w;
+    `below[b, d]` the direction at the block's input; `tv` the decomposition restricted to the explained row and `row_block` that row's record
     (so its reconstruction can be checked).
     """
 
