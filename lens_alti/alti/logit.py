@@ -92,6 +92,18 @@ class AttentionUpdate:
     `bias[b]` = the block's terms owned by no source (b_O, post-norm β) read through w;
     `below[b, d]` the direction at the block's input; `tv` the decomposition restricted to the
     explained row and `row_block` that row's record (so its reconstruction can be checked).
+    """
+
+    heads: Float[Tensor, "b h k"]
+    bias: Float[Tensor, " b"]
+    below: Float[Tensor, "b d"]
+    tv: TransformedVectors
+    row_block: AttentionBlock
+
+
+def attention_update(
+    block: AttentionBlock, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"], dtype: torch.dtype
+) -> AttentionUpdate:
     """Δ^l[h, k] of one attention block for the direction `w` at its output (spec §7)."""
     row_block = restrict_rows(block, rows)
     tv = decompose(row_block, dtype=dtype)
