@@ -66,7 +66,7 @@ def test_record_holds_one_channel_per_head_and_d_head(run):
         assert any(h.endswith(("hook_q_gate", "gate.hook_out")) for h in readers[layer].hooks)  # read from the cache
 
 
-@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("backend", ["eager", "native", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_tokens_and_heads_match_dense_reference(run, backend):
     name, _, _, cache, ref = run
     res = lens_alti.attribute(cache, heads=True, dtype=torch.float64, backend=backend)
