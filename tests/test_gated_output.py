@@ -220,6 +220,13 @@ def test_head_ablation_on_gated_heads_and_refusal_on_mixer_heads():
     _, mamba = build_mixer_bridge("mamba2")
     with pytest.raises(UnsupportedModelError, match="has no attention hook_z"):
         head_ablation(mamba, tokens, logit_diff([5], [6]))
+    from lens_alti.analysis.patching import head_patching
+
+    corrupted = _tokens(1, seed=3)
+    patched = head_patching(bridge, tokens, corrupted, logit_diff([5], [6]))
+    assert len(patched.table) == bridge.cfg.n_layers * bridge.cfg.n_heads
+    with pytest.raises(UnsupportedModelError, match="head_patching patches attention heads' hook_z"):
+        head_patching(mamba, tokens, corrupted, logit_diff([5], [6]))
 
 
 def test_memory_estimate_counts_the_channels():
