@@ -236,3 +236,16 @@ def test_memory_estimate_counts_the_channels():
     assert {r.channels_per_head for r in readers} == {bridge.cfg.d_head} and bridge.cfg.d_head > 1
     readers = model_layout(build_tiny("LagunaForCausalLM")[1]).blocks["self"]
     assert {r.channels_per_head for r in readers} == {1}
+
+
+def test_restricted_receivers_and_streaming_equal_the_full_result(run):
+    """positions= (per-head rows of chosen receivers) and attribute(model, tokens=) keep the channel grouping."""
+    name, bridge, tokens, cache, _ = run
+    full = lens_alti.attribute(cache, heads=True)
+    pos = torch.tensor([[3, 6], [6, 2]])
+    part = lens_alti.attribute(cache, heads=True, positions=pos)
+    for b in range(2):
+        torch.testing.assert_close(part.heads[b], full.heads[b][:, :, pos[b]], atol=1e-6, rtol=0)
+        torch.testing.assert_close(part.head_outputs[b], full.head_outputs[b][:, :, pos[b]], atol=1e-6, rtol=0)
+    streamed = lens_alti.attribute(bridge, tokens=tokens, heads=True)
+    torch.testing.assert_close(streamed.heads, full.heads, atol=1e-6, rtol=0)
