@@ -140,9 +140,9 @@ def _block_vectors(
     if checks.heads and not block.has_heads:  # a mixer whose channels form no heads (reading/mixers)
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
-            "not per head (its channels form no heads: Mamba-1, short convolutions, NemotronH's MLP-only layers, or Falcon-H1's "
-            "parallel attention + mixer block): per-head contributions are not available for it; call "
-            "attribute(..., heads=False)"
+            "not per head (its channels form no heads: Mamba-1, short convolutions, NemotronH's MLP-only layers, "
+            "or Falcon-H1's parallel attention + mixer block): per-head contributions are not available for it; "
+            "call attribute(..., heads=False)"
         )
     _check_finite(block, valid_q, valid_k)
     if not checks.padding_checked and checks.causal is not None and block.pattern_is_distribution:
