@@ -249,3 +249,16 @@ def test_restricted_receivers_and_streaming_equal_the_full_result(run):
         torch.testing.assert_close(part.head_outputs[b], full.head_outputs[b][:, :, pos[b]], atol=1e-6, rtol=0)
     streamed = lens_alti.attribute(bridge, tokens=tokens, heads=True)
     torch.testing.assert_close(streamed.heads, full.heads, atol=1e-6, rtol=0)
+
+
+def test_ratio_gate_where_the_attention_output_cancels_is_refused():
+    """No cached gate and z = Σ_j A v_j cancels at a receiver although its values are large: the
+    ratio o / z would be rounding noise there, and a gate of 0 would drop real contributions."""
+    pattern, values, W_O, _ = _synthetic()
+    a = pattern[0, 0, 1]  # receiver 1 of head 0 attends keys 0 and 1
+    values[0, 1, 0, 1] = -a[0] / a[1] * values[0, 0, 0, 1]  # z[1, head 0, channel 1] = 0
+    z = torch.einsum("bhqk,bkhe->bqhe", pattern, values)
+    assert float(z[0, 1, 0, 1].abs()) < 1e-6
+    o = torch.rand(z.shape, generator=torch.Generator().manual_seed(1)) * z
+    with pytest.raises(UnsupportedModelError, match="cannot recover it where the attention output cancels"):
+        gated_output(pattern, values, W_O, o, "attn")

@@ -20,9 +20,11 @@ Where the gate comes from: the cached pre-activation when the bridge records it
 (TransformerLens 4.3: `attn.hook_q_gate` for Qwen3-Next / Qwen3.5, `attn.gate.hook_out` for
 AFMoE and Laguna, all `[b, q, H·E]` before the sigmoid, or Laguna's softplus), else the ratio
 of what `o_proj` really received (`attn.o.hook_in`) to the ungated `z` rebuilt from the
-pattern and values (0 where |z| is below 1e-6 of its largest entry, where any gate gives
-o ≈ 0). Whichever is used must reproduce o_proj's real input to 1e-4 of its largest entry
-before it is folded in.
+pattern and values. The ratio is only formed where z does not cancel (|z| > 1e-4·Σ_j A|v_j|,
+so float32 rounding cannot distort it); elsewhere the gate is 0 when the channel carries
+nothing there (Σ_j A|v_j| ≤ 1e-3 of its largest entry), and the layer is refused otherwise.
+Whichever gate is used must reproduce o_proj's real input to 1e-4 of its largest entry before
+it is folded in.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ from lens_alti.errors import UnsupportedModelError
 
 # How well a gate must reproduce o_proj's real input (relative to its max).
 _GATE_RTOL = 1e-4
-# |z| below this fraction of max|z|: the ratio o / z is not formed (the gate is set to 0 there).
-_Z_FLOOR = 1e-6
+# The ratio o / z is formed where |z| > _CONDITION · Σ_j A|v_j| (float32 z then known to ~1e-3 of
+# itself); elsewhere the gate is set to 0, which is allowed only where Σ_j A|v_j| is below
+# _NEGLIGIBLE of its largest entry (what the channel could carry there is negligible).
+_CONDITION = 1e-4
+_NEGLIGIBLE = 1e-3
 # Hooks under the attention module that hold the gate's pre-activation (TransformerLens 4.3).
 GATE_HOOKS = ("hook_q_gate", "gate.hook_out")
 
@@ -131,9 +136,19 @@ def gated_output(
                 gate = cached
                 break
     if gate is None:  # the ratio of o_proj's real input to the ungated z
-        floor = _Z_FLOOR * max(float(z.abs().max()), 1e-300)
-        big = z.abs() > floor
-        gate = torch.where(big, o / torch.where(big, z, 1.0), torch.zeros_like(o))
+        # Σ_j A|v_j|: z's size before cancellation. Where |z| is far below it, the float32 z the
+        # model gated differs from the rebuilt one by more than the ratio can tolerate.
+        zabs = torch.einsum("bhqk,bkhe->bqhe", pattern.abs().to(torch.float64), values.abs().to(torch.float64))
+        good = z.abs() > _CONDITION * zabs
+        gate = torch.where(good, o / torch.where(good, z, 1.0), torch.zeros_like(o))
+        lost = torch.where(good, torch.zeros_like(zabs), zabs)  # what a gate of 0 drops there
+        if float(lost.max()) > _NEGLIGIBLE * float(zabs.max()):
+            raise UnsupportedModelError(
+                f"{name}: the bridge caches no usable gate for this per-channel gated output, and o_proj's input "
+                "divided by the attention output cannot recover it where the attention output cancels (|z| below "
+                f"{_CONDITION:g} of Σ_j A|v_j| at {int((~good & (zabs > _NEGLIGIBLE * zabs.max())).sum())} "
+                "receiver·channel entries); a gate of 0 there would drop real contributions"
+            )
         err = float((o - gate * z).abs().max())
         if err > bound:
             raise UnsupportedModelError(
