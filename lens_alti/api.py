@@ -85,9 +85,10 @@ def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> At
     if leak > MASK_LEAK_TOLERANCE and block.recurrent:
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
-            f"this attention_mask (up to {leak:.3g}), and the cache does not show which positions the "
-            "layer itself zeroed (lens_alti reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the "
-            "sequences one at a time without padding."
+            f"this attention_mask (up to {leak:.3g}): either the model itself mixes padding into the real tokens "
+            "(RWKV and RecurrentGemma ignore the attention mask: padding before a real token enters its state; "
+            "right padding is fine), or the cache does not show which positions the layer zeroed (lens_alti "
+            "reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the sequences one at a time without padding."
         )
     if leak > MASK_LEAK_TOLERANCE:
         raise MaskMismatchError(

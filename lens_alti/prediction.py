@@ -32,7 +32,7 @@ from lens_alti.errors import (
     NonFiniteError,
     UnsupportedModelError,
 )
-from lens_alti.reading import cache_and_model, is_cache, model_layout
+from lens_alti.reading import ModelLayout, cache_and_model, is_cache, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.unembed import DirectWrite, LogitLayout, logit_layout
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
@@ -66,6 +66,43 @@ def run_model(
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, **kwargs)
     return cache, tokens
+
+
+def logit_inputs(
+    cache_or_model: Any,
+    tokens: Any,
+    attention_mask: Tensor | None,
+    decoder_tokens: Any,
+    what: str,
+    decoder_only: bool = False,
+) -> tuple[Any, Any, Any, ModelLayout, LogitLayout]:
+    """(cache, tokens, model, layout, logit layout) for a method that explains logits.
+
+    Runs the model when given one (else `cache_or_model` is the cache), reads its layout and
+    checks that the cache holds every hook the logit layout needs (MissingHooksError naming
+    `what`). `decoder_only`: refuse encoders and encoder-decoders (UnsupportedModelError).
+    """
+    if is_cache(cache_or_model):
+        cache = cache_or_model
+    else:
+        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
+    cache, model = cache_and_model(cache)
+    layout = model_layout(model)
+    if decoder_only and layout.family != "decoder":
+        raise UnsupportedModelError(
+            f"{layout.architecture}: {what} is implemented for decoder-only models; for encoders and "
+            "encoder-decoders use attribute(heads=True)"
+        )
+    llayout = logit_layout(model, layout)
+    have = set(cache.keys())
+    missing = [h for h in llayout.hooks if h not in have]
+    if missing:
+        raise MissingHooksError(
+            missing,
+            f"{what} reads these hooks (run_with_cache without names_filter records them all; eager "
+            "attention is needed for hook_pattern).",
+        )
+    return cache, tokens, model, layout, llayout
 
 
 def _valid(mask: Tensor | None, batch: int, pos: int, device: torch.device, what: str) -> Tensor:
@@ -232,21 +269,9 @@ def logit_attribution(
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if is_cache(cache_or_model):
-        cache = cache_or_model
-    else:
-        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
-    cache, model = cache_and_model(cache)
-    layout = model_layout(model)
-    llayout: LogitLayout = logit_layout(model, layout)
-    have = set(cache.keys())
-    missing = [h for h in llayout.hooks if h not in have]
-    if missing:
-        raise MissingHooksError(
-            missing,
-            "logit_attribution reads these hooks (run_with_cache without names_filter records them all; eager "
-            "attention is needed for hook_pattern).",
-        )
+    cache, tokens, model, layout, llayout = logit_inputs(
+        cache_or_model, tokens, attention_mask, decoder_tokens, "logit_attribution"
+    )
     seq2seq = llayout.family == "encoder_decoder"
     x0 = cache[llayout.embedding_hook]
     batch, pos = x0.shape[:2]

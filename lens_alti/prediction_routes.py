@@ -13,10 +13,7 @@ import torch
 from torch import Tensor
 
 from lens_alti.alti.logit import readout_direction
-from lens_alti.errors import MissingHooksError
-from lens_alti.prediction import _labels, _valid, explained_rows, run_model, token_ids
-from lens_alti.reading import cache_and_model, is_cache, model_layout
-from lens_alti.reading.unembed import logit_layout
+from lens_alti.prediction import _labels, _valid, explained_rows, logit_inputs, token_ids
 
 
 @torch.no_grad()
@@ -67,7 +64,6 @@ def routes(
     import pandas as pd
 
     from lens_alti.alti.routes import RouteLayer, build_routes
-    from lens_alti.errors import UnsupportedModelError
     from lens_alti.results_logit import Routes, empty_edges
 
     if not 0 < threshold < 1:
@@ -76,22 +72,9 @@ def routes(
         raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     if contrast is not None and target is None:
         raise ValueError("contrast needs a target: routes weighted by the logit difference target − contrast")
-    if is_cache(cache_or_model):
-        cache = cache_or_model
-    else:
-        cache, tokens = run_model(cache_or_model, tokens, attention_mask, None)
-    cache, model = cache_and_model(cache)
-    layout = model_layout(model)
-    if layout.family != "decoder":
-        raise UnsupportedModelError(
-            f"{layout.architecture}: routes are implemented for decoder-only models; for encoders and "
-            "encoder-decoders use attribute(heads=True)"
-        )
-    llayout = logit_layout(model, layout)
-    have = set(cache.keys())
-    missing = [h for h in llayout.hooks if h not in have]
-    if missing:
-        raise MissingHooksError(missing, "routes reads these hooks (run_with_cache without names_filter records them).")
+    cache, tokens, model, layout, llayout = logit_inputs(
+        cache_or_model, tokens, attention_mask, None, "routes", decoder_only=True
+    )
     x0 = cache[llayout.embedding_hook]
     n_batch, pos = x0.shape[:2]
     if not 0 <= batch < n_batch:

@@ -82,6 +82,14 @@ CONFIGS: dict[str, Callable[[], T.PreTrainedModel]] = {
             key_multiplier=0.9,
         )
     ),
+    # Griffin: an RG-LRU recurrent layer, then local attention with a window (3) shorter than the input.
+    "recurrent_gemma": lambda: T.RecurrentGemmaForCausalLM(
+        T.RecurrentGemmaConfig(
+            **{**_COMMON, "num_hidden_layers": 3}, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            lru_width=32, attention_window_size=3, conv1d_width=3,
+            block_types=["recurrent", "attention", "recurrent"],
+        )
+    ),
 }
 
 # Mixers of these get a bias in the convolution and in_proj/out_proj where the config allows it.
@@ -97,10 +105,13 @@ def hf_mixer_model(arch: str, seed: int = 0) -> T.PreTrainedModel:
     with torch.no_grad():
         for name, param in model.named_parameters():
             # Random D, dt biases and conv biases so that no term is trivially zero.
-            if name.endswith((".D", "conv1d.bias", "conv.bias", "dt_bias")):
+            if name.endswith((".D", "conv1d.bias", "conv.bias", "dt_bias", "conv_1d.bias", "gate_bias", "linear_x.bias",
+                              "linear_y.bias", "linear_out.bias")):
                 param.copy_(param + 0.1 * torch.randn(param.shape, generator=gen))
             # Mixer outputs comparable to the residual stream, so that tokens really mix.
-            if name.endswith(("out_proj.weight", "linear_attn.o_proj.weight")) and ".self_attn." not in name:
+            if name.endswith(("out_proj.weight", "linear_attn.o_proj.weight", "linear_out.weight")) and (
+                ".self_attn." not in name
+            ):
                 param.mul_(4.0)
     return model.eval()
 

@@ -11,7 +11,8 @@ every value off and only the biases on gives bias_i. The sum is checked against 
 layer output captured from the Hugging Face forward pass.
 
 Equations: Mamba (Gu & Dao 2023; hidden attention, Ali et al. 2024), Mamba-2 SSD (Dao & Gu
-2024), causal short convolution (LFM2), gated DeltaNet (Yang et al. 2024) as in Qwen3-Next.
+2024), causal short convolution (LFM2), gated DeltaNet (Yang et al. 2024) as in Qwen3-Next, RecurrentGemma's
+RG-LRU (De et al. 2024).
 Tiny models only: everything is dense and sequential.
 """
 
@@ -29,11 +30,13 @@ MAMBA1 = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer")
 SHORTCONV = ("Lfm2ShortConv", "Lfm2MoeShortConv")
 DELTANET = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "OlmoHybridGatedDeltaNet")
-# NemotronH's single-sublayer layers that are not recurrent: attention (pattern not cached by the
-# bridge) and MLPs (their contribution matrix is the identity).
-PLAIN_ATTENTION = ("NemotronHAttention",)
+RGLRU = ("RecurrentGemmaRecurrentBlock",)
+# Single-sublayer layers that are not recurrent: attention whose pattern the bridge does not cache
+# (NemotronH's "*" layers, RecurrentGemma's local attention; the reference uses the Hugging Face
+# module's own attention probabilities) and MLPs (their contribution matrix is the identity).
+PLAIN_ATTENTION = ("NemotronHAttention", "RecurrentGemmaAttention")
 TOKEN_WISE = ("NemotronHMLP", "NemotronHMoE")
-KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET + PLAIN_ATTENTION + TOKEN_WISE
+KNOWN = MAMBA1 + MAMBA2 + SHORTCONV + DELTANET + RGLRU + PLAIN_ATTENTION + TOKEN_WISE
 _RTOL = 1e-9
 
 
@@ -234,7 +237,48 @@ def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
     return _Frozen(run, v0, Hv)
 
 
+def _rglru(m: nn.Module, h: torch.Tensor) -> _Frozen:
+    """RecurrentGemma's recurrent block (De et al. 2024, Griffin), step by step:
+    p = conv(x) + b, x = linear_x(h); per block-diagonal head, i_t = σ(p_t W_i + b_i), ρ_t = σ(p_t W_a + b_a),
+    a_t = exp(−8 ρ_t softplus(Λ)); s_t = a_t s_{t−1} + √(1 − a_t²) i_t p_t, restarted at t = 0 (a = 0, factor 1);
+    out = linear_out(gelu_tanh(linear_y(h)) ⊙ s)."""
+    lru = m.rg_lru
+    bsz, n, _ = h.shape
+    heads, bw = lru.num_attention_heads, lru.block_width
+    x = _lin(h, m.linear_x)
+    y = F.gelu(_lin(h, m.linear_y), approximate="tanh")
+    w = m.conv_1d.weight.detach().double()[:, 0]
+    cb = m.conv_1d.bias.detach().double()
+    p = _conv_seq(x, w, cb)
+    gi, ga = torch.zeros_like(p), torch.zeros_like(p)
+    for hd in range(heads):
+        blk = p[..., hd * bw : (hd + 1) * bw]
+        gi[..., hd * bw : (hd + 1) * bw] = torch.sigmoid(
+            blk @ lru.input_gate_weight[hd].detach().double() + lru.input_gate_bias[hd].detach().double()
+        )
+        ga[..., hd * bw : (hd + 1) * bw] = torch.sigmoid(
+            blk @ lru.recurrent_gate_weight[hd].detach().double() + lru.recurrent_gate_bias[hd].detach().double()
+        )
+    a = torch.exp(-8.0 * ga * F.softplus(lru.recurrent_param.detach().double()))
+    factor = torch.sqrt(1 - a * a)
+    a[:, 0] = 0.0  # reset at position 0
+    factor[:, 0] = 1.0
+
+    def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
+        u = _conv_seq(v, w, cb if biases else None) * gi * factor
+        state = torch.zeros(bsz, u.shape[-1], dtype=torch.float64)
+        outs = []
+        for t in range(n):
+            state = a[:, t] * state + u[:, t]
+            outs.append(state * y[:, t])
+        out = torch.stack(outs, 1) @ m.linear_out.weight.detach().double().T
+        return out + m.linear_out.bias.detach().double() if biases else out
+
+    return _Frozen(run, x)
+
+
 _BUILDERS: dict[tuple[str, ...], Callable[[nn.Module, torch.Tensor], _Frozen]] = {
+    RGLRU: _rglru,
     MAMBA1: _mamba1,
     MAMBA2: _mamba2,
     SHORTCONV: _short_conv,
@@ -255,7 +299,7 @@ def _mixers(model: nn.Module) -> dict[int, tuple[nn.Module, nn.Module]]:
     layers = backbone.layers
     out = {}
     for idx, layer in enumerate(layers):
-        for child in ("mixer", "mamba", "conv", "linear_attn"):
+        for child in ("mixer", "mamba", "conv", "linear_attn", "temporal_block"):
             mod = getattr(layer, child, None)
             if mod is not None and type(mod).__name__ in KNOWN:
                 out[idx] = (layer, mod)
@@ -295,7 +339,7 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
     for idx, (layer, mod) in mixers.items():
 
         def layer_pre(_m: nn.Module, args: tuple, kwargs: dict, idx: int = idx) -> None:
-            hs = args[0] if args else kwargs["hidden_states"]
+            hs = args[0] if args else kwargs.get("hidden_states", kwargs.get("activations"))
             seen.setdefault(idx, {})["x"] = hs.detach().double().clone()
 
         def mixer_pre(_m: nn.Module, args: tuple, kwargs: dict, idx: int = idx) -> None:
@@ -402,3 +446,118 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
             result[idx]["parts"] = m * seen[idx]["head_parts"]
             result[idx]["x"] = x
     return result
+
+
+def _layer_norm(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    return (x - mean) / (var + mod.eps).sqrt() * mod.weight.detach().double() + mod.bias.detach().double()
+
+
+def _token_shift(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """`μ ⊙ x_t + (1 − μ) ⊙ x_{t−1}` with `x_{−1} = 0`."""
+    prev = torch.zeros_like(x)
+    prev[:, 1:] = x[:, :-1]
+    return x * mu + prev * (1 - mu)
+
+
+def _rwkv_time_mix(att: nn.Module, h: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """RWKV-4 time mixing with k and r frozen; `run(h')` is linear in the input h' of the value branch.
+
+    `wkv_t = (Σ_{i<t} e^{−(t−1−i)w + k_i} v_i + e^{u+k_t} v_t) / (Σ_{i<t} e^{−(t−1−i)w + k_i} + e^{u+k_t})`,
+    `w = exp(time_decay)`, computed as a recurrence over t with numerator and denominator states
+    (the denominator from the real k only); out = W_o(σ(r) ⊙ wkv).
+    """
+    mu = lambda p: p.detach().double().reshape(-1)  # noqa: E731
+    k = _token_shift(h, mu(att.time_mix_key)) @ att.key.weight.detach().double().T
+    r = torch.sigmoid(_token_shift(h, mu(att.time_mix_receptance)) @ att.receptance.weight.detach().double().T)
+    w, u = att.time_decay.detach().double().exp(), att.time_first.detach().double()
+    bsz, n, C = k.shape
+
+    def run(hv: torch.Tensor) -> torch.Tensor:
+        v = _token_shift(hv, mu(att.time_mix_value)) @ att.value.weight.detach().double().T
+        num = torch.zeros(bsz, C, dtype=torch.float64)
+        den = torch.zeros(bsz, C, dtype=torch.float64)
+        outs = []
+        for t in range(n):
+            cur = torch.exp(u + k[:, t])
+            outs.append((num + cur * v[:, t]) / (den + cur))
+            num = torch.exp(-w) * num + torch.exp(k[:, t]) * v[:, t]
+            den = torch.exp(-w) * den + torch.exp(k[:, t])
+        return (r * torch.stack(outs, 1)) @ att.output.weight.detach().double().T
+
+    return run, r
+
+
+def _rwkv_channel_mix(ffn: nn.Module, g: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """RWKV-4 channel mixing `σ(r) ⊙ W_v relu(z)²`, z = W_k shift(g), with relu(z)² = relu(z)·z and relu(z),
+    σ(r) frozen at the real run; `run(g')` is linear in g'."""
+    mu = lambda p: p.detach().double().reshape(-1)  # noqa: E731
+    W_k = ffn.key.weight.detach().double()
+    z = _token_shift(g, mu(ffn.time_mix_key)) @ W_k.T
+    r = torch.sigmoid(_token_shift(g, mu(ffn.time_mix_receptance)) @ ffn.receptance.weight.detach().double().T)
+
+    def run(gv: torch.Tensor) -> torch.Tensor:
+        zv = _token_shift(gv, mu(ffn.time_mix_key)) @ W_k.T
+        return r * ((F.relu(z) * zv) @ ffn.value.weight.detach().double().T)
+
+    return run
+
+
+@torch.no_grad()
+def reference_rwkv_steps(hf_model: nn.Module, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Dense float64 ALTI of every token-mixing step of an RWKV-4 model: `[time mix 0, channel mix 0, ...]`.
+
+    Each step is `y = x + f(norm(x))` with f linear in norm(x) once its gates are frozen; T_i(x_j) is the
+    output with only token j's normalised input switched on (every tap that reads it: its own position and,
+    through the token shift, the next one). Entries as in `reference_mixer_layers` (T, y, l1, l2, koba).
+    """
+    model = copy.deepcopy(hf_model).eval()
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for idx, block in enumerate(model.rwkv.blocks):
+        for name, mod in (("ln1", block.ln1), ("ln2", block.ln2)):
+
+            def pre(_m: nn.Module, args: tuple, key: str = f"{idx}.{name}") -> None:
+                seen[key] = args[0].detach().double().clone()
+
+            handles.append(mod.register_forward_pre_hook(pre))
+        for name, mod in (("att", block.attention), ("ffn", block.feed_forward)):
+
+            def post(_m: nn.Module, _a: tuple, out: Any, key: str = f"{idx}.{name}") -> None:
+                seen[key] = out[0].detach().double().clone()
+
+            handles.append(mod.register_forward_hook(post))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps = []
+    for idx, block in enumerate(model.rwkv.blocks):
+        for norm, key, sub in (("ln1", "att", block.attention), ("ln2", "ffn", block.feed_forward)):
+            x = seen[f"{idx}.{norm}"]
+            hn = _layer_norm(x, getattr(block, norm))
+            run = _rwkv_time_mix(sub, hn)[0] if key == "att" else _rwkv_channel_mix(sub, hn)
+            bsz, n, _ = x.shape
+            parts = []
+            for j in range(n):
+                only = torch.zeros_like(hn)
+                only[:, j] = hn[:, j]
+                parts.append(run(only))
+            T = torch.stack(parts, 2)  # [b, i, j, d]
+            real = seen[f"{idx}.{key}"]
+            err = float((T.sum(2) - real).abs().max())
+            if err > 1e-5 * max(1.0, float(real.abs().max())):
+                raise AssertionError(f"reference: RWKV layer {idx} {key} does not reproduce its output: {err:.3g}")
+            y = x + real
+            T = T + torch.eye(n, dtype=torch.float64)[None, :, :, None] * x[:, None, :, :]
+            diff = y[:, :, None] - T
+            c = {
+                "l1": (y.abs().sum(-1)[..., None] - diff.abs().sum(-1)).clamp(min=0),
+                "l2": (y.norm(dim=-1)[..., None] - diff.norm(dim=-1)).clamp(min=0),
+                "koba": T.norm(dim=-1),
+            }
+            rows = {k: val / val.sum(-1, keepdim=True).clamp(min=1e-300) for k, val in c.items()}
+            steps.append({"T": T, "y": y, **rows})
+    return steps

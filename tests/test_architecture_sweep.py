@@ -16,8 +16,10 @@ FAST = {
     "GPT2LMHeadModel": WORKS,
     "DeepseekV2ForCausalLM": WORKS,  # multi-head latent attention: head-major hook_v
     "MambaForCausalLM": WORKS,  # a linear-recurrent mixer, decomposed by reading.mixers
+    "RecurrentGemmaForCausalLM": WORKS,  # RG-LRU and local attention recomputed, checked through the MLP
     "SwitchTransformersForConditionalGeneration": REFUSED,  # its hook_pattern is not a distribution
     "JetMoeForCausalLM": REFUSED,  # no hook_v in the bridge
+    "HrmTextForCausalLM": REFUSED,  # block stacks called several times per forward pass
 }
 
 
@@ -33,6 +35,8 @@ def test_fast_subset(name):
 def test_refusals_name_the_reason():
     assert "not a probability distribution" in _run("SwitchTransformersForConditionalGeneration").reason
     assert "hook_v" in _run("JetMoeForCausalLM").reason
+    hrm = _run("HrmTextForCausalLM").reason
+    assert "UnsupportedModelError" in hrm and "L_blocks" in hrm and "only the last call" in hrm
 
 
 @pytest.mark.slow

@@ -118,8 +118,12 @@ def test_norm_that_is_not_a_norm_is_refused():
 # --- bug 4: layers with no attention hooks say they are mixers, not attention ---
 
 
-def test_unknown_mixer_layer_is_a_mixer_not_attention():
-    """Mamba is decomposed now (tests/test_mixers.py); RWKV's WKV mixer is not."""
+def test_unknown_mixer_layer_is_a_mixer_not_attention(monkeypatch):
+    """Mamba and RWKV are decomposed now (tests/test_mixers.py, tests/test_rwkv.py); a mixer lens_alti does
+    not know (here RWKV's, with its reader switched off) is named as a mixer, not as missing attention."""
+    import lens_alti.reading.bridge as bridge_layout
+
+    monkeypatch.setattr(bridge_layout, "is_rwkv_block", lambda block: False)
     _, bridge = _tiny("RwkvForCausalLM")
     _, cache = bridge.run_with_cache(_tokens(1, 5))
     with pytest.raises(UnsupportedModelError, match="layer 0 is a RwkvSelfAttention mixer, not attention"):

@@ -8,7 +8,9 @@ import torch
 import lens_alti
 from lens_alti.alti.decompose import check_reconstruction, decompose
 from lens_alti.reading import model_layout
+from tests import mixer_models
 from tests.mixer_models import MIXER_ARCHS, build_mixer_bridge
+from tests.models import boot
 from tests.reference_gated import per_head_alti
 from tests.reference_mixers import reference_mixer_layers
 
@@ -105,6 +107,23 @@ def test_corrupted_cache_fails_the_reconstruction_check(run):
 
 
 DELTANET_ARCHS = ("qwen3_next", "qwen3_5", "olmo_hybrid")
+# RecurrentGemma's recurrent block ignores the attention mask: left padding enters its convolution and
+# recurrence in the model itself, so only right padding can equal single runs.
+LEFT_PADDING_MIXES = ("recurrent_gemma",)
+
+
+def test_right_padded_batch_equals_single_runs(run):
+    arch, _, bridge, tokens, _, _ = run
+    mask = torch.ones_like(tokens)
+    mask[1, 4:] = 0
+    _, cache = bridge.run_with_cache(tokens, attention_mask=mask)
+    if arch in DELTANET_ARCHS:
+        pytest.skip("gated DeltaNet: padded batches are refused (test above)")
+    padded = _attribute(arch, cache, attention_mask=mask)
+    single = _attribute(arch, bridge.run_with_cache(tokens[1:, :4])[1])
+    torch.testing.assert_close(padded.layers[1:, :, :4, :4], single.layers, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.rollout[1:, :, :4, :4], single.rollout, atol=1e-5, rtol=0)
+    assert float(padded.layers[1, :, 4:].abs().max()) == 0
 
 
 def test_left_padded_batch_equals_single_runs(run):
@@ -113,7 +132,7 @@ def test_left_padded_batch_equals_single_runs(run):
     mask = torch.ones_like(tokens)
     mask[1, :3] = 0
     _, cache = bridge.run_with_cache(tokens, attention_mask=mask)
-    if arch in DELTANET_ARCHS:  # the bridge records no masked input for gated DeltaNet
+    if arch in DELTANET_ARCHS + LEFT_PADDING_MIXES:  # no masked input recorded / the model mixes the padding
         with pytest.raises(lens_alti.errors.UnsupportedModelError, match="one at a time"):
             _attribute(arch, cache, attention_mask=mask)
         return
@@ -185,7 +204,10 @@ def test_hook_names_suffice_for_a_padded_batch(run):
     if arch in DELTANET_ARCHS:
         pytest.skip("gated DeltaNet reads no mask")
     mask = torch.ones_like(tokens)
-    mask[0, :2] = 0
+    if arch in LEFT_PADDING_MIXES:
+        mask[0, -2:] = 0
+    else:
+        mask[0, :2] = 0
     names = set(lens_alti.hook_names(bridge))
     _, full = bridge.run_with_cache(tokens, attention_mask=mask)
     _, small = bridge.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in names)
@@ -250,3 +272,50 @@ def test_logit_attribution_and_routes_refuse_mixed_head_counts():
         lens_alti.logit_attribution(cache, target=5, tokens=tokens)
     with pytest.raises(lens_alti.errors.UnsupportedModelError, match="different numbers of heads"):
         lens_alti.routes(cache, target=5, tokens=tokens)
+
+
+def test_recurrent_gemma_check_goes_through_the_real_layer_output(monkeypatch):
+    """RecurrentGemma caches no residual between its temporal block and the MLP: the check compares
+    r̂ + mlp(norm(r̂)) with the real hook_resid_post. A wrong operator (the RG-LRU decay kernel
+    off by 1%) or a corrupted input must fail it."""
+    from lens_alti.reading.mixers import griffin
+
+    _, bridge = build_mixer_bridge("recurrent_gemma")
+    _, cache = bridge.run_with_cache(_tokens())
+    lens_alti.attribute(cache)  # passes as is
+    real = griffin.gated_decay
+    monkeypatch.setattr(griffin, "gated_decay", lambda log_a, reset: real(log_a, reset) * 1.01)
+    with pytest.raises(lens_alti.errors.ReconstructionError, match="blocks.0"):
+        lens_alti.attribute(cache)
+    monkeypatch.setattr(griffin, "gated_decay", real)
+    name = "blocks.1.hook_resid_pre"
+    original = cache.cache_dict[name]
+    try:
+        bad = original.clone()
+        bad[:, 3] += 0.5
+        cache.cache_dict[name] = bad
+        with pytest.raises(lens_alti.errors.ReconstructionError, match="blocks.1"):
+            lens_alti.attribute(cache)
+    finally:
+        cache.cache_dict[name] = original
+
+
+def test_logit_attribution_needs_the_residual_after_the_mixer():
+    """RecurrentGemma layers have no hook_resid_mid in the bridge (nor their temporal block's output): a
+    specific refusal, not the 'run without names_filter' advice of a missing hook (no run can record it).
+    Mamba layers have none either, but their mixer's hook_out gives the write after it (tested above)."""
+    for arch in ("recurrent_gemma",):
+        _, bridge = build_mixer_bridge(arch)
+        _, cache = bridge.run_with_cache(_tokens())
+        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="hook_resid_mid in the bridge"):
+            lens_alti.logit_attribution(cache, target=5)
+
+
+def test_recurrent_gemma_half_precision_cache():
+    """A bfloat16 model: recomputed in float64 from the half cache, checked within the half tolerance."""
+    hf = mixer_models.hf_mixer_model("recurrent_gemma").to(torch.bfloat16)
+    _, cache = boot(hf).run_with_cache(_tokens())
+    res = lens_alti.attribute(cache)
+    assert float(res.reconstruction_error.max()) < 5e-2
+    sums = res.layers.sum(-1)
+    assert bool(((sums - 1).abs() < 1e-4).all())

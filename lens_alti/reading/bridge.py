@@ -15,6 +15,7 @@ from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
 from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
 from lens_alti.reading.mixers import mixer_reader
+from lens_alti.reading.mixers.rwkv import is_rwkv_block, rwkv_readers
 from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import AttentionBlock
@@ -56,8 +57,8 @@ def layer_reader(model: Any, layer: int, ctx: DecoderContext) -> BlockReader:
     if kind != "attention":
         raise UnsupportedModelError(
             f"{ctx.arch}: layer {layer} is a {kind} mixer, not attention, and not one of the linear-recurrent "
-            "mixers lens_alti decomposes (Mamba, Mamba-2/SSD, short convolutions, gated DeltaNet), so this model "
-            "has no ALTI result"
+            "mixers lens_alti decomposes (Mamba, Mamba-2/SSD, short convolutions, gated DeltaNet, RG-LRU, RWKV), so "
+            "this model has no ALTI result"
         )
     return attention_layer_reader(model, layer, ctx)
 
@@ -128,7 +129,12 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     cfg = model.cfg
     arch = str(getattr(cfg, "architecture", None) or type(model).__name__)
     ctx = DecoderContext(arch, bool(getattr(cfg, "parallel_attn_mlp", False)), parallel_mlp)
-    readers = [layer_reader(model, layer, ctx) for layer in range(cfg.n_layers)]
+    readers: list[BlockReader] = []
+    for layer in range(cfg.n_layers):
+        if is_rwkv_block(model.blocks[layer]):  # two token-mixing steps: time mixing, then channel mixing
+            readers += rwkv_readers(model, layer, arch)
+        else:
+            readers.append(layer_reader(model, layer, ctx))
     return ModelLayout("decoder", arch, weight_processing(model), {"self": readers})
 
 
@@ -218,7 +224,16 @@ def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:
         }
         return ModelLayout("encoder_decoder", arch, processing, blocks)
     if not hasattr(model, "blocks"):
-        raise UnsupportedModelError(f"{arch}: no attention blocks found (neither `blocks` nor `encoder_blocks`)")
+        stacks = [name for name, _ in model.named_children() if name.endswith("_blocks")]
+        if stacks:  # HRM-Text: L_blocks / H_blocks, each stack called several times per forward pass
+            raise UnsupportedModelError(
+                f"{arch}: the model runs its block stacks ({', '.join(stacks)}) recurrently, several times per "
+                "forward pass (cycles), and a cache keeps only the last call of each hook: the activations of the "
+                "other passes, which the attribution through the whole computation needs, are missing"
+            )
+        raise UnsupportedModelError(
+            f"{arch}: no attention blocks found (neither `blocks` nor `encoder_blocks` and `decoder_blocks`)"
+        )
     if getattr(cfg, "attention_dir", "causal") == "bidirectional":
         return ModelLayout("encoder", arch, processing, {"self": _encoder_readers(model, model.blocks, "blocks", arch)})
     return _bridge_decoder_layout(model, parallel_mlp)

@@ -241,8 +241,14 @@ def _rescaled(norm: FinalNorm, cache: Any, norm_out: Tensor, norm_name: str) -> 
 def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
     readers: list[BlockReader] = layout.blocks["self"]
     n = len(readers)
+    if hasattr(model, "blocks") and n != len(model.blocks):  # RWKV: time and channel mixing per layer
+        raise UnsupportedModelError(
+            f"{layout.architecture}: its layers have {n // max(1, len(model.blocks))} token-mixing steps each "
+            f"({', '.join(r.name for r in readers[:2])}) and no token-wise MLP; logit attribution and routes "
+            "read one token mixer and one MLP per layer. Use attribute() for this model"
+        )
+    hook_dict = getattr(model, "hook_dict", None)
     attn_only = bool(getattr(model.cfg, "attn_only", False))
-    hook_dict = getattr(model, "hook_dict", {})
     steps: list[Step] = []
     hooks: list[str] = ["blocks.0.hook_resid_pre"]
     for layer, reader in enumerate(readers):
@@ -256,8 +262,15 @@ def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
 
             def build(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
                 return DirectWrite(f"{p}.mlp", layer, cache[f"{p}.hook_mlp_out"], None)
-        elif f"{p}.hook_resid_mid" in hook_dict or f"{reader.name}.hook_out" not in reader.hooks:
+        elif hook_dict is None or f"{p}.hook_resid_mid" in hook_dict or f"{reader.name}.hook_out" not in reader.hooks:
             names = (f"{p}.hook_resid_post", f"{p}.hook_resid_mid")
+            absent = [h for h in names if hook_dict is not None and h not in hook_dict]
+            if absent:  # Mamba, RecurrentGemma layers: no run can record it
+                raise UnsupportedModelError(
+                    f"{layout.architecture}: layer {layer} ({reader.name}) has no {', '.join(absent)} in the bridge, "
+                    "so the write after its token mixer cannot be read from any cache; logit attribution and "
+                    "routes need it. Use attribute() for this model"
+                )
 
             def build(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
                 out = cache[f"{p}.hook_resid_post"] - cache[f"{p}.hook_resid_mid"]

@@ -1,4 +1,4 @@
-"""Linear-recurrent mixers (Mamba, Mamba-2/SSD, short convolutions, gated DeltaNet, RG-LRU).
+"""Linear-recurrent mixers (Mamba, Mamba-2/SSD, short convolutions, gated DeltaNet, RG-LRU: griffin.py).
 
 Such a layer is linear in its per-source values once its data-dependent quantities (Δ, B,
 C, gates, decays; SiLU written as the fixed gate sigmoid(p) times p) are fixed at their real
@@ -171,6 +171,10 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
     """
     block = model.blocks[layer]
     hf_block = hf_module(block)
+    from lens_alti.reading.mixers.griffin import griffin_reader, is_griffin_layer
+
+    if not with_attention and is_griffin_layer(hf_block):  # RecurrentGemma: RG-LRU or local attention
+        return griffin_reader(model, layer, arch)
     if not with_attention and getattr(hf_block, "block_type", None) in ("mlp", "moe"):
         return _token_wise_reader(model, layer, arch)  # NemotronH: a layer that is only an MLP
     found = find_mixer(block)
@@ -291,14 +295,6 @@ def _refuse_unreadable(model: Any, layer: int, arch: str, hf_block: Any, with_at
             f"{arch}: layer {layer} is a Zamba2 hybrid layer (a shared attention block whose output feeds a Mamba "
             f"mixer); {have}, not the attention pattern, its values or the mixer's in_proj, so it cannot be "
             "decomposed. Its pure Mamba layers can be read; this model as a whole cannot."
-        )
-    temporal = getattr(hf_block, "temporal_block", None)
-    if temporal is not None and not any(h.startswith(f"{p}.temporal_block.") for h in cached_full):
-        what = "RG-LRU recurrent block" if hasattr(temporal, "rg_lru") else "local attention block"
-        raise UnsupportedModelError(
-            f"{arch}: layer {layer} is a RecurrentGemma {what}; {have}: neither the temporal block's input and "
-            "output nor the residual stream between it and the MLP, so its decomposition could not be checked "
-            "against the real activation."
         )
     if not with_attention and getattr(hf_block, "block_type", None) in ("attention", "full_attention"):
         raise UnsupportedModelError(
