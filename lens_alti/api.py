@@ -140,10 +140,19 @@ def _block_vectors(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer: it has no attention weights, "
             "so measure='attention' is undefined for it; use 'l1', 'l2' or 'koba'"
         )
-    if checks.heads and block.recurrent:  # a linear-recurrent mixer (reading/mixers)
+    if checks.measure == "attention" and block.output_gated:
+        raise UnsupportedModelError(
+            f"{block.name} (layer {block.layer}) gates its heads' output per receiver before W_O: its token "
+            "mixing is the gated operator g_i·A, not the attention weights, so measure='attention' would average "
+            "gate-scaled weights; use 'l1', 'l2' or 'koba' (lens_alti.attention_rollout(cache) reads the raw "
+            "attention weights where every layer is attention)"
+        )
+    if checks.heads and not block.has_heads:  # a mixer whose channels form no heads (reading/mixers)
         raise UnsupportedModelError(
             f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
-            "not per head: per-head contributions are not available for it; call attribute(..., heads=False)"
+            "not per head (its channels form no heads: Mamba-1, short convolutions, NemotronH's MLP-only layers, "
+            "or Falcon-H1's parallel attention + mixer block): per-head contributions are not available for it; "
+            "call attribute(..., heads=False)"
         )
     _check_finite(block, valid_q, valid_k)
     if not checks.padding_checked and checks.causal is not None and block.pattern_is_distribution:
@@ -204,7 +213,8 @@ def _check_memory(cache: Any, layout: ModelLayout, model: Any, heads: bool, max_
 
     def shape(r: list[BlockReader]) -> BlockShape:
         batch, n_heads, queries, keys = r[0].pattern_shape(cache)  # hook_pattern [batch, head, query, key]
-        return BlockShape(len(r), batch, n_heads, queries, keys, d_model)
+        channels = max(x.channels_per_head for x in r)  # per-channel output gates: head·d_head channels
+        return BlockShape(len(r), batch, n_heads * channels, queries, keys, d_model)
 
     shapes = [
         shape(r)

@@ -340,6 +340,12 @@ def logit_attribution(
         else:
             if self_heads is None:
                 self_heads = upd.heads.new_zeros(batch, n_layers, *upd.heads.shape[1:])
+            if upd.heads.shape[1] != self_heads.shape[2]:
+                raise UnsupportedModelError(
+                    f"{layout.architecture}: {block.name} has {upd.heads.shape[1]} heads and a later layer "
+                    f"{self_heads.shape[2]} (a hybrid or per-layer head counts; a mixer without heads counts as one): "
+                    "logit_attribution's heads[batch, layer, head, src] need one head count"
+                )
             self_heads[:, step.layer] = upd.heads
         attn_bias[:, step.layer] += upd.bias
         w = upd.below

@@ -114,6 +114,7 @@ def routes(
         block = replace(
             record,
             pattern=record.pattern[item] if bool(vk.all()) else record.pattern[item] * vk[:, None, None, :],
+            b_O=record.b_O[item] if record.b_O is not None and record.b_O.dim() == 3 else record.b_O,
             values=record.values[item],
             residual=record.residual[item],
             target=record.target[item],

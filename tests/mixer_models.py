@@ -92,10 +92,6 @@ CONFIGS: dict[str, Callable[[], T.PreTrainedModel]] = {
     ),
 }
 
-# Hybrids whose attention layers lens_alti refuses (Qwen3-Next / Qwen3.5 gate the attention output per
-# channel, an UnsupportedModelError): their tests check the mixer layers only.
-ATTENTION_NOT_YET = ("qwen3_next", "qwen3_5")
-
 # Mixers of these get a bias in the convolution and in_proj/out_proj where the config allows it.
 MIXER_ARCHS = tuple(CONFIGS)
 

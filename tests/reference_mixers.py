@@ -69,9 +69,12 @@ def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tens
 class _Frozen:
     """One mixer layer with its data-dependent quantities frozen; `run(v, biases)` is linear in v."""
 
-    def __init__(self, run: Callable[[torch.Tensor, bool], torch.Tensor], values: torch.Tensor) -> None:
+    def __init__(
+        self, run: Callable[[torch.Tensor, bool], torch.Tensor], values: torch.Tensor, heads: int | None = None
+    ) -> None:
         self.run = run  # (values [b, n, C], biases on?) -> mixer output [b, n, d]
         self.values = values
+        self.heads = heads  # the value channels are `heads` contiguous groups (head-major), or None
 
 
 def _mamba1(m: nn.Module, h: torch.Tensor) -> _Frozen:
@@ -166,7 +169,7 @@ def _mamba2(m: nn.Module, h: torch.Tensor) -> _Frozen:
             out = out + m.out_proj.bias.detach().double()
         return out
 
-    return _Frozen(run, x)
+    return _Frozen(run, x, H)
 
 
 def _short_conv(m: nn.Module, h: torch.Tensor) -> _Frozen:
@@ -231,7 +234,7 @@ def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
     def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
         return (recur(v) * scale).reshape(bsz, n, Hv * dv) @ out_w.T
 
-    return _Frozen(run, v0)
+    return _Frozen(run, v0, Hv)
 
 
 def _rglru(m: nn.Module, h: torch.Tensor) -> _Frozen:
@@ -322,7 +325,10 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
     x_i included on the diagonal), `bias` `[b, i, d]`, `y` the real `x + mixer(norm(x))`
     `[b, i, d]`, the row-normalised contributions `l1`, `l2`, `koba` `[b, i, j]`, `l1_mass`
     `[b, i]` (Σ_j of the raw L1 contributions over ‖y_i‖₁: how well float32 can resolve the row), and
-    `attention` (a bool tensor: the layer is attention whose pattern the bridge does not cache).
+    `attention` (a bool tensor: the layer is attention whose pattern the bridge does not cache),
+    and for mixers with heads (Mamba-2, gated DeltaNet; not Falcon-H1's parallel block) `parts`
+    `[b, H, i, j, d]` and the layer input `x`: each head's share T^h_i(x_j) of T (residual
+    excluded), from runs with only token j's value and only head h's channels switched on.
     """
     model = copy.deepcopy(hf_model).eval()
     if hasattr(model, "set_attn_implementation"):
@@ -389,6 +395,22 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
                 parts.append(frozen.run(only_j, False))
             T = torch.stack(parts, 2)  # [b, i, j, d]
             bias = frozen.run(torch.zeros_like(v), True)
+            if frozen.heads is not None and "probs" not in seen[idx]:
+                # T^h_i(x_j): only token j's value, and of it only head h's channels, switched on.
+                per = v.shape[-1] // frozen.heads
+                by_head = []
+                for hd in range(frozen.heads):
+                    cols = []
+                    for j in range(n):
+                        only = torch.zeros_like(v)
+                        only[:, j, hd * per : (hd + 1) * per] = v[:, j, hd * per : (hd + 1) * per]
+                        cols.append(frozen.run(only, False))
+                    by_head.append(torch.stack(cols, 2))
+                head_parts = torch.stack(by_head, 1)  # [b, H, i, j, d]
+                err = float((head_parts.sum(1) - T).abs().max())
+                if err > 1e-9 * max(1.0, float(T.abs().max())):
+                    raise AssertionError(f"reference: layer {idx}: the heads' parts do not sum to T ({err:.3g})")
+                seen[idx]["head_parts"] = head_parts
         out = T.sum(2) + bias
         err = float((out - real).abs().max())
         if err > 1e-5 * max(1.0, float(real.abs().max())):
@@ -420,6 +442,9 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         # How well conditioned each row is: Σ_j c_ij relative to ‖y_i‖₁ (float32 resolves ≳ 1e-5).
         rows["l1_mass"] = c["l1"].sum(-1) / y.abs().sum(-1)
         result[idx] = {"T": T, "bias": bias, "y": y, **rows, "attention": torch.tensor(name in PLAIN_ATTENTION)}
+        if "head_parts" in seen[idx]:  # Mamba-2 and gated DeltaNet: T^h_i(x_j) `[b, H, i, j, d]`, no residual
+            result[idx]["parts"] = m * seen[idx]["head_parts"]
+            result[idx]["x"] = x
     return result
 
 

@@ -248,13 +248,6 @@ def test_gemma4_value_norm_after_hook_v():
 # --- layouts refused precisely ---
 
 
-def test_per_channel_output_gate_is_refused():
-    _, bridge = _tiny("AfmoeForCausalLM")
-    _, cache = bridge.run_with_cache(_tokens(1, 5))
-    with pytest.raises(UnsupportedModelError, match="gated per channel"):
-        lens_alti.attribute(cache)
-
-
 def test_parallel_mamba_branch_is_decomposed():
     """Falcon-H1's Mamba-2 branch beside attention is read by reading.mixers (no longer refused)."""
     _, bridge = _tiny("FalconH1ForCausalLM")

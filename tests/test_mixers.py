@@ -9,8 +9,9 @@ import lens_alti
 from lens_alti.alti.decompose import check_reconstruction, decompose
 from lens_alti.reading import model_layout
 from tests import mixer_models
-from tests.mixer_models import ATTENTION_NOT_YET, MIXER_ARCHS, build_mixer_bridge
+from tests.mixer_models import MIXER_ARCHS, build_mixer_bridge
 from tests.models import boot
+from tests.reference_gated import per_head_alti
 from tests.reference_mixers import reference_mixer_layers
 
 TOL = 1e-5
@@ -30,17 +31,7 @@ def run(request):
 
 
 def _attribute(arch: str, cache, **kw):
-    return lens_alti.attribute(cache, check=arch not in ATTENTION_NOT_YET, **kw)
-
-
-def _skip_refused_whole_model(arch: str, cache) -> None:
-    """Qwen3-Next / Qwen3.5 gate their attention output per channel: the whole model is refused
-    (tests/test_gated_output.py); their DeltaNet layers are checked layer by layer above, and the
-    same operator through a whole model by olmo_hybrid."""
-    if arch in ATTENTION_NOT_YET:
-        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="gated per channel"):
-            lens_alti.attribute(cache, check=False)
-        pytest.skip(f"{arch}: whole-model result refused (per-channel attention output gate)")
+    return lens_alti.attribute(cache, **kw)
 
 
 def test_every_mixer_layer_reconstructs_the_real_output(run):
@@ -59,19 +50,16 @@ def test_every_mixer_layer_reconstructs_the_real_output(run):
 def test_mixer_layers_match_reference(run, measure):
     """Computed in float64 from the float32 cache (in float32, ‖y‖ − ‖y − T‖ cancels for small T)."""
     arch, _, bridge, _, cache, ref = run
-    _skip_refused_whole_model(arch, cache)
     res = _attribute(arch, cache, measure=measure, dtype=torch.float64)
     assert res.layers.shape[1] == len(bridge.blocks)
     assert ref, f"{arch}: the reference found no mixer layer"
     for layer, want in ref.items():
         torch.testing.assert_close(res.layers[:, layer], want[measure], atol=TOL, rtol=0)
-    if arch not in ATTENTION_NOT_YET:
-        assert float(res.reconstruction_error.max()) < 1e-5
+    assert float(res.reconstruction_error.max()) < 1e-5
 
 
 def test_float32_is_close_and_rows_sum_to_one(run):
     arch, *_, cache, ref = run
-    _skip_refused_whole_model(arch, cache)
     res = _attribute(arch, cache)
     assert res.layers.dtype == torch.float32
     for layer, want in ref.items():
@@ -155,10 +143,49 @@ def test_left_padded_batch_equals_single_runs(run):
     assert float(padded.layers[1, :, :3].abs().max()) == 0 and float(padded.layers[1, :, :, :3].abs().max()) == 0
 
 
-def test_per_head_contributions_are_refused_for_mixer_layers(run):
-    arch, *_, cache, _ = run
-    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="per channel, not per head"):
+def _headless(ref) -> bool:
+    """A mixer layer whose channels form no heads (Mamba-1, short convolution, an MLP-only layer,
+    Falcon-H1's parallel block): the reference gives it no per-head parts."""
+    return any("parts" not in want and not bool(want["attention"]) for want in ref.values())
+
+
+def test_per_head_contributions_are_refused_for_headless_mixer_layers(run):
+    arch, *_, cache, ref = run
+    if not _headless(ref):
+        pytest.skip(f"{arch}: every mixer layer has heads")
+    # NemotronH meets its 4-head attention layer after its 8-head Mamba-2 layer, before the MLP-only one.
+    with pytest.raises(
+        lens_alti.errors.UnsupportedModelError, match="per channel, not per head|one head count for every layer"
+    ):
         _attribute(arch, cache, heads=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_per_head_contributions_of_mixers_with_heads_match_reference(run, backend):
+    """Mamba-2 and gated DeltaNet: a head's part is the sum of its channels' parts (spec-mixers §5),
+    against the reference's runs with one token's one head switched on."""
+    arch, _, bridge, _, cache, ref = run
+    if _headless(ref):
+        pytest.skip(f"{arch}: a mixer layer without heads")
+    counts = {int(w["parts"].shape[1]) for w in ref.values() if "parts" in w}
+    counts |= {int(bridge.cfg.n_heads)} if any(bool(w["attention"]) for w in ref.values()) else set()
+    attn_heads = {b.attn.W_O.shape[0] for b in bridge.blocks if hasattr(b, "attn") and hasattr(b.attn, "W_O")}
+    if len(counts | attn_heads) > 1:  # Bamba, GraniteMoeHybrid: 8 SSM heads, 4 attention heads
+        with pytest.raises(lens_alti.errors.UnsupportedModelError, match="one head count for every layer"):
+            _attribute(arch, cache, heads=True, backend=backend)
+        return
+    res = _attribute(arch, cache, heads=True, dtype=torch.float64, backend=backend)
+    checked = 0
+    for layer, want in ref.items():
+        if "parts" not in want:
+            continue
+        expect = per_head_alti(want["parts"], want["y"], want["x"])
+        for key in ("heads", "heads_residual", "head_outputs", "head_outputs_residual"):
+            torch.testing.assert_close(getattr(res, key)[:, layer], expect[key], atol=TOL, rtol=0, msg=key)
+        checked += 1
+    assert checked
+    rows = res.heads.sum((2, 4)) + res.heads_residual  # [b, layer, q]
+    assert float((rows - 1).abs().max()) < 1e-9
 
 
 def test_attention_baselines_are_refused_for_mixer_layers(run):
@@ -189,6 +216,64 @@ def test_hook_names_suffice_for_a_padded_batch(run):
     torch.testing.assert_close(a.layers, b.layers)
 
 
+def test_per_head_left_padded_batch_equals_single_runs(run):
+    """Per-head results of a Mamba-2 model (the layer's own zeroed input shows the padding)."""
+    arch, _, bridge, tokens, _, ref = run
+    if arch != "mamba2":
+        pytest.skip("the pure Mamba-2 model covers the padded per-head path")
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    padded = _attribute(arch, bridge.run_with_cache(tokens, attention_mask=mask)[1], attention_mask=mask, heads=True)
+    single = _attribute(arch, bridge.run_with_cache(tokens[1:, 3:])[1], heads=True)
+    torch.testing.assert_close(padded.heads[1:, :, :, 3:, 3:], single.heads, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.head_outputs[1:, :, :, 3:], single.head_outputs, atol=1e-5, rtol=0)
+    assert float(padded.heads[1, :, :, :3].abs().max()) == 0 and float(padded.heads[1, ..., :3].abs().max()) == 0
+
+
+def _final_direction(hf, tokens: torch.Tensor, target: int) -> torch.Tensor:
+    """w = g / rms(x_N) ⊙ W_U[:, target]: the final RMSNorm linearised at the last position's real input."""
+    backbone = getattr(hf, "backbone", None) or hf.model
+    norm = getattr(backbone, "norm_f", None) or backbone.norm
+    seen = {}
+
+    def grab(_m: torch.nn.Module, args: tuple) -> None:
+        seen["x"] = args[0].detach().double()
+
+    handle = norm.register_forward_pre_hook(grab)
+    with torch.no_grad():
+        hf(input_ids=tokens, use_cache=False)
+    handle.remove()
+    x_n = seen["x"][0, -1]
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    return norm.weight.double() / (x_n.pow(2).mean() + eps).sqrt() * hf.lm_head.weight[target].double()
+
+
+def test_logit_attribution_and_routes_per_mixer_head():
+    """Mamba-2: ALTI-Logit's Δ^l[h, k] = T^h_N(x_k)·w per SSM head, against the per-head reference;
+    routes' head axis is the 8 SSM heads."""
+    hf, bridge = build_mixer_bridge("mamba2")
+    tokens, target = _tokens(1, 6), 5
+    _, cache = bridge.run_with_cache(tokens)
+    attr = lens_alti.logit_attribution(cache, target=target, tokens=tokens, dtype=torch.float64)
+    ref = reference_mixer_layers(hf, tokens)
+    w = _final_direction(hf, tokens, target)
+    for layer, want in ref.items():
+        torch.testing.assert_close(attr.heads[0, layer], want["parts"][0, :, -1] @ w, atol=1e-6, rtol=1e-6)
+    routes = lens_alti.routes(cache, target=target, tokens=tokens)
+    assert routes.head_importance.shape == (len(ref), want["parts"].shape[1])
+
+
+def test_logit_attribution_and_routes_refuse_mixed_head_counts():
+    """Jamba: a Mamba-1 layer (no heads: one part) and a 4-head attention layer."""
+    _, bridge = build_mixer_bridge("jamba")
+    tokens = _tokens(1, 6)
+    _, cache = bridge.run_with_cache(tokens)
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="need one head count"):
+        lens_alti.logit_attribution(cache, target=5, tokens=tokens)
+    with pytest.raises(lens_alti.errors.UnsupportedModelError, match="different numbers of heads"):
+        lens_alti.routes(cache, target=5, tokens=tokens)
+
+
 def test_recurrent_gemma_check_goes_through_the_real_layer_output(monkeypatch):
     """RecurrentGemma caches no residual between its temporal block and the MLP: the check compares
     r̂ + mlp(norm(r̂)) with the real hook_resid_post. A wrong operator (the RG-LRU decay kernel
@@ -216,9 +301,10 @@ def test_recurrent_gemma_check_goes_through_the_real_layer_output(monkeypatch):
 
 
 def test_logit_attribution_needs_the_residual_after_the_mixer():
-    """Mamba and RecurrentGemma layers have no hook_resid_mid in the bridge: a specific refusal, not the
-    'run without names_filter' advice of a missing hook (no run can record it)."""
-    for arch in ("mamba", "recurrent_gemma"):
+    """RecurrentGemma layers have no hook_resid_mid in the bridge (nor their temporal block's output): a
+    specific refusal, not the 'run without names_filter' advice of a missing hook (no run can record it).
+    Mamba layers have none either, but their mixer's hook_out gives the write after it (tested above)."""
+    for arch in ("recurrent_gemma",):
         _, bridge = build_mixer_bridge(arch)
         _, cache = bridge.run_with_cache(_tokens())
         with pytest.raises(lens_alti.errors.UnsupportedModelError, match="hook_resid_mid in the bridge"):

@@ -96,7 +96,8 @@ def block_contributions(
     separate source (cross-attention). `l1`/`l2`: max(0, ‖y_i‖ − ‖y_i − T_i(x_j)‖);
     `koba`: ‖T_i(x_j)‖₂; `attention`: head-mean attention weights (the residual gets 0).
     Per head (spec §3): parts `s_i ⊙ A[h,i,j]·VO[h,j]` and the residual, each scored
-    max(0, ‖y_i‖₁ − ‖y_i − part‖₁) and normalised over all parts of the row.
+    max(0, ‖y_i‖₁ − ‖y_i − part‖₁) and normalised over all parts of the row; with
+    `tv.channels_per_head` G > 1 a head's part sums its G channels' parts (`heads[b, H, q, k]`).
     `key_mask[b, k]` (False = padding) forces padded sources to exactly 0.
     """
     if measure not in MEASURES:
@@ -106,10 +107,14 @@ def block_contributions(
     choice = use_compiled(backend, tv, heads)
     compiled = choice == "compiled"
     tokens = A.new_zeros(b, q, tv.n_sources)
-    head_scores = A.new_zeros(b, h, q, k) if heads else None
+    G = tv.channels_per_head
+    head_scores = A.new_zeros(b, tv.n_heads, q, k) if heads else None
     y_l1 = y.abs().sum(-1)
     token_kernel = None if measure == "attention" else get_kernel(measure, choice)
-    both_kernel = get_kernel("l1+heads", choice) if heads else None
+    both_kernel = get_kernel("l1+heads", choice) if heads and G == 1 else None
+    # Channels grouped into heads (G > 1): a head's distance is the token-level L1 kernel run on
+    # that head's channels only (exact: its part is s_i ⊙ Σ_{c∈h} A[c,i,j]·VO[c,j]).
+    group_kernel = get_kernel("l1", choice) if heads and G > 1 else None
     if measure == "attention":
         tokens[..., :k] = A.mean(dim=1)
 
@@ -120,7 +125,7 @@ def block_contributions(
     rows_at = None if tv.receivers is None else tv.receivers.tolist()
     for bi in range(b):
         row_pos = None if rows_at is None else rows_at[bi]
-        for k0, k1, chunks in _tiles(tv, choice != "eager", heads, max_chunk_bytes, row_pos):
+        for k0, k1, chunks in _tiles(tv, choice != "eager", heads and G == 1, max_chunk_bytes, row_pos):
             vo_tile = fresh(vo[bi, :, k0:k1])
             for i0, i1, end in chunks:
                 kk = min(k1, end) if tv.causal else k1  # causal: no source after the last receiver
@@ -131,6 +136,11 @@ def block_contributions(
                 else:
                     dist = token_kernel(*args) if token_kernel is not None else None
                     per_head = both_kernel(*args)[0] if both_kernel is not None else None
+                if group_kernel is not None:
+                    per_head = torch.stack([
+                        group_kernel(args[0], args[1], fresh(args[2][c0 : c0 + G]), fresh(args[3][c0 : c0 + G]))
+                        for c0 in range(0, h, G)
+                    ])
                 if dist is not None and y_norm is not None:
                     tokens[bi, i0:i1, k0:kk] = _from_distance(y_norm[bi, i0:i1, None], dist, measure)
                 if per_head is not None and head_scores is not None:
@@ -220,7 +230,8 @@ def _add_own_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, me
 def head_output_contributions(tv: TransformedVectors) -> tuple[Float[Tensor, "b h q"], Float[Tensor, "b q"]]:
     """Head-level summary (spec §3): parts are whole head outputs o^h_i plus the residual.
 
-    `o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]`; normalised like the per-head contributions.
+    `o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]` (summed over a head's channels when G > 1);
+    normalised like the per-head contributions.
     """
     y = tv.resultant
     parts = (y.abs().sum(-1)[:, None] - (y[:, None] - tv.head_outputs()).abs().sum(-1)).clamp(min=0)  # [b, h, q]

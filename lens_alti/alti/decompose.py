@@ -10,6 +10,10 @@ receiver's linearised norm scale (γ/σ_i, g/rms_i, or 1 for pre-norm blocks), a
 residual term is x_i passed through the same linear map when the norm follows the
 residual sum. Terms belonging to no source go to `bias_i`, so that
 `y_i = Σ_j T_i(x_j) + bias_i` exactly.
+
+The `h` axis may hold channels rather than heads (`channels_per_head` G > 1: gated attention
+outputs, mixers with heads): then `h = H·G`, G contiguous channels per real head, and a
+head's part is the sum of its channels' parts (`group_heads`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_alti.errors import PatternNotDistributionError, ReconstructionError
+from lens_alti.errors import LensAltiError, PatternNotDistributionError, ReconstructionError
 
 if TYPE_CHECKING:  # the records are the interface; alti never imports reading at run time
     from lens_alti.reading.records import AttentionBlock
@@ -44,6 +48,7 @@ class TransformedVectors:
     `resultant[b,q,d]` y_i = Σ_j T_i(x_j) + bias_i.
     `receivers[b,q]`: the position of each receiver row, or None when row q is position q
     (see `lens_alti.alti.receivers.select_receivers`).
+    `channels_per_head` G: the `h` axis holds `n_heads·G` channels, G contiguous per head.
     """
 
     name: str
@@ -59,10 +64,22 @@ class TransformedVectors:
     W_O: Float[Tensor, "h e d"]
     centred: bool
     receivers: Int[Tensor, "b q"] | None = None
+    channels_per_head: int = 1
 
-    def head_outputs(self) -> Float[Tensor, "b h q d"]:
-        """Each head's whole transformed output o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]."""
-        o = torch.einsum("bqhe,hed->bhqd", self.z, self.W_O)
+    @property
+    def n_heads(self) -> int:
+        """Real heads: the `h` axis's channels grouped by `channels_per_head`."""
+        return self.weights.shape[1] // self.channels_per_head
+
+    def head_outputs(self) -> Float[Tensor, "b H q d"]:
+        """Each real head's whole transformed output o^h_i = s_i ⊙ Σ_{c∈h} Σ_j A[c,i,j]·VO[c,j]."""
+        G = self.channels_per_head
+        if G == 1:
+            o = torch.einsum("bqhe,hed->bhqd", self.z, self.W_O)
+        else:  # sum each head's channels inside the contraction: never [b, H·G, q, d]
+            b, q, c, e = self.z.shape
+            H = c // G
+            o = torch.einsum("bqhf,hfd->bhqd", self.z.reshape(b, q, H, G * e), self.W_O.reshape(H, G * e, -1))
         if self.centred:
             o = _centre(o)
         return o if self.scale is None else o * self.scale[:, None]
@@ -71,6 +88,15 @@ class TransformedVectors:
     def n_sources(self) -> int:
         """Columns of the contribution matrix: the keys, plus the residual if it is separate."""
         return self.weights.shape[-1] + (self.residual_column == "last")
+
+
+def group_heads(t: Tensor, channels_per_head: int, dim: int = 1) -> Tensor:
+    """Sum contiguous groups of `channels_per_head` along `dim` (channels → real heads)."""
+    if channels_per_head == 1:
+        return t
+    shape = list(t.shape)
+    shape[dim : dim + 1] = [shape[dim] // channels_per_head, channels_per_head]
+    return t.reshape(shape).sum(dim + 1)
 
 
 def _centre(x: Tensor) -> Tensor:
@@ -143,6 +169,11 @@ def decompose(
     x = f(block.residual)
     b, h, q, k = A.shape
     d = W_O.shape[-1]
+    G = int(block.channels_per_head)
+    if G < 1 or h % G:
+        raise LensAltiError(
+            f"{block.name}: channels_per_head = {G} does not divide the record's {h} channels (a reader bug)"
+        )
 
     vo = torch.einsum("bkhe,hed->bhkd", v, W_O)
     bias_vec = b_O if b_O is not None else torch.zeros(d, dtype=dtype, device=A.device)
@@ -184,6 +215,7 @@ def decompose(
         z=z,
         W_O=W_O,
         centred=norm is not None and norm.kind == "layernorm",
+        channels_per_head=G,
     )
 
 

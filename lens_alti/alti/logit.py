@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_alti.alti.decompose import TransformedVectors, decompose
+from lens_alti.alti.decompose import TransformedVectors, decompose, group_heads
 
 if TYPE_CHECKING:  # records are the interface; alti never imports reading at run time
     from lens_alti.reading.records import AttentionBlock, NormAfterAttention
@@ -47,14 +47,24 @@ def restrict_rows(block: AttentionBlock, rows: Int[Tensor, " b"]) -> AttentionBl
     norm = block.norm
     if norm is not None:
         norm = replace(norm, scale=_rows(norm.scale, rows, 1))
+    b_O = block.b_O
+    if b_O is not None and b_O.dim() == 3:  # a per-receiver bias (recurrent mixers)
+        b_O = _rows(b_O, rows, 1)
     return replace(
         block,
+        b_O=b_O,
         pattern=_rows(block.pattern, rows, 2),
         residual=_rows(block.residual, rows, 1),
         target=_rows(block.target, rows, 1),
         residual_column="last",  # the receiver's own source is no longer "the diagonal"
         norm=norm,
     )
+
+
+def channel_groups(block: AttentionBlock) -> int:
+    """Channels per reported head: the record's grouping, or all its channels as one part when
+    they form no heads (a mixer without heads is then one "head" of its layer)."""
+    return block.channels_per_head if block.has_heads else block.pattern.shape[1]
 
 
 def _pass_norm(norm: NormAfterAttention | None, w: Float[Tensor, "b d"]) -> tuple[Tensor, Tensor]:
@@ -77,10 +87,11 @@ def _pass_norm(norm: NormAfterAttention | None, w: Float[Tensor, "b d"]) -> tupl
 class AttentionUpdate:
     """Logit updates of one attention block at the explained position.
 
-    `heads[b, h, k]` = `T^h_N(x_k)·w` (spec §7 Δ^l[h, k]); `bias[b]` = the block's terms owned by no
-    source (b_O, post-norm β) read through w; `below[b, d]` the direction at the block's input;
-    `tv` the decomposition restricted to the explained row and `row_block` that row's record
-    (so its reconstruction can be checked).
+    `heads[b, h, k]` = `T^h_N(x_k)·w` (spec §7 Δ^l[h, k]; a head's channels summed when the
+    record groups channels into heads, all channels as one "head" when they form none);
+    `bias[b]` = the block's terms owned by no source (b_O, post-norm β) read through w;
+    `below[b, d]` the direction at the block's input; `tv` the decomposition restricted to the
+    explained row and `row_block` that row's record (so its reconstruction can be checked).
     """
 
     heads: Float[Tensor, "b h k"]
@@ -100,7 +111,7 @@ def attention_update(
     # s_N ⊙ A[h,N,k]·VO[h,k] read through w: A[h,N,k] · (VO[h,k] · (s_N ⊙ w)).
     sw = w if tv.scale is None else tv.scale[:, 0] * w  # [b, d]
     vo_w = torch.einsum("bhkd,bd->bhk", tv.vo, sw)
-    heads = tv.weights[:, :, 0, :] * vo_w
+    heads = group_heads(tv.weights[:, :, 0, :] * vo_w, channel_groups(block))  # channels → real heads
     bias = (tv.bias[:, 0] * w).sum(-1)
     below, _ = _pass_norm(row_block.norm, w)
     return AttentionUpdate(heads=heads, bias=bias, below=below, tv=tv, row_block=row_block)

@@ -19,8 +19,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_alti.alti.decompose import decompose
+from lens_alti.alti.decompose import decompose, group_heads
 from lens_alti.alti.kernels import get_kernel
+from lens_alti.alti.logit import channel_groups
+from lens_alti.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from lens_alti.reading.records import AttentionBlock
@@ -61,8 +63,12 @@ def restrict_receivers(block: AttentionBlock, positions: Tensor) -> AttentionBlo
     norm = block.norm
     if norm is not None:
         norm = replace(norm, scale=norm.scale[:, positions])
+    b_O = block.b_O
+    if b_O is not None and b_O.dim() == 3:  # a per-receiver bias (recurrent mixers)
+        b_O = b_O[:, positions]
     return replace(
         block,
+        b_O=b_O,
         pattern=block.pattern[:, :, positions],
         residual=block.residual[:, positions],
         target=block.target[:, positions],
@@ -100,13 +106,19 @@ def receiver_parts(
         y = y + mlp_rows
     scale = tv.scale[0] if tv.scale is not None else torch.ones_like(y)
     y_l1 = y.abs().sum(-1)
-    kernel = get_kernel("l1+heads", False)
+    G = channel_groups(block)  # > 1: channels grouped into heads; a head's part sums its channels
+    kernel = get_kernel("l1+heads", False) if G == 1 else get_kernel("l1", False)
     d = y.shape[-1]
     rows = max(1, _CHUNK_BYTES // max(1, h * k * d * y.element_size()))
-    heads = A.new_zeros(r, h, k)
+    heads = A.new_zeros(r, h // G, k)
     for i0 in range(0, r, rows):
         i1 = min(r, i0 + rows)
-        per_head, _ = kernel(y[i0:i1], scale[i0:i1], A[:, i0:i1], vo)
+        if G == 1:
+            per_head, _ = kernel(y[i0:i1], scale[i0:i1], A[:, i0:i1], vo)
+        else:
+            per_head = torch.stack(
+                [kernel(y[i0:i1], scale[i0:i1], A[c0 : c0 + G, i0:i1], vo[c0 : c0 + G]) for c0 in range(0, h, G)]
+            )
         heads[i0:i1] = (y_l1[i0:i1, None, None] - per_head.transpose(0, 1)).clamp(min=0)
     residual = (y_l1 - (y - tv.residual[0]).abs().sum(-1)).clamp(min=0)
     mlp_score = None if mlp_rows is None else (y_l1 - (y - mlp_rows).abs().sum(-1)).clamp(min=0)
@@ -121,7 +133,7 @@ def receiver_parts(
         w = direction.to(dtype)
         sw = scale * w  # [r, d]
         vo_w = torch.einsum("hkd,rd->rhk", vo, sw)
-        head_logit = A.transpose(0, 1) * vo_w  # [r, h, k]
+        head_logit = group_heads(A.transpose(0, 1) * vo_w, G)  # [r, H, k]
         res_logit = tv.residual[0] @ w
         mlp_logit = torch.zeros_like(res_logit) if mlp_rows is None else mlp_rows @ w
         logit = torch.cat([head_logit.reshape(r, -1), res_logit[:, None], mlp_logit[:, None]], dim=1)
@@ -163,7 +175,13 @@ def build_routes(
     if logit_mode not in ("direct", "column"):
         raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     n_layers = len(layers)
-    n_heads = layers[0].block.pattern.shape[1]
+    counts = {layer.block.pattern.shape[1] // channel_groups(layer.block) for layer in layers}
+    if len(counts) > 1:
+        raise UnsupportedModelError(
+            f"routes: the layers have different numbers of heads ({sorted(counts)}; hybrid models, per-layer head "
+            "counts, mixers without heads count as one part): head_importance[layer, head] needs one head count"
+        )
+    n_heads = counts.pop()
     head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     top_node = (n_layers, position)
     importance: dict[tuple, float] = {top_node: 1.0}
@@ -274,7 +292,7 @@ def _direct_edges(
         *_, logit = receiver_parts(spec.block, at, spec.mlp if spec.parallel else None, dtype, direction)
         assert logit is not None  # internal: receiver_parts returns the logit updates when given a direction
         computed[layer] += 1
-        n_h = spec.block.pattern.shape[1]
+        n_h = spec.block.pattern.shape[1] // channel_groups(spec.block)
         k = (logit.shape[1] - 2) // n_h
         values.append(logit[0, :-2])
         labels += [("head", layer, h, j, (layer, j)) for h in range(n_h) for j in range(k)]

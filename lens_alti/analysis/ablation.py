@@ -29,7 +29,7 @@ from lens_alti.analysis.checks import (
     model_dims,
     raise_if_pattern_edits_ignored,
 )
-from lens_alti.errors import InvalidArgumentError
+from lens_alti.errors import InvalidArgumentError, UnsupportedModelError
 from lens_alti.results import AltiResult
 from lens_alti.validation import (
     check_choice,
@@ -200,6 +200,12 @@ def head_ablation(
         layers = tqdm(layers, desc="head ablation", unit="layer")
     for layer in layers:
         name = _attn_name(model, layer, "hook_z")
+        if name not in cache.keys():  # a mixer layer (Mamba-2, gated DeltaNet): its heads have no hook_z
+            raise UnsupportedModelError(
+                f"head_ablation: layer {layer} has no attention hook_z ({name}): it is not an attention layer "
+                "(a linear-recurrent mixer), so its heads cannot be ablated by zeroing z. Head ablation covers "
+                "models whose every layer is attention"
+            )
         z_clean = cache[name]
         m = mask.to(z_clean.device)[..., None, None].to(z_clean.dtype)
         mean_z = (z_clean * m).sum((0, 1)) / m.sum((0, 1)).clamp(min=1)  # [head, d_head]

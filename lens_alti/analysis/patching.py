@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_alti.errors import InterventionError
+from lens_alti.errors import InterventionError, UnsupportedModelError
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -107,6 +107,13 @@ def head_patching(
     _check_pair(tokens, corrupted_tokens, attention_mask, corrupted_mask)
     n_layers = len(model.blocks)
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    absent = [n for n in names if n not in getattr(model, "hook_dict", {})]
+    if absent:  # linear-recurrent mixer layers (Mamba-2, gated DeltaNet) have heads but no hook_z
+        raise UnsupportedModelError(
+            f"head_patching patches attention heads' hook_z, but {', '.join(absent[:3])}"
+            f"{' ...' if len(absent) > 3 else ''} do not exist: those layers are not attention (linear-recurrent "
+            "mixers). Head patching covers models whose every layer is attention"
+        )
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     clean_logits = model(tokens, **kwargs)
     corrupted_logits, corrupted_cache = model.run_with_cache(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
-from lens_alti.reading.gated_output import gated_pattern
+from lens_alti.reading.gated_output import gated_output
 from lens_alti.reading.geometry import ValueLayout, check_same_shape, check_sub_distribution, checked_values
 from lens_alti.reading.head_norm import fold_head_norm
 from lens_alti.reading.norms import post_norm
@@ -72,6 +72,7 @@ def attention_record(
     b_O: Tensor | None = None,
     head_norm: Any = None,
     gate_input: Tensor | None = None,
+    gate_pre: Tensor | None = None,
     sinks: bool = False,
 ) -> AttentionBlock:
     """The record of attention module `attn` (hooks under `name`), weights read from the module.
@@ -80,7 +81,9 @@ def attention_record(
     maps the cached values to what the pattern really averages (a value norm after `hook_v`);
     `W_O`/`b_O` override the module's (per-layer weights, receiver-independent rescalings);
     `head_norm` is a norm on the concatenated heads before W_O (see `head_norm`);
-    `gate_input` is o_proj's real input when the output is gated per receiver (see `gated_output`);
+    `gate_input` is o_proj's real input when the output is gated per receiver, `gate_pre` the
+    cached gate pre-activation if any (see `gated_output`: a per-channel gate turns the
+    record's heads into head·d_head channels);
     `sinks`: attention sinks take part of each row's mass, so rows sum to at most 1 (GPT-OSS).
     Every shape is validated before any arithmetic.
     """
@@ -99,9 +102,10 @@ def attention_record(
     if sinks:
         check_sub_distribution(pattern, name)
         distribution = False  # checked here: rows sum to at most 1
+    channels_per_head = 1
     if gate_input is not None:
-        pattern = gated_pattern(pattern, values, gate_input, name)
-        distribution = False  # rows now sum to the receiver's gate (negative entries were refused above)
+        pattern, values, W_O, channels_per_head = gated_output(pattern, values, W_O, gate_input, name, gate_pre)
+        distribution = False  # rows now sum to the receiver's gate (checked as attention in gated_output)
     if head_norm is not None:
         if norm is not None:
             raise UnsupportedModelError(f"{name}: a norm before W_O and one after attention together are not supported")
@@ -120,6 +124,8 @@ def attention_record(
         norm=norm,
         architecture=arch,
         pattern_is_distribution=distribution,
+        channels_per_head=channels_per_head,
+        output_gated=gate_input is not None,
     )
 
 

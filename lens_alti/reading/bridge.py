@@ -10,7 +10,7 @@ import torch
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.banded import BandedEncoderCache, band_width, source_length
 from lens_alti.reading.blocks import attention_record, sublayer_block
-from lens_alti.reading.gated_output import has_output_gate
+from lens_alti.reading.gated_output import gate_channels, gate_hook, has_output_gate
 from lens_alti.reading.head_norm import head_norm_module
 from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
@@ -93,8 +93,9 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
     sub_norm = head_norm_module(hf_attn)
     gated = has_output_gate(hf_attn, block.attn)
     sinks = isinstance(getattr(hf_attn, "sinks", None), torch.Tensor)  # GPT-OSS: learned per-head sink logits
+    gate_pre = gate_hook(getattr(model, "hook_dict", {}), f"{p}.attn") if gated else None
     if gated:
-        hooks += [f"{p}.attn.o.hook_in"]
+        hooks += [f"{p}.attn.o.hook_in"] + ([gate_pre] if gate_pre is not None else [])
 
     def build(cache: Any) -> AttentionBlock:
         attn = block.attn
@@ -120,10 +121,12 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
         return attention_record(
             cache, attn, f"{p}.attn", layer, ctx.arch, residual, target, norm,
             value_layout=layout, values_map=values_map, W_O=W_O, b_O=b_O, head_norm=sub_norm,
-            gate_input=cache[f"{p}.attn.o.hook_in"] if gated else None, sinks=sinks,
+            gate_input=cache[f"{p}.attn.o.hook_in"] if gated else None,
+            gate_pre=cache[gate_pre] if gate_pre is not None and gate_pre in cache.keys() else None, sinks=sinks,
         )
 
-    return BlockReader(f"{p}.attn", tuple(hooks), build)
+    channels = gate_channels(hf_attn, int(getattr(cfg, "d_head", 1) or 1)) if gated else 1
+    return BlockReader(f"{p}.attn", tuple(hooks), build, channels_per_head=channels)
 
 
 def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
@@ -186,7 +189,7 @@ def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[Blo
                 b, _, h, _ = cache[f"{p}.attn.hook_pattern"].shape  # the band [batch, query, head, 2w+1]
                 n = source_length(cache, _CROSS_PATTERN, f"{p}.attn")
                 return (b, h, n, n)
-        readers.append(BlockReader(names["attn"], hooks, build, shape))
+        readers.append(BlockReader(names["attn"], hooks, build, shape=shape))
     return readers
 
 
@@ -251,7 +254,7 @@ def _recomputed(
         return relative_pattern_shape(cache, name)
 
     others = tuple(h for h in reader.hooks if h != f"{name}.hook_pattern")
-    return BlockReader(name, (f"{name}.hook_q", f"{name}.hook_k", *others), build, shape)
+    return BlockReader(name, (f"{name}.hook_q", f"{name}.hook_k", *others), build, shape=shape)
 
 
 def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:

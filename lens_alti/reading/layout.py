@@ -30,11 +30,16 @@ _EAGER_ADVICE = (
 
 @dataclass(frozen=True)
 class BlockReader:
-    """One attention block to read: its hook names and how to build its record."""
+    """One attention block to read: its hook names and how to build its record.
+
+    `channels_per_head`: how many record channels each cached head is expected to become
+    (d_head for a per-channel output gate, see `gated_output`), for the up-front memory estimate.
+    """
 
     name: str
     hooks: tuple[str, ...]
     build: Callable[[Any], AttentionBlock]
+    channels_per_head: int = 1
     # The record's pattern shape [batch, head, query, key] when hooks[0] does not have it (LED's band).
     shape: Callable[[Any], tuple[int, ...]] | None = None
 

@@ -99,5 +99,5 @@ def merged_readers(model: Any, arch: str) -> list[BlockReader]:
             b, h, t, _ = cache[f"{name}.hook_pattern"].shape
             return (b, h, t, t + cache[f"{name}.hook_cross_pattern"].shape[-1])
 
-        readers.append(BlockReader(name, hooks, build, shape))
+        readers.append(BlockReader(name, hooks, build, shape=shape))
     return readers

@@ -48,10 +48,17 @@ class AttentionBlock:
     "pattern" is a general linear token-to-token operator (recurrent mixers) set it False;
     their `b_O` may then be per receiver, `[b, q, d]` (terms of no token that the recurrence
     carries, such as a convolution bias).
-    `recurrent`: True for linear-recurrent mixers, whose "heads" are channels (no per-head
-    results, no attention weights); gated or sink attention is not a distribution but is
-    still attention.
-    `padding_unmasked`: see `reading/relative_bias.py`.
+    `recurrent`: True for linear-recurrent mixers, whose "heads" are channels (no attention
+    weights); gated or sink attention is not a distribution but is still attention.
+    `channels_per_head` (G): the pattern's head axis holds H·G channels, G contiguous ones per
+    real head (G channels of head 0, then head 1, ...); per-head results sum each head's
+    channels (docs/spec-mixers.md §5). 1 for ordinary attention (one pattern per head).
+    `has_heads`: False when the channels group into no real heads (Mamba-1, short
+    convolutions, a parallel attention + mixer record): per-head results are refused.
+    `output_gated`: a receiver-wise gate on the heads' output is folded into the pattern, so
+    the pattern is not the attention weights (measure="attention" is refused).
+    `padding_unmasked`: the pattern was recomputed without the (uncached) padding mask (see
+    `reading/relative_bias.py`).
     """
 
     name: str
@@ -70,3 +77,6 @@ class AttentionBlock:
     # The pattern was recomputed without the (uncached) padding mask: rows are renormalised over the
     # valid keys of the mask given to attribute, which is what an additive -inf mask does (Switch).
     padding_unmasked: bool = False
+    channels_per_head: int = 1
+    has_heads: bool = True
+    output_gated: bool = False

@@ -95,7 +95,9 @@ def _banded_encoder(model: Any) -> bool:
     from lens_alti.reading.layer_kinds import original
 
     blocks = getattr(model, "encoder_blocks", None)
-    return bool(blocks) and band_width(original(getattr(blocks[0], "attn", None))) is not None
+    if not blocks:
+        return False
+    return band_width(original(getattr(blocks[0], "attn", None))) is not None
 
 
 class _AllBlocksRead(Exception):

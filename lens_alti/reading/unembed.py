@@ -260,9 +260,11 @@ def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
         if f"{p}.hook_mlp_out" in reader.hooks:  # parallel attention + MLP (GPT-J, NeoX)
             names: tuple[str, ...] = (f"{p}.hook_mlp_out",)
 
-            def build(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
+            def write(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
                 return DirectWrite(f"{p}.mlp", layer, cache[f"{p}.hook_mlp_out"], None)
-        else:
+
+            build = write
+        elif hook_dict is None or f"{p}.hook_resid_mid" in hook_dict or f"{reader.name}.hook_out" not in reader.hooks:
             names = (f"{p}.hook_resid_post", f"{p}.hook_resid_mid")
             absent = [h for h in names if hook_dict is not None and h not in hook_dict]
             if absent:  # Mamba, RecurrentGemma layers: no run can record it
@@ -272,9 +274,19 @@ def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
                     "routes need it. Use attribute() for this model"
                 )
 
-            def build(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
+            def write_mid(cache: Any, layer: int = layer, p: str = p) -> DirectWrite:
                 out = cache[f"{p}.hook_resid_post"] - cache[f"{p}.hook_resid_mid"]
                 return DirectWrite(f"{p}.mlp", layer, out, None)
+
+            build = write_mid
+        else:  # a mixer block with no resid_mid (Mamba: y = x + mixer(norm(x)), usually no MLP)
+            names = (f"{p}.hook_resid_post", f"{p}.hook_resid_pre", f"{reader.name}.hook_out")
+
+            def write_after_mixer(cache: Any, layer: int = layer, p: str = p, mix: str = reader.name) -> DirectWrite:
+                out = cache[f"{p}.hook_resid_post"] - cache[f"{p}.hook_resid_pre"] - cache[f"{mix}.hook_out"]
+                return DirectWrite(f"{p}.mlp", layer, out, None)
+
+            build = write_after_mixer
 
         steps.append(Step("write", layer, names, build))
         hooks += names

@@ -101,6 +101,7 @@ def mixer_record(
     target: Tensor,
     out_scale: float = 1.0,
     source_mask: Tensor | None = None,
+    channels_per_head: int | None = None,
 ) -> AttentionBlock:
     """The `AttentionBlock` of a mixer whose channel operator is `op` (see the module docstring).
 
@@ -108,6 +109,9 @@ def mixer_record(
     `source_mask[b, k]` (False = padding): what padded positions still pass on (their value is
     `in_proj` of a zeroed input, i.e. its bias) belongs to no token, so it moves to the bias
     and the operator's padded columns become 0.
+    `channels_per_head`: the mixer's channels are heads of this many contiguous channels
+    (Mamba-2: head_dim, gated DeltaNet: head_v_dim), which makes per-head results available;
+    None for mixers without heads (Mamba-1, short convolutions).
     """
     dtype = torch.promote_types(residual.dtype, torch.float32)
     if source_mask is not None:
@@ -136,7 +140,24 @@ def mixer_record(
         architecture=arch,
         pattern_is_distribution=False,
         recurrent=True,
+        channels_per_head=channels_per_head or 1,
+        has_heads=channels_per_head is not None and n_ch % channels_per_head == 0,
     )
+
+
+def channels_per_head(module: Any) -> int | None:
+    """Channels per head of a mixer with heads (Mamba-2: head_dim; gated DeltaNet: head_v_dim), else None.
+
+    Both lay their inner channels out head-major (`h·P + p`), which is the grouping
+    `AttentionBlock.channels_per_head` means.
+    """
+    from lens_alti.reading.mixers import mamba, recurrent
+
+    if mamba.is_mamba2(module):
+        return int(module.head_dim)
+    if recurrent.is_gated_deltanet(module):
+        return int(module.head_v_dim)
+    return None
 
 
 def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False) -> BlockReader | None:
@@ -187,6 +208,7 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
         return mixer_record(
             name=mix, layer=layer, arch=arch, op=op, beta=beta, values=values,
             out_proj=out_projection(module), residual=x, target=target, source_mask=mask, out_scale=out_scale,
+            channels_per_head=channels_per_head(module),
         )
 
     return BlockReader(mix, tuple(hooks), build)
@@ -243,6 +265,9 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
             architecture=arch,
             pattern_is_distribution=False,
             recurrent=True,
+            # Attention heads (one pattern each, d_head values) and SSM heads (head_dim channels of one
+            # value each) share no channel grouping: per-head results are refused for this block.
+            has_heads=False,
         )
 
     return BlockReader(f"{p}.attn+{child}", hooks, build)
@@ -305,6 +330,7 @@ def _token_wise_reader(model: Any, layer: int, arch: str) -> BlockReader:
             architecture=arch,
             pattern_is_distribution=False,
             recurrent=True,
+            has_heads=False,  # an MLP-only layer: no heads
         )
 
     return BlockReader(f"{p}.mixer", hooks, build)

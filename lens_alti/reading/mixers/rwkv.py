@@ -150,6 +150,7 @@ def rwkv_readers(model: Any, layer: int, arch: str) -> list[BlockReader]:
             architecture=arch,
             pattern_is_distribution=False,
             recurrent=True,
+            has_heads=False,  # the two "heads" are the token shift's taps
         )
 
     return [BlockReader(tm, time_hooks, build_time), BlockReader(cm, chan_hooks, build_channel)]
