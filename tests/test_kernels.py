@@ -112,10 +112,10 @@ def _tile(h, c, k, d, *, dtype=torch.float32, scaled=False, causal=False, seed=0
 @pytest.mark.parametrize(
     ("h", "c", "k", "d", "scaled", "causal"),
     [
-        (12, 9, 37, 768, False, True),  # GPT-2 width, two head groups (8 + 4)
+        (12, 9, 37, 768, False, True),  # GPT-2 width, two head groups (6 + 6)
         (9, 5, 20, 576, True, False),  # SmolLM2 width, scaled rows (post-norm)
         (3, 7, 7, 19, False, True),  # d not a multiple of the vector width: scalar tails
-        (17, 6, 11, 40, True, True),  # three head groups, scaled and causal
+        (17, 6, 11, 40, True, True),  # three head groups (6 + 6 + 5), scaled and causal
         (1, 1, 1, 5, False, False),
     ],
 )
