@@ -42,13 +42,28 @@ typedef struct {
     const void *job;
     row_fn fn;
     int64_t n_blocks, n_rows, tid, n_threads, n_keys, key_tile;
+    int64_t *next; /* shared work counter (dynamic schedule), or NULL: static */
 } worker_arg;
 
 static void *worker(void *p) {
     const worker_arg *w = (const worker_arg *)p;
-    /* interleaved row blocks: causal rows grow with i, so every thread gets short and long ones */
-    /* key tiles outermost: one tile of vo (key_tile sources, all heads) stays in this core's L2
-       while every row block of the thread reads it */
+    const int64_t n_tiles = (w->n_keys + w->key_tile - 1) / w->key_tile;
+    if (w->next) {
+        /* dynamic: items (key tile, row block) in key-tile-major order, taken from a shared
+           counter, so a thread that the OS preempts (other processes on the cores) holds up
+           nobody; neighbouring items share the tile of vo (key_tile sources, all heads),
+           which stays in L2 while the threads read it */
+        for (;;) {
+            int64_t it = __atomic_fetch_add(w->next, 1, __ATOMIC_RELAXED);
+            if (it >= n_tiles * w->n_blocks) break;
+            int64_t k0 = (it / w->n_blocks) * w->key_tile, b = it % w->n_blocks;
+            int64_t k1 = k0 + w->key_tile < w->n_keys ? k0 + w->key_tile : w->n_keys;
+            int64_t r0 = b * ROWS, r1 = r0 + ROWS < w->n_rows ? r0 + ROWS : w->n_rows;
+            w->fn(w->job, r0, r1, k0, k1);
+        }
+        return NULL;
+    }
+    /* static: interleaved row blocks, key tiles outermost */
     for (int64_t k0 = 0; k0 < w->n_keys; k0 += w->key_tile) {
         int64_t k1 = k0 + w->key_tile < w->n_keys ? k0 + w->key_tile : w->n_keys;
         for (int64_t b = w->tid; b < w->n_blocks; b += w->n_threads) {
@@ -59,45 +74,54 @@ static void *worker(void *p) {
     return NULL;
 }
 
+/* Runs fn over blocks of ROWS rows × tiles of key_tile keys on n_threads threads; `dynamic`:
+ * items from a shared counter (the kernels), else each thread its own interleaved blocks
+ * (the roofline: exactly one block per thread). */
 #ifdef _OPENMP
 /* OpenMP: the library links libgomp.so.1, which resolves to the copy torch already loaded, so
  * the kernels run on torch's own worker threads (separate pthreads would compete with them
  * while they spin-wait after a torch op, ~25 % slower on 2 cores). */
-static int run_threads(const void *job, row_fn fn, int64_t n_rows, int64_t n_keys, int64_t key_tile, int n_threads) {
-    int64_t n_blocks = (n_rows + ROWS - 1) / ROWS;
-    if (n_threads > n_blocks) n_threads = (int)n_blocks;
+static int run_threads(const void *job, row_fn fn, int64_t n_rows, int64_t n_keys, int64_t key_tile, int n_threads,
+                       int dynamic) {
+    int64_t n_blocks = (n_rows + ROWS - 1) / ROWS, next = 0;
+    if (key_tile < 1) key_tile = 1;
+    const int64_t items = dynamic ? n_blocks * ((n_keys + key_tile - 1) / key_tile) : n_blocks;
+    if (n_threads > items) n_threads = (int)(items < MAX_THREADS ? items : MAX_THREADS);
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads < 1) n_threads = 1;
     if (n_threads == 1) {
-        worker_arg a = {job, fn, n_blocks, n_rows, 0, 1, n_keys, key_tile < 1 ? 1 : key_tile};
+        worker_arg a = {job, fn, n_blocks, n_rows, 0, 1, n_keys, key_tile, NULL};
         worker(&a);
         return 0;
     }
 #pragma omp parallel num_threads(n_threads)
     {
-        worker_arg a = {job, fn, n_blocks, n_rows, omp_get_thread_num(), omp_get_num_threads(), n_keys,
-                        key_tile < 1 ? 1 : key_tile};
+        worker_arg a = {job, fn, n_blocks, n_rows, omp_get_thread_num(), omp_get_num_threads(), n_keys, key_tile,
+                        dynamic ? &next : NULL};
         worker(&a);
     }
     return 0;
 }
 #else
-static int run_threads(const void *job, row_fn fn, int64_t n_rows, int64_t n_keys, int64_t key_tile, int n_threads) {
-    int64_t n_blocks = (n_rows + ROWS - 1) / ROWS;
-    if (n_threads > n_blocks) n_threads = (int)n_blocks;
+static int run_threads(const void *job, row_fn fn, int64_t n_rows, int64_t n_keys, int64_t key_tile, int n_threads,
+                       int dynamic) {
+    int64_t n_blocks = (n_rows + ROWS - 1) / ROWS, next = 0;
+    if (key_tile < 1) key_tile = 1;
+    const int64_t items = dynamic ? n_blocks * ((n_keys + key_tile - 1) / key_tile) : n_blocks;
+    if (n_threads > items) n_threads = (int)(items < MAX_THREADS ? items : MAX_THREADS);
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads < 1) n_threads = 1;
     pthread_t th[MAX_THREADS];
     worker_arg args[MAX_THREADS];
     int ok[MAX_THREADS];
     for (int t = 0; t < n_threads; t++) {
-        args[t] = (worker_arg){job, fn, n_blocks, n_rows, t, n_threads, n_keys, key_tile < 1 ? 1 : key_tile};
+        args[t] = (worker_arg){job, fn, n_blocks, n_rows, t, n_threads, n_keys, key_tile, dynamic ? &next : NULL};
         ok[t] = t > 0 && pthread_create(&th[t], NULL, worker, &args[t]) == 0;
     }
     worker(&args[0]);
     for (int t = 1; t < n_threads; t++) {
         if (ok[t]) pthread_join(th[t], NULL);
-        else worker(&args[t]); /* could not start a thread: do its blocks here */
+        else if (!dynamic) worker(&args[t]); /* could not start a thread: do its blocks here */
     }
     return 0;
 }
@@ -369,7 +393,7 @@ int SUF(lens_alti_tile)(int64_t H, int64_t C, int64_t K, int64_t D, const REAL *
     SUF(job) jb = {H, C, K, D, y, sy, s, ss, a, sah, sac, vo, svh, svk, heads, tokens, mode, 0};
     /* sources per tile: the tile of vo (H · key_tile · D values) about 384 KiB, within L2 */
     int64_t key_tile = (int64_t)(384 * 1024) / (H * D * (int64_t)sizeof(REAL));
-    run_threads(&jb, SUF(rows), C, K, key_tile, n_threads);
+    run_threads(&jb, SUF(rows), C, K, key_tile, n_threads, 1);
     return jb.failed ? -1 : 0; /* -1: out of memory */
 }
 
@@ -404,7 +428,7 @@ static void SUF(roof_rows)(const void *p, int64_t r0, int64_t r1, int64_t k0, in
 REAL SUF(lens_alti_roofline)(const REAL *y, const REAL *v, int64_t D, int64_t reps, int n_threads) {
     SUF(roof) rf = {y, v, D, reps};
     /* one row block per thread: ROWS * n_threads rows */
-    return (REAL)run_threads(&rf, SUF(roof_rows), (int64_t)ROWS * n_threads, 1, 1, n_threads);
+    return (REAL)run_threads(&rf, SUF(roof_rows), (int64_t)ROWS * n_threads, 1, 1, n_threads, 0);
 }
 
 #undef VEC
