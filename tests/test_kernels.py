@@ -205,6 +205,35 @@ def test_native_library_cached_under_lens_alti_cache(monkeypatch, tmp_path):
     assert native.available() and path.is_file()
 
 
+def test_native_fallback_build_without_openmp_gives_the_same_numbers(monkeypatch, tmp_path):
+    """Where the OpenMP build fails, FALLBACK_FLAGS build the pthread variant: same distances."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-fno-such-flag-lens-alti"))  # the first build fails
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    assert native.available(), native.failure()  # built with FALLBACK_FLAGS: FLAGS cannot work
+    y, s, a, vo = _tile(12, 40, 300, 96, scaled=False, causal=True, seed=2)
+    ref = _dense_distances(y, s, a, vo)
+    for threads in (1, 2):
+        per_head, tokens = native.tile("l1+heads", y, s, a, vo, threads=threads)
+        torch.testing.assert_close(per_head.double(), ref["heads"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(tokens.double(), ref["l1"], rtol=1e-5, atol=0)
+
+
+def test_native_build_reports_both_failures(monkeypatch, tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-fno-such-flag-lens-alti"))
+    monkeypatch.setattr(native, "FALLBACK_FLAGS", (*native.FALLBACK_FLAGS, "-fno-such-flag-lens-alti"))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    assert not native.available()
+    assert "failed" in native.failure() and "no-such-flag" in native.failure()
+
+
 # --------------------------------------------------------------------------- the auto cost model
 
 
