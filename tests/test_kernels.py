@@ -247,6 +247,25 @@ def test_auto_picks_native_on_cpu_when_built():
     assert backend_mod.decide(_work(10**13)).backend == "native"
 
 
+@needs_native
+def test_auto_prefers_warm_compiled_kernels_only_where_the_model_says_they_are_faster(monkeypatch):
+    monkeypatch.setattr(kernels, "compile_available", lambda: True)
+    monkeypatch.setattr(kernels, "is_warm", lambda *a: True)
+    big = _work(2 * 10**10)
+    # the measured constants: native's rate and overhead beat compiled's, so native everywhere
+    for work in (_work(10**6), big, _work(2 * 10**10, heads=False)):
+        decision = backend_mod.decide(work)
+        assert decision.backend == "native" and decision.estimates["compiled"] > decision.estimates["native"]
+    # constants under which compiled is faster: auto follows them once compiled kernels are warm
+    rates = dict(backend_mod.CPU_RATES)
+    rates[("compiled", True)] = 2 * rates[("native", True)]
+    monkeypatch.setattr(backend_mod, "CPU_RATES", rates)
+    assert backend_mod.decide(big).backend == "compiled"
+    assert backend_mod.decide(_work(10**3)).backend == "native"  # overheads decide small calls
+    monkeypatch.setattr(kernels, "is_warm", lambda *a: False)  # not compiled yet: no compile cost paid for it
+    assert backend_mod.decide(big).backend == "native"
+
+
 def test_auto_without_native_compiles_only_when_it_pays(monkeypatch):
     monkeypatch.setattr(native, "possible", lambda: False)
     monkeypatch.setattr(kernels, "compile_available", lambda: True)
