@@ -3,7 +3,7 @@
 Backends (all give the same numbers to float rounding, tests/test_kernels.py):
 
 - "native": the C kernels of `lens_alti.alti.native` (CPU, float32/float64). No JIT: the
-  library is built once per machine (~1 s with gcc, started in a background thread when
+  library is built once per machine (~2 s with gcc, started in a background thread when
   lens_alti is imported and the cache is cold) and loaded in milliseconds afterwards.
 - "compiled": torch.compile'd kernels (Triton on CUDA, C++ on CPU). Compiling costs
   seconds once per process and dtype (less when the persistent cache is warm).
@@ -91,10 +91,10 @@ CUDA_RATES: dict[tuple[str, bool], float] = {
 }
 CUDA_OVERHEAD_S = {"compiled": 1e-3, "eager": 1e-3}
 # One-off compile cost per process (seconds: the first compiled call in a fresh process on the
-# development machine, less the call itself), and the native library's build (gcc, ~1.5 s).
+# development machine, less the call itself), and the native library's build (gcc 12, 2.0-2.3 s).
 COMPILE_COLD_S = 3.5
 COMPILE_WARM_S = 3.3
-NATIVE_BUILD_S = 1.5
+NATIVE_BUILD_S = 2.0
 
 _saved_s = 0.0  # what compiled kernels would have saved over this process's eager calls so far
 _lock = threading.Lock()

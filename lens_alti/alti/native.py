@@ -1,7 +1,7 @@
 """The native CPU kernels: `_native.c`, built once per machine with the system C compiler.
 
 No JIT at call time: the shared library is compiled the first time it is needed (about
-a second with gcc) into lens_alti's cache folder (`$LENS_ALTI_CACHE`, else
+two seconds with gcc) into lens_alti's cache folder (`$LENS_ALTI_CACHE`, else
 `$XDG_CACHE_HOME/lens_alti`, next to the converted weights), under a name that hashes
 the source, the flags and the CPU, and loaded with ctypes in later processes within
 milliseconds. Where no compiler exists, the build fails, or `LENS_ALTI_NO_NATIVE` is
