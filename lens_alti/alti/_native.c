@@ -10,9 +10,10 @@
  *   tokens[c, k] = ‖y_i − s_i⊙Σ_h a_hij·vo_hj‖ (L1 in modes 0/1, L2 in mode 2),
  *   or ‖s_i⊙Σ_h a_hij·vo_hj‖₂ (mode 3, "koba").
  *
- * Tiling: sources are cut into tiles whose vo (all heads) fits in L2; for each tile every
- * thread walks its blocks of ROWS receivers (blocks interleaved across threads, so causal
- * rows of every length are shared out). For one receiver and one source, heads go in
+ * Tiling: sources are cut into tiles whose vo (all heads) fits in L2; threads take
+ * (source tile, block of ROWS receivers) items from a shared counter, tile by tile, so the
+ * threads read the same tile while it is in L2 and a preempted thread holds up nobody
+ * (causal rows of every length are shared out). For one receiver and one source, heads go in
  * balanced groups of at most GROUP whose accumulators stay in vector registers: per vector
  * of d, y and the running sum over heads are read once, and each head costs one load of vo
  * and four vector operations (fused multiply-subtract, absolute value, accumulate, fused
