@@ -371,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                     print_steady(rec)
             del caches
         results["steady"] = rows
-        print("\nelements per CPU-second of whole calls (overheads included; backend.py constants in brackets)")
+        print(
+            "\nelements per CPU-second of whole calls (per-block overheads included; in brackets backend.py's rate,"
+            " the slope of CPU seconds over elements, which excludes them)"
+        )
         for b in ("native", "compiled", "eager"):
             for heads in (True, False):
                 rates = [r["elements"] / r[b]["cpu_s"] for r in rows if r["heads"] == heads and "cpu_s" in r.get(b, {})

@@ -41,8 +41,6 @@ from lens_alti.errors import (
 )
 
 # Entry points whose work lives in its own module (re-exported here, documented there).
-from lens_alti.prediction import logit_attribution  # noqa: F401
-from lens_alti.prediction_routes import routes  # noqa: F401
 from lens_alti.reading import BlockReader, ModelLayout, cache_and_model, check_hooks, is_cache, model_layout
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.stream import forward_inputs, stream_blocks, tokenize
@@ -721,3 +719,16 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     batch, pos = patterns.shape[0], patterns.shape[-1]
     valid = _prepare_mask(attention_mask, batch, pos, patterns.device, "attention_mask")
     return rollout(attention_rollout_layers(patterns, valid) * valid[:, None, :, None])
+
+
+def __getattr__(name: str) -> Any:
+    """`lens_alti.api.logit_attribution` / `.routes`, imported on first use (they pull in the unembedding readers)."""
+    if name == "logit_attribution":
+        from lens_alti.prediction import logit_attribution
+
+        return logit_attribution
+    if name == "routes":
+        from lens_alti.prediction_routes import routes
+
+        return routes
+    raise AttributeError(f"module 'lens_alti.api' has no attribute {name!r}")

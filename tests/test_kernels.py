@@ -112,10 +112,10 @@ def _tile(h, c, k, d, *, dtype=torch.float32, scaled=False, causal=False, seed=0
 @pytest.mark.parametrize(
     ("h", "c", "k", "d", "scaled", "causal"),
     [
-        (12, 9, 37, 768, False, True),  # GPT-2 width, two head groups (8 + 4)
+        (12, 9, 37, 768, False, True),  # GPT-2 width, two head groups (6 + 6)
         (9, 5, 20, 576, True, False),  # SmolLM2 width, scaled rows (post-norm)
         (3, 7, 7, 19, False, True),  # d not a multiple of the vector width: scalar tails
-        (17, 6, 11, 40, True, True),  # three head groups, scaled and causal
+        (17, 6, 11, 40, True, True),  # three head groups (6 + 6 + 5), scaled and causal
         (1, 1, 1, 5, False, False),
     ],
 )
@@ -205,6 +205,35 @@ def test_native_library_cached_under_lens_alti_cache(monkeypatch, tmp_path):
     assert native.available() and path.is_file()
 
 
+def test_native_fallback_build_without_openmp_gives_the_same_numbers(monkeypatch, tmp_path):
+    """Where the OpenMP build fails, FALLBACK_FLAGS build the pthread variant: same distances."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-fno-such-flag-lens-alti"))  # the first build fails
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    assert native.available(), native.failure()  # built with FALLBACK_FLAGS: FLAGS cannot work
+    y, s, a, vo = _tile(12, 40, 300, 96, scaled=False, causal=True, seed=2)
+    ref = _dense_distances(y, s, a, vo)
+    for threads in (1, 2):
+        per_head, tokens = native.tile("l1+heads", y, s, a, vo, threads=threads)
+        torch.testing.assert_close(per_head.double(), ref["heads"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(tokens.double(), ref["l1"], rtol=1e-5, atol=0)
+
+
+def test_native_build_reports_both_failures(monkeypatch, tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-fno-such-flag-lens-alti"))
+    monkeypatch.setattr(native, "FALLBACK_FLAGS", (*native.FALLBACK_FLAGS, "-fno-such-flag-lens-alti"))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    assert not native.available()
+    assert "failed" in native.failure() and "no-such-flag" in native.failure()
+
+
 # --------------------------------------------------------------------------- the auto cost model
 
 
@@ -216,6 +245,25 @@ def _work(elements, heads=True, blocks=30):
 def test_auto_picks_native_on_cpu_when_built():
     assert backend_mod.decide(_work(10**6)).backend == "native"
     assert backend_mod.decide(_work(10**13)).backend == "native"
+
+
+@needs_native
+def test_auto_prefers_warm_compiled_kernels_only_where_the_model_says_they_are_faster(monkeypatch):
+    monkeypatch.setattr(kernels, "compile_available", lambda: True)
+    monkeypatch.setattr(kernels, "is_warm", lambda *a: True)
+    big = _work(2 * 10**10)
+    # the measured constants: native's rate and overhead beat compiled's, so native everywhere
+    for work in (_work(10**6), big, _work(2 * 10**10, heads=False)):
+        decision = backend_mod.decide(work)
+        assert decision.backend == "native" and decision.estimates["compiled"] > decision.estimates["native"]
+    # constants under which compiled is faster: auto follows them once compiled kernels are warm
+    rates = dict(backend_mod.CPU_RATES)
+    rates[("compiled", True)] = 2 * rates[("native", True)]
+    monkeypatch.setattr(backend_mod, "CPU_RATES", rates)
+    assert backend_mod.decide(big).backend == "compiled"
+    assert backend_mod.decide(_work(10**3)).backend == "native"  # overheads decide small calls
+    monkeypatch.setattr(kernels, "is_warm", lambda *a: False)  # not compiled yet: no compile cost paid for it
+    assert backend_mod.decide(big).backend == "native"
 
 
 def test_auto_without_native_compiles_only_when_it_pays(monkeypatch):

@@ -3,7 +3,7 @@
 Backends (all give the same numbers to float rounding, tests/test_kernels.py):
 
 - "native": the C kernels of `lens_alti.alti.native` (CPU, float32/float64). No JIT: the
-  library is built once per machine (~1 s with gcc, started in a background thread when
+  library is built once per machine (~2 s with gcc, started in a background thread when
   lens_alti is imported and the cache is cold) and loaded in milliseconds afterwards.
 - "compiled": torch.compile'd kernels (Triton on CUDA, C++ on CPU). Compiling costs
   seconds once per process and dtype (less when the persistent cache is warm).
@@ -11,35 +11,51 @@ Backends (all give the same numbers to float rounding, tests/test_kernels.py):
 
 Cost model (seconds for the whole call; `W` = layers × heads × (receiver, source) pairs
 visited × d_model, the multiply-adds of the distance kernels, spec §6; causal blocks
-visit q(q+1)/2 pairs; `threads` = torch's intra-op threads):
+visit q(q+1)/2 pairs; `blocks` = layers × batch; `threads` = torch's intra-op threads):
 
-    t(backend) = start(backend) + W / (rate[backend, per-head or tokens] · threads)
+    t(backend) = start(backend) + blocks · overhead[backend] + W / (rate[backend, heads] · threads)
 
-`rate` is elements per CPU-second, measured on the development machine (AMD EPYC
-Zen 4 with AVX-512, 2 cores, torch 2.13, fp32; `python benchmarks/bench_backend.py`
-re-measures them and prints the crossovers). `start` is 0 for eager; for native 0 once
-loaded, else the remaining build time; for compiled 0 once the kernel ran for this dtype
-and device in this process, `COMPILE_WARM_S` when the persistent compile cache already
-holds artefacts, else `COMPILE_COLD_S`. Auto picks:
+`rate` is elements per CPU-second of whole `attribute` calls (everything that grows with
+n², not just the kernel) and `overhead` the CPU seconds per block that do not (python,
+reading the cache, decomposition at small n). Both were fitted to whole calls on the
+development machine (AMD EPYC Zen 4 with AVX-512, torch 2.13, fp32, SmolLM2-135M: 30
+layers, 9 heads, d_model 576), one thread, CPU seconds (the machine was shared, so CPU
+time is the stable measure); overhead = the n = 15 call / 30, rate = the slope between
+n = 113 and n = 512:
 
-1. CPU, native loaded or loadable: "native". It is the fastest backend at every size we
-   measured (n = 15 to 1024, tokens and per head), so no crossover exists; while its first
-   build is still running, "eager" for calls whose eager estimate is below the remaining
-   build time, else it waits for the build.
+    CPU seconds per call       n = 15   n = 113   n = 256   n = 512    rate      overhead
+    native    heads            0.116    0.413     1.068     3.314      6.7e9     3.9 ms
+    native    tokens           0.099    0.310     0.750     2.270      1.0e10    3.3 ms
+    compiled  heads            0.121    0.464     1.235     3.969      5.5e9     4.0 ms
+    compiled  tokens           0.104    0.381     0.952     3.053      7.3e9     3.5 ms
+    eager     heads            0.137    5.559     -         -          1.8e8     4.6 ms
+    eager     tokens           0.101    0.616     3.279     -          6.0e8     3.4 ms
+    (W = 1.9e7, 1.0e9, 5.1e9, 2.0e10; the kernel alone runs at ~1.7e10 per CPU-second)
+
+`start` is 0 for eager; for native 0 once loaded, else the remaining build time
+(`NATIVE_BUILD_S`, gcc on this source); for compiled 0 once the kernel ran for this
+dtype and device in this process, else `COMPILE_WARM_S` / `COMPILE_COLD_S` depending on
+whether the persistent compile cache holds artefacts (first compiled call in a fresh
+process on an idle machine: 3.8 s cold, 3.6 s warm, including a 0.3 s call). Auto picks:
+
+1. CPU, native loaded or loadable: "native", unless compiled kernels are already warm in
+   this process and t(compiled) < t(native). With the rates above that never happens
+   (native's rate and overhead are both better, so there is no crossover: native is the
+   fastest backend from n = 15 to 512, per head and tokens); the rule is there so that
+   re-measured constants decide. While native's first build is still running, "eager" for
+   calls whose eager estimate is below the remaining build time, else it waits for the build.
 2. Otherwise (CUDA, no C compiler, LENS_ALTI_NO_NATIVE): "compiled" when
    t(compiled) ≤ t(eager), or once the time eager calls in this process would have saved
    with compiled kernels reaches the compile cost (ski rental: a process that makes many
    small calls compiles once, and never loses more than the compile cost). "eager" when
    compilation is unavailable. The CUDA rates are estimates until measured on a GPU.
 
-Crossovers these constants give on the development machine (2 threads, no native kernels):
+Crossovers these constants give on the development machine (2 threads, no native kernels,
+compile start 3.5 s):
 
-    per head, compile cache cold (12 s):  W ≈ 3.7e9  (SmolLM2-135M, 30 layers: n ≈ 220)
-    per head, compile cache warm (4.5 s): W ≈ 1.4e9  (SmolLM2: n ≈ 130)
-    per head, compiled in this process:   always compiled
-    tokens only, cache cold / warm:       W ≈ 5.4e10 / 2.0e10 (SmolLM2: n ≈ 830 / 510)
-
-With the native kernels (the default on CPU wherever a C compiler exists) none of these apply.
+    per head:    W ≈ 1.3e9  (SmolLM2-135M: n ≈ 130; GPT-2-small, 12 layers × 12 heads × 768: n ≈ 150)
+    tokens only: W ≈ 4.6e9  (SmolLM2: n ≈ 240; GPT-2-small: n ≈ 290)
+    compiled in this process: compiled from the first element on (its overhead and rate beat eager's)
 """
 
 from __future__ import annotations
@@ -55,20 +71,17 @@ from lens_alti.alti import kernels, native
 
 BACKENDS: tuple[str, ...] = ("auto", "native", "compiled", "eager")
 
-# Elements (h·pairs·d) per CPU-second, fp32, on the development machine (2 AVX-512 cores);
-# keys (backend, heads wanted). native: the kernel alone, thread CPU time (1.0-1.2e10 heads,
-# 1.3-1.6e10 tokens); compiled and eager: whole SmolLM2 calls at n = 113 in a warm process
-# (issue 14's table: heads 0.25 s / 3.5 s, tokens 0.19 s / 0.39 s for 1.0e9 elements, 2 threads).
+# Elements (h·pairs·d) per CPU-second of whole calls and CPU seconds per block (the table in
+# the module docstring); keys (backend, heads wanted).
 CPU_RATES: dict[tuple[str, bool], float] = {
-    ("native", True): 1.0e10,
-    ("native", False): 1.3e10,
-    ("compiled", True): 6.0e9,
-    ("compiled", False): 7.0e9,
-    ("eager", True): 1.5e8,
-    ("eager", False): 1.7e9,
+    ("native", True): 6.7e9,
+    ("native", False): 1.0e10,
+    ("compiled", True): 5.5e9,
+    ("compiled", False): 7.3e9,
+    ("eager", True): 1.8e8,
+    ("eager", False): 6.0e8,
 }
-# Per layer and batch item: python, decomposition and normalisation around the kernels (CPU seconds).
-CPU_OVERHEAD_S = {"native": 2e-3, "compiled": 4e-3, "eager": 2e-3}
+CPU_OVERHEAD_S = {"native": 3.9e-3, "compiled": 4.0e-3, "eager": 4.6e-3}
 # Estimates for CUDA (no GPU measured yet): compiled fuses the per-head loop, eager is bandwidth-bound.
 CUDA_RATES: dict[tuple[str, bool], float] = {
     ("compiled", True): 1.0e12,
@@ -77,10 +90,11 @@ CUDA_RATES: dict[tuple[str, bool], float] = {
     ("eager", False): 3.0e11,
 }
 CUDA_OVERHEAD_S = {"compiled": 1e-3, "eager": 1e-3}
-# One-off compile cost per process (CPU seconds; the first compiled call on the development machine).
-COMPILE_COLD_S = 12.0
-COMPILE_WARM_S = 4.5
-NATIVE_BUILD_S = 1.5
+# One-off compile cost per process (seconds: the first compiled call in a fresh process on the
+# development machine, less the call itself), and the native library's build (gcc 12, 2.0-2.3 s).
+COMPILE_COLD_S = 3.5
+COMPILE_WARM_S = 3.3
+NATIVE_BUILD_S = 2.0
 
 _saved_s = 0.0  # what compiled kernels would have saved over this process's eager calls so far
 _lock = threading.Lock()
@@ -150,7 +164,12 @@ def decide(work: Work) -> Decision:
     if cpu_native:
         eager = estimate("eager", work)
         if native.loaded() or native.ready_on_disk():
-            return Decision("native", {"native": estimate("native", work), "eager": eager}, "native kernels loaded")
+            est = {"native": estimate("native", work), "eager": eager}
+            if kernels.compile_available() and _compile_start_s(work) == 0.0:  # compiled kernels warm here
+                est["compiled"] = estimate("compiled", work)
+                if est["compiled"] < est["native"]:
+                    return Decision("compiled", est, "compiled kernels warm and estimated faster")
+            return Decision("native", est, "native kernels loaded")
         wait = native.remaining_build_s(NATIVE_BUILD_S)
         if eager < wait:
             return Decision("eager", {"native": wait, "eager": eager}, "native build still running; eager is sooner")

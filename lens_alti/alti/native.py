@@ -1,7 +1,7 @@
 """The native CPU kernels: `_native.c`, built once per machine with the system C compiler.
 
 No JIT at call time: the shared library is compiled the first time it is needed (about
-a second with gcc) into lens_alti's cache folder (`$LENS_ALTI_CACHE`, else
+two seconds with gcc) into lens_alti's cache folder (`$LENS_ALTI_CACHE`, else
 `$XDG_CACHE_HOME/lens_alti`, next to the converted weights), under a name that hashes
 the source, the flags and the CPU, and loaded with ctypes in later processes within
 milliseconds. Where no compiler exists, the build fails, or `LENS_ALTI_NO_NATIVE` is
@@ -32,7 +32,15 @@ from torch import Tensor
 
 _LOG = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("_native.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
+# -fopenmp: threads from torch's own OpenMP pool (the library's libgomp.so.1 resolves to the copy
+# torch loaded); the kernels are vectorised by hand, so the auto-vectorisers are off (they only
+# tripled the build time). Where these flags fail (e.g. clang without libomp) the build is retried
+# with FALLBACK_FLAGS, which use pthreads.
+FLAGS = (
+    "-O3", "-march=native", "-fopenmp", "-fno-tree-loop-vectorize", "-fno-tree-slp-vectorize", "-shared", "-fPIC",
+    "-pthread", "-fno-math-errno",
+)  # fmt: skip
+FALLBACK_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 MODES = {"l1+heads": 0, "l1": 1, "l2": 2, "koba": 3}
 ABI_VERSION = 1
 # Below this many h·c·k·d elements one thread does the tile (starting threads costs ~50 µs).
@@ -89,8 +97,11 @@ def _build(compiler: str, target: pathlib.Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        for flags in (FLAGS, FALLBACK_FLAGS):
+            cmd = [compiler, *flags, "-o", tmp, str(SOURCE)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
+                break
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file

@@ -100,8 +100,9 @@ def is_post_norm(cache: Any, prefix: str) -> bool:
     # Compared where both are finite: NaN/Inf (e.g. at padded positions, which attribute isolates)
     # must not flip the layout; a non-finite real position is reported by attribute's own check.
     finite = torch.isfinite(x) & torch.isfinite(ln_in)
-    if not bool(finite.any()):
-        return False
-    x, ln_in = x[finite], ln_in[finite]
+    if not bool(finite.all()):  # (the boolean indexing copies; skipped in the usual all-finite case)
+        if not bool(finite.any()):
+            return False
+        x, ln_in = x[finite], ln_in[finite]
     atol = 1e-6 * float(x.abs().max().clamp(min=1))
     return not torch.allclose(ln_in, x, rtol=1e-5, atol=atol)
