@@ -581,26 +581,11 @@ def attribute(
     finally:
         bar.close()
     encoder = _self_result(enc_out, src_valid, layout, measure, _str_tokens(model, tokens, batch, src_len), None)
-    total = encoder_decoder_rollout(encoder.rollout[:, -1], cross_out.layers, self_out.layers)
-    tgt_mask = tgt_valid.to(total.device)
-    return Seq2SeqAltiResult(
-        encoder=encoder,
-        decoder_self=self_out.layers,
-        cross=cross_out.layers,
-        total=total * tgt_mask[:, None, :, None].to(total.dtype),
-        source_mask=src_valid.long().to(total.device),
-        target_mask=tgt_mask.long(),
-        reconstruction_error={"encoder": enc_out.errors, "decoder_self": self_out.errors, "cross": cross_out.errors},
-        measure=measure,
-        architecture=layout.architecture,
-        weight_processing=layout.weight_processing,
-        decoder_self_heads=self_out.heads,
-        decoder_self_heads_residual=self_out.heads_residual,
-        cross_heads=cross_out.heads,
-        cross_heads_residual=cross_out.heads_residual,
-        source_str_tokens=encoder.str_tokens,
-        target_str_tokens=_str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"),
-        positions=None if pos_idx is None else pos_idx.to(total.device),
+    return _seq2seq_result(
+        encoder, self_out.layers, cross_out.layers, src_valid, tgt_valid,
+        {"encoder": enc_out.errors, "decoder_self": self_out.errors, "cross": cross_out.errors},
+        (self_out.heads, self_out.heads_residual, cross_out.heads, cross_out.heads_residual),
+        layout, measure, _str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"), pos_idx,
     )
 
 
@@ -643,6 +628,28 @@ def _merged_seq2seq(
     head_parts: tuple[Tensor | None, ...] = (None, None, None, None)
     if mrg_out.heads is not None and mrg_out.heads_residual is not None:
         head_parts = split_merged_heads(mrg_out.heads, mrg_out.heads_residual, tgt_len)
+    return _seq2seq_result(
+        encoder, decoder_self, cross, src_valid, tgt_valid,
+        {"encoder": enc_out.errors, "decoder_self": mrg_out.errors, "cross": mrg_out.errors},
+        head_parts, layout, measure, _str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"), pos_idx,
+    )
+
+
+def _seq2seq_result(
+    encoder: AltiResult,
+    decoder_self: Tensor,
+    cross: Tensor,
+    src_valid: Tensor,
+    tgt_valid: Tensor,
+    errors: dict[str, Tensor],
+    head_parts: tuple[Tensor | None, ...],
+    layout: ModelLayout,
+    measure: str,
+    target_str_tokens: list[list[str]] | None,
+    positions: Tensor | None,
+) -> Seq2SeqAltiResult:
+    """The ALTI+ result from the encoder's result and the decoder's per-layer self and cross
+    contributions; `head_parts` = (self heads, self heads' residual, cross heads, cross heads' residual)."""
     total = encoder_decoder_rollout(encoder.rollout[:, -1], cross, decoder_self)
     tgt_mask = tgt_valid.to(total.device)
     return Seq2SeqAltiResult(
@@ -652,7 +659,7 @@ def _merged_seq2seq(
         total=total * tgt_mask[:, None, :, None].to(total.dtype),
         source_mask=src_valid.long().to(total.device),
         target_mask=tgt_mask.long(),
-        reconstruction_error={"encoder": enc_out.errors, "decoder_self": mrg_out.errors, "cross": mrg_out.errors},
+        reconstruction_error=errors,
         measure=measure,
         architecture=layout.architecture,
         weight_processing=layout.weight_processing,
@@ -661,8 +668,8 @@ def _merged_seq2seq(
         cross_heads=head_parts[2],
         cross_heads_residual=head_parts[3],
         source_str_tokens=encoder.str_tokens,
-        target_str_tokens=_str_tokens(model, decoder_tokens, batch, tgt_len, "decoder_tokens"),
-        positions=None if pos_idx is None else pos_idx.to(total.device),
+        target_str_tokens=target_str_tokens,
+        positions=None if positions is None else positions.to(total.device),
     )
 
 

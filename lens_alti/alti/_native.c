@@ -81,6 +81,16 @@ static void *worker(void *p) {
     return NULL;
 }
 
+/* How many threads to start: at most one per work item (row block, or row block × key tile
+ * when `dynamic`), at most MAX_THREADS, at least 1. */
+static int plan_threads(int64_t n_blocks, int64_t n_keys, int64_t key_tile, int n_threads, int dynamic) {
+    const int64_t items = dynamic ? n_blocks * ((n_keys + key_tile - 1) / key_tile) : n_blocks;
+    if (n_threads > items) n_threads = (int)(items < MAX_THREADS ? items : MAX_THREADS);
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    if (n_threads < 1) n_threads = 1;
+    return n_threads;
+}
+
 /* Runs fn over blocks of ROWS rows × tiles of key_tile keys on n_threads threads; `dynamic`:
  * items from a shared counter (the kernels), else each thread its own interleaved blocks
  * (the roofline: exactly one block per thread). */
@@ -92,10 +102,7 @@ static int run_threads(const void *job, row_fn fn, int64_t n_rows, int64_t n_key
                        int dynamic) {
     int64_t n_blocks = (n_rows + ROWS - 1) / ROWS, next = 0;
     if (key_tile < 1) key_tile = 1;
-    const int64_t items = dynamic ? n_blocks * ((n_keys + key_tile - 1) / key_tile) : n_blocks;
-    if (n_threads > items) n_threads = (int)(items < MAX_THREADS ? items : MAX_THREADS);
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
-    if (n_threads < 1) n_threads = 1;
+    n_threads = plan_threads(n_blocks, n_keys, key_tile, n_threads, dynamic);
     if (n_threads == 1) {
         worker_arg a = {job, fn, n_blocks, n_rows, 0, 1, n_keys, key_tile, NULL};
         worker(&a);
@@ -114,10 +121,7 @@ static int run_threads(const void *job, row_fn fn, int64_t n_rows, int64_t n_key
                        int dynamic) {
     int64_t n_blocks = (n_rows + ROWS - 1) / ROWS, next = 0;
     if (key_tile < 1) key_tile = 1;
-    const int64_t items = dynamic ? n_blocks * ((n_keys + key_tile - 1) / key_tile) : n_blocks;
-    if (n_threads > items) n_threads = (int)(items < MAX_THREADS ? items : MAX_THREADS);
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
-    if (n_threads < 1) n_threads = 1;
+    n_threads = plan_threads(n_blocks, n_keys, key_tile, n_threads, dynamic);
     pthread_t th[MAX_THREADS];
     worker_arg args[MAX_THREADS];
     int ok[MAX_THREADS];
