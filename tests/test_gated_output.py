@@ -262,3 +262,17 @@ def test_ratio_gate_where_the_attention_output_cancels_is_refused():
     o = torch.rand(z.shape, generator=torch.Generator().manual_seed(1)) * z
     with pytest.raises(UnsupportedModelError, match="cannot recover it where the attention output cancels"):
         gated_output(pattern, values, W_O, o, "attn")
+
+
+def test_backend_cost_model_counts_the_channels():
+    """`backend="auto"` weighs a per-channel gated layer as H·d_head channels (the work it really does)."""
+    from lens_alti.alti.backend import call_work
+
+    bridge = MODELS["afmoe"]()[1]
+    _, cache = bridge.run_with_cache(_tokens(batch=1, pos=6))
+    layout = model_layout(bridge)
+    work = call_work(cache, layout, heads=False, dtype=torch.float32)
+    cfg = bridge.cfg
+    pairs = 6 * 7 // 2  # causal
+    expected = len(layout.blocks["self"]) * cfg.n_heads * cfg.d_head * pairs * cfg.d_model
+    assert work.elements == expected

@@ -191,7 +191,8 @@ def decide(work: Work) -> Decision:
 
 
 def call_work(cache: Any, layout: Any, heads: bool, dtype: torch.dtype) -> Work:
-    """The `Work` of `attribute(cache, heads=heads)`: every block's pattern `[b, h, q, k]` × d_model."""
+    """The `Work` of `attribute(cache, heads=heads)`: every block's pattern `[b, h, q, k]` × d_model
+    (h counts the record's channels where a reader expands each head into several)."""
     model = getattr(cache, "model", None)
     d_model = getattr(getattr(model, "cfg", None), "d_model", None)
     elements = blocks = 0
@@ -200,6 +201,7 @@ def call_work(cache: Any, layout: Any, heads: bool, dtype: torch.dtype) -> Work:
         causal = kind == "decoder_self" or (kind == "self" and layout.family == "decoder")
         for reader in readers:
             b, h, q, k = reader.pattern_shape(cache)
+            h *= reader.channels_per_head  # per-channel output gates: head·d_head channels
             device = cache[reader.hooks[0]].device
             pairs = q * (q + 1) // 2 if causal and q == k else q * k
             elements += b * h * pairs * int(d_model or 64 * h)
