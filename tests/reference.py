@@ -93,6 +93,15 @@ def _layers(model: nn.Module) -> list[_Layer]:
     raise NotImplementedError(f"reference: unsupported model_type {kind!r}")
 
 
+def run_hooked(model: nn.Module, input_ids: torch.Tensor, handles: list[Any]) -> None:
+    """Run the Hugging Face model once (no KV cache) with forward hooks registered, then remove them."""
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` for an ``nn.Linear``-layout weight ``[out, in]``."""
     y = x @ weight.T

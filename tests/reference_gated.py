@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.reference import run_hooked
+
 GATED = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "AfmoeAttention", "LagunaAttention")
 
 
@@ -94,11 +96,7 @@ def reference_gated_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         handles.append(attn.register_forward_hook(attn_post))
         if type(attn).__name__ == "AfmoeAttention":
             handles.append(layer.post_attention_layernorm.register_forward_hook(post_norm))
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, input_ids, handles)
 
     result = {}
     for idx, got in seen.items():

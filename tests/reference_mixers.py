@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.reference import run_hooked
+
 MAMBA1 = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer")
 SHORTCONV = ("Lfm2ShortConv", "Lfm2MoeShortConv")
@@ -367,11 +369,7 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         handles.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
         handles.append(mod.register_forward_pre_hook(mixer_pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(mixer_post))
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, input_ids, handles)
 
     result = {}
     for idx, (layer, mod) in mixers.items():
@@ -528,11 +526,7 @@ def reference_rwkv_steps(hf_model: nn.Module, input_ids: torch.Tensor) -> list[d
                 seen[key] = out[0].detach().double().clone()
 
             handles.append(mod.register_forward_hook(post))
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, input_ids, handles)
     steps = []
     for idx, block in enumerate(model.rwkv.blocks):
         for norm, key, sub in (("ln1", "att", block.attention), ("ln2", "ffn", block.feed_forward)):

@@ -6,6 +6,8 @@ layout feature that is read wrongly changes the numbers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -72,15 +74,20 @@ def test_laguna_layers_have_their_own_head_counts(layout_run):
         lens_alti.attribute(cache, heads=True)
 
 
+def _seq2seq_run(architecture: str, seed: int, reference: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(cache, float64 reference) of a tiny encoder-decoder on a batch of 2 sources (7) and targets (5)."""
+    reference_model, bridge = build_tiny(architecture)
+    g = torch.Generator().manual_seed(seed)
+    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
+    _, cache = bridge.run_with_cache(src, decoder_input=tgt)
+    return cache, reference(reference_model, src, tgt)
+
+
 @pytest.fixture(scope="module")
 def t5gemma_run():
     from tests.reference_seq2seq import reference_seq2seq
 
-    reference_model, bridge = build_tiny("T5GemmaForConditionalGeneration")
-    g = torch.Generator().manual_seed(4)
-    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
-    _, cache = bridge.run_with_cache(src, decoder_input=tgt)
-    return cache, reference_seq2seq(reference_model, src, tgt)
+    return _seq2seq_run("T5GemmaForConditionalGeneration", 4, reference_seq2seq)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -103,11 +110,7 @@ def test_t5gemma_norms_before_and_after_attention_match_reference(t5gemma_run, d
 def t5gemma2_run():
     from tests.reference_seq2seq import reference_merged_seq2seq
 
-    reference_model, bridge = build_tiny("T5Gemma2ForConditionalGeneration")
-    g = torch.Generator().manual_seed(5)
-    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
-    _, cache = bridge.run_with_cache(src, decoder_input=tgt)
-    return cache, reference_merged_seq2seq(reference_model, src, tgt)
+    return _seq2seq_run("T5Gemma2ForConditionalGeneration", 5, reference_merged_seq2seq)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
