@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -12,17 +11,10 @@ from torch import Tensor
 
 from lens_alti.alti.backend import resolve as resolve_backend
 from lens_alti.alti.collect import LayerCollector, StackResults
-from lens_alti.alti.contributions import BACKENDS, DEFAULT_CHUNK_BYTES, MEASURES, normalise_rows
-from lens_alti.alti.decompose import (
-    HALF_TOLERANCE,
-    RECONSTRUCTION_TOLERANCE,
-    TransformedVectors,
-    check_pattern_distribution,
-    check_reconstruction,
-    decompose,
-)
-from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, check_declared_padding, isolate_padding, leaked_attention
+from lens_alti.alti.contributions import BACKENDS, DEFAULT_CHUNK_BYTES, MEASURES
 from lens_alti.alti.memory import BlockShape, attribute_memory_check
+from lens_alti.alti.prepare import StackChecks, block_vectors
+from lens_alti.alti.receivers import resolve_positions
 from lens_alti.alti.rollout import (
     attention_rollout_layers,
     encoder_decoder_rollout,
@@ -32,10 +24,8 @@ from lens_alti.alti.rollout import (
 )
 from lens_alti.errors import (
     InvalidArgumentError,
-    MaskMismatchError,
     MissingHooksError,
     MissingTargetError,
-    NonFiniteError,
     UnsupportedModelError,
     WeightProcessingWarning,
 )
@@ -64,106 +54,6 @@ def _prepare_mask(attention_mask: Tensor | None, batch: int, pos: int, device: t
     return mask.bool()
 
 
-def _check_finite(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> None:
-    checks = {
-        "hook_pattern": torch.where(valid_q[:, None, :, None], block.pattern, 0),
-        "hook_v": torch.where(valid_k[:, :, None, None], block.values, 0),
-        "residual stream": torch.where(valid_q[..., None], block.residual, 0),
-        "block output": torch.where(valid_q[..., None], block.target, 0),
-    }
-    for what, t in checks.items():
-        if not torch.isfinite(t).all():
-            raise NonFiniteError(f"{block.name}: the cache holds NaN or Inf in its {what} (layer {block.layer})")
-
-
-def _masked_block(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> AttentionBlock:
-    """Zero padded receivers' rows and padded sources' columns of the pattern.
-
-    Raises if real receivers gave padded sources real attention: the cache was then made
-    without the mask given here.
-    """
-    if bool(valid_q.all()) and bool(valid_k.all()):
-        return block
-    if block.padding_unmasked:  # recomputed without the padding mask (reading/relative_bias.py)
-        keys = valid_k[:, None, None, :].to(block.pattern.dtype)
-        block = replace(block, pattern=normalise_rows(block.pattern * keys))
-    # |pattern|: a recurrent mixer's operator (pattern_is_distribution=False) can be negative.
-    leak = leaked_attention(block.pattern.abs(), valid_q, valid_k)
-    if leak > MASK_LEAK_TOLERANCE and block.recurrent:
-        raise UnsupportedModelError(
-            f"{block.name} (layer {block.layer}) is a linear-recurrent mixer that reads padded positions under "
-            f"this attention_mask (up to {leak:.3g}): either the model itself mixes padding into the real tokens "
-            "(RWKV and RecurrentGemma ignore the attention mask: padding before a real token enters its state; "
-            "right padding is fine), or the cache does not show which positions the layer zeroed (lens_alti "
-            "reads that only for Mamba, Mamba-2 and LFM2 mixers). Run the sequences one at a time without padding."
-        )
-    if leak > MASK_LEAK_TOLERANCE:
-        raise MaskMismatchError(
-            f"{block.name}: real tokens attend to positions that the mask marks as padding "
-            f"(attention up to {leak:.3g}); pass the same attention_mask "
-            "(and decoder_attention_mask) that run_with_cache was given"
-        )
-    return isolate_padding(block, valid_q, valid_k)
-
-
-@dataclass
-class _StackChecks:
-    """Per-stack checks of `_block_vectors`: the measure and heads asked for, and the mask check.
-
-    `causal` None skips the check for padding the mask does not declare (alti/masking.py);
-    it runs once, on the first attention block of the stack.
-    """
-
-    measure: str
-    heads: bool
-    causal: bool | None = None
-    mask_name: str = "attention_mask"
-    padding_checked: bool = False
-
-
-def _block_vectors(
-    block: AttentionBlock,
-    valid_q: Tensor,
-    valid_k: Tensor,
-    *,
-    dtype: torch.dtype,
-    check: bool,
-    checks: _StackChecks,
-) -> tuple[TransformedVectors, float]:
-    """Check, mask and decompose one block on the device it lives on; (vectors, relative error)."""
-    device = block.pattern.device
-    valid_q, valid_k = valid_q.to(device), valid_k.to(device)
-    if checks.measure == "attention" and block.recurrent:
-        raise UnsupportedModelError(
-            f"{block.name} (layer {block.layer}) is a linear-recurrent mixer: it has no attention weights, "
-            "so measure='attention' is undefined for it; use 'l1', 'l2' or 'koba'"
-        )
-    if checks.measure == "attention" and block.output_gated:
-        raise UnsupportedModelError(
-            f"{block.name} (layer {block.layer}) gates its heads' output per receiver before W_O: its token "
-            "mixing is the gated operator g_i·A, not the attention weights, so measure='attention' would average "
-            "gate-scaled weights; use 'l1', 'l2' or 'koba' (lens_alti.attention_rollout(cache) reads the raw "
-            "attention weights where every layer is attention)"
-        )
-    if checks.heads and not block.has_heads:  # a mixer whose channels form no heads (reading/mixers)
-        raise UnsupportedModelError(
-            f"{block.name} (layer {block.layer}) is a linear-recurrent mixer whose operator is per channel, "
-            "not per head (its channels form no heads: Mamba-1, short convolutions, NemotronH's MLP-only layers, "
-            "or Falcon-H1's parallel attention + mixer block): per-head contributions are not available for it; "
-            "call attribute(..., heads=False)"
-        )
-    _check_finite(block, valid_q, valid_k)
-    if not checks.padding_checked and checks.causal is not None and block.pattern_is_distribution:
-        check_declared_padding(block, valid_q, causal=checks.causal, mask_name=checks.mask_name)
-        checks.padding_checked = True
-    block = _masked_block(block, valid_q, valid_k)
-    if check:
-        check_pattern_distribution(block, valid_q, valid_k, 10 * HALF_TOLERANCE.get(block.pattern.dtype, 1e-4))
-    tv = decompose(block, dtype=dtype, valid_rows=valid_q)
-    tolerance = HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
-    return tv, (check_reconstruction(tv, block, valid_q, tolerance) if check else float("nan"))
-
-
 def _collector(
     n_layers: int,
     valid_q: Tensor,
@@ -190,7 +80,7 @@ def _run_blocks(
     *,
     dtype: torch.dtype,
     check: bool,
-    checks: _StackChecks,
+    checks: StackChecks,
     progress: Any,
 ) -> StackResults:
     """Read, decompose and measure every block of one kind (encoder, decoder self, cross...).
@@ -200,7 +90,7 @@ def _run_blocks(
     """
     for layer, reader in enumerate(readers):
         block = reader.build(cache)
-        collector.add(layer, *_block_vectors(block, valid_q, valid_k, dtype=dtype, check=check, checks=checks))
+        collector.add(layer, *block_vectors(block, valid_q, valid_k, dtype=dtype, check=check, checks=checks))
         progress.update(1)
     return collector.finish()
 
@@ -318,56 +208,6 @@ def _input_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def resolve_positions(positions: Any, valid: Tensor) -> Tensor | None:
-    """Receivers of interest as `[batch, r]` positions, or None for all.
-
-    `positions`: "last", an int, a list of ints (the same for every batch item; negative
-    ones count back from each item's last real token, so -1 is the last real token under
-    left or right padding), a `[batch, r]` integer tensor, or a `[batch, pos]` boolean mask
-    selecting the same number of receivers in every item. Padding cannot be selected.
-    """
-    if positions is None:
-        return None
-    batch, pos = valid.shape
-    if isinstance(positions, str):
-        if positions != "last":
-            raise ValueError(f"positions must be 'last', an int, a list of ints or a tensor, got {positions!r}")
-        positions = [-1]
-    if isinstance(positions, int):
-        positions = [positions]
-    t = torch.as_tensor(positions, device=valid.device)
-    if t.dtype == torch.bool:
-        if t.shape != (batch, pos):
-            raise ValueError(f"a boolean positions mask must be [batch, pos] = [{batch}, {pos}], got {tuple(t.shape)}")
-        counts = t.sum(-1)
-        if t.numel() == 0 or bool((counts != counts[0]).any()) or int(counts[0]) == 0:
-            raise ValueError(
-                f"a boolean positions mask must select the same, non-zero number of receivers in every batch item; "
-                f"it selects {counts.tolist()}"
-            )
-        out = t.nonzero()[:, 1].view(batch, int(counts[0]))
-    else:
-        if t.dtype.is_floating_point or t.dim() not in (1, 2) or t.numel() == 0:
-            raise ValueError(f"positions must be a non-empty list of ints or a [batch, r] tensor, got {positions!r}")
-        t = t.long()
-        if t.dim() == 1:
-            t = t.expand(batch, -1)
-        if t.shape[0] != batch:
-            raise ValueError(f"positions has {t.shape[0]} rows but the batch has {batch} items")
-        n_real = valid.sum(-1, keepdim=True)
-        if bool(((t < -n_real) | (t >= pos)).any()):
-            raise ValueError(
-                f"positions {t.tolist()} fall outside the inputs ({pos} positions; negative ones count back "
-                f"over the {n_real.flatten().tolist()} real tokens of each item)"
-            )
-        real = torch.where(valid, torch.arange(pos, device=valid.device), pos).sort(-1).values  # real first
-        from_end = real.gather(1, (n_real + t).clamp(0, pos - 1))
-        out = torch.where(t < 0, from_end, t)
-    if not bool(valid.gather(1, out).all()):
-        raise ValueError(f"positions {out.tolist()} select padding; choose real tokens (attention_mask == 1)")
-    return out
-
-
 def _stream(
     model: Any,
     layout: ModelLayout,
@@ -376,14 +216,14 @@ def _stream(
     *,
     dtype: torch.dtype,
     check: bool,
-    checks: dict[str, _StackChecks],
+    checks: dict[str, StackChecks],
     progress: Any,
 ) -> None:
     """Run the model once; measure each block as soon as its activations exist."""
 
     def on_block(kind: str, layer: int, block: AttentionBlock) -> None:
         collector, valid_q, valid_k = stacks[kind]
-        vectors = _block_vectors(block, valid_q, valid_k, dtype=dtype, check=check, checks=checks[kind])
+        vectors = block_vectors(block, valid_q, valid_k, dtype=dtype, check=check, checks=checks[kind])
         collector.add(layer, *vectors)
         progress.update(1)
 
@@ -516,7 +356,7 @@ def attribute(
         pos_idx = resolve_positions(positions, valid)
         col = _collector(len(readers), valid, valid, opts, positions=pos_idx, self_stack=True, device=output_device)
         bar = _progress(progress, pos, n_blocks)
-        self_checks = _StackChecks(measure, heads, causal=layout.family == "decoder")
+        self_checks = StackChecks(measure, heads, causal=layout.family == "decoder")
         try:
             if streaming:
                 inputs = forward_inputs(model, layout, tokens, attention_mask, None, None)
@@ -559,9 +399,9 @@ def attribute(
     cross_col = _collector(len(crs), tgt_valid, src_valid, opts, positions=pos_idx, self_stack=False, **where)
     bar = _progress(progress, max(src_len, tgt_len), n_blocks)
     checks = {
-        "encoder": _StackChecks(measure, heads, causal=False),
-        "decoder_self": _StackChecks(measure, heads, causal=True, mask_name="decoder_attention_mask"),
-        "cross": _StackChecks(measure, heads),
+        "encoder": StackChecks(measure, heads, causal=False),
+        "decoder_self": StackChecks(measure, heads, causal=True, mask_name="decoder_attention_mask"),
+        "cross": StackChecks(measure, heads),
     }
     try:
         if streaming:
@@ -617,9 +457,9 @@ def _merged_seq2seq(
                          device=output_device)
     bar = _progress(progress, max(src_len, tgt_len), len(enc) + len(mrg))
     try:
-        enc_out = _run_blocks(enc, cache, enc_col, src_valid, src_valid, checks=_StackChecks(measure, heads, False),
+        enc_out = _run_blocks(enc, cache, enc_col, src_valid, src_valid, checks=StackChecks(measure, heads, False),
                               progress=bar, **run)
-        mrg_out = _run_blocks(mrg, cache, mrg_col, tgt_valid, keys_valid, checks=_StackChecks(measure, heads),
+        mrg_out = _run_blocks(mrg, cache, mrg_col, tgt_valid, keys_valid, checks=StackChecks(measure, heads),
                               progress=bar, **run)
     finally:
         bar.close()

@@ -13,8 +13,7 @@ import lens_alti
 import lens_alti.alti.contributions as contributions
 from lens_alti.alti.contributions import block_contributions, head_output_contributions
 from lens_alti.alti.decompose import decompose
-from lens_alti.alti.receivers import rollout_rows, select_receivers
-from lens_alti.api import resolve_positions
+from lens_alti.alti.receivers import resolve_positions, rollout_rows, select_receivers
 from lens_alti.reading import model_layout
 from tests.models import build_seq2seq
 from tests.reference import reference_decoder_only
