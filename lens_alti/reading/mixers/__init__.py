@@ -160,6 +160,19 @@ def channels_per_head(module: Any) -> int | None:
     return None
 
 
+def _mixer_parts(
+    layer: int, found: tuple[str, Any]
+) -> tuple[Any, tuple[str, Callable[..., Any], str], str, str, str | None]:
+    """(HF mixer module, (label, operator builder, source hook), block prefix, mixer prefix,
+    the hook showing which positions the layer zeroed or None) of a found mixer."""
+    child, comp = found
+    module = hf_module(comp)
+    kind, operator, source_hook, mask_hook = _kind(module)  # type: ignore[misc]
+    p = f"blocks.{layer}"
+    mix = f"{p}.{child}"
+    return module, (kind, operator, source_hook), p, mix, None if mask_hook is None else f"{mix}.{mask_hook}"
+
+
 def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False) -> BlockReader | None:
     """The reader of decoder layer `layer` when its token mixer is a known linear-recurrent one.
 
@@ -186,12 +199,7 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
         return None
     if with_attention:
         return _parallel_reader(model, layer, arch, found)
-    child, comp = found
-    module = hf_module(comp)
-    kind, operator, source_hook, mask_hook = _kind(module)  # type: ignore[misc]
-    p = f"blocks.{layer}"
-    mix = f"{p}.{child}"
-    masked = None if mask_hook is None else f"{mix}.{mask_hook}"
+    module, (kind, operator, source_hook), p, mix, masked = _mixer_parts(layer, found)
     # Granite's residual multiplier scales the mixer's output before the residual sum.
     out_scale = float(getattr(hf_block, "residual_multiplier", 1.0))
     has_mid = f"{p}.hook_resid_mid" in getattr(model, "hook_dict", {})
@@ -225,12 +233,8 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
     """
     from lens_alti.reading.blocks import attention_record
 
-    child, comp = found
-    module = hf_module(comp)
-    kind, operator, source_hook, mask_hook = _kind(module)  # type: ignore[misc]
-    p = f"blocks.{layer}"
-    mix = f"{p}.{child}"
-    masked = None if mask_hook is None else f"{mix}.{mask_hook}"
+    module, (kind, operator, source_hook), p, mix, masked = _mixer_parts(layer, found)
+    child = found[0]
     hf_layer = hf_module(model.blocks[layer])
     m_attn = float(getattr(hf_layer, "attn_out_multiplier", 1.0))
     m_mix = float(getattr(hf_layer, "ssm_out_multiplier", 1.0))
