@@ -93,6 +93,15 @@ def _layers(model: nn.Module) -> list[_Layer]:
     raise NotImplementedError(f"reference: unsupported model_type {kind!r}")
 
 
+def float64_eager_copy(hf_model: nn.Module) -> nn.Module:
+    """A float64, eval, eager-attention deep copy of ``hf_model`` (the references' starting point)."""
+    model = copy.deepcopy(hf_model).double().eval()
+    model.config._attn_implementation = "eager"
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    return model
+
+
 def run_hooked(model: nn.Module, input_ids: torch.Tensor, handles: list[Any]) -> None:
     """Run the Hugging Face model once (no KV cache) with forward hooks registered, then remove them."""
     try:
@@ -202,10 +211,7 @@ def reference_decoder_only(
     from the real forward pass) ``[batch, layer, query, d_model]``.
     Padded query rows are all 0, padded key columns are 0.
     """
-    model = copy.deepcopy(hf_model).double().eval()
-    model.config._attn_implementation = "eager"
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
+    model = float64_eager_copy(hf_model)
     layers = _layers(model)
 
     input_ids = input_ids.to(torch.long)

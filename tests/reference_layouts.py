@@ -27,11 +27,12 @@ Only meant for tiny models and unpadded batches.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
+
+from tests.reference import float64_eager_copy
 
 __all__ = ["reference_layout"]
 
@@ -112,10 +113,7 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
     Returns ``l1`` and ``rollout`` ``[batch, layer, query, key]`` and ``resultant`` /
     ``resultant_actual`` ``[batch, layer, query, d_model]`` (the reconstruction and the real block output).
     """
-    model = copy.deepcopy(hf_model).double().eval()
-    model.config._attn_implementation = "eager"
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
+    model = float64_eager_copy(hf_model)
     if hasattr(model, "set_experts_implementation") and getattr(model.config, "_experts_implementation", None):
         model.set_experts_implementation("eager")  # grouped_mm kernels refuse float64 (GPT-OSS)
     kind, layers = _layers(model)

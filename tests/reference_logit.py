@@ -15,13 +15,18 @@ norm, ``1 + w`` gains, logit soft-capping: the pre-cap logit is explained), deco
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from tests.reference import _layers, _mask_fix_hook, _values_and_out_proj, reference_decoder_only
+from tests.reference import (
+    _layers,
+    _mask_fix_hook,
+    _values_and_out_proj,
+    float64_eager_copy,
+    reference_decoder_only,
+)
 from tests.reference_seq2seq import reference_seq2seq
 
 __all__ = ["reference_logit_decoder", "reference_logit_marian"]
@@ -67,14 +72,6 @@ def _norm_linear(norm: nn.Module, kind: str, model_type: str, x: torch.Tensor) -
     return lin_rms, torch.zeros_like(x)
 
 
-def _prepare(hf_model: nn.Module) -> nn.Module:
-    model = copy.deepcopy(hf_model).double().eval()
-    model.config._attn_implementation = "eager"
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    return model
-
-
 @torch.no_grad()
 def reference_logit_decoder(
     hf_model: nn.Module,
@@ -90,7 +87,7 @@ def reference_logit_decoder(
     ``attn_bias`` [b, layer], ``embedding`` [b], ``bias`` [b], ``logit`` [b] (pre-softcap),
     ``by_layer`` [b, layer, k] and ``tokens`` [b, k].
     """
-    model = _prepare(hf_model)
+    model = float64_eager_copy(hf_model)
     layers = _layers(model)
     model_type = model.config.model_type
     final, final_kind = _final_norm(model)
@@ -222,7 +219,7 @@ def reference_logit_marian(
     """
     if hf_model.config.model_type != "marian":
         raise NotImplementedError(hf_model.config.model_type)
-    model = _prepare(hf_model)
+    model = float64_eager_copy(hf_model)
     dec = model.model.decoder
     cfg = model.config
     h = cfg.decoder_attention_heads

@@ -29,7 +29,6 @@ Supported (``config.model_type``):
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.reference import _normalise_rows, _rollout, randomize_norms
+from tests.reference import _normalise_rows, _rollout, float64_eager_copy, randomize_norms
 
 __all__ = ["randomize_norms", "reference_encoder", "reference_seq2seq"]
 
@@ -364,15 +363,6 @@ def _register_t5gemma(
     return enc, dec, cross, base.encoder.norm
 
 
-def _prepare(hf_model: nn.Module) -> nn.Module:
-    """A float64, eval, eager-attention deep copy of ``hf_model``."""
-    model = copy.deepcopy(hf_model).double().eval()
-    model.config._attn_implementation = "eager"
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    return model
-
-
 # --------------------------------------------------------------------------------------------
 # One attention block: transformed vectors, reconstruction checks, measures
 # --------------------------------------------------------------------------------------------
@@ -577,7 +567,7 @@ def reference_encoder(
     """
     if hf_model.config.model_type != "bert":
         raise NotImplementedError(f"reference_encoder: unsupported model_type {hf_model.config.model_type!r}")
-    model = _prepare(hf_model)
+    model = float64_eager_copy(hf_model)
     rec = _Recorder()
     blocks = _register_bert(model, rec)
     input_ids = input_ids.to(torch.long)
@@ -710,7 +700,7 @@ def reference_seq2seq(
     Padded query rows are 0 and padded key columns are 0 (right or left padding).
     """
     kind = hf_model.config.model_type
-    model = _prepare(hf_model)
+    model = float64_eager_copy(hf_model)
     rec = _Recorder()
     if kind in ("t5", "switch_transformers", "longt5"):  # Switch: sparse MLPs; LongT5: local encoder attention
         enc_blocks, dec_blocks, cross_blocks, final_norm = _register_t5(model, rec)
@@ -830,7 +820,7 @@ def reference_merged_seq2seq(
     ``total`` ``[b, L, T, S+T]``: spec §4 with the block's own matrix ``J = [C_src, C_tgt]``,
     ``R^0 = [C_src R_enc, C_tgt]``, ``R^l = [C_src R_enc + C_tgt R^{l-1}_src, C_tgt R^{l-1}_tgt]``.
     """
-    model = _prepare(hf_model)
+    model = float64_eager_copy(hf_model)
     rec = _Recorder()
     probs: dict[str, torch.Tensor] = {}
     enc_blocks, dec_blocks, final_norm = _register_t5gemma2(model, rec, probs)

@@ -266,11 +266,16 @@ def test_auto_prefers_warm_compiled_kernels_only_where_the_model_says_they_are_f
     assert backend_mod.decide(big).backend == "native"
 
 
-def test_auto_without_native_compiles_only_when_it_pays(monkeypatch):
+@pytest.fixture
+def compile_not_native(monkeypatch):
+    """No native kernels; torch.compile available, nothing compiled and nothing saved yet in this process."""
     monkeypatch.setattr(native, "possible", lambda: False)
     monkeypatch.setattr(kernels, "compile_available", lambda: True)
     monkeypatch.setattr(kernels, "is_warm", lambda *a: False)
     monkeypatch.setattr(backend_mod, "_saved_s", 0.0)
+
+
+def test_auto_without_native_compiles_only_when_it_pays(monkeypatch, compile_not_native):
     small, large = _work(10**8), _work(10**13)
     assert backend_mod.decide(small).backend == "eager"
     assert backend_mod.decide(large).backend == "compiled"
@@ -281,11 +286,7 @@ def test_auto_without_native_compiles_only_when_it_pays(monkeypatch):
     assert backend_mod.decide(mid).backend == "compiled"
 
 
-def test_auto_ski_rental_compiles_after_enough_eager_calls(monkeypatch):
-    monkeypatch.setattr(native, "possible", lambda: False)
-    monkeypatch.setattr(kernels, "compile_available", lambda: True)
-    monkeypatch.setattr(kernels, "is_warm", lambda *a: False)
-    monkeypatch.setattr(backend_mod, "_saved_s", 0.0)
+def test_auto_ski_rental_compiles_after_enough_eager_calls(monkeypatch, compile_not_native):
     work = _work(10**9)
     lost = backend_mod.estimate("eager", work) - backend_mod.estimate("compiled", work, include_start=False)
     start = backend_mod.estimate("compiled", work) - backend_mod.estimate("compiled", work, include_start=False)

@@ -74,6 +74,10 @@ def test_laguna_layers_have_their_own_head_counts(layout_run):
         lens_alti.attribute(cache, heads=True)
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)
+
+
 def _seq2seq_run(architecture: str, seed: int, reference: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """(cache, float64 reference) of a tiny encoder-decoder on a batch of 2 sources (7) and targets (5)."""
     reference_model, bridge = build_tiny(architecture)
@@ -97,13 +101,12 @@ def test_t5gemma_norms_before_and_after_attention_match_reference(t5gemma_run, d
     res = lens_alti.attribute(cache, dtype=dtype, heads=True)
     for kind, errs in res.reconstruction_error.items():
         assert float(errs.max()) < 1e-5, kind
-    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
-    close(res.encoder.layers, ref["encoder_l1"])
-    close(res.encoder.rollout, ref["encoder_rollout"])
-    close(res.decoder_self, ref["decoder_self"])
-    close(res.cross, ref["cross"])
-    close(res.cross_heads, ref["cross_heads"])
-    close(res.total, ref["total"])
+    _close(res.encoder.layers, ref["encoder_l1"])
+    _close(res.encoder.rollout, ref["encoder_rollout"])
+    _close(res.decoder_self, ref["decoder_self"])
+    _close(res.cross, ref["cross"])
+    _close(res.cross_heads, ref["cross_heads"])
+    _close(res.total, ref["total"])
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +123,13 @@ def test_t5gemma2_merged_self_and_cross_attention_matches_reference(t5gemma2_run
     res = lens_alti.attribute(cache, dtype=dtype)
     for kind, errs in res.reconstruction_error.items():
         assert float(errs.max()) < 1e-5, kind
-    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
-    close(res.encoder.layers, ref["encoder_l1"])
-    close(res.encoder.rollout, ref["encoder_rollout"])
+    _close(res.encoder.layers, ref["encoder_l1"])
+    _close(res.encoder.rollout, ref["encoder_rollout"])
     t = ref["merged"].shape[2]
     # The merged block's own matrix: cross's source columns; the self rows scaled by cross's residual column.
-    close(res.cross[..., :-1], ref["merged"][..., t:])
-    close(res.decoder_self * res.cross[..., -1:], ref["merged"][..., :t])
-    close(res.total, ref["total"])
+    _close(res.cross[..., :-1], ref["merged"][..., t:])
+    _close(res.decoder_self * res.cross[..., -1:], ref["merged"][..., :t])
+    _close(res.total, ref["total"])
     assert float(res.source_contribution.mean()) > 0.05  # the source matters: not a residual-only picture
 
 
@@ -135,12 +137,11 @@ def test_t5gemma2_heads_split_like_the_tokens(t5gemma2_run):
     """Per head: cross heads are the merged block's source parts; self heads × cross residual its target parts."""
     cache, ref = t5gemma2_run
     res = lens_alti.attribute(cache, dtype=torch.float64, heads=True)
-    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
     t = ref["merged"].shape[2]
-    close(res.cross_heads, ref["merged_heads"][..., t:])
+    _close(res.cross_heads, ref["merged_heads"][..., t:])
     share = res.cross_heads_residual
-    close(res.decoder_self_heads * share[:, :, None, :, None], ref["merged_heads"][..., :t])
-    close(res.decoder_self_heads_residual * share, ref["merged_heads_residual"])
+    _close(res.decoder_self_heads * share[:, :, None, :, None], ref["merged_heads"][..., :t])
+    _close(res.decoder_self_heads_residual * share, ref["merged_heads_residual"])
     rows = res.cross_heads.sum((2, 4)) + res.cross_heads_residual
     torch.testing.assert_close(rows, torch.ones_like(rows))
 
@@ -172,12 +173,12 @@ def test_switch_transformers_bridge_pattern_is_the_position_bias(switch_model):
     assert float(cache["encoder_blocks.0.attn.hook_pattern"].amin()) < 0
 
 
-def test_switch_transformers_recomputed_pattern_matches_reference_with_padding(switch_model):
-    """Switch: the pattern recomputed from hook_q/hook_k and the relative bias, padding renormalised."""
+def _padded_seq2seq(reference_model: Any, bridge: Any, seed: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(float64 result, float64 reference) on 2 items, the second with padded source and target;
+    every block's reconstruction is checked to 1e-5."""
     from tests.reference_seq2seq import reference_seq2seq
 
-    reference_model, bridge = switch_model
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(seed)
     src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
     smask, tmask = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
     smask[1, 5:] = 0
@@ -187,11 +188,16 @@ def test_switch_transformers_recomputed_pattern_matches_reference_with_padding(s
     res = lens_alti.attribute(cache, attention_mask=smask, decoder_attention_mask=tmask, dtype=torch.float64)
     for kind, errs in res.reconstruction_error.items():
         assert float(errs.max()) < 1e-5, kind
-    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
-    close(res.encoder.layers, ref["encoder_l1"])
-    close(res.decoder_self, ref["decoder_self"])
-    close(res.cross, ref["cross"])
-    close(res.total, ref["total"])
+    return res, ref
+
+
+def test_switch_transformers_recomputed_pattern_matches_reference_with_padding(switch_model):
+    """Switch: the pattern recomputed from hook_q/hook_k and the relative bias, padding renormalised."""
+    res, ref = _padded_seq2seq(*switch_model, seed=6)
+    _close(res.encoder.layers, ref["encoder_l1"])
+    _close(res.decoder_self, ref["decoder_self"])
+    _close(res.cross, ref["cross"])
+    _close(res.total, ref["total"])
 
 
 def test_switch_transformers_wrong_mask_is_caught(switch_model):
@@ -206,26 +212,14 @@ def test_switch_transformers_wrong_mask_is_caught(switch_model):
 
 def test_longt5_local_attention_matches_reference_with_padding():
     """LongT5: a local radius of 2 (blocks of 3) on 7 tokens, so the band matters; padded batch."""
-    from tests.reference_seq2seq import reference_seq2seq
-
     reference_model, bridge = build_tiny("LongT5ForConditionalGeneration", local_radius=2)
     assert bridge.encoder_blocks[0].attn.original_component.block_len == 3
-    g = torch.Generator().manual_seed(7)
-    src, tgt = torch.randint(4, 1000, (2, 7), generator=g), torch.randint(4, 1000, (2, 5), generator=g)
-    smask, tmask = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
-    smask[1, 5:] = 0
-    tmask[1, 4:] = 0
-    _, cache = bridge.run_with_cache(src, decoder_input=tgt, attention_mask=smask, decoder_attention_mask=tmask)
-    ref = reference_seq2seq(reference_model, src, tgt, smask, tmask)
-    res = lens_alti.attribute(cache, attention_mask=smask, decoder_attention_mask=tmask, dtype=torch.float64)
-    for kind, errs in res.reconstruction_error.items():
-        assert float(errs.max()) < 1e-5, kind
-    close = lambda got, want: torch.testing.assert_close(got.double(), want, atol=TOL, rtol=0)  # noqa: E731
-    close(res.encoder.layers, ref["encoder_l1"])
+    res, ref = _padded_seq2seq(reference_model, bridge, seed=7)
+    _close(res.encoder.layers, ref["encoder_l1"])
     assert float(res.encoder.layers[0, 0].triu(3).abs().max()) < 1e-9  # nothing beyond the radius
-    close(res.decoder_self, ref["decoder_self"])
-    close(res.cross, ref["cross"])
-    close(res.total, ref["total"])
+    _close(res.decoder_self, ref["decoder_self"])
+    _close(res.cross, ref["cross"])
+    _close(res.total, ref["total"])
 
 
 def test_longt5_transient_global_is_refused():
