@@ -73,13 +73,10 @@ class TransformedVectors:
 
     def head_outputs(self) -> Float[Tensor, "b H q d"]:
         """Each real head's whole transformed output o^h_i = s_i ⊙ Σ_{c∈h} Σ_j A[c,i,j]·VO[c,j]."""
-        G = self.channels_per_head
-        if G == 1:
-            o = torch.einsum("bqhe,hed->bhqd", self.z, self.W_O)
-        else:  # sum each head's channels inside the contraction: never [b, H·G, q, d]
-            b, q, c, e = self.z.shape
-            H = c // G
-            o = torch.einsum("bqhf,hfd->bhqd", self.z.reshape(b, q, H, G * e), self.W_O.reshape(H, G * e, -1))
+        # A head's G channels are summed inside the contraction: never [b, H·G, q, d].
+        b, q, c, e = self.z.shape
+        H, G = self.n_heads, self.channels_per_head
+        o = torch.einsum("bqhf,hfd->bhqd", self.z.reshape(b, q, H, G * e), self.W_O.reshape(H, G * e, -1))
         if self.centred:
             o = _centre(o)
         return o if self.scale is None else o * self.scale[:, None]

@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.layer_kinds import original
 
 # How well a gate must reproduce o_proj's real input (relative to its max).
 _GATE_RTOL = 1e-4
@@ -85,11 +86,8 @@ def gate_hook(hook_dict: Any, prefix: str) -> str | None:
 
 def _linear(module: Any) -> torch.nn.Linear | None:
     """`module` itself if it is a Linear, else the Linear a bridge component wraps, else None."""
-    wrapped = (getattr(module, "original_component", None), getattr(module, "_original_component", None))
-    for candidate in (module, *wrapped):
-        if isinstance(candidate, torch.nn.Linear):
-            return candidate
-    return None
+    inner = original(module)
+    return inner if isinstance(inner, torch.nn.Linear) else None
 
 
 def _flat(t: Tensor, b: int, q: int, h: int, e: int, what: str, name: str) -> Tensor:

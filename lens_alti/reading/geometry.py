@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import PatternNotDistributionError, UnsupportedModelError
+from lens_alti.reading.layer_kinds import original
 
 # "pos_major": hook_v is [batch, pos, kv_heads, d_head] (TransformerLens's convention);
 # "head_major": [batch, kv_heads, pos, d_head] (the bridge's multi-head latent attention).
@@ -112,9 +113,8 @@ def output_weights(attn: Any, name: str) -> tuple[Float[Tensor, "h e d"], Float[
     try:
         W_O, b_O = attn.W_O, attn.b_O
     except Exception as exc:  # noqa: BLE001 - TransformerLens raises several kinds here
-        hf = getattr(attn, "original_component", None)
-        o_proj = getattr(hf, "o_proj", None)
-        o_proj = getattr(o_proj, "original_component", None) or o_proj  # the bridge wraps it in place
+        hf = original(attn)
+        o_proj = original(getattr(hf, "o_proj", None))  # the bridge wraps it in place
         d_head = getattr(hf, "head_dim", None)
         if not isinstance(o_proj, torch.nn.Linear) or not d_head or o_proj.in_features % int(d_head):
             raise UnsupportedModelError(f"{name}: cannot read this layer's W_O ({type(exc).__name__}: {exc})") from exc

@@ -19,7 +19,11 @@ _MIXER_ATTRIBUTES = ("mixer", "mamba", "linear_attn", "temporal_block", "recurre
 
 def original(component: Any) -> Any:
     """The Hugging Face module a bridge component wraps (the component itself if none)."""
-    return getattr(component, "_original_component", None) or component
+    for attr in ("_original_component", "original_component"):
+        inner = getattr(component, attr, None)
+        if inner is not None:
+            return inner
+    return component
 
 
 def _hooks(model: Any) -> set[str] | None:

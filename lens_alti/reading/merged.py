@@ -38,7 +38,7 @@ def is_merged(model: Any) -> bool:
 
 
 def _linear(module: Any, name: str) -> tuple[Tensor, Tensor | None]:
-    lin = getattr(module, "original_component", None) or module  # the bridge wraps it in place
+    lin = original(module)  # the bridge wraps it in place
     if not isinstance(lin, torch.nn.Linear):
         raise UnsupportedModelError(f"{name}: cannot read v_proj's weights to recompute the values")
     return lin.weight.detach(), (None if lin.bias is None else lin.bias.detach())

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.layer_kinds import original
 from lens_alti.reading.records import NormAfterAttention
 
 # How close the module's gain on the probe must be to w or 1 + w (relative to the gain).
@@ -60,7 +61,7 @@ def norm_params(
     component: Any, name: str, default_kind: str
 ) -> tuple[Literal["layernorm", "rmsnorm"], Tensor, Tensor | None, float]:
     """(kind, weight, bias, eps) of a bridge normalisation component."""
-    inner = getattr(component, "_original_component", component)
+    inner = original(component)
     is_rms = "rms" in type(component).__name__.lower() or default_kind == "RMS"
     eps = getattr(inner, "eps", None)
     if eps is None:

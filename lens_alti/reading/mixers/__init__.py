@@ -27,21 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.layer_kinds import original
 from lens_alti.reading.layout import BlockReader
 from lens_alti.reading.mixers.recomputed_attention import is_plain_attention, recomputed_attention_reader
 from lens_alti.reading.records import AttentionBlock
 
 # Child names under which TransformerLens 4.3's bridge exposes a block's mixer.
 _MIXER_CHILDREN = ("mixer", "mamba", "conv", "linear_attn", "temporal_block")
-
-
-def hf_module(component: Any) -> Any:
-    """The Hugging Face module a bridge component wraps (or the component itself)."""
-    for attr in ("original_component", "_original_component"):
-        inner = getattr(component, attr, None)
-        if inner is not None:
-            return inner
-    return component
 
 
 def _kind(module: Any) -> tuple[str, Callable[..., Any], str, str | None] | None:
@@ -83,7 +75,7 @@ def find_mixer(block: Any) -> tuple[str, Any] | None:
     """(child name, bridge component) of a block's linear-recurrent mixer, if it has a known one."""
     for child in _MIXER_CHILDREN:
         comp = getattr(block, child, None)
-        if comp is not None and _kind(hf_module(comp)) is not None:
+        if comp is not None and _kind(original(comp)) is not None:
             return child, comp
     return None
 
@@ -166,7 +158,7 @@ def _mixer_parts(
     """(HF mixer module, (label, operator builder, source hook), block prefix, mixer prefix,
     the hook showing which positions the layer zeroed or None) of a found mixer."""
     child, comp = found
-    module = hf_module(comp)
+    module = original(comp)
     kind, operator, source_hook, mask_hook = _kind(module)  # type: ignore[misc]
     p = f"blocks.{layer}"
     mix = f"{p}.{child}"
@@ -183,7 +175,7 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
     attention and mixer branches (Falcon-H1), or None is returned when it has no mixer.
     """
     block = model.blocks[layer]
-    hf_block = hf_module(block)
+    hf_block = original(block)
     from lens_alti.reading.mixers.griffin import griffin_reader, is_griffin_layer
 
     if not with_attention and is_griffin_layer(hf_block):  # RecurrentGemma: RG-LRU or local attention
@@ -192,7 +184,7 @@ def mixer_reader(model: Any, layer: int, arch: str, with_attention: bool = False
         return _token_wise_reader(model, layer, arch)  # NemotronH: a layer that is only an MLP
     found = find_mixer(block)
     if found is None:
-        inner = hf_module(getattr(block, "mixer", None)) if hasattr(block, "mixer") else None
+        inner = original(getattr(block, "mixer", None)) if hasattr(block, "mixer") else None
         if not with_attention and inner is not None and is_plain_attention(inner):
             return recomputed_attention_reader(model, layer, arch, inner, _mask_hooks(model))
         _refuse_unreadable(model, layer, arch, hf_block, with_attention)
@@ -235,7 +227,7 @@ def _parallel_reader(model: Any, layer: int, arch: str, found: tuple[str, Any]) 
 
     module, (kind, operator, source_hook), p, mix, masked = _mixer_parts(layer, found)
     child = found[0]
-    hf_layer = hf_module(model.blocks[layer])
+    hf_layer = original(model.blocks[layer])
     m_attn = float(getattr(hf_layer, "attn_out_multiplier", 1.0))
     m_mix = float(getattr(hf_layer, "ssm_out_multiplier", 1.0))
     hooks = (
@@ -282,7 +274,7 @@ def _mask_hooks(model: Any) -> list[str]:
     out = []
     for layer, block in enumerate(model.blocks):
         found = find_mixer(block)
-        kind = None if found is None else _kind(hf_module(found[1]))
+        kind = None if found is None else _kind(original(found[1]))
         if found is not None and kind is not None and kind[3] is not None:
             out.append(f"blocks.{layer}.{found[0]}.{kind[3]}")
     return out

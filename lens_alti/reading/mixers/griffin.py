@@ -37,8 +37,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.layer_kinds import original
 from lens_alti.reading.layout import BlockReader
-from lens_alti.reading.mixers import hf_module, mixer_record
+from lens_alti.reading.mixers import mixer_record
 from lens_alti.reading.mixers.operators import causal_conv, compose
 from lens_alti.reading.records import AttentionBlock
 
@@ -153,7 +154,7 @@ def local_attention_pattern(module: Any, h: Tensor) -> tuple[Tensor, Tensor]:
 
 def griffin_reader(model: Any, layer: int, arch: str) -> BlockReader:
     """Reader of RecurrentGemma decoder layer `layer` (see the module docstring)."""
-    hf_layer = hf_module(model.blocks[layer])
+    hf_layer = original(model.blocks[layer])
     temporal = hf_layer.temporal_block
     p = f"blocks.{layer}"
     name = f"{p}.temporal_block"

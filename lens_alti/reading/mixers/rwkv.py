@@ -25,8 +25,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.layer_kinds import original
 from lens_alti.reading.layout import BlockReader
-from lens_alti.reading.mixers import hf_module as _hf
 from lens_alti.reading.mixers import mixer_record
 from lens_alti.reading.records import AttentionBlock
 
@@ -37,13 +37,13 @@ def is_rwkv_block(block: Any) -> bool:
     return (
         tm is not None
         and cm is not None
-        and all(hasattr(_hf(tm), a) for a in ("time_decay", "time_first", "time_mix_value", "output"))
-        and all(hasattr(_hf(cm), a) for a in ("time_mix_key", "time_mix_receptance", "value"))
+        and all(hasattr(original(tm), a) for a in ("time_decay", "time_first", "time_mix_value", "output"))
+        and all(hasattr(original(cm), a) for a in ("time_mix_key", "time_mix_receptance", "value"))
     )
 
 
 def _weight(linear: Any) -> Tensor:
-    return _hf(linear).weight.detach().double()
+    return original(linear).weight.detach().double()
 
 
 def wkv_weights(
@@ -75,7 +75,7 @@ def _shift_left(op: Tensor) -> Tensor:
 def rwkv_readers(model: Any, layer: int, arch: str) -> list[BlockReader]:
     """The two readers (time mixing, channel mixing) of RWKV layer `layer`; see the module docstring."""
     block = model.blocks[layer]
-    att, ffn = _hf(block.time_mix), _hf(block.channel_mix)
+    att, ffn = original(block.time_mix), original(block.channel_mix)
     p = f"blocks.{layer}"
     x_hook = f"{p}.pre_ln.hook_out" if hasattr(block, "pre_ln") else f"{p}.hook_resid_pre"
     tm, cm = f"{p}.time_mix", f"{p}.channel_mix"
