@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.layout import CacheView
 
 
 def band_width(hf_attn: Any) -> int | None:
@@ -81,7 +82,7 @@ def dense_from_band(
     return torch.where(inside, dense, torch.zeros((), dtype=band.dtype, device=band.device))
 
 
-class BandedEncoderCache:
+class BandedEncoderCache(CacheView):
     """A read-only view of a cache in which one banded encoder layer looks like dense attention.
 
     `cache[f"{attn}.hook_pattern"]` is the dense `[b, h, n, n]` pattern; `cache[f"{attn}.hook_v"]`
@@ -90,13 +91,8 @@ class BandedEncoderCache:
     """
 
     def __init__(self, cache: Any, prefix: str, attn: str, w: int, n: int) -> None:
-        self._cache, self._prefix, self._attn, self._w, self._n = cache, prefix + ".", attn, w, n
-
-    def keys(self) -> Any:
-        return self._cache.keys()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._cache.keys()
+        super().__init__(cache)
+        self._prefix, self._attn, self._w, self._n = prefix + ".", attn, w, n
 
     def __getitem__(self, key: str) -> Tensor:
         t = self._cache[key]

@@ -265,18 +265,12 @@ def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     if hasattr(model, "encoder_blocks") and hasattr(model, "decoder_blocks"):
         if len(model.decoder_blocks) == 0 or len(model.encoder_blocks) == 0:
             raise UnsupportedModelError(f"{arch}: the model has no encoder or no decoder layers")
+        encoder = _encoder_readers(model, model.encoder_blocks, "encoder_blocks", arch)
         if is_merged(model):  # T5Gemma2: decoder self- and cross-attention in one softmax
-            blocks = {
-                "encoder": _encoder_readers(model, model.encoder_blocks, "encoder_blocks", arch),
-                "merged": merged_readers(model, arch),
-            }
-            return ModelLayout("encoder_decoder", arch, processing, blocks)
+            merged = {"encoder": encoder, "merged": merged_readers(model, arch)}
+            return ModelLayout("encoder_decoder", arch, processing, merged)
         dec_self, cross = _decoder_readers(model, arch)
-        blocks = {
-            "encoder": _encoder_readers(model, model.encoder_blocks, "encoder_blocks", arch),
-            "decoder_self": dec_self,
-            "cross": cross,
-        }
+        blocks = {"encoder": encoder, "decoder_self": dec_self, "cross": cross}
         # Switch Transformers / LongT5: patterns recomputed from hook_q / hook_k (see `relative_bias`).
         enc0, dec0 = original(model.encoder_blocks[0].attn), original(model.decoder_blocks[0].self_attn)
         local = local_block_len(enc0, "encoder_blocks.0.attn")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from torch import Tensor
+
 from lens_alti.errors import MissingHooksError, NotACacheError
 from lens_alti.reading.records import AttentionBlock
 
@@ -46,6 +48,22 @@ class BlockReader:
     def pattern_shape(self, cache: Any) -> tuple[int, ...]:
         """The shape of the record's pattern, `[batch, head, query, key]` for attention, read from the cache."""
         return tuple(self.shape(cache)) if self.shape is not None else tuple(cache[self.hooks[0]].shape)
+
+
+class CacheView:
+    """A read-only view of a cache that replaces some of its hooks (subclasses override `__getitem__`)."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def keys(self) -> Any:
+        return self._cache.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._cache.keys()
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._cache[key]
 
 
 @dataclass(frozen=True)

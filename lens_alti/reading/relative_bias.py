@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layer_kinds import original
+from lens_alti.reading.layout import CacheView
 
 
 def caches_bias_as_pattern(bridge_attn: Any) -> bool:
@@ -108,7 +109,7 @@ def local_pattern(
     return scores.softmax(dim=-1)
 
 
-class RecomputedPatternCache:
+class RecomputedPatternCache(CacheView):
     """A read-only view of a cache whose `{name}.hook_pattern` is the recomputed attention.
 
     `local_len`: LongT5's local attention with this block length (`local_pattern`); otherwise the
@@ -118,15 +119,10 @@ class RecomputedPatternCache:
     def __init__(
         self, cache: Any, name: str, hf_attn: Any, bias_module: Any | None, causal: bool, local_len: int | None = None
     ) -> None:
-        self._cache, self._name = cache, name
+        super().__init__(cache)
+        self._name = name
         self._args = (hf_attn, bias_module, causal)
         self._local = local_len
-
-    def keys(self) -> Any:
-        return self._cache.keys()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._cache.keys()
 
     def __getitem__(self, key: str) -> Tensor:
         if key == f"{self._name}.hook_pattern":
