@@ -569,13 +569,9 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
 
 
 def __getattr__(name: str) -> Any:
-    """`lens_alti.api.logit_attribution` / `.routes`, imported on first use (they pull in the unembedding readers)."""
-    if name == "logit_attribution":
-        from lens_alti.prediction import logit_attribution
+    """`lens_alti.api.logit_attribution` / `.routes`: the package's lazily imported entry points."""
+    if name in ("logit_attribution", "routes"):
+        import lens_alti
 
-        return logit_attribution
-    if name == "routes":
-        from lens_alti.prediction_routes import routes
-
-        return routes
+        return getattr(lens_alti, name)
     raise AttributeError(f"module 'lens_alti.api' has no attribute {name!r}")
