@@ -93,6 +93,15 @@ def _layers(model: nn.Module) -> list[_Layer]:
     raise NotImplementedError(f"reference: unsupported model_type {kind!r}")
 
 
+def hf_eps(norm: nn.Module) -> float:
+    """A Hugging Face norm's epsilon under either name transformers has used (`eps`, `variance_epsilon`)."""
+    for name in ("eps", "variance_epsilon"):
+        value = getattr(norm, name, None)
+        if value is not None:
+            return float(value)
+    raise AttributeError(f"{type(norm).__name__} has neither `eps` nor `variance_epsilon`")
+
+
 def float64_eager_copy(hf_model: nn.Module) -> nn.Module:
     """A float64, eval, eager-attention deep copy of ``hf_model`` (the references' starting point)."""
     model = copy.deepcopy(hf_model).double().eval()
@@ -284,7 +293,7 @@ def reference_decoder_only(
         if layer.post_norm is not None:
             # Gemma-2: y = x + g ⊙ a / rms(a), a = Σ_j Σ_h A·VO + b_O; gain g = 1 + weight.
             a_out = attn_out[idx].to(torch.float64)
-            eps = layer.post_norm.eps
+            eps = hf_eps(layer.post_norm)
             gain = 1.0 + layer.post_norm.weight.to(torch.float64)
             scale = gain / (a_out.square().mean(-1, keepdim=True) + eps).sqrt()
             parts = parts * scale[:, None, :, None, :]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.reference import run_hooked
+from tests.reference import hf_eps, run_hooked
 
 GATED = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "AfmoeAttention", "LagunaAttention")
 
@@ -122,7 +122,7 @@ def reference_gated_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
         bias = o_bias.expand(b, n, d)
         if "normed" in got:  # AFMoE: RMSNorm on the attention output, linearised at its real scale
             norm = layer.post_attention_layernorm
-            rms = (real.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt()
+            rms = (real.pow(2).mean(-1, keepdim=True) + hf_eps(norm)).sqrt()
             s = norm.weight.detach().double() / rms  # [b, i, d]
             parts = parts * s[:, None, :, None]
             bias = bias * s

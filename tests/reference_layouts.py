@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.reference import float64_eager_copy
+from tests.reference import float64_eager_copy, hf_eps
 
 __all__ = ["reference_layout"]
 
@@ -50,7 +50,7 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module, offset: bool = False) -> torch.Tensor:
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    eps = hf_eps(norm)
     w = norm.weight.to(torch.float64)
     return x / _rms(x, eps) * ((1.0 + w) if offset else w)
 
@@ -96,7 +96,7 @@ def _values(kind: str, layer: Any, xn: torch.Tensor, cfg: Any) -> tuple[torch.Te
         v = v + attn.v_proj.bias
     v = v.view(b, n, v.shape[-1] // dh, dh)
     if kind == "gemma4_text":  # v_norm: x / sqrt(mean(x²) + eps), no gain
-        v_norm = v / _rms(v, attn.v_norm.eps)
+        v_norm = v / _rms(v, hf_eps(attn.v_norm))
         _check("value norm formula", 0, v_norm, attn.v_norm(v), 1e-5)
         v = v_norm
     n_kv = v.shape[2]
@@ -182,7 +182,7 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
             sub = layer.self_attn.attn_sub_norm
             z = torch.einsum("bhij,bhje->bihe", a, v).flatten(2)  # [b, n, H·dh]
             _check("concatenated heads' output", idx, z, captured[f"sub_in{idx}"])
-            eps = getattr(sub, "variance_epsilon", None) or sub.eps
+            eps = hf_eps(sub)
             _check("head norm formula", idx, z / _rms(z, eps) * sub.weight, sub(z), 1e-5)
             gain = sub.weight.to(torch.float64).view(v.shape[1], v.shape[-1])  # [H, dh]
             vo = torch.einsum("bhje,hed->bhjd", v * gain[None, :, None, :], w_o)
@@ -205,7 +205,7 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
         elif kind == "gemma4_text":  # y = x + w ⊙ u_i / rms(u_i), u = attn_out (real, captured)
             post = layer.post_attention_layernorm
             u = captured[f"attn_out{idx}"]
-            rms = _rms(u, post.eps)  # [b, i, 1]
+            rms = _rms(u, hf_eps(post))  # [b, i, 1]
             _check("post-attention norm formula", idx, u / rms * post.weight, post(u), 1e-5)
             t = post.weight * tok / rms[:, :, None, :] + eye[None, :, :, None] * x[:, None, :, :]
             bias = post.weight * b_o / rms
@@ -217,7 +217,7 @@ def reference_layout(hf_model: nn.Module, input_ids: torch.Tensor) -> dict[str, 
         else:  # openai-gpt: y = γ ⊙ (u − mean u)/σ_i + β, u = x + attn, σ_i from the real u
             ln = layer.ln_1
             u = x + captured[f"attn_out{idx}"]
-            sigma = (u.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()  # [b, i, 1]
+            sigma = (u.var(-1, unbiased=False, keepdim=True) + hf_eps(ln)).sqrt()  # [b, i, 1]
 
             def lin(w: torch.Tensor, s: torch.Tensor, ln: nn.Module = ln) -> torch.Tensor:
                 return ln.weight * (w - w.mean(-1, keepdim=True)) / s

@@ -25,6 +25,7 @@ from tests.reference import (
     _mask_fix_hook,
     _values_and_out_proj,
     float64_eager_copy,
+    hf_eps,
     reference_decoder_only,
 )
 from tests.reference_seq2seq import reference_seq2seq
@@ -54,7 +55,7 @@ def _final_norm(model: nn.Module) -> tuple[nn.Module, str]:
 def _norm_linear(norm: nn.Module, kind: str, model_type: str, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """(L(v) for the norm at the real scale of x [d], its bias β [d]) written out from the formulas."""
     if kind == "layernorm":
-        sigma = ((x - x.mean()) ** 2).mean().add(norm.eps).sqrt()
+        sigma = ((x - x.mean()) ** 2).mean().add(hf_eps(norm)).sqrt()
         gamma = norm.weight
 
         def lin(v: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ def _norm_linear(norm: nn.Module, kind: str, model_type: str, x: torch.Tensor) -
 
         beta = norm.bias if norm.bias is not None else torch.zeros_like(x)
         return lin, beta
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    eps = hf_eps(norm)
     rms = (x.pow(2).mean() + eps).sqrt()
     gain = 1.0 + norm.weight if model_type == "gemma2" else norm.weight
 
@@ -164,7 +165,7 @@ def reference_logit_decoder(
             bias_vec = b_o
             attn_real = attn_out[idx][b, N]
             if layer.post_norm is not None:  # Gemma-2: g ⊙ a / rms(a), g = 1 + w
-                rms = (attn_real.pow(2).mean() + layer.post_norm.eps).sqrt()
+                rms = (attn_real.pow(2).mean() + hf_eps(layer.post_norm)).sqrt()
                 g = 1.0 + layer.post_norm.weight
                 parts = g * parts / rms
                 bias_vec = g * b_o / rms

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.reference import run_hooked
+from tests.reference import hf_eps, run_hooked
 
 MAMBA1 = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 MAMBA2 = ("Mamba2Mixer", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer")
@@ -92,7 +92,7 @@ def _mamba1(m: nn.Module, h: torch.Tensor) -> _Frozen:
     ts, B, C = torch.split(_lin(u, m.x_proj), [r, N, N], -1)
     if hasattr(m, "dt_layernorm"):  # Falcon-Mamba (weightless) and Jamba (weighted) RMS norms
         def norm(mod: nn.Module, t: torch.Tensor) -> torch.Tensor:
-            eps = getattr(mod, "eps", getattr(mod, "variance_epsilon", 1e-6))
+            eps = hf_eps(mod)
             weight = None if "Weightless" in type(mod).__name__ else getattr(mod, "weight", None)
             return _rms(t, None if weight is None else weight.detach().double(), eps)
 
@@ -162,7 +162,7 @@ def _mamba2(m: nn.Module, h: torch.Tensor) -> _Frozen:
     if getattr(m, "mamba_rms_norm", True):
         size = m.norm.group_size
         var = g_real.reshape(bsz, n, ch // size, size).pow(2).mean(-1, keepdim=True)
-        inv = (var + m.norm.variance_epsilon).rsqrt().expand(-1, -1, -1, size).reshape(bsz, n, ch)
+        inv = (var + hf_eps(m.norm)).rsqrt().expand(-1, -1, -1, size).reshape(bsz, n, ch)
         scale = m.norm.weight.detach().double() * inv * F.silu(z)
 
     def run(v: torch.Tensor, biases: bool) -> torch.Tensor:
@@ -229,7 +229,7 @@ def _deltanet(m: nn.Module, h: torch.Tensor) -> _Frozen:
         return torch.stack(outs, 1)  # [b, n, H, dv]
 
     o_real = recur(v0)
-    inv = (o_real.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).rsqrt()
+    inv = (o_real.pow(2).mean(-1, keepdim=True) + hf_eps(norm)).rsqrt()
     zz = z.reshape(bsz, n, Hv, dv)
     scale = inv * norm.weight.detach().double() * F.silu(zz)
 
@@ -449,7 +449,7 @@ def reference_mixer_layers(hf_model: nn.Module, input_ids: torch.Tensor) -> dict
 def _layer_norm(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
     mean = x.mean(-1, keepdim=True)
     var = (x - mean).pow(2).mean(-1, keepdim=True)
-    return (x - mean) / (var + mod.eps).sqrt() * mod.weight.detach().double() + mod.bias.detach().double()
+    return (x - mean) / (var + hf_eps(mod)).sqrt() * mod.weight.detach().double() + mod.bias.detach().double()
 
 
 def _token_shift(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

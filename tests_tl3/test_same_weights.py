@@ -122,7 +122,7 @@ def test_from_pretrained_processing(arch, hf_models, hooked_results):
 
 
 def _bridge_python() -> pathlib.Path | None:
-    python = ROOT / ".venv" / "bin" / "python"
+    python = ROOT / os.environ.get("LENS_ALTI_VENV", ".venv") / "bin" / "python"  # --latest: .venv-latest
     if not python.exists():
         return None
     probe = subprocess.run(

@@ -38,6 +38,7 @@ from lens_alti.reading.blocks import sublayer_block
 from lens_alti.reading.layout import BlockReader, ModelLayout
 from lens_alti.reading.processing import RAW, _is_centred
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.spellings import norm_eps
 
 _HOOKED_CLASSES = ("HookedEncoderDecoder", "HookedEncoder", "HookedTransformer")
 # Decoders of TransformerLens 3.x whose ln1 normalises the attention output itself (OLMo-2/3); Gemma-2/3
@@ -84,7 +85,7 @@ def _norm_weights(norm: Any, name: str) -> _NormWeights:
     if weight is None:
         raise UnsupportedModelError(f"{name}: a normalisation without weights (folded?) cannot be linearised")
     bias = getattr(norm, "b", None)
-    return _NormWeights(weight.detach(), None if bias is None else bias.detach(), float(norm.eps))
+    return _NormWeights(weight.detach(), None if bias is None else bias.detach(), norm_eps(norm))
 
 
 def _has_value_bias(attn: Any) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lens_alti.errors import UnsupportedModelError
+from lens_alti.reading.spellings import spelled
 
 # Submodules of a bridge block (or of its Hugging Face layer) that hold a non-attention mixer.
 _MIXER_ATTRIBUTES = ("mixer", "mamba", "linear_attn", "temporal_block", "recurrent", "conv", "attention", "ssm")
@@ -19,11 +20,7 @@ _MIXER_ATTRIBUTES = ("mixer", "mamba", "linear_attn", "temporal_block", "recurre
 
 def original(component: Any) -> Any:
     """The Hugging Face module a bridge component wraps (the component itself if none)."""
-    for attr in ("_original_component", "original_component"):
-        inner = getattr(component, attr, None)
-        if inner is not None:
-            return inner
-    return component
+    return spelled(component, "wrapped", component)
 
 
 def _hooks(model: Any) -> set[str] | None:

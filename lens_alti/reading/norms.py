@@ -10,6 +10,7 @@ from torch import Tensor
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layer_kinds import original
 from lens_alti.reading.records import NormAfterAttention
+from lens_alti.reading.spellings import spelled
 
 # How close the module's gain on the probe must be to w or 1 + w (relative to the gain).
 _PROBE_RTOL = 1e-3
@@ -63,9 +64,7 @@ def norm_params(
     """(kind, weight, bias, eps) of a bridge normalisation component."""
     inner = original(component)
     is_rms = "rms" in type(component).__name__.lower() or default_kind == "RMS"
-    eps = getattr(inner, "eps", None)
-    if eps is None:
-        eps = getattr(inner, "variance_epsilon", None)
+    eps = spelled(inner, "eps", None)
     weight = getattr(inner, "weight", None)
     if eps is None or weight is None:
         raise UnsupportedModelError(f"{name}: cannot read the normalisation's weight and epsilon to linearise it")

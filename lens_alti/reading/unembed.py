@@ -31,6 +31,7 @@ from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layout import BlockReader, ModelLayout
 from lens_alti.reading.norms import is_post_norm, post_norm
 from lens_alti.reading.records import NormAfterAttention
+from lens_alti.reading.spellings import SPELLINGS, spelled
 
 # The probed final norm must reproduce its real output on the cache this well (relative).
 _NORM_CHECK_RTOL = 1e-4
@@ -107,13 +108,10 @@ def _final_norm_module(model: Any, stack: str) -> Any | None:
 
 
 def _eps(module: Any) -> float | None:
-    for obj in (module, getattr(module, "_original_component", None), getattr(module, "cfg", None)):
-        if obj is None:
-            continue
-        for attr in ("eps", "variance_epsilon"):
-            value = getattr(obj, attr, None)
-            if isinstance(value, (int, float)):
-                return float(value)
+    for obj in (module, spelled(module, "wrapped", None), getattr(module, "cfg", None)):
+        value = spelled(obj, "eps", None) if obj is not None else None
+        if isinstance(value, (int, float)):
+            return float(value)
     return None
 
 
@@ -127,7 +125,7 @@ def probe_norm(module: Any, d_model: int, name: str) -> FinalNorm:
     """
     eps = _eps(module)
     if eps is None:
-        raise UnsupportedModelError(f"{name}: cannot read the norm's epsilon (no `eps` or `variance_epsilon`)")
+        raise UnsupportedModelError(f"{name}: cannot read the norm's epsilon (none of {SPELLINGS['eps']})")
     param = next(iter(module.parameters()), None)
     dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
     device = param.device if param is not None else torch.device("cpu")

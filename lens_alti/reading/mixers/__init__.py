@@ -31,6 +31,7 @@ from lens_alti.reading.layer_kinds import original
 from lens_alti.reading.layout import BlockReader
 from lens_alti.reading.mixers.recomputed_attention import is_plain_attention, recomputed_attention_reader
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.spellings import spelled
 
 # Child names under which TransformerLens 4.3's bridge exposes a block's mixer.
 _MIXER_CHILDREN = ("mixer", "mamba", "conv", "linear_attn", "temporal_block")
@@ -67,8 +68,7 @@ def applied_mask(cache: Any, hook: str | None) -> Tensor | None:
 
 def out_projection(module: Any) -> Any:
     """The mixer's output projection (`out_proj`, or OLMo-hybrid's `o_proj`)."""
-    out = getattr(module, "out_proj", None)
-    return out if out is not None else module.o_proj
+    return spelled(module, "out_proj")
 
 
 def find_mixer(block: Any) -> tuple[str, Any] | None:

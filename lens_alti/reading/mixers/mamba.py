@@ -23,6 +23,7 @@ from lens_alti.reading.mixers.operators import (
     decay_matrix,
     selective_scan_kernel,
 )
+from lens_alti.reading.spellings import norm_eps
 
 Operator = tuple[Tensor, Tensor]  # (M [b, C, q, n], β [b, q, C])
 
@@ -155,7 +156,7 @@ def mamba2_operator(module: Any, projected: Tensor, name: str, mask: Tensor | No
         g = y * gate
         size = int(getattr(norm, "group_size", ch))
         var = g.view(b, n, ch // size, size).pow(2).mean(-1, keepdim=True)
-        inv = torch.rsqrt(var + float(norm.variance_epsilon)).expand(b, n, ch // size, size).reshape(b, n, ch)
+        inv = torch.rsqrt(var + norm_eps(norm)).expand(b, n, ch // size, size).reshape(b, n, ch)
         gate = gate * inv * norm.weight.detach().double()
     op = compose(
         kernel,

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.mixers.operators import causal_conv, compose
+from lens_alti.reading.spellings import norm_eps, spelled
 
 Operator = tuple[Tensor, Tensor]
 
@@ -67,8 +68,8 @@ def deltanet_parts(module: Any) -> tuple[Any, Any, float]:
     Qwen3-Next / Qwen3.5 name them `norm`, `out_proj`; OLMo-hybrid `o_norm`, `o_proj`, and
     doubles β where `allow_neg_eigval` is set.
     """
-    norm = module.norm if getattr(module, "norm", None) is not None else module.o_norm
-    out = module.out_proj if getattr(module, "out_proj", None) is not None else module.o_proj
+    norm = spelled(module, "out_norm")
+    out = spelled(module, "out_proj")
     return norm, out, 2.0 if getattr(module, "allow_neg_eigval", False) else 1.0
 
 
@@ -144,7 +145,7 @@ def gated_deltanet_operator(
     uv = u[..., 2 * kd :]
     o = torch.einsum("bcts,bsc->btc", kernel, uv)  # the real recurrence output, for the norm's scale
     var = o.view(bsz, n, Hv, dv).square().mean(-1, keepdim=True)
-    inv = torch.rsqrt(var + float(norm.variance_epsilon)).expand(-1, -1, -1, dv).reshape(bsz, n, Hv * dv)
+    inv = torch.rsqrt(var + norm_eps(norm)).expand(-1, -1, -1, dv).reshape(bsz, n, Hv * dv)
     gate = inv * norm.weight.detach().double().repeat(Hv) * F.silu(z.double())
     op = compose(
         kernel,
