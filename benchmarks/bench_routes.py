@@ -41,7 +41,7 @@ def _random_gpt2(layers: int, pos: int) -> Any:
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
 
-    from tests.tokenizer import VOCAB, tokenizer
+    from tests.support.tokenizer import VOCAB, tokenizer
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=layers, n_embd=256, n_head=8, vocab_size=VOCAB, n_positions=max(pos, 64))

@@ -150,7 +150,7 @@ def bench_positions(bridge: Any, n: int, args: argparse.Namespace, device: torch
 
 def bench_corpus(n_items: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from lens_alti.analysis.ioi import ioi_prompts
-    from lens_alti.corpus import RunOptions, _attribute, plan_batches, read_corpus, run_corpus
+    from lens_alti.cli.corpus import RunOptions, _attribute, plan_batches, read_corpus, run_corpus
     from lens_alti.models.pretrained import load_smollm2
 
     model = load_smollm2(device=str(device))

@@ -6,7 +6,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.models import DECODER_ARCHS, build_bridge  # noqa: E402
+from tests.support.models import DECODER_ARCHS, build_bridge  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=DECODER_ARCHS)

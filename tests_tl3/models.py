@@ -20,7 +20,7 @@ from transformer_lens import HookedEncoder, HookedEncoderDecoder, HookedTransfor
 from transformer_lens.pretrained import weight_conversions as wc
 from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
 
-from tests.tokenizer import VOCAB, tokenizer  # noqa: F401  (re-exported for the tests)
+from tests.support.tokenizer import VOCAB, tokenizer  # noqa: F401  (re-exported for the tests)
 
 DECODER_ARCHS = ("gpt2", "neox", "llama")
 

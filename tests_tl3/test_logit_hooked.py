@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lens_alti
-from tests.reference_logit import reference_logit_decoder
+from tests.support.reference_logit import reference_logit_decoder
 from tests_tl3.models import from_config, from_hf, hf_model
 
 

@@ -4,8 +4,8 @@ Tiny random Hugging Face models are converted into HookedTransformer / HookedEnc
 HookedEncoderDecoder with TransformerLens' own weight converters, loaded as
 `from_pretrained_no_processing` loads them. Two checks, both to 1e-5:
 
-1. against the independent float64 references on the Hugging Face modules (`tests/reference.py`,
-   `tests/reference_seq2seq.py`) — the same references the 4.x tests hold the bridge to;
+1. against the independent float64 references on the Hugging Face modules (`tests/support/reference.py`,
+   `tests/support/reference_seq2seq.py`) — the same references the 4.x tests hold the bridge to;
 2. directly against the bridge: the models are saved to disk and `tests_tl3/bridge_alti.py` runs
    in the 4.x environment (.venv) on them. Skipped without .venv, except in CI, where it fails.
 """
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import lens_alti
-from tests.reference import reference_decoder_only
-from tests.reference_seq2seq import reference_encoder, reference_seq2seq
+from tests.support.reference import reference_decoder_only
+from tests.support.reference_seq2seq import reference_encoder, reference_seq2seq
 from tests_tl3.bridge_alti import result_fields
 from tests_tl3.models import DECODER_ARCHS, from_hf, hf_model, tokenizer
 

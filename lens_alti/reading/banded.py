@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
-from lens_alti.reading.layout import CacheView
+from lens_alti.reading.types import CacheView
 
 
 def band_width(hf_attn: Any) -> int | None:

@@ -14,15 +14,16 @@ from lens_alti.reading.gated_output import gate_channels, gate_hook, has_output_
 from lens_alti.reading.head_norm import head_norm_module
 from lens_alti.reading.latent import value_layout
 from lens_alti.reading.layer_kinds import NO_HOOKS, mixer_kind, original, parallel_mixer, require_attention_hooks
-from lens_alti.reading.layout import BlockReader, ModelLayout, weight_processing
 from lens_alti.reading.merged import is_merged, merged_readers
 from lens_alti.reading.mixers import mixer_reader
 from lens_alti.reading.mixers.rwkv import is_rwkv_block, rwkv_readers
 from lens_alti.reading.multipliers import residual_multiplier, scaled_output
 from lens_alti.reading.norms import is_post_norm, post_norm
+from lens_alti.reading.processing import bridge_weight_processing
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.relative_bias import RecomputedPatternCache, caches_bias_as_pattern, local_block_len
 from lens_alti.reading.relative_bias import pattern_shape as relative_pattern_shape
+from lens_alti.reading.types import BlockReader, ModelLayout
 from lens_alti.reading.value_norm import value_norm
 
 
@@ -139,7 +140,7 @@ def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
             readers += rwkv_readers(model, layer, arch)
         else:
             readers.append(layer_reader(model, layer, ctx))
-    return ModelLayout("decoder", arch, weight_processing(model), {"self": readers})
+    return ModelLayout("decoder", arch, bridge_weight_processing(model), {"self": readers})
 
 
 # Where a banded (LED) encoder reads the source length: the decoder's cross-attention keys.
@@ -261,7 +262,7 @@ def bridge_layout(model: Any, parallel_mlp: str) -> ModelLayout:
     """The layout of a TransformerBridge: decoder-only, encoder-only or encoder-decoder."""
     cfg = model.cfg
     arch = str(getattr(cfg, "architecture", None) or type(model).__name__)
-    processing = weight_processing(model)
+    processing = bridge_weight_processing(model)
     if hasattr(model, "encoder_blocks") and hasattr(model, "decoder_blocks"):
         if len(model.decoder_blocks) == 0 or len(model.encoder_blocks) == 0:
             raise UnsupportedModelError(f"{arch}: the model has no encoder or no decoder layers")

@@ -35,10 +35,10 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.blocks import sublayer_block
-from lens_alti.reading.layout import BlockReader, ModelLayout
 from lens_alti.reading.processing import RAW, _is_centred
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.spellings import norm_eps
+from lens_alti.reading.types import BlockReader, ModelLayout
 
 _HOOKED_CLASSES = ("HookedEncoderDecoder", "HookedEncoder", "HookedTransformer")
 # Decoders of TransformerLens 3.x whose ln1 normalises the attention output itself (OLMo-2/3); Gemma-2/3

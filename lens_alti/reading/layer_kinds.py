@@ -14,8 +14,9 @@ import torch
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.spellings import spelled
 
-# Submodules of a bridge block (or of its Hugging Face layer) that hold a non-attention mixer.
-_MIXER_ATTRIBUTES = ("mixer", "mamba", "linear_attn", "temporal_block", "recurrent", "conv", "attention", "ssm")
+# Submodules of a bridge block (or of its Hugging Face layer) that hold a non-attention mixer
+# (`attention`: Falcon-H1's attention beside its mixer).
+MIXER_ATTRIBUTES = ("mixer", "mamba", "linear_attn", "temporal_block", "recurrent", "conv", "attention", "ssm")
 
 
 def original(component: Any) -> Any:
@@ -39,12 +40,12 @@ def mixer_kind(model: Any, layer: int, prefix: str = "blocks") -> str:
     block = getattr(model, prefix)[layer]
     if getattr(block, "attn", None) is not None:
         return "attention"  # `require_attention_hooks` says precisely if its hooks are missing
-    for name in _MIXER_ATTRIBUTES:
+    for name in MIXER_ATTRIBUTES:
         sub = getattr(block, name, None)
         if sub is not None:
             return type(original(sub)).__name__
     hf_layer = original(block)
-    for name in _MIXER_ATTRIBUTES:
+    for name in MIXER_ATTRIBUTES:
         sub = getattr(hf_layer, name, None)
         if sub is not None:
             return type(sub).__name__
@@ -58,7 +59,7 @@ NO_HOOKS = "no attention hooks"
 def parallel_mixer(model: Any, layer: int, prefix: str = "blocks") -> str | None:
     """The class of a non-attention mixer that runs beside the layer's attention (Falcon-H1), or None."""
     block = getattr(model, prefix)[layer]
-    for name in _MIXER_ATTRIBUTES:
+    for name in MIXER_ATTRIBUTES:
         if name == "attention":
             continue
         sub = getattr(block, name, None)

@@ -25,9 +25,9 @@ from torch import Tensor
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.geometry import check_same_shape, checked_values, output_weights
 from lens_alti.reading.layer_kinds import original
-from lens_alti.reading.layout import BlockReader
 from lens_alti.reading.norms import post_norm
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.types import BlockReader
 
 ENCODER_OUTPUT = "encoder_ln_final.hook_out"
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layer_kinds import original
-from lens_alti.reading.layout import CacheView
+from lens_alti.reading.types import CacheView
 
 
 def caches_bias_as_pattern(bridge_attn: Any) -> bool:

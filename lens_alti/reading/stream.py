@@ -21,8 +21,8 @@ from torch import Tensor
 
 from lens_alti.errors import MissingHooksError
 from lens_alti.reading.hooked import hooked_class
-from lens_alti.reading.layout import ModelLayout
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.types import ModelLayout
 
 OnBlock = Callable[[str, int, AttentionBlock], None]
 

@@ -38,10 +38,10 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layer_kinds import original
-from lens_alti.reading.layout import BlockReader
-from lens_alti.reading.mixers import mixer_record
 from lens_alti.reading.mixers.operators import causal_conv, compose
+from lens_alti.reading.mixers.record import mixer_record
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.types import BlockReader
 
 
 def is_griffin_layer(hf_layer: Any) -> bool:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lens_alti.reading.layout import BlockReader
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.types import BlockReader
 
 
 def is_plain_attention(module: Any) -> bool:

@@ -26,9 +26,9 @@ from torch import Tensor
 
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading.layer_kinds import original
-from lens_alti.reading.layout import BlockReader
-from lens_alti.reading.mixers import mixer_record
+from lens_alti.reading.mixers.record import mixer_record
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.types import BlockReader
 
 
 def is_rwkv_block(block: Any) -> bool:

@@ -1,0 +1,119 @@
+"""The result of `lens_alti.logit_attribution` (ALTI-Logit, spec §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+@dataclass
+class LogitAttribution:
+    """A logit (or logit difference `target − contrast`) at one position per batch item, split exactly.
+
+    Shapes: `b` batch, `layer` attention layers (decoder layers for encoder-decoders), `head`
+    heads, `src` input tokens. Decoder-only: `src` = the positions of the input. Encoder-decoder:
+    `src` = the `n_source` source tokens, then the target-prefix (decoder input) tokens.
+
+    Direct parts (each the logit update of one piece of the residual stream at the explained
+    position, read through the final norm linearised at its real scale):
+        heads: `[b, layer, head, k]` Δ^l[h, k]: head h's output at the explained position coming
+            from source position k of that layer's input (decoder self-attention for
+            encoder-decoders, `k` = target positions), or None with `heads=False`.
+        head_totals: `[b, layer, head]` Σ_k heads: the head's direct logit attribution.
+        cross_heads / cross_head_totals: `[b, layer, head, S]` / `[b, layer, head]` the same for
+            cross-attention heads (encoder-decoders; k = encoder output positions), else None.
+        mlp: `[b, layer]` each MLP output's logit update.
+        attn_bias: `[b, layer]` each layer's attention terms owned by no source (b_O, post-norm β).
+        embedding: `[b]` the embedding (x^0) of the explained position.
+        bias: `[b]` every term owned by no token, head or MLP: Σ attn_bias, post-norm β of MLP
+            sublayers, the final norm's β and the unembedding bias.
+        logit: `[b]` the real logit (difference), read from the model's output (before any
+            soft-capping; see `softcap`).
+        completeness_gap: `[b]` logit − (embedding + Σ head_totals [+ Σ cross_head_totals] + Σ mlp
+            + bias); checked to be ≤ 1e-4 relative on every call.
+
+    Mapped to input tokens (ALTI-Logit):
+        by_layer: `[b, layer, src]` ALTI-Logit^l = Δ^l @ R^(l−1), each attention layer's update
+            (summed over heads) mapped to input tokens through the ALTI rollout below it.
+        tokens: `[b, src]` Σ_l by_layer plus the embedding term on the explained token: each
+            input token's signed contribution. MLP and bias terms are not given to tokens.
+
+    Also: `target`, `contrast` (`[b]` ids, contrast None without one), `position` (`[b]` the
+    explained position), `attention_mask` (`[b, pos]`, decoder side), `softcap`, `architecture`,
+    `weight_processing`, `str_tokens` (labels of `src` per batch item, when tokens were given).
+    """
+
+    by_layer: Float[Tensor, "b layer src"]
+    tokens: Float[Tensor, "b src"]
+    heads: Float[Tensor, "b layer head k"] | None
+    head_totals: Float[Tensor, "b layer head"]
+    mlp: Float[Tensor, "b layer"]
+    attn_bias: Float[Tensor, "b layer"]
+    embedding: Float[Tensor, " b"]
+    bias: Float[Tensor, " b"]
+    logit: Float[Tensor, " b"]
+    completeness_gap: Float[Tensor, " b"]
+    target: Int[Tensor, " b"]
+    contrast: Int[Tensor, " b"] | None
+    position: Int[Tensor, " b"]
+    attention_mask: Int[Tensor, "b pos"]
+    architecture: str
+    weight_processing: str
+    softcap: float | None = None
+    n_source: int = 0
+    cross_heads: Float[Tensor, "b layer head S"] | None = None
+    cross_head_totals: Float[Tensor, "b layer head"] | None = None
+    str_tokens: list[list[str]] | None = None
+    target_str: list[str] | None = None
+    contrast_str: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.head_totals.shape[1]
+
+    @property
+    def direct_total(self) -> Float[Tensor, " b"]:
+        """embedding + heads + MLPs + bias: equals `logit` up to `completeness_gap`."""
+        total = self.embedding + self.head_totals.sum((1, 2)) + self.mlp.sum(1) + self.bias
+        if self.cross_head_totals is not None:
+            total = total + self.cross_head_totals.sum((1, 2))
+        return total
+
+    def _label(self, batch: int, pos: int) -> str:
+        if self.str_tokens is not None and pos < len(self.str_tokens[batch]):
+            return self.str_tokens[batch][pos]
+        if self.n_source:
+            return f"src{pos}" if pos < self.n_source else f"tgt{pos - self.n_source}"
+        return str(pos)
+
+    def top_tokens(self, k: int = 5, *, batch: int = 0, signed: bool = True) -> list[tuple[int, str, float]]:
+        """The `k` input tokens with the largest contribution (or |contribution| with `signed=False`):
+        (src index, token, value)."""
+        row = self.tokens[batch]
+        key = row if signed else row.abs()
+        idx = key.topk(min(k, row.numel())).indices
+        return [(int(i), self._label(batch, int(i)), float(row[i])) for i in idx]
+
+    def top_heads(self, k: int = 10, *, batch: int | None = None) -> list[tuple[int, int, float]]:
+        """Heads by direct logit attribution (summed over the batch unless `batch` is given):
+        (layer, head, value), largest first."""
+        totals = self.head_totals.sum(0) if batch is None else self.head_totals[batch]
+        flat = totals.flatten()
+        idx = flat.topk(min(k, flat.numel())).indices
+        n_heads = totals.shape[1]
+        return [(int(i) // n_heads, int(i) % n_heads, float(flat[i])) for i in idx]
+
+    def __repr__(self) -> str:
+        b, n_layers, n_heads = self.head_totals.shape
+        rel = self.completeness_gap.abs() / self.logit.abs().clamp(min=1e-30)
+        what = "logit difference" if self.contrast is not None else "logit"
+        return (
+            f"LogitAttribution(batch={b}, layers={n_layers}, heads={n_heads}, src={self.tokens.shape[-1]}, "
+            f"{what}={[round(float(v), 4) for v in self.logit[:4]]}{'...' if b > 4 else ''}, "
+            f"max_relative_gap={float(rel.max()):.1e}, architecture={self.architecture!r}"
+            f"{', softcap=' + str(self.softcap) if self.softcap else ''})"
+        )

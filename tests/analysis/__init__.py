@@ -1,0 +1,1 @@
+"""Tests of lens_alti.analysis: interventions, alignments, rank comparisons, studies."""

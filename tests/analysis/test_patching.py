@@ -1,0 +1,115 @@
+"""Activation patching of head outputs and the IOI ABC corruption, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lens_alti.analysis import ablation, patching
+from lens_alti.analysis.ioi import IOIPrompt, abc_corruption, ioi_prompts, name_positions
+from lens_alti.errors import InterventionError, LensAltiError
+from tests.support.models import build_bridge
+
+GEN = torch.Generator().manual_seed(5)
+CLEAN = torch.randint(4, 1000, (3, 7), generator=GEN)
+CORRUPT = CLEAN.clone()
+CORRUPT[:, 2] = torch.randint(4, 1000, (3,), generator=GEN)  # one position changed, as a name swap would
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request):
+    return build_bridge(request.param, seed=3)[1]
+
+
+def _patched_by_hand(model, layer: int, head: int, clean, corrupt, mask=None):
+    kw = {} if mask is None else {"attention_mask": mask}
+    _, cache = model.run_with_cache(corrupt, **kw)
+    z_bad = cache[f"blocks.{layer}.attn.hook_z"]
+
+    def hook(z, hook):
+        z = z.clone()
+        z[:, :, head] = z_bad[:, :, head]
+        return z
+
+    return model.run_with_hooks(clean, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)], **kw)
+
+
+def test_patching_one_head_matches_a_hand_written_hook(model):
+    metric = ablation.logit_diff([5, 6, 7], [8, 9, 10])
+    table = patching.head_patching(model, CLEAN, CORRUPT, metric)
+    assert table.per_prompt.shape == (2, 4, 3) and len(table.table) == 8
+    clean = metric(model(CLEAN))
+    for layer, head in [(0, 1), (1, 3)]:
+        expected = clean - metric(_patched_by_hand(model, layer, head, CLEAN, CORRUPT))
+        torch.testing.assert_close(table.per_prompt[layer, head].float(), expected.float(), atol=1e-5, rtol=1e-5)
+        row = table.table[(table.table.layer == layer) & (table.table["head"] == head)].iloc[0]
+        assert row.effect == pytest.approx(float(expected.mean()), abs=1e-5)
+        assert row.abs_effect == pytest.approx(float(expected.abs().mean()), abs=1e-5)
+    assert table.clean_metric == pytest.approx(float(clean.mean()), abs=1e-5)
+    assert table.corrupted_metric == pytest.approx(float(metric(model(CORRUPT)).mean()), abs=1e-5)
+    gap = table.clean_metric - table.corrupted_metric
+    assert table.table.normalised.iloc[5] == pytest.approx(table.table.effect.iloc[5] / gap, rel=1e-6)
+    assert table.effects("effect")[1, 1] == pytest.approx(table.table.effect.iloc[5])
+    assert table.top(3).abs_effect.is_monotonic_decreasing
+
+
+def test_chunks_and_padding_give_the_same_effects(model):
+    metric = ablation.logprob([11, 12, 13])
+    mask = torch.ones_like(CLEAN)
+    mask[0, :2] = 0  # left padding of the first prompt
+    whole = patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=mask, corrupted_mask=mask)
+    chunked = patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=mask, chunk=3, progress=True)
+    torch.testing.assert_close(whole.per_prompt, chunked.per_prompt, atol=1e-5, rtol=1e-5)
+    one = patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=mask, layers=[1])
+    torch.testing.assert_close(one.per_prompt[1], whole.per_prompt[1], atol=1e-5, rtol=1e-5)
+    assert one.per_prompt[0].isnan().all(), "layers not patched are NaN, never a silent 0"
+    expected = metric(model(CLEAN, attention_mask=mask)) - metric(_patched_by_hand(model, 0, 2, CLEAN, CORRUPT, mask))
+    torch.testing.assert_close(whole.per_prompt[0, 2].float(), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_patching_identical_prompts_changes_nothing(model):
+    table = patching.head_patching(model, CLEAN, CLEAN.clone(), ablation.logprob([5, 6, 7]))
+    assert float(table.per_prompt.abs().max()) < 1e-5
+    assert table.table.normalised.isna().all(), "no clean-corrupted gap: the normalised effect is undefined"
+
+
+def test_patching_errors(model):
+    metric = ablation.logprob([5, 6, 7])
+    with pytest.raises(InterventionError, match="same shape"):
+        patching.head_patching(model, CLEAN, CORRUPT[:, :5], metric)
+    with pytest.raises(InterventionError, match="padded differently"):
+        bad = torch.ones_like(CLEAN)
+        bad[1, 0] = 0
+        patching.head_patching(model, CLEAN, CORRUPT, metric, corrupted_mask=bad)
+    with pytest.raises(InterventionError, match="attention_mask"):
+        patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=torch.ones(3, 5))
+    with pytest.raises(InterventionError, match="layers must be"):
+        patching.head_patching(model, CLEAN, CORRUPT, metric, layers=[2])
+    with pytest.raises(InterventionError, match="chunk"):
+        patching.head_patching(model, CLEAN, CORRUPT, metric, chunk=0)
+    with pytest.raises(LensAltiError, match="TransformerLens"):
+        patching.head_patching(object(), CLEAN, CORRUPT, metric)
+
+
+def test_abc_corruption_replaces_the_three_names():
+    prompts = ioi_prompts(6, seed=1)
+    corrupted = abc_corruption(prompts, seed=2)
+    assert corrupted == abc_corruption(prompts, seed=2), "deterministic for a seed"
+    for p, text in zip(prompts, corrupted, strict=True):
+        a, b = p.correct.strip(), p.wrong.strip()
+        words, new = p.text.replace(",", "").split(), text.replace(",", "").split()
+        assert len(words) == len(new)
+        changed = [(x, y) for x, y in zip(words, new, strict=True) if x != y]
+        assert [x for x, _ in changed] == [a, b, b], "exactly the IO name and both subject mentions change"
+        replacements = [y for _, y in changed]
+        assert len(set(replacements)) == 3 and not {a, b} & set(replacements)
+    with pytest.raises(InterventionError, match="found 2 and 1"):
+        abc_corruption([IOIPrompt("When Mary and John left, Mary gave a book to", " Mary", " John")])
+
+
+def test_name_positions():
+    p = IOIPrompt("When Mary and John went, John gave it to", " Mary", " John")
+    toks = ["<s>", "When", " Mary", " and", " John", " went", ",", " John", " gave", " it", " to"]
+    assert name_positions(toks, p) == {"IO": 2, "S1": 4, "S2": 7}
+    with pytest.raises(InterventionError, match="single token"):
+        name_positions(["<s>", " Ma", "ry"], p)

@@ -1,0 +1,1 @@
+"""Tests of integrations with other tools (lens_alti.interop: inseq)."""

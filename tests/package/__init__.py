@@ -1,0 +1,1 @@
+"""Tests of the package as shipped: docs, notebooks, metadata, the wheel, import behaviour."""

@@ -1,0 +1,1 @@
+"""Tests of lens_alti.results: result objects, save and load."""
