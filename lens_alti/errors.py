@@ -90,8 +90,11 @@ class InvalidArgumentError(_ArgumentProblem, ValueError):
     """An argument has the right type but a value that is not allowed (a negative size, an unknown choice...)."""
 
 
-class OutOfRangeError(_ArgumentProblem, IndexError):
-    """An index argument (position, batch item, layer, head, token id) is outside its valid range."""
+class OutOfRangeError(_ArgumentProblem, IndexError, ValueError):
+    """An index argument (position, batch item, layer, head, token id) is outside its valid range.
+
+    Also a ValueError, so code that caught the ValueError of earlier releases still catches it.
+    """
 
     problem = "is out of range"
 

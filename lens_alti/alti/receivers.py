@@ -20,7 +20,7 @@ contributions (`n²·d` per layer) are needed for those extra rows, never the pe
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, overload
+from typing import overload
 
 import torch
 from jaxtyping import Int
@@ -85,53 +85,3 @@ def receiver_positions(tv: TransformedVectors) -> Int[Tensor, "b q"]:
         return tv.receivers
     b, _, q, _ = tv.weights.shape
     return torch.arange(q, device=tv.weights.device).expand(b, q)
-
-
-def resolve_positions(positions: Any, valid: Tensor) -> Tensor | None:
-    """Receivers of interest as `[batch, r]` positions, or None for all.
-
-    `positions`: "last", an int, a list of ints (the same for every batch item; negative
-    ones count back from each item's last real token, so -1 is the last real token under
-    left or right padding), a `[batch, r]` integer tensor, or a `[batch, pos]` boolean mask
-    selecting the same number of receivers in every item. Padding cannot be selected.
-    """
-    if positions is None:
-        return None
-    batch, pos = valid.shape
-    if isinstance(positions, str):
-        if positions != "last":
-            raise ValueError(f"positions must be 'last', an int, a list of ints or a tensor, got {positions!r}")
-        positions = [-1]
-    if isinstance(positions, int):
-        positions = [positions]
-    t = torch.as_tensor(positions, device=valid.device)
-    if t.dtype == torch.bool:
-        if t.shape != (batch, pos):
-            raise ValueError(f"a boolean positions mask must be [batch, pos] = [{batch}, {pos}], got {tuple(t.shape)}")
-        counts = t.sum(-1)
-        if t.numel() == 0 or bool((counts != counts[0]).any()) or int(counts[0]) == 0:
-            raise ValueError(
-                f"a boolean positions mask must select the same, non-zero number of receivers in every batch item; "
-                f"it selects {counts.tolist()}"
-            )
-        out = t.nonzero()[:, 1].view(batch, int(counts[0]))
-    else:
-        if t.dtype.is_floating_point or t.dim() not in (1, 2) or t.numel() == 0:
-            raise ValueError(f"positions must be a non-empty list of ints or a [batch, r] tensor, got {positions!r}")
-        t = t.long()
-        if t.dim() == 1:
-            t = t.expand(batch, -1)
-        if t.shape[0] != batch:
-            raise ValueError(f"positions has {t.shape[0]} rows but the batch has {batch} items")
-        n_real = valid.sum(-1, keepdim=True)
-        if bool(((t < -n_real) | (t >= pos)).any()):
-            raise ValueError(
-                f"positions {t.tolist()} fall outside the inputs ({pos} positions; negative ones count back "
-                f"over the {n_real.flatten().tolist()} real tokens of each item)"
-            )
-        real = torch.where(valid, torch.arange(pos, device=valid.device), pos).sort(-1).values  # real first
-        from_end = real.gather(1, (n_real + t).clamp(0, pos - 1))
-        out = torch.where(t < 0, from_end, t)
-    if not bool(valid.gather(1, out).all()):
-        raise ValueError(f"positions {out.tolist()} select padding; choose real tokens (attention_mask == 1)")
-    return out

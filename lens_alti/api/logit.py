@@ -1,16 +1,20 @@
-"""Orchestration of `logit_attribution` (spec §7): cache or model in, result out (routes: prediction_routes.py).
+"""`logit_attribution` (ALTI-Logit, docs/spec.md §7): a logit (difference) split exactly into parts.
 
-Reading (`lens_alti.reading`, `lens_alti.reading.logit`) gives records; the mathematics is in
-`lens_alti.alti.logit` and `lens_alti.alti.routes`; this module checks arguments, picks the
-explained rows, runs the steps top-down and assembles the results.
+The steps: open the run (a cache, or the model run with the hooks it needs) and check the
+arguments; read the readout direction of the explained rows; walk the stack top-down collecting
+every attention block's and MLP's direct part; check completeness; map each layer's update to the
+input tokens through the ALTI rollout below it; assemble the result. Reading gives records
+(`lens_alti.reading`, `lens_alti.reading.logit`); the mathematics is in `lens_alti.alti.logit`.
+`routes` (`lens_alti.api.routes`) shares the run and the readout.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_alti.alti.decompose import HALF_TOLERANCE, RECONSTRUCTION_TOLERANCE, check_reconstruction
@@ -24,69 +28,59 @@ from lens_alti.alti.logit import (
     write_update,
 )
 from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, isolate_padding, leaked_attention
+from lens_alti.api.inputs import (
+    decode_pieces,
+    explained_rows,
+    model_input,
+    no_decoder_mask,
+    token_ids,
+    token_labels,
+    valid_mask,
+)
+from lens_alti.api.options import DTYPES
 from lens_alti.errors import (
     CompletenessError,
-    LensAltiError,
+    InvalidArgumentError,
     MaskMismatchError,
     MissingHooksError,
     NonFiniteError,
     UnsupportedModelError,
 )
 from lens_alti.reading import ModelLayout, cache_and_model, is_cache, model_layout
-from lens_alti.reading.logit import DirectWrite, LogitLayout, logit_layout
+from lens_alti.reading.logit import DirectWrite, LogitLayout, logit_layout, recorded_hooks
 from lens_alti.reading.records import AttentionBlock
-from lens_alti.results import AltiResult, Seq2SeqAltiResult
-from lens_alti.results.logit import LogitAttribution
+from lens_alti.results import AltiResult, LogitAttribution, Seq2SeqAltiResult
+from lens_alti.validation import check_choice, check_type
 
 
-def run_model(
-    model: Any,
-    tokens: Any,
-    attention_mask: Tensor | None,
-    decoder_tokens: Any,
-) -> Any:
-    """`model.run_with_cache` recording only the hooks lens_alti reads (a model was given instead of a cache)."""
-    if tokens is None:
-        raise LensAltiError(
-            "given a model instead of a cache, pass the input as tokens=... (ids [batch, pos] or a text)"
-        )
-    if isinstance(tokens, str):
-        if not hasattr(model, "to_tokens"):
-            raise LensAltiError("this model has no to_tokens: pass token ids [batch, pos] as tokens=...")
-        tokens = model.to_tokens(tokens)
-    layout = model_layout(model)
-    wanted = set(layout.hook_names()) | set(logit_layout(model, layout).hooks)
-    wanted |= {"unembed.hook_in", "unembed.hook_out", "ln_final.hook_out", "decoder_ln_final.hook_out"}
-    wanted |= {"embed.hook_in", "decoder_embed.hook_in"}  # attribute's check of the decoder input
-    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if decoder_tokens is not None:
-        kwargs["decoder_input"] = decoder_tokens
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, **kwargs)
-    return cache, tokens
+@dataclass(frozen=True)
+class LogitRun:
+    """A cache ready for logit attribution: the model, its layouts, and the input it ran on.
 
-
-def logit_inputs(
-    cache_or_model: Any,
-    tokens: Any,
-    attention_mask: Tensor | None,
-    decoder_tokens: Any,
-    what: str,
-    decoder_only: bool = False,
-) -> tuple[Any, Any, Any, ModelLayout, LogitLayout]:
-    """(cache, tokens, model, layout, logit layout) for a method that explains logits.
-
-    Runs the model when given one (else `cache_or_model` is the cache), reads its layout and
-    checks that the cache holds every hook the logit layout needs (MissingHooksError naming
-    `what`). `decoder_only`: refuse encoders and encoder-decoders (UnsupportedModelError).
+    `tokens` / `attention_mask`: as given, or, when a model was run on texts, the ids it ran and
+    their left-padding mask.
     """
-    if is_cache(cache_or_model):
-        cache = cache_or_model
-    else:
-        cache, tokens = run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
-    cache, model = cache_and_model(cache)
+
+    cache: Any
+    model: Any
+    layout: ModelLayout
+    logit_layout: LogitLayout
+    tokens: Any
+    attention_mask: Any
+
+
+def open_run(
+    cache_or_model: Any, tokens: Any, attention_mask: Any, decoder_tokens: Any, what: str, decoder_only: bool = False
+) -> LogitRun:
+    """The run of a method that explains logits, from a cache or from a model it runs now.
+
+    Given a model, it is run with `run_with_cache` recording only the hooks lens_alti reads.
+    Checks the cache holds every hook the logit layout needs (MissingHooksError naming `what`);
+    `decoder_only` refuses encoders and encoder-decoders (UnsupportedModelError).
+    """
+    if not is_cache(cache_or_model):
+        cache_or_model, tokens, attention_mask = _run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
+    cache, model = cache_and_model(cache_or_model)
     layout = model_layout(model)
     if decoder_only and layout.family != "decoder":
         raise UnsupportedModelError(
@@ -94,105 +88,85 @@ def logit_inputs(
             "encoder-decoders use attribute(heads=True)"
         )
     llayout = logit_layout(model, layout)
-    have = set(cache.keys())
-    missing = [h for h in llayout.hooks if h not in have]
+    missing = [h for h in llayout.hooks if h not in set(cache.keys())]
     if missing:
         raise MissingHooksError(
             missing,
             f"{what} reads these hooks (run_with_cache without names_filter records them all; eager "
             "attention is needed for hook_pattern).",
         )
-    return cache, tokens, model, layout, llayout
+    return LogitRun(cache, model, layout, llayout, tokens, attention_mask)
 
 
-def _valid(mask: Tensor | None, batch: int, pos: int, device: torch.device, what: str) -> Tensor:
-    if mask is None:
-        return torch.ones(batch, pos, dtype=torch.bool, device=device)
-    mask = torch.as_tensor(mask, device=device)
-    if mask.shape != (batch, pos):
-        raise ValueError(f"{what} has shape {tuple(mask.shape)}, but the cache has [batch, pos] = [{batch}, {pos}]")
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{what} must hold only 0 (padding) and 1 (real token)")
-    return mask.bool()
+def _run_model(model: Any, tokens: Any, attention_mask: Any, decoder_tokens: Any) -> tuple[Any, Any, Any]:
+    """(cache, ids, mask) of `model.run_with_cache` on `tokens`, recording only what lens_alti reads."""
+    ids, text_mask = model_input(model, tokens, "tokens")
+    if text_mask is not None:
+        if attention_mask is not None:
+            raise InvalidArgumentError(
+                "attention_mask", "a mask", "None with a list of texts (they are padded and masked for you)"
+            )
+        attention_mask = text_mask
+    wanted = recorded_hooks(model, model_layout(model))
+    kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if decoder_tokens is not None:
+        kwargs["decoder_input"] = decoder_tokens
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, **kwargs)
+    return cache, ids, attention_mask
 
 
-def explained_rows(position: Any, valid: Tensor) -> Tensor:
-    """One explained position per batch item: negative counts from the last real token."""
-    batch, pos = valid.shape
-    if isinstance(position, int):
-        position = [position] * batch
-    positions = torch.as_tensor(position).flatten().tolist()
-    if len(positions) != batch:
-        raise ValueError(f"position has {len(positions)} entries but the batch has {batch} items")
-    rows = []
-    for b, p in enumerate(positions):
-        real = torch.nonzero(valid[b]).flatten()
-        if len(real) == 0:
-            raise ValueError(f"batch item {b} has no real tokens")
-        if p < 0:
-            if -p > len(real):
-                raise ValueError(f"position {p} is out of range: batch item {b} has {len(real)} real tokens")
-            rows.append(int(real[p]))
-        else:
-            if p >= pos or not bool(valid[b, p]):
-                raise ValueError(f"position {p} is not a real token of batch item {b} (length {pos}, mask)")
-            rows.append(int(p))
-    return torch.tensor(rows, dtype=torch.long, device=valid.device)
+@dataclass(frozen=True)
+class ReadoutParts:
+    """The explained logit of each item, read back through the final norm at its real scale.
+
+    `w[b, d]`: the direction at the final residual stream whose dot product with any part of it is
+    that part's logit update; `bias[b]`: the readout's own terms (final norm β, unembedding bias);
+    `logit[b]`: the real logit (difference); `target` / `contrast`: the ids `[b]`; `softcap`: the
+    logit soft-capping constant (the logit is explained before it) or None.
+    """
+
+    w: Float[Tensor, "b d"]
+    bias: Float[Tensor, " b"]
+    logit: Float[Tensor, " b"]
+    target: Int[Tensor, " b"]
+    contrast: Int[Tensor, " b"] | None
+    softcap: float | None
 
 
-def token_ids(model: Any, which: Any, batch: int, what: str) -> Tensor:
-    """Token ids `[batch]` from an int, a per-item list/tensor, or token strings."""
-    if isinstance(which, (str, int)):
-        which = [which] * batch
-    if isinstance(which, Tensor):
-        which = which.flatten().tolist()
-    which = list(which)
-    if len(which) != batch:
-        raise ValueError(f"{what} has {len(which)} entries but the batch has {batch} items")
-    ids = []
-    vocab = int(model.W_U.shape[-1])
-    for item in which:
-        if isinstance(item, str):
-            tok = getattr(model, "tokenizer", None)
-            if tok is None:
-                raise LensAltiError(f"{what} {item!r} is a string but the model has no tokenizer: pass token ids")
-            vocab_ids = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
-            if item in vocab_ids:  # a token as the tokenizer spells it (e.g. "ĠMary")
-                ids.append(int(vocab_ids[item]))
-                continue
-            enc = tok.encode(item, add_special_tokens=False)
-            bos = getattr(tok, "bos_token_id", None)
-            if len(enc) > 1 and bos is not None and enc[0] == bos and not item.startswith(str(tok.bos_token)):
-                enc = enc[1:]  # tokenizers that add BOS even when asked not to
-            if len(enc) != 1:
-                pieces = tok.convert_ids_to_tokens(enc)
-                raise LensAltiError(
-                    f"{what} {item!r} is {len(enc)} tokens ({pieces}), not one; pass a single token "
-                    "(e.g. with its leading space, ' Mary') or its id"
-                )
-            item = enc[0]
-        item = int(item)
-        if not 0 <= item < vocab:
-            raise ValueError(f"{what} id {item} is outside the vocabulary (0..{vocab - 1})")
-        ids.append(item)
-    return torch.tensor(ids, dtype=torch.long)
+def readout_parts(
+    run: LogitRun, target: Any, contrast: Any, items: Int[Tensor, " b"], rows: Int[Tensor, " b"], dtype: torch.dtype
+) -> ReadoutParts:
+    """The readout direction of `target` (minus `contrast`) at position `rows[i]` of batch item `items[i]`."""
+    readout = run.logit_layout.readout(run.cache)
+    device = readout.final_residual.device
+    items, rows = items.to(device), rows.to(device)
+    vocab = int(readout.W_U.shape[-1])
+    tgt = token_ids(run.model, target, len(items), "target", vocab).to(device)
+    ctr = None if contrast is None else token_ids(run.model, contrast, len(items), "contrast", vocab).to(device)
+    W_U = readout.W_U.to(device=device, dtype=dtype)
+    b_U = None if readout.b_U is None else readout.b_U.to(device=device, dtype=dtype)
+    u, logit = W_U[:, tgt].T, readout.real_logits[items, rows, tgt].to(dtype)
+    u_bias = torch.zeros(len(items), dtype=dtype, device=device) if b_U is None else b_U[tgt]
+    if ctr is not None:
+        u, logit = u - W_U[:, ctr].T, logit - readout.real_logits[items, rows, ctr].to(dtype)
+        u_bias = u_bias if b_U is None else u_bias - b_U[ctr]
+    x_final = readout.final_residual[items, rows]
+    check_finite_rows("final residual stream", x_final)
+    norm = readout.norm
+    w, bias = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u_bias)
+    return ReadoutParts(w, bias, logit, tgt, ctr, readout.softcap)
 
 
-def _labels(model: Any, tokens: Any, batch: int) -> list[list[str]] | None:
-    if tokens is None or isinstance(tokens, str):
-        return None
-    if isinstance(tokens, Tensor):
-        rows = tokens if tokens.dim() == 2 else tokens[None]
-        tok = model.tokenizer
-        out = [list(tok.convert_ids_to_tokens(r.tolist())) for r in rows]
-    else:
-        out = [list(t) for t in tokens] if not isinstance(tokens[0], str) else [list(tokens)]
-    if len(out) != batch:
-        raise ValueError(f"tokens has {len(out)} rows but the cache has batch size {batch}")
-    return out
+def check_finite_rows(name: str, t: Tensor) -> None:
+    """NonFiniteError when the cache holds NaN or Inf at the explained position."""
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"{name}: the cache holds NaN or Inf at the explained position")
 
 
-def _row_block(block: AttentionBlock, rows: Tensor, valid_k: Tensor) -> AttentionBlock:
+def row_block(block: AttentionBlock, rows: Int[Tensor, ...], valid_k: Tensor) -> AttentionBlock:
     """Neutralise padded sources (as `attribute` does); refuse real attention to padding from the explained rows."""
     if bool(valid_k.all()):
         return block
@@ -207,13 +181,142 @@ def _row_block(block: AttentionBlock, rows: Tensor, valid_k: Tensor) -> Attentio
     return isolate_padding(block, torch.ones_like(explained), valid_k)
 
 
-def _check_finite_rows(name: str, t: Tensor) -> None:
-    if not torch.isfinite(t).all():
-        raise NonFiniteError(f"{name}: the cache holds NaN or Inf at the explained position")
+@dataclass
+class DirectParts:
+    """The direct parts of the explained logits, filled top-down (`LogitAttribution` documents each)."""
+
+    self_heads: Float[Tensor, "b layer head k"] | None
+    cross_heads: Float[Tensor, "b layer head s"] | None
+    mlp: Float[Tensor, "b layer"]
+    attn_bias: Float[Tensor, "b layer"]
+    write_bias: Float[Tensor, " b"]
+    embedding: Float[Tensor, " b"]
+    errors: list[float]
 
 
-def _gather_row(t: Tensor, rows: Tensor) -> Tensor:
-    return _rows(t, rows, 1)[:, 0]
+def direct_parts(
+    run: LogitRun, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"], valid: Tensor, src_valid: Tensor | None,
+    dtype: torch.dtype, check: bool,
+) -> DirectParts:
+    """Walk the stack top-down: each step's logit update for the direction `w` above it, and `w` below it."""
+    steps, batch = run.logit_layout.steps, w.shape[0]
+    n_layers = 1 + max(s.layer for s in steps)
+    zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=w.device)  # noqa: E731
+    parts = DirectParts(None, None, zeros(batch, n_layers), zeros(batch, n_layers), zeros(batch), zeros(batch), [])
+    for step in reversed(steps):
+        record = step.build(run.cache)
+        if isinstance(record, DirectWrite):
+            out = _rows(record.output, rows, 1)[:, 0]
+            check_finite_rows(record.name, out)
+            norm = None if record.norm is None else replace(record.norm, scale=_rows(record.norm.scale, rows, 1))
+            value, bias, w = write_update(out, norm, w)
+            parts.mlp[:, step.layer] += value
+            parts.write_bias += bias
+            continue
+        valid_k = src_valid if step.kind == "cross" and src_valid is not None else valid  # cross: seq2seq only
+        block = row_block(record, rows, valid_k)
+        upd = attention_update(block, rows, w, dtype)
+        if check:
+            tol = HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
+            parts.errors.append(check_reconstruction(upd.tv, upd.row_block, None, tol))
+        _store_heads(parts, step.kind, step.layer, n_layers, upd.heads, run.layout.architecture, block.name)
+        parts.attn_bias[:, step.layer] += upd.bias
+        w = upd.below
+    parts.embedding = (_rows(run.cache[run.logit_layout.embedding_hook], rows, 1)[:, 0].to(dtype) * w).sum(-1)
+    if parts.self_heads is None:
+        arch = run.layout.architecture
+        raise UnsupportedModelError(f"{arch}: no attention (or mixer) block to attribute the logit to")
+    return parts
+
+
+def _store_heads(parts: DirectParts, kind: str, layer: int, n_layers: int, heads: Tensor, arch: str, name: str) -> None:
+    """Write one block's per-head, per-source updates `[b, head, k]` into the self or cross stack."""
+    if kind == "cross":
+        if parts.cross_heads is None:
+            parts.cross_heads = heads.new_zeros(heads.shape[0], n_layers, *heads.shape[1:])
+        parts.cross_heads[:, layer] = heads
+        return
+    if parts.self_heads is None:
+        parts.self_heads = heads.new_zeros(heads.shape[0], n_layers, *heads.shape[1:])
+    if heads.shape[1] != parts.self_heads.shape[2]:
+        raise UnsupportedModelError(
+            f"{arch}: {name} has {heads.shape[1]} heads and a later layer {parts.self_heads.shape[2]} (a hybrid or "
+            "per-layer head counts; a mixer without heads counts as one): logit_attribution's "
+            "heads[batch, layer, head, src] need one head count"
+        )
+    parts.self_heads[:, layer] = heads
+
+
+def check_completeness(
+    parts: DirectParts, readout: ReadoutParts, check: bool, dtype_in: torch.dtype
+) -> Float[Tensor, " b"]:
+    """The completeness gap `[b]` (logit − Σ direct parts), refused beyond the tolerance when `check`."""
+    assert parts.self_heads is not None  # internal: direct_parts refuses stacks without blocks
+    terms = [parts.embedding[:, None], parts.self_heads.sum(-1), parts.mlp, parts.attn_bias]
+    terms += [parts.write_bias[:, None], readout.bias[:, None]]
+    if parts.cross_heads is not None:
+        terms.append(parts.cross_heads.sum(-1))
+    gap, scale = completeness_gap(readout.logit, terms)
+    if check:
+        tol = HALF_TOLERANCE.get(dtype_in, COMPLETENESS_TOLERANCE)
+        bad = (gap.abs() > tol * scale).nonzero().flatten()
+        if len(bad):
+            b = int(bad[0])
+            raise CompletenessError(
+                float(gap[b]), float(readout.logit[b]), float(scale[b]), tol, b,
+                "The final norm, the unembedding or a block of this model is not read the way it runs; "
+                "pass check=False only if you know why.",
+            )
+    return gap
+
+
+def to_tokens(
+    run: LogitRun, parts: DirectParts, valid: Tensor, src_valid: Tensor | None, check: bool, dtype: torch.dtype
+) -> Float[Tensor, "b layer src"]:
+    """ALTI-Logit^l = Δ^l @ R^(l−1) for every layer (docs/spec.md §7): `[b, layer, src]`.
+
+    Decoder-only: through the ALTI rollout of the layers below. Encoder-decoders: decoder-input
+    tokens through the ALTI+ `total` below, source tokens through cross-attention and the encoder rollout.
+    """
+    from lens_alti.api.attribute import attribute
+
+    heads = parts.self_heads
+    assert heads is not None  # internal: direct_parts refuses stacks without blocks
+    batch, n_layers = heads.shape[:2]
+    if src_valid is None:
+        res = attribute(run.cache, attention_mask=valid.long(), check=check, dtype=dtype)
+        assert isinstance(res, AltiResult)  # internal: a decoder-only cache
+        ro = res.rollout.to(dtype)
+        below = [None] + [ro[:, layer] for layer in range(n_layers - 1)]
+        return torch.stack([to_input_tokens(heads[:, layer], below[layer]) for layer in range(n_layers)], 1)
+    assert parts.cross_heads is not None  # internal: set for encoder-decoder models
+    res = attribute(run.cache, attention_mask=src_valid.long(), decoder_attention_mask=valid.long(), check=check,
+                    dtype=dtype)
+    assert isinstance(res, Seq2SeqAltiResult)  # internal: an encoder-decoder cache
+    r_enc, total = res.encoder.rollout[:, -1].to(dtype), res.total.to(dtype)
+    pos, src_len, device = valid.shape[1], src_valid.shape[1], heads.device
+    eye = torch.eye(pos, dtype=dtype, device=device).expand(batch, pos, pos)
+    first = torch.cat([torch.zeros(batch, pos, src_len, dtype=dtype, device=device), eye], dim=-1)
+    by_layer = []
+    for layer in range(n_layers):
+        row = to_input_tokens(heads[:, layer], first if layer == 0 else total[:, layer - 1])
+        row[:, :src_len] += to_input_tokens(parts.cross_heads[:, layer], r_enc)
+        by_layer.append(row)
+    return torch.stack(by_layer, 1)
+
+
+def explained_masks(
+    run: LogitRun, attention_mask: Any, decoder_attention_mask: Any
+) -> tuple[Bool[Tensor, "b pos"], Bool[Tensor, "b src"] | None]:
+    """(valid positions of the explained stack, valid source positions of an encoder-decoder or None)."""
+    x0 = run.cache[run.logit_layout.embedding_hook]
+    (batch, pos), device = x0.shape[:2], x0.device
+    if run.logit_layout.family != "encoder_decoder":
+        no_decoder_mask(decoder_attention_mask, run.layout.architecture)
+        return valid_mask(run.attention_mask, batch, pos, device, "attention_mask"), None
+    src_len = run.layout.blocks["encoder"][0].pattern_shape(run.cache)[-1]
+    src_valid = valid_mask(attention_mask, batch, src_len, device, "attention_mask")
+    return valid_mask(decoder_attention_mask, batch, pos, device, "decoder_attention_mask"), src_valid
 
 
 @torch.no_grad()
@@ -231,7 +334,7 @@ def logit_attribution(
     check: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> LogitAttribution:
-    """ALTI-Logit (Ferrando et al. 2023; spec §7): a logit (difference) split exactly into parts.
+    """ALTI-Logit (Ferrando et al. 2023; docs/spec.md §7): a logit (difference) split exactly into parts.
 
     Explains the logit of `target` (minus that of `contrast`) predicted at `position`: every
     attention head's update at that position split over its sources, each MLP's, the
@@ -253,7 +356,8 @@ def logit_attribution(
         heads: keep the per-head, per-source parts `heads[b, layer, head, k]` (head totals always).
         attention_mask: `[batch, pos]` 1 = real token, as for `attribute` (encoder-decoders: source).
         decoder_attention_mask: `[batch, tgt]` the target mask of an encoder-decoder.
-        tokens: ids or strings for labels (and the input when a model is given).
+        tokens: ids or strings for labels (and the input when a model is given: ids, a text or
+            a list of texts, left-padded and masked for you).
         decoder_tokens: encoder-decoders: target ids or strings (the target prefix with a model).
         check: verify each attention block's decomposition at the explained position and that
             the direct parts sum to the real logit (difference) within 1e-4 relative (fp32
@@ -267,173 +371,58 @@ def logit_attribution(
         encoder-decoders also `cross_heads`, `cross_head_totals` and `src` = source then target tokens.
         Soft-capped logits (Gemma-2) are explained before the cap (`result.softcap` says so).
     """
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    cache, tokens, model, layout, llayout = logit_inputs(
-        cache_or_model, tokens, attention_mask, decoder_tokens, "logit_attribution"
-    )
-    seq2seq = llayout.family == "encoder_decoder"
-    x0 = cache[llayout.embedding_hook]
-    batch, pos = x0.shape[:2]
-    device = x0.device
-    if seq2seq:
-        src_len = layout.blocks["encoder"][0].pattern_shape(cache)[-1]
-        src_valid = _valid(attention_mask, batch, src_len, device, "attention_mask")
-        valid = _valid(decoder_attention_mask, batch, pos, device, "decoder_attention_mask")
-    else:
-        if decoder_attention_mask is not None:
-            raise ValueError(f"decoder_attention_mask is only for encoder-decoder models, not {layout.architecture}")
-        src_len = 0
-        src_valid = None
-        valid = _valid(attention_mask, batch, pos, device, "attention_mask")
+    check_choice("dtype", dtype, DTYPES)
+    for flag, value in (("heads", heads), ("check", check)):
+        check_type(flag, value, bool, "True or False")
+    run = open_run(cache_or_model, tokens, attention_mask, decoder_tokens, "logit_attribution")
+    valid, src_valid = explained_masks(run, attention_mask, decoder_attention_mask)
     rows = explained_rows(position, valid)
-    tgt_ids = token_ids(model, target, batch, "target")
-    ctr_ids = None if contrast is None else token_ids(model, contrast, batch, "contrast")
+    items = torch.arange(len(rows), device=rows.device)
+    readout = readout_parts(run, target, contrast, items, rows, dtype)
+    parts = direct_parts(run, rows.to(readout.w.device), readout.w, valid, src_valid, dtype, check)
+    gap = check_completeness(parts, readout, check, run.cache[run.logit_layout.embedding_hook].dtype)
+    by_layer = to_tokens(run, parts, valid, src_valid, check, dtype)
+    return _result(run, parts, readout, by_layer, gap, rows, valid, src_valid, heads, decoder_tokens)
 
-    readout = llayout.readout(cache)
-    W_U = readout.W_U.to(device=device, dtype=dtype)
-    u = W_U[:, tgt_ids.to(device)].T
-    u_bias = torch.zeros(batch, dtype=dtype, device=device)
-    b_U = None if readout.b_U is None else readout.b_U.to(device=device, dtype=dtype)
-    if b_U is not None:
-        u_bias = b_U[tgt_ids.to(device)]
-    real = readout.real_logits
-    items = torch.arange(batch, device=device)
-    logit = real[items, rows, tgt_ids.to(device)].to(dtype)
-    if ctr_ids is not None:
-        u = u - W_U[:, ctr_ids.to(device)].T
-        if b_U is not None:
-            u_bias = u_bias - b_U[ctr_ids.to(device)]
-        logit = logit - real[items, rows, ctr_ids.to(device)].to(dtype)
-    x_final = _gather_row(readout.final_residual, rows)
-    _check_finite_rows("final residual stream", x_final)
-    norm = readout.norm
-    w, readout_bias = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u_bias)
 
-    n_layers = 1 + max(s.layer for s in llayout.steps)
-    self_heads: Tensor | None = None
-    cross_heads: Tensor | None = None
-    mlp = torch.zeros(batch, n_layers, dtype=dtype, device=device)
-    attn_bias = torch.zeros(batch, n_layers, dtype=dtype, device=device)
-    write_bias = torch.zeros(batch, dtype=dtype, device=device)
-    errors = []
-    for step in reversed(llayout.steps):
-        record = step.build(cache)
-        if isinstance(record, DirectWrite):
-            out = _gather_row(record.output, rows)
-            _check_finite_rows(record.name, out)
-            norm_rows = None if record.norm is None else replace(record.norm, scale=_rows(record.norm.scale, rows, 1))
-            value, bias, w = write_update(out, norm_rows, w)
-            mlp[:, step.layer] += value
-            write_bias += bias
-            continue
-        valid_k = src_valid if step.kind == "cross" and src_valid is not None else valid  # cross: seq2seq only
-        block = _row_block(record, rows, valid_k)
-        upd = attention_update(block, rows, w, dtype)
-        if check:
-            tol = HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
-            errors.append(check_reconstruction(upd.tv, upd.row_block, None, tol))
-        if step.kind == "cross":
-            if cross_heads is None:
-                cross_heads = upd.heads.new_zeros(batch, n_layers, *upd.heads.shape[1:])
-            cross_heads[:, step.layer] = upd.heads
-        else:
-            if self_heads is None:
-                self_heads = upd.heads.new_zeros(batch, n_layers, *upd.heads.shape[1:])
-            if upd.heads.shape[1] != self_heads.shape[2]:
-                raise UnsupportedModelError(
-                    f"{layout.architecture}: {block.name} has {upd.heads.shape[1]} heads and a later layer "
-                    f"{self_heads.shape[2]} (a hybrid or per-layer head counts; a mixer without heads counts as one): "
-                    "logit_attribution's heads[batch, layer, head, src] need one head count"
-                )
-            self_heads[:, step.layer] = upd.heads
-        attn_bias[:, step.layer] += upd.bias
-        w = upd.below
-    embedding = (_gather_row(x0, rows).to(dtype) * w).sum(-1)
-    bias = attn_bias.sum(1) + write_bias + readout_bias
-    if self_heads is None:
-        raise UnsupportedModelError(f"{layout.architecture}: no attention (or mixer) block to attribute the logit to")
-    head_totals = self_heads.sum(-1)
-    cross_totals = None if cross_heads is None else cross_heads.sum(-1)
-    parts = [embedding[:, None], head_totals, mlp, attn_bias, write_bias[:, None], readout_bias[:, None]]
-    if cross_totals is not None:
-        parts.append(cross_totals)
-    gap, scale = completeness_gap(logit, parts)
-    if check:
-        tol = HALF_TOLERANCE.get(x0.dtype, COMPLETENESS_TOLERANCE)
-        bad = (gap.abs() > tol * scale).nonzero().flatten()
-        if len(bad):
-            b = int(bad[0])
-            raise CompletenessError(
-                float(gap[b]), float(logit[b]), float(scale[b]), tol, b,
-                "The final norm, the unembedding or a block of this model is not read the way it runs; "
-                "pass check=False only if you know why.",
-            )
-
-    # To input tokens (spec §7): Δ^l @ R^(l−1).
-    from lens_alti.api.attribute import attribute
-
-    if seq2seq:
-        assert src_valid is not None and cross_heads is not None  # internal: both set for encoder-decoder models
-        res = attribute(
-            cache, attention_mask=src_valid.long(), decoder_attention_mask=valid.long(), check=check, dtype=dtype
-        )
-        assert isinstance(res, Seq2SeqAltiResult)  # internal: an encoder-decoder cache
-        r_enc = res.encoder.rollout[:, -1].to(dtype)
-        total = res.total.to(dtype)
-        eye = torch.eye(pos, dtype=dtype, device=device).expand(batch, pos, pos)
-        first = torch.cat([torch.zeros(batch, pos, src_len, dtype=dtype, device=device), eye], dim=-1)
-        by_layer = []
-        for layer in range(n_layers):
-            below = first if layer == 0 else total[:, layer - 1]
-            row = to_input_tokens(self_heads[:, layer], below)
-            row[:, :src_len] += to_input_tokens(cross_heads[:, layer], r_enc)
-            by_layer.append(row)
-        by = torch.stack(by_layer, 1)
-        emb_col = rows + src_len
-    else:
-        res = attribute(cache, attention_mask=valid.long(), check=check, dtype=dtype)
-        assert isinstance(res, AltiResult)  # internal: a decoder-only or encoder-only cache
-        ro = res.rollout.to(dtype)
-        by = torch.stack(
-            [
-                to_input_tokens(self_heads[:, layer], None if layer == 0 else ro[:, layer - 1])
-                for layer in range(n_layers)
-            ],
-            1,
-        )
-        emb_col = rows
-    tok = by.sum(1)
-    tok[items, emb_col] += embedding
-    labels = _labels(model, tokens, batch)
-    if seq2seq and labels is not None:
-        dec = _labels(model, decoder_tokens, batch)
+def _result(
+    run: LogitRun, parts: DirectParts, readout: ReadoutParts, by_layer: Tensor, gap: Tensor, rows: Tensor,
+    valid: Tensor, src_valid: Tensor | None, keep_heads: bool, decoder_tokens: Any,
+) -> LogitAttribution:
+    """Assemble the LogitAttribution: token totals (with the embedding on the explained token) and labels."""
+    assert parts.self_heads is not None  # internal: direct_parts refuses stacks without blocks
+    batch, src_len = len(rows), 0 if src_valid is None else src_valid.shape[1]
+    tok = by_layer.sum(1)
+    tok[torch.arange(batch, device=tok.device), rows.to(tok.device) + src_len] += parts.embedding
+    labels = token_labels(run.model, run.tokens, batch)
+    if src_valid is not None and labels is not None:
+        dec = token_labels(run.model, decoder_tokens, batch, name="decoder_tokens")
         labels = [s + t for s, t in zip(labels, dec, strict=True)] if dec is not None else None
-    tok_name = getattr(model, "tokenizer", None)
-    names = lambda ids: None if ids is None or tok_name is None else tok_name.convert_ids_to_tokens(ids.tolist())  # noqa: E731
+    has_tokenizer = getattr(run.model, "tokenizer", None) is not None
+    name = lambda ids: None if ids is None or not has_tokenizer else decode_pieces(run.model, ids.tolist())  # noqa: E731
     return LogitAttribution(
-        by_layer=by,
+        by_layer=by_layer,
         tokens=tok,
-        heads=self_heads if heads else None,
-        head_totals=head_totals,
-        mlp=mlp,
-        attn_bias=attn_bias,
-        embedding=embedding,
-        bias=bias,
-        logit=logit,
+        heads=parts.self_heads if keep_heads else None,
+        head_totals=parts.self_heads.sum(-1),
+        mlp=parts.mlp,
+        attn_bias=parts.attn_bias,
+        embedding=parts.embedding,
+        bias=parts.attn_bias.sum(1) + parts.write_bias + readout.bias,
+        logit=readout.logit,
         completeness_gap=gap,
-        target=tgt_ids,
-        contrast=ctr_ids,
+        target=readout.target,
+        contrast=readout.contrast,
         position=rows,
         attention_mask=valid.long(),
-        architecture=layout.architecture,
-        weight_processing=layout.weight_processing,
+        architecture=run.layout.architecture,
+        weight_processing=run.layout.weight_processing,
         softcap=readout.softcap,
         n_source=src_len,
-        cross_heads=cross_heads if heads else None,
-        cross_head_totals=cross_totals,
+        cross_heads=parts.cross_heads if keep_heads else None,
+        cross_head_totals=None if parts.cross_heads is None else parts.cross_heads.sum(-1),
         str_tokens=labels,
-        target_str=names(tgt_ids),
-        contrast_str=names(ctr_ids),
-        extra={"reconstruction_error": errors, "source_mask": None if src_valid is None else src_valid.long()},
+        target_str=name(readout.target),
+        contrast_str=name(readout.contrast),
+        extra={"reconstruction_error": parts.errors, "source_mask": None if src_valid is None else src_valid.long()},
     )

@@ -1,7 +1,8 @@
-"""Orchestration of `routes` (spec §8): cache or model in, a Routes graph out.
+"""`routes` (information-flow routes, docs/spec.md §8): a cache or a model in, a Routes graph out.
 
-Reads the decoder's attention records and MLP writes (`lens_alti.reading`), hands them to
-`lens_alti.alti.routes.build_routes` for the explained item, and assembles the result.
+The steps: check the arguments; open the run (shared with `logit_attribution`); with a target,
+read the readout direction of the explained item; read every layer's attention record and MLP
+write for that item; hand them to `lens_alti.alti.routes.build_routes`; assemble the result.
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lens_alti.alti.logit import readout_direction
-from lens_alti.api.logit import _labels, _valid, explained_rows, logit_inputs, token_ids
+from lens_alti.alti.routes import RouteLayer, build_routes
+from lens_alti.api.inputs import check_threshold, explained_rows, pick_item, token_labels, valid_mask
+from lens_alti.api.logit import LogitRun, open_run, readout_parts
+from lens_alti.api.options import DTYPES
+from lens_alti.errors import InvalidArgumentError
+from lens_alti.reading.logit import DirectWrite
+from lens_alti.results.routes import Routes, empty_edges
+from lens_alti.validation import check_choice, check_index
+
+LOGIT_MODES = ("direct", "column")
 
 
 @torch.no_grad()
@@ -31,20 +40,20 @@ def routes(
     logit_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
-) -> Any:
-    """Information-flow routes (Ferrando & Voita 2024; spec §8) of one position of one batch item.
+) -> Routes:
+    """Information-flow routes (Ferrando & Voita 2024; docs/spec.md §8) of one position of one batch item.
 
     Built top-down from the node (n_layers, position): each reached receiver's parts (every head
     and source, the residual, the MLP) are scored by proximity share (`max(0, ‖y‖₁ − ‖y − part‖₁)`
-    normalised over the receiver's parts, spec §3); edges with weight ≥ `threshold` are kept and
-    only their sources are expanded, so unreached receivers are never computed. Decoder-only models.
+    normalised over the receiver's parts, docs/spec.md §3); edges with weight ≥ `threshold` are kept
+    and only their sources are expanded, so unreached receivers are never computed. Decoder-only models.
 
     Args:
         cache_or_model: an ActivationCache or the model with `tokens=`.
         position: the explained position (negative counts from the last real token).
-        threshold: edges below this weight are pruned (default 0.04, as in the paper).
+        threshold: edges below this weight are pruned (default 0.04, as in the paper); in (0, 1).
         target: with a target (id or one-token string) the graph explains the prediction
-            of `target` (minus `contrast`): edges are weighted by positive logit updates (spec §7,
+            of `target` (minus `contrast`): edges are weighted by positive logit updates (docs/spec.md §7,
             normalised) instead of proximity where `logit_mode` says.
         contrast: None, or an id / one-token string whose logit is subtracted from `target`'s.
         logit_mode: with a target, "direct" (default): the top node's parts are all direct parts
@@ -61,82 +70,36 @@ def routes(
         source, receiver, weight, ...), `.head_importance[layer, head]`, `.node_importance`,
         `.to_networkx()`, `.computed_receivers[layer]`.
     """
-    import pandas as pd
-
-    from lens_alti.alti.routes import RouteLayer, build_routes
-    from lens_alti.results.routes import Routes, empty_edges
-
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    if logit_mode not in ("direct", "column"):
-        raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
+    threshold = check_threshold("threshold", threshold)
+    check_choice("logit_mode", logit_mode, LOGIT_MODES)
+    check_choice("dtype", dtype, DTYPES)
     if contrast is not None and target is None:
-        raise ValueError("contrast needs a target: routes weighted by the logit difference target − contrast")
-    cache, tokens, model, layout, llayout = logit_inputs(
-        cache_or_model, tokens, attention_mask, None, "routes", decoder_only=True
-    )
-    x0 = cache[llayout.embedding_hook]
+        raise InvalidArgumentError(
+            "contrast", contrast, "None without a target (routes weigh edges by the logit difference target − contrast)"
+        )
+    run = open_run(cache_or_model, tokens, attention_mask, None, "routes", decoder_only=True)
+    x0 = run.cache[run.logit_layout.embedding_hook]
     n_batch, pos = x0.shape[:2]
-    if not 0 <= batch < n_batch:
-        raise ValueError(f"batch must be in 0..{n_batch - 1}, got {batch}")
-    valid = _valid(attention_mask, n_batch, pos, x0.device, "attention_mask")
-    rows = explained_rows(position, valid)
-    n = int(rows[batch])
-    item = slice(batch, batch + 1)
-
-    def pick(which: Any) -> Any:  # one per batch item: the one of `batch`
-        if isinstance(which, (list, tuple, Tensor)) and not isinstance(which, str) and len(which) == n_batch > 1:
-            return which[batch]
-        return which
-
-    target, contrast = pick(target), pick(contrast)
+    batch = check_index("batch", batch, n_batch, what="batch items")
+    valid = valid_mask(run.attention_mask, n_batch, pos, x0.device, "attention_mask")
+    n = int(explained_rows(position, valid)[batch])
+    target, contrast = pick_item(target, batch, n_batch), pick_item(contrast, batch, n_batch)
     direction = None
     if target is not None:
-        tgt = token_ids(model, target, 1, "target")
-        readout = llayout.readout(cache)
-        W_U = readout.W_U.to(dtype=dtype, device=x0.device)
-        u = W_U[:, tgt].T
-        if contrast is not None:
-            u = u - W_U[:, token_ids(model, contrast, 1, "contrast")].T
-        x_final = readout.final_residual[batch, n][None]
-        norm = readout.norm
-        w, _ = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u.new_zeros(1))
-        direction = w[0]
-
-    layers: list[RouteLayer] = []
-    steps = llayout.steps
-    by_layer: dict[int, dict[str, Any]] = {}
-    for step in steps:
-        by_layer.setdefault(step.layer, {})[step.kind] = step
-    vk = valid[item]
-    for layer in sorted(by_layer):
-        record = by_layer[layer]["self"].build(cache)
-        block = replace(
-            record,
-            pattern=record.pattern[item] if bool(vk.all()) else record.pattern[item] * vk[:, None, None, :],
-            b_O=record.b_O[item] if record.b_O is not None and record.b_O.dim() == 3 else record.b_O,
-            values=record.values[item],
-            residual=record.residual[item],
-            target=record.target[item],
-            norm=None if record.norm is None else replace(record.norm, scale=record.norm.scale[item]),
-        )
-        write = by_layer[layer].get("write")
-        mlp = None
-        parallel = False
-        if write is not None:
-            w_rec = write.build(cache)
-            mlp = w_rec.output[batch]
-            parallel = f"blocks.{layer}.hook_mlp_out" in write.hooks
-        layers.append(RouteLayer(block, mlp, parallel))
+        item, row = torch.tensor([batch]), torch.tensor([n])
+        readout = readout_parts(run, target, contrast, item, row, dtype)
+        direction = readout.w[0]
+    layers = route_layers(run, batch, valid[batch : batch + 1])
     show = progress if progress is not None else pos >= 512
     edges, head_imp, node_imp, computed = build_routes(
         layers, n, threshold, direction=direction, logit_mode=logit_mode, logit_layers=logit_layers, dtype=dtype,
         progress=show,
     )
-    frame = pd.DataFrame([e.__dict__ for e in edges]) if edges else empty_edges()
-    labels = _labels(model, tokens, n_batch)
+    labels = token_labels(run.model, run.tokens, n_batch)
+    import pandas as pd
+
     return Routes(
-        edges=frame,
+        edges=pd.DataFrame([e.__dict__ for e in edges]) if edges else empty_edges(),
         head_importance=head_imp,
         node_importance=node_imp,
         position=n,
@@ -146,6 +109,33 @@ def routes(
         computed_receivers=computed,
         weighting="proximity" if direction is None else f"logit ({logit_mode})",
         str_tokens=None if labels is None else labels[batch],
-        target=None if target is None else int(token_ids(model, target, 1, "target")[0]),
-        contrast=None if contrast is None else int(token_ids(model, contrast, 1, "contrast")[0]),
+        target=None if direction is None else int(readout.target[0]),
+        contrast=None if direction is None or readout.contrast is None else int(readout.contrast[0]),
     )
+
+
+def route_layers(run: LogitRun, batch: int, valid: Tensor) -> list[RouteLayer]:
+    """Every layer's attention record and MLP write, restricted to batch item `batch` (`valid`: its `[1, pos]` mask)."""
+    by_layer: dict[int, dict[str, Any]] = {}
+    for step in run.logit_layout.steps:
+        by_layer.setdefault(step.layer, {})[step.kind] = step
+    item = slice(batch, batch + 1)
+    layers = []
+    for layer in sorted(by_layer):
+        record = by_layer[layer]["self"].build(run.cache)
+        block = replace(
+            record,
+            pattern=record.pattern[item] if bool(valid.all()) else record.pattern[item] * valid[:, None, None, :],
+            b_O=record.b_O[item] if record.b_O is not None and record.b_O.dim() == 3 else record.b_O,
+            values=record.values[item],
+            residual=record.residual[item],
+            target=record.target[item],
+            norm=None if record.norm is None else replace(record.norm, scale=record.norm.scale[item]),
+        )
+        write = by_layer[layer].get("write")
+        mlp, parallel = None, False
+        if write is not None:
+            w_rec: DirectWrite = write.build(run.cache)
+            mlp, parallel = w_rec.output[batch], write.parallel
+        layers.append(RouteLayer(block, mlp, parallel))
+    return layers

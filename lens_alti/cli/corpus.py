@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from lens_alti.api.inputs import left_pad
 from lens_alti.errors import LensAltiError
 
 OPTIONS_FILE = "options.json"
@@ -126,17 +126,6 @@ def plan_batches(
         items.append((r, ids))
     items.sort(key=lambda it: (len(it[1]), it[0].row))
     return [items[i : i + batch_size] for i in range(0, len(items), batch_size)], errors
-
-
-def left_pad(batch: list[Tensor], pad: int) -> tuple[Tensor, Tensor]:
-    """Token ids `[batch, pos]` left-padded with `pad`, and the `[batch, pos]` mask."""
-    n = max(len(ids) for ids in batch)
-    out = torch.full((len(batch), n), pad, dtype=torch.long)
-    mask = torch.zeros(len(batch), n, dtype=torch.long)
-    for i, ids in enumerate(batch):
-        out[i, n - len(ids) :] = ids
-        mask[i, n - len(ids) :] = 1
-    return out, mask
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:

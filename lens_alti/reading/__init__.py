@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lens_alti.errors import NotACacheError
+from lens_alti.errors import InvalidArgumentError, NotACacheError
 from lens_alti.reading.cache import cache_and_model, check_hooks, is_cache
 from lens_alti.reading.records import AttentionBlock, NormAfterAttention
 from lens_alti.reading.types import BlockReader, Family, ModelLayout
@@ -41,7 +41,7 @@ def _is_bridge(model: Any) -> bool:
 def model_layout(model: Any, parallel_mlp: str = "exclude") -> ModelLayout:
     """Describe `model` (a TransformerBridge, or a TransformerLens 3.x Hooked* model) for reading."""
     if parallel_mlp not in ("exclude", "residual"):
-        raise ValueError(f"parallel_mlp must be 'exclude' or 'residual', got {parallel_mlp!r}")
+        raise InvalidArgumentError("parallel_mlp", parallel_mlp, "'exclude' or 'residual'")
     from lens_alti.reading.bridge import bridge_layout
     from lens_alti.reading.hooked import hooked_class, hooked_layout
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from lens_alti.errors import MissingHooksError, NotACacheError
+import torch
+from torch import Tensor
+
+from lens_alti.errors import MissingHooksError, MissingTargetError, NotACacheError
 from lens_alti.reading.types import ModelLayout
 
 _EAGER_ADVICE = (
@@ -53,3 +56,28 @@ def check_hooks(cache: Any, layout: ModelLayout) -> None:
     missing = [h for h in layout.hook_names() if h not in have]
     if missing:
         raise MissingHooksError(missing, _EAGER_ADVICE)
+
+
+def check_decoder_input(cache: Any, decoder_tokens: Any = None) -> None:
+    """TransformerLens feeds the source shifted right when decoder_input is missing.
+
+    The decoder input alone cannot tell that from a real identity translation; decoder token
+    ids passed to `attribute` and equal to the decoder input can (someone who forgot the
+    target has none to pass), and `allow_shifted_source=True` overrides the check.
+    """
+    if "embed.hook_in" not in cache.keys() or "decoder_embed.hook_in" not in cache.keys():
+        return
+    src, tgt = cache["embed.hook_in"], cache["decoder_embed.hook_in"]
+    if src.dtype.is_floating_point or tgt.shape != src.shape or src.shape[-1] < 2:
+        return
+    if isinstance(decoder_tokens, Tensor) and decoder_tokens.numel() == tgt.numel():
+        if decoder_tokens.reshape(tgt.shape).cpu().equal(tgt.cpu()):
+            return  # the caller holds the target ids the cache was run with
+    if torch.equal(tgt[:, 1:], src[:, :-1]) and bool((tgt[:, 0] == tgt[0, 0]).all()):
+        raise MissingTargetError(
+            "this encoder-decoder cache was run without a target: TransformerLens then feeds the "
+            "source shifted right as the decoder input. Run "
+            "`model.run_with_cache(src_tokens, decoder_input=tgt_tokens)` with the target prefix to explain. "
+            "If the target prefix really is the source shifted right (an identity translation), pass "
+            "decoder_tokens=tgt_tokens or allow_shifted_source=True."
+        )

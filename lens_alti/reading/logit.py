@@ -83,12 +83,16 @@ class DirectWrite:
 
 @dataclass(frozen=True)
 class Step:
-    """One step of the stack, in forward order: an attention block or a direct write."""
+    """One step of the stack, in forward order: an attention block or a direct write.
+
+    `parallel`: a write that runs beside the layer's attention on the same input (GPT-J, NeoX's MLP).
+    """
 
     kind: Literal["self", "cross", "write"]
     layer: int
     hooks: tuple[str, ...]
     build: Callable[[Any], Any]  # cache -> AttentionBlock (self, cross) or DirectWrite (write)
+    parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,7 +290,7 @@ def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
 
             build = write_after_mixer
 
-        steps.append(Step("write", layer, names, build))
+        steps.append(Step("write", layer, names, build, parallel=names == (f"{p}.hook_mlp_out",)))
         hooks += names
     read, more = _readout_reader(model, "blocks", n)
     hooks += more
@@ -341,3 +345,14 @@ def logit_layout(model: Any, layout: ModelLayout) -> LogitLayout:
             "this model (attribute() is)"
         )
     return _encoder_decoder(model, layout)
+
+
+# Read by `run_with_cache` besides the layouts' own hooks: the logits and final norm (the readout
+# falls back on them) and the embeddings' inputs (attribute's check of an encoder-decoder's target).
+_READOUT_EXTRA = ("unembed.hook_in", "unembed.hook_out", "ln_final.hook_out", "decoder_ln_final.hook_out")
+_EMBED_INPUTS = ("embed.hook_in", "decoder_embed.hook_in")
+
+
+def recorded_hooks(model: Any, layout: ModelLayout) -> set[str]:
+    """Every hook a logit attribution (and the ALTI rollout under it) reads: `names_filter` for `run_with_cache`."""
+    return set(layout.hook_names()) | set(logit_layout(model, layout).hooks) | {*_READOUT_EXTRA, *_EMBED_INPUTS}

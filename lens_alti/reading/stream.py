@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lens_alti.errors import MissingHooksError
+from lens_alti.errors import InvalidArgumentError, MissingHooksError
 from lens_alti.reading.hooked import hooked_class
 from lens_alti.reading.records import AttentionBlock
 from lens_alti.reading.types import ModelLayout
@@ -31,27 +31,6 @@ _NEVER_FIRED_ADVICE = (
     "eager attention: boot the model with TransformerBridge.boot_transformers(...) (which forces it) "
     "or load the Hugging Face model with attn_implementation='eager'."
 )
-
-
-def tokenize(model: Any, texts: str | list[str]) -> tuple[Tensor, Tensor | None]:
-    """Token ids `[batch, pos]` of one text or a list of texts, and the mask (None for one text).
-
-    Each text is tokenised alone with `model.to_tokens` (so the model's default BOS is
-    used) and rows are left-padded; the mask marks the real tokens.
-    """
-    if not hasattr(model, "to_tokens"):
-        raise TypeError(f"{type(model).__name__} has no to_tokens; pass token ids (a tensor) instead of strings")
-    if isinstance(texts, str):
-        return model.to_tokens(texts), None
-    rows = [model.to_tokens(t)[0] for t in texts]
-    n = max(len(r) for r in rows)
-    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
-    ids = torch.full((len(rows), n), 0 if pad is None else pad, dtype=rows[0].dtype, device=rows[0].device)
-    mask = torch.zeros(len(rows), n, dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r) :] = r
-        mask[i, n - len(r) :] = 1
-    return ids, mask
 
 
 def forward_inputs(
@@ -67,18 +46,18 @@ def forward_inputs(
     kwargs: dict[str, Any] = {"input": tokens}
     if layout.family == "encoder_decoder":
         if decoder_tokens is None:
-            raise ValueError(
-                "an encoder-decoder model needs decoder_tokens (the target prefix to explain, starting with "
-                "the decoder start token): attribute(model, tokens=src_ids, decoder_tokens=tgt_ids)"
+            raise InvalidArgumentError(
+                "decoder_tokens", None, "the target prefix to explain, starting with the decoder start token: "
+                "an encoder-decoder model needs it (attribute(model, tokens=src_ids, decoder_tokens=tgt_ids))"
             )
         kwargs["decoder_input"] = decoder_tokens
     if kind in ("HookedEncoder", "HookedEncoderDecoder"):
         if attention_mask is not None:
             kwargs["one_zero_attention_mask"] = attention_mask
         if decoder_attention_mask is not None and not bool(decoder_attention_mask.bool().all()):
-            raise ValueError(
-                "TransformerLens 3.x HookedEncoderDecoder takes no decoder mask: run padded targets "
-                "one by one, or use a TransformerBridge"
+            raise InvalidArgumentError(
+                "decoder_attention_mask", "a mask with padding", "None or all ones: TransformerLens 3.x "
+                "HookedEncoderDecoder takes no decoder mask (run padded targets one by one, or use a TransformerBridge)"
             )
         return kwargs
     if attention_mask is not None:

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 import lens_alti
-from lens_alti.errors import CompletenessError, LensAltiError, MissingHooksError, UnsupportedModelError
+from lens_alti.errors import (
+    ArgumentTypeError,
+    CompletenessError,
+    InvalidArgumentError,
+    LensAltiError,
+    MissingHooksError,
+    OutOfRangeError,
+    UnsupportedModelError,
+)
+from tests.support.errors import raises_exactly
 from tests.support.models import build_seq2seq
 from tests.support.reference_logit import reference_logit_decoder, reference_logit_marian
 from tests.support.tokenizer import tokenizer
@@ -166,26 +175,26 @@ def test_completeness_error_names_the_gap(run, monkeypatch):
 
 
 def test_argument_errors(run):
+    """Each bad argument gets the taxonomy's class, naming the argument and its value."""
     _, _, bridge, tokens, cache = run
-    with pytest.raises(LensAltiError, match="not one"):
-        lens_alti.logit_attribution(cache, "t5 t6")
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        lens_alti.logit_attribution(cache, 10**6)
-    with pytest.raises(ValueError, match="3 entries"):
-        lens_alti.logit_attribution(cache, [1, 2, 3])
-    with pytest.raises(ValueError, match="position 40"):
-        lens_alti.logit_attribution(cache, 1, position=40)
-    with pytest.raises(ValueError, match="out of range"):
-        lens_alti.logit_attribution(cache, 1, position=-40)
-    with pytest.raises(ValueError, match="dtype"):
-        lens_alti.logit_attribution(cache, 1, dtype=torch.float16)
-    with pytest.raises(ValueError, match="decoder_attention_mask"):
-        lens_alti.logit_attribution(cache, 1, decoder_attention_mask=torch.ones(2, 9))
-    with pytest.raises(LensAltiError, match="tokens="):
-        lens_alti.logit_attribution(bridge, 1)
+    la = lens_alti.logit_attribution
+    assert "exactly one token" in str(raises_exactly(InvalidArgumentError, "target='t5 t6'", la, cache, "t5 t6"))
+    raises_exactly(OutOfRangeError, f"target={10**6}", la, cache, 10**6)
+    raises_exactly(OutOfRangeError, "contrast=-5", la, cache, 1, -5)
+    assert "one token per batch item (2)" in str(raises_exactly(InvalidArgumentError, "target=", la, cache, [1, 2, 3]))
+    raises_exactly(OutOfRangeError, "position=40", la, cache, 1, position=40)
+    raises_exactly(OutOfRangeError, "position=-40", la, cache, 1, position=-40)
+    raises_exactly(InvalidArgumentError, "position=", la, cache, 1, position=[1, 2, 3])
+    raises_exactly(InvalidArgumentError, "dtype=torch.float16", la, cache, 1, dtype=torch.float16)
+    raises_exactly(ArgumentTypeError, "heads='yes'", la, cache, 1, heads="yes")
+    raises_exactly(
+        InvalidArgumentError, "decoder_attention_mask", la, cache, 1, decoder_attention_mask=torch.ones(2, 9)
+    )
+    raises_exactly(InvalidArgumentError, "attention_mask", la, cache, 1, attention_mask=torch.ones(2, 5))
+    raises_exactly(ArgumentTypeError, "tokens=None", la, bridge, 1)
     _, small = bridge.run_with_cache(tokens, names_filter=lambda n: "hook_pattern" in n)
     with pytest.raises(MissingHooksError, match="logit_attribution reads"):
-        lens_alti.logit_attribution(small, 1)
+        la(small, 1)
 
 
 def test_mask_mismatch_is_refused(run):

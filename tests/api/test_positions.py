@@ -13,7 +13,9 @@ import lens_alti
 import lens_alti.alti.contributions as contributions
 from lens_alti.alti.contributions import block_contributions, head_output_contributions
 from lens_alti.alti.decompose import decompose
-from lens_alti.alti.receivers import resolve_positions, rollout_rows, select_receivers
+from lens_alti.alti.receivers import rollout_rows, select_receivers
+from lens_alti.api.inputs import receivers
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, OutOfRangeError, PaddedPositionError
 from lens_alti.reading import model_layout
 from tests.support.models import build_seq2seq
 from tests.support.reference import reference_decoder_only
@@ -167,27 +169,31 @@ def test_result_methods_use_positions(decoder):
 
 
 @pytest.mark.parametrize(
-    ("positions", "message"),
+    ("positions", "cls", "message"),
     [
-        ("first", "'last'"),
-        (torch.ones(2, 3, dtype=torch.bool), r"\[batch, pos\]"),
-        (torch.tensor([[True, False, False, False], [True, True, False, False]]), "same, non-zero number"),
-        ([0.5], "list of ints"),
-        ([], "non-empty"),
-        ([4], "outside"),
-        ([-4], "outside"),
-        (torch.tensor([[0], [1], [2]]), "3 rows"),
-        ([0], "select padding"),
+        ("first", InvalidArgumentError, "'last'"),
+        (torch.ones(2, 3, dtype=torch.bool), InvalidArgumentError, r"\[batch, pos\]"),
+        (torch.tensor([[True, False, False, False], [True, True, False, False]]), InvalidArgumentError,
+         "same, non-zero number"),
+        ([0.5], InvalidArgumentError, "list of ints"),
+        ([], InvalidArgumentError, "non-empty"),
+        ([4], OutOfRangeError, "0..3"),
+        ([-4], OutOfRangeError, "counting back"),
+        (torch.tensor([[0], [1], [2]]), InvalidArgumentError, "one row per batch item"),
+        ([0], PaddedPositionError, "not padding"),
+        (torch.tensor([[True, False, False, False], [True, False, False, False]]), PaddedPositionError, "not padding"),
+        ({"a": 1}, ArgumentTypeError, "'last'"),
     ],
 )
-def test_bad_positions(positions, message):
+def test_bad_positions(positions, cls, message):
     valid = torch.tensor([[False, True, True, True], [True, True, True, False]])
-    with pytest.raises(ValueError, match=message):
-        resolve_positions(positions, valid)
+    with pytest.raises(cls, match=message) as err:
+        receivers(positions, valid)
+    assert type(err.value) is cls and "positions=" in str(err.value)
 
 
 def test_negative_positions_count_back_over_real_tokens():
     valid = torch.tensor([[False, True, True, True], [True, True, True, False]])
-    assert resolve_positions([-1, -3, 2], valid).tolist() == [[3, 1, 2], [2, 0, 2]]
-    assert resolve_positions("last", valid).tolist() == [[3], [2]]
-    assert resolve_positions(None, valid) is None
+    assert receivers([-1, -3, 2], valid).tolist() == [[3, 1, 2], [2, 0, 2]]
+    assert receivers("last", valid).tolist() == [[3], [2]]
+    assert receivers(None, valid) is None

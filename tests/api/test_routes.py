@@ -9,7 +9,13 @@ import torch
 import transformers
 
 import lens_alti
-from lens_alti.errors import LensAltiError, UnsupportedModelError
+from lens_alti.errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    OutOfRangeError,
+    UnsupportedModelError,
+)
+from tests.support.errors import raises_exactly
 from tests.support.models import boot, build_seq2seq
 from tests.support.tokenizer import VOCAB
 
@@ -158,14 +164,14 @@ def test_parallel_and_post_attention_norm_models_run():
 
 def test_routes_errors(gpt2_run):
     bridge, tokens, cache = gpt2_run
-    with pytest.raises(ValueError, match="threshold"):
-        lens_alti.routes(cache, threshold=0)
-    with pytest.raises(ValueError, match="contrast needs a target"):
-        lens_alti.routes(cache, contrast=3)
-    with pytest.raises(ValueError, match="batch must be"):
-        lens_alti.routes(cache, batch=5)
-    with pytest.raises(LensAltiError, match="tokens="):
-        lens_alti.routes(bridge)
+    raises_exactly(InvalidArgumentError, "threshold=0", lens_alti.routes, cache, threshold=0)
+    raises_exactly(InvalidArgumentError, "threshold=2.0", lens_alti.routes, cache, threshold=2.0)
+    raises_exactly(ArgumentTypeError, "threshold='high'", lens_alti.routes, cache, threshold="high")
+    raises_exactly(InvalidArgumentError, "contrast=3", lens_alti.routes, cache, contrast=3)
+    raises_exactly(OutOfRangeError, "batch=5", lens_alti.routes, cache, batch=5)
+    raises_exactly(OutOfRangeError, "position=99", lens_alti.routes, cache, position=99)
+    raises_exactly(OutOfRangeError, f"target={10**6}", lens_alti.routes, cache, target=10**6)
+    raises_exactly(ArgumentTypeError, "tokens=None", lens_alti.routes, bridge)
     _, s2s = build_seq2seq("marian")
     _, c2 = s2s.run_with_cache(tokens[:, :4], decoder_input=tokens[:, :3])
     with pytest.raises(UnsupportedModelError, match="decoder-only"):
@@ -232,5 +238,5 @@ def test_direct_logit_weighting_is_alti_logit_shares(gpt2_run):
     for (layer, head), value in direct.items():
         assert float(graph.head_importance[layer, head]) >= value - 1e-9
     assert set(e[~e.receiver_node.map(lambda n: n == (3, 9))].weighting) <= {"proximity"}
-    with pytest.raises(ValueError, match="logit_mode"):
-        lens_alti.routes(cache, target=t, logit_mode="sideways")
+    mode = "logit_mode='sideways'"
+    raises_exactly(InvalidArgumentError, mode, lens_alti.routes, cache, target=t, logit_mode="sideways")

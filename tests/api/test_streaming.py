@@ -12,8 +12,10 @@ import torch
 
 import lens_alti
 from lens_alti.alti.collect import LayerCollector
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError
 from lens_alti.reading import model_layout
 from lens_alti.reading.stream import stream_blocks
+from tests.support.errors import raises_exactly
 from tests.support.models import build_seq2seq
 
 TOL = 1e-6
@@ -157,12 +159,14 @@ def test_activations_are_dropped_after_each_block(decoder):
 
 def test_errors(decoder):
     _, _, bridge = decoder
-    with pytest.raises(ValueError, match="tokens="):
-        lens_alti.attribute(bridge)
-    with pytest.raises(ValueError, match="integer token ids"):
-        lens_alti.attribute(bridge, tokens=torch.rand(1, 4))
-    with pytest.raises(ValueError, match="either a list of texts"):
-        lens_alti.attribute(bridge, tokens=["a b", "c"], attention_mask=torch.ones(2, 3))
+    raises_exactly(ArgumentTypeError, "tokens=None", lens_alti.attribute, bridge)
+    err = raises_exactly(ArgumentTypeError, "tokens=", lens_alti.attribute, bridge, tokens=torch.rand(1, 4))
+    assert "integer token ids" in str(err)
+    err = raises_exactly(
+        InvalidArgumentError, "attention_mask", lens_alti.attribute, bridge, tokens=["a b", "c"],
+        attention_mask=torch.ones(2, 3),
+    )
+    assert "list of texts" in str(err)
     with pytest.raises(lens_alti.MissingHooksError, match="never appeared") as err:
         # A forward that stops after block 0: block 1's activations never exist.
         stream_blocks(bridge, model_layout(bridge), {"input": _ids(1, 4, 1), "stop_at_layer": 1}, lambda *a: None)
@@ -171,8 +175,8 @@ def test_errors(decoder):
 
 def test_seq2seq_needs_target_prefix():
     _, bridge = build_seq2seq("marian")
-    with pytest.raises(ValueError, match="decoder_tokens"):
-        lens_alti.attribute(bridge, tokens=_ids(1, 5, 2))
+    err = raises_exactly(InvalidArgumentError, "decoder_tokens=None", lens_alti.attribute, bridge, tokens=_ids(1, 5, 2))
+    assert "target prefix" in str(err)
 
 
 def test_collector_errors():

@@ -33,21 +33,13 @@ from lens_alti.errors import (
 )
 from lens_alti.validation import check_index, check_position, describe_positions
 from lens_alti.viz import plotting
+from tests.support.errors import raises_exactly
 from tests.support.models import build_bridge, build_seq2seq
 
 SWEEP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 TOKENS = torch.randint(4, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
 MASK = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])  # item 1 left-padded by two
 NOT_INTS = st.one_of(st.none(), st.floats(allow_nan=True), st.text(max_size=3), st.booleans(), st.just([1]))
-
-
-def raises_exactly(cls: type, argument: str, fn, *args, **kwargs) -> BaseException:
-    """Call fn; it must raise exactly `cls` (a LensAltiError) whose message names `argument`."""
-    with pytest.raises(errors.LensAltiError) as info:
-        fn(*args, **kwargs)
-    assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
-    assert argument in str(info.value), str(info.value)
-    return info.value
 
 
 @pytest.fixture(scope="module")
