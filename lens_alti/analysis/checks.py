@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lens_alti.alti.memory import ATTRIBUTE_ADVICE, BlockShape, attribute_bytes, check_fits, forward_cache_bytes
+from lens_alti.api.inputs import valid_mask
 from lens_alti.errors import ArgumentTypeError, ContextLengthError, InterventionNotSupportedError, InvalidArgumentError
 from lens_alti.validation import check_index, check_position, check_token_ids
 
@@ -66,13 +67,7 @@ def check_prompt_tokens(model: Any, tokens: Any, attention_mask: Any) -> tuple[T
     check_context(model, ids.shape[1])
     if attention_mask is None:
         return ids.to(tokens.device) if isinstance(tokens, Tensor) else ids, None
-    mask = torch.as_tensor(attention_mask)
-    if tuple(mask.shape) != tuple(ids.shape):
-        raise InvalidArgumentError(
-            "attention_mask", f"shape {tuple(mask.shape)}", f"the tokens' shape [batch, pos] = {list(ids.shape)}"
-        )
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise InvalidArgumentError("attention_mask", attention_mask, "only 0 (padding) and 1 (real token)")
+    valid_mask(attention_mask, ids.shape[0], ids.shape[1], torch.device("cpu"), "attention_mask")
     return (ids.to(tokens.device) if isinstance(tokens, Tensor) else ids), attention_mask
 
 

@@ -88,8 +88,13 @@ def model_input(model: Any, tokens: Any, name: str = "tokens") -> tuple[Int[Tens
         )
     if is_text(tokens):
         return tokenize(model, tokens if isinstance(tokens, str) else list(tokens), name)
+    if isinstance(tokens, (list, tuple)) and not tokens:
+        raise InvalidArgumentError(name, tokens, "a non-empty input: token ids [batch, pos] or a text")
     ids = check_token_ids(name, tokens, dims=(1, 2))
-    return (ids[None] if ids.dim() == 1 else ids), None
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.shape[-1] == 0:
+        raise InvalidArgumentError(name, tokens, "at least one token per batch item")
+    return ids, None
 
 
 def input_device(model: Any) -> torch.device:

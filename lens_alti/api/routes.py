@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from lens_alti.alti.routes import RouteLayer, build_routes
-from lens_alti.api.inputs import check_threshold, explained_rows, pick_item, token_labels, valid_mask
+from lens_alti.api.inputs import check_threshold, pick_item, token_labels, valid_mask
 from lens_alti.api.logit import LogitRun, open_run, readout_parts
 from lens_alti.api.options import DTYPES
 from lens_alti.errors import InvalidArgumentError
 from lens_alti.reading.logit import DirectWrite
 from lens_alti.results.routes import Routes, empty_edges
-from lens_alti.validation import check_choice, check_index
+from lens_alti.validation import check_choice, check_index, check_position
 
 LOGIT_MODES = ("direct", "column")
 
@@ -50,7 +50,7 @@ def routes(
 
     Args:
         cache_or_model: an ActivationCache or the model with `tokens=`.
-        position: the explained position (negative counts from the last real token).
+        position: the explained position of item `batch` (negative counts back from its last real token).
         threshold: edges below this weight are pruned (default 0.04, as in the paper); in (0, 1).
         target: with a target (id or one-token string) the graph explains the prediction
             of `target` (minus `contrast`): edges are weighted by positive logit updates (docs/spec.md §7,
@@ -82,7 +82,7 @@ def routes(
     n_batch, pos = x0.shape[:2]
     batch = check_index("batch", batch, n_batch, what="batch items")
     valid = valid_mask(run.attention_mask, n_batch, pos, x0.device, "attention_mask")
-    n = int(explained_rows(position, valid)[batch])
+    n = check_position("position", pick_item(position, batch, n_batch), valid[batch].cpu(), where=f"batch item {batch}")
     target, contrast = pick_item(target, batch, n_batch), pick_item(contrast, batch, n_batch)
     direction = None
     if target is not None:

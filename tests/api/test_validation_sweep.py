@@ -119,6 +119,74 @@ def test_positions_sweep(result, position):
 
 
 @SWEEP
+@given(position=st.integers(-20, 20))
+def test_logit_attribution_and_routes_position_sweep(padded, position):
+    """The explained position: negatives over real tokens; padding and out-of-range refused, naming `position`."""
+    real = [2, 3, 4, 5, 6]  # batch item 1
+    if -len(real) <= position < 0 or position in real:
+        expected = real[position] if position < 0 else position
+        res = lens_alti.logit_attribution(padded, 5, position=[-1, position], attention_mask=MASK)
+        assert res.position.tolist() == [6, expected]
+        assert lens_alti.routes(padded, position, batch=1, attention_mask=MASK, threshold=0.5).position == expected
+        return
+    cls = PaddedPositionError if 0 <= position < 7 else OutOfRangeError
+    err = raises_exactly(
+        cls, f"position={position}", lens_alti.logit_attribution, padded, 5, position=[-1, position],
+        attention_mask=MASK,
+    )
+    assert "2-6" in str(err), "the message lists the real positions"
+    raises_exactly(cls, f"position={position}", lens_alti.routes, padded, position, batch=1, attention_mask=MASK)
+
+
+@SWEEP
+@given(token=st.one_of(st.integers(-3, 3), st.integers(990, 1010), st.integers(10**6, 10**6 + 1)))
+def test_logit_attribution_and_routes_token_sweep(padded, token):
+    """Target and contrast ids: inside the vocabulary they are explained, outside refused naming the argument."""
+    vocab = int(padded.model.cfg.d_vocab)
+    if 0 <= token < vocab:
+        assert lens_alti.logit_attribution(padded, token, attention_mask=MASK).target.tolist() == [token, token]
+        res = lens_alti.logit_attribution(padded, 5, token, attention_mask=MASK)
+        assert res.contrast.tolist() == [token, token]
+        assert lens_alti.routes(padded, target=token, attention_mask=MASK, threshold=0.5).target == token
+        return
+    raises_exactly(OutOfRangeError, f"target={token}", lens_alti.logit_attribution, padded, token, attention_mask=MASK)
+    raises_exactly(OutOfRangeError, f"contrast={token}", lens_alti.logit_attribution, padded, 5, token,
+                   attention_mask=MASK)
+    raises_exactly(OutOfRangeError, f"target={token}", lens_alti.routes, padded, target=token, attention_mask=MASK)
+
+
+@SWEEP
+@given(threshold=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2), NOT_INTS))
+def test_routes_threshold_sweep(padded, threshold):
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if number and 0 < threshold < 1:
+        assert lens_alti.routes(padded, attention_mask=MASK, threshold=threshold).threshold == threshold
+        return
+    cls = InvalidArgumentError if number else ArgumentTypeError
+    raises_exactly(cls, "threshold=", lens_alti.routes, padded, attention_mask=MASK, threshold=threshold)
+
+
+def test_logit_attribution_and_routes_arguments(padded, gpt2):
+    la, routes = lens_alti.logit_attribution, lens_alti.routes
+    raises_exactly(InvalidArgumentError, "target='t5 t6'", la, padded, "t5 t6", attention_mask=MASK)
+    raises_exactly(ArgumentTypeError, "target=", la, padded, 1.5, attention_mask=MASK)
+    raises_exactly(InvalidArgumentError, "target=", la, padded, [1, 2, 3], attention_mask=MASK)
+    raises_exactly(InvalidArgumentError, "dtype=", la, padded, 5, attention_mask=MASK, dtype=torch.float16)
+    raises_exactly(ArgumentTypeError, "check=", la, padded, 5, attention_mask=MASK, check=1)
+    raises_exactly(InvalidArgumentError, "attention_mask", la, padded, 5, attention_mask=MASK[:, :3])
+    raises_exactly(InvalidArgumentError, "attention_mask", la, padded, 5, attention_mask=MASK * 2)
+    raises_exactly(ArgumentTypeError, "tokens=None", la, gpt2, 5)
+    raises_exactly(InvalidArgumentError, "tokens=[]", la, gpt2, 5, tokens=[])
+    raises_exactly(OutOfRangeError, "batch=2", routes, padded, attention_mask=MASK, batch=2)
+    raises_exactly(ArgumentTypeError, "batch=", routes, padded, attention_mask=MASK, batch="0")
+    raises_exactly(InvalidArgumentError, "logit_mode='both'", routes, padded, target=5, logit_mode="both")
+    raises_exactly(InvalidArgumentError, "contrast=5", routes, padded, attention_mask=MASK, contrast=5)
+    raises_exactly(InvalidArgumentError, "dtype=", routes, padded, attention_mask=MASK, dtype=torch.int64)
+    text = la(gpt2, 5, tokens=["one two", "three four five"])  # texts are left-padded and masked for the caller
+    assert text.attention_mask.tolist()[0][0] == 0 and text.position.tolist()[0] == text.attention_mask.shape[1] - 1
+
+
+@SWEEP
 @given(index=st.integers(-30, 30))
 def test_batch_and_layer_sweep(result, index):
     if -2 <= index < 2:
