@@ -41,8 +41,8 @@ NOTEBOOKS = {
         "print([t for _, t, _ in koba.top_sources(-1, k=5)])\nresult.to_dataframe(\"rollout\").head()",
     ],
     "encoder.ipynb": [
-        "# ALTI on an encoder: all-MiniLM-L6-v2 (BERT, post-LayerNorm)\n\nIn post-LN blocks the layer norm "
-        "follows the residual sum; ALTI linearises it per receiver (spec 1b), so the decomposition stays exact.",
+        "# ALTI on an encoder: all-MiniLM-L6-v2 (BERT, post-LayerNorm)\n\nIn post-LN blocks the layer norm follows "
+        "the residual sum; ALTI linearises it per receiver (spec 1b), so the decomposition stays exact.",
         SETUP,
         "from lens_alti.models.pretrained import load_minilm\n\nmodel = load_minilm()\ntext = \"The cat sat on the mat "
         "because it was tired.\"\ntokens = model.to_tokens(text)\nwith torch.no_grad():\n"

@@ -3,7 +3,7 @@
 These modules compute `o_proj(g_i ⊙ z_i)` where `z_i,h = Σ_j A[h,i,j] v_j,h` and the gate g_i
 is a function of the receiver's own input (sigmoid / softplus of a projection). At its real
 value the gate is fixed per receiver, so the block stays linear in the sources,
-`T_i(x_j) = Σ_h A[h,i,j] (g_i,h ⊙ v_j,h) W_O[h]` (docs/spec-mixers.md §5):
+`T_i(x_j) = Σ_h A[h,i,j] (g_i,h ⊙ v_j,h) W_O[h]` (docs/spec-mixers.md §7):
 
 - a gate per head (one scalar g_i,h per receiver and head, Laguna's default) folds into the
   pattern: `A'[h,i,j] = g_i,h · A[h,i,j]` (cheap: the record keeps H heads);

@@ -52,7 +52,7 @@ class AttentionBlock:
     weights); gated or sink attention is not a distribution but is still attention.
     `channels_per_head` (G): the pattern's head axis holds H·G channels, G contiguous ones per
     real head (G channels of head 0, then head 1, ...); per-head results sum each head's
-    channels (docs/spec-mixers.md §5). 1 for ordinary attention (one pattern per head).
+    channels (docs/spec-mixers.md §7). 1 for ordinary attention (one pattern per head).
     `has_heads`: False when the channels group into no real heads (Mamba-1, short
     convolutions, a parallel attention + mixer record): per-head results are refused.
     `output_gated`: a receiver-wise gate on the heads' output is folded into the pattern, so

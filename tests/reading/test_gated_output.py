@@ -3,7 +3,7 @@ Qwen3.5-MoE, AFMoE) against the independent dense float64 reference (tests/suppo
 
 The gate `σ(g_i,h,e)` is fixed per receiver, so the block is linear in the sources with
 receiver-dependent value vectors; the record holds one channel per (head, d_head index) and
-per-head results sum each head's channels (docs/spec-mixers.md §5).
+per-head results sum each head's channels (docs/spec-mixers.md §7).
 """
 
 from __future__ import annotations

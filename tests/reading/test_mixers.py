@@ -163,7 +163,7 @@ def test_per_head_contributions_are_refused_for_headless_mixer_layers(run):
 
 @pytest.mark.parametrize("backend", ["eager", "native"])
 def test_per_head_contributions_of_mixers_with_heads_match_reference(run, backend):
-    """Mamba-2 and gated DeltaNet: a head's part is the sum of its channels' parts (spec-mixers §5),
+    """Mamba-2 and gated DeltaNet: a head's part is the sum of its channels' parts (spec-mixers §7),
     against the reference's runs with one token's one head switched on."""
     arch, _, bridge, _, cache, ref = run
     if _headless(ref):

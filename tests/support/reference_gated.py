@@ -4,7 +4,7 @@ Qwen3-Next / Qwen3.5 / Qwen3.5-MoE attention layers and AFMoE compute
 `o_proj(σ(gate_i) ⊙ z_i)` with `z_i,h = Σ_j A[h,i,j] v_j,h` and the gate a projection of the
 receiver's own (normed) input: `q_proj`'s second half per head (Qwen3-Next, Qwen3.5) or
 `gate_proj` (AFMoE), or `softplus(g_proj)` (Laguna with `gating="per-element"`). With the gate at its real value,
-`T_i(x_j) = Σ_h A[h,i,j] (g_i,h ⊙ v_j,h) W_O[h]` (docs/spec-mixers.md §5); AFMoE then applies
+`T_i(x_j) = Σ_h A[h,i,j] (g_i,h ⊙ v_j,h) W_O[h]` (docs/spec-mixers.md §7); AFMoE then applies
 an RMSNorm to the attention output before the residual sum (spec 1d: `s_i = w / rms_i`).
 
 Imports neither ``lens_alti`` nor ``transformer_lens``: values and gates are recomputed from the
