@@ -1,4 +1,4 @@
-"""Benchmark lens_alti against dense baselines written from the spec (docs/alti-spec.md §1a, §2, §3, §6).
+"""Benchmark lens_alti against dense baselines written from the spec (docs/spec.md §1a, §2, §3, §6).
 
 One run measures, side by side on a GPT-2-small-shaped causal pre-LN layer (fp32):
 lens_alti token-level and per-head contributions (compiled and eager backends), dense
@@ -252,7 +252,7 @@ def make_layer(shape: LayerShape, n: int, device: torch.device, seed: int = 0) -
 
 
 def causal_elements(shape: LayerShape, n: int) -> int:
-    """H · (causal pairs) · d: the multiply-adds of the exact L1 work of one layer (spec §6)."""
+    """H · (causal pairs) · d: the multiply-adds of the exact L1 work of one layer (docs/spec.md §6)."""
     return shape.n_heads * (n * (n + 1) // 2) * shape.d_model
 
 
@@ -277,7 +277,7 @@ def lens_heads(layer: Layer, backend: str) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def dense_tokens(layer: Layer) -> Tensor:
-    """Spec §1a, §2 materialised (like the ALTI+ reference code): T_i(x_j) as one `[n, n, d]` tensor."""
+    """docs/spec.md §1a, §2 materialised (like the ALTI+ reference code): T_i(x_j) as one `[n, n, d]` tensor."""
     A, x, y = layer.A, layer.x, layer.y
     vo = torch.einsum("khe,hed->hkd", layer.v, layer.W_O)
     # T[j, i] = Σ_h A[h,i,j]·VO[h,j] as a batched matmul over j (4x faster than the einsum's own plan)
@@ -290,7 +290,7 @@ def dense_tokens(layer: Layer) -> Tensor:
 
 @torch.no_grad()
 def dense_heads(layer: Layer) -> tuple[Tensor, Tensor]:
-    """Spec §3 materialised (like the information-flow-routes tool): parts as one `[n, n, h, d]` tensor."""
+    """docs/spec.md §3 materialised (like the information-flow-routes tool): parts as one `[n, n, h, d]` tensor."""
     A, x, y = layer.A, layer.x, layer.y
     vo = torch.einsum("khe,hed->hkd", layer.v, layer.W_O)
     parts = A.permute(1, 2, 0)[..., None] * vo.transpose(0, 1)[None]  # [i, j, h, d] = A[h,i,j]·VO[h,j]
@@ -305,7 +305,7 @@ def dense_heads(layer: Layer) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def reference_style_tokens(layer: Layer) -> Tensor:
     """As the ALTI+ reference code does it: `[h, n, n, d]` per-head terms, summed, then
-    `F.pairwise_distance` (which adds 1e-6 per dimension, spec §5: numbers move by ~1e-4)."""
+    `F.pairwise_distance` (which adds 1e-6 per dimension, docs/spec.md §5: numbers move by ~1e-4)."""
     A, x, y = layer.A, layer.x, layer.y
     n, d = x.shape
     vo = torch.einsum("khe,hed->hkd", layer.v, layer.W_O)
@@ -404,7 +404,7 @@ def bench_layer(shape: LayerShape, n: int, args: argparse.Namespace, device: tor
             row.seconds, row.peak_bytes, row.times = t.seconds, t.peak_bytes, t.times
             row.speedup = dense_row.seconds / t.seconds if dense_row.seconds else None
             row.max_diff = max_diff(t.output, reference) if reference is not None else None
-            row.note = "F.pairwise_distance eps: differs by ~1e-4 (spec §5)"
+            row.note = "F.pairwise_distance eps: differs by ~1e-4 (docs/spec.md §5)"
             rows.append(row)
             print_row(row, flush=True)
     return rows

@@ -1,6 +1,6 @@
 """Benchmark `lens_alti.routes` (top-down, only reached receivers) against `attribute(heads=True)`.
 
-Both compute the same per-head contributions (spec §3); routes computes them only for the
+Both compute the same per-head contributions (docs/spec.md §3); routes computes them only for the
 receivers its pruned graph reaches, `attribute(heads=True)` for every position of every layer.
 One run measures, on the same cache, the wall time of each, the number of receivers routes
 computed, and the ratio. Usage:

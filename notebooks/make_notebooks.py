@@ -42,7 +42,7 @@ NOTEBOOKS = {
     ],
     "encoder.ipynb": [
         "# ALTI on an encoder: all-MiniLM-L6-v2 (BERT, post-LayerNorm)\n\nIn post-LN blocks the layer norm follows "
-        "the residual sum; ALTI linearises it per receiver (spec 1b), so the decomposition stays exact.",
+        "the residual sum; ALTI linearises it per receiver (docs/spec.md §1b), so the decomposition stays exact.",
         SETUP,
         "from lens_alti.models.pretrained import load_minilm\n\nmodel = load_minilm()\ntext = \"The cat sat on the mat "
         "because it was tired.\"\ntokens = model.to_tokens(text)\nwith torch.no_grad():\n"

@@ -17,7 +17,7 @@ if [ -n "$mode" ]; then
     echo "== newest versions in $VENV:"
     "$VENV/bin/python" -m pip list --format=freeze 2>/dev/null | grep -iE "^(torch|transformers|transformer-lens|einops|jaxtyping|tqdm|safetensors|networkx|pandas|plotly|mkdocs|mkdocs-material|mkdocstrings|ruff|mypy)==" || true
 fi
-# A headless browser for tests/test_report_browser.py (Debian's chromium); that test skips, saying why, without one.
+# A headless browser for tests/viz/test_report_browser.py (Debian's chromium); that test skips, saying why, without one.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="$(command -v sudo || true)"
     if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then

@@ -1,6 +1,6 @@
 """Independent dense float64 ALTI / ALTI+ for TransformerLens 3.x models, from the spec.
 
-Written from ``/work/shared/docs/alti-spec.md`` (sections 1a-1f, 2, 3, 4); it imports nothing
+Written from docs/spec.md §1a-§1f, §2, §3, §4; it imports nothing
 from lens_alti. Residual streams and attention patterns come from a float64 copy of the model's
 own forward pass; the value vectors are recomputed from the weights (the norm by hand, the
 stored ``_W_V``/``_b_V`` per key-value head, expanded for grouped-query attention) and checked
@@ -73,13 +73,13 @@ def _block(
     A: Tensor, v: Tensor, W_O: Tensor, b_O: Tensor, resid: Tensor, target: Tensor, *,
     last: bool = False, post_ln: tuple[Tensor, Tensor, float] | None = None,
 ) -> dict[str, Tensor]:
-    """Dense transformed vectors of one block and every measure (spec 1a-1c, 2, 3)."""
+    """Dense transformed vectors of one block and every measure (docs/spec.md §1a-§1c, §2, §3)."""
     b, H, q, k = A.shape
     vo = torch.einsum("bkhe,hed->bhkd", v, W_O)
     parts = A[..., None] * vo[:, :, None]  # T^h_i(x_j): [b, H, q, k, d]
     res = resid
     bias = b_O.expand(b, q, -1)
-    if post_ln is not None:  # y = LN(z), linearised at z (spec 1b)
+    if post_ln is not None:  # y = LN(z), linearised at z (docs/spec.md §1b)
         w, beta, eps = post_ln
         z = parts.sum((1, 3)) + resid + b_O
         sigma = (z.var(-1, unbiased=False) + eps).sqrt()  # [b, q]
@@ -156,7 +156,7 @@ def reference_hooked(model: Any, tokens: Tensor) -> dict[str, Tensor]:
 
 
 def _alti_plus_total(enc_rollout: Tensor, cross: Tensor, dec_self: Tensor) -> Tensor:
-    """Spec §4 steps 1-5: ``[b, L, T, S+T]``."""
+    """docs/spec.md §4 steps 1-5: ``[b, L, T, S+T]``."""
     S = enc_rollout.shape[-1]
     totals = []
     for layer in range(cross.shape[1]):

@@ -1,4 +1,4 @@
-/* lens_alti native CPU kernels (spec §6): distances of one tile without JIT.
+/* lens_alti native CPU kernels (docs/spec.md §6): distances of one tile without JIT.
  *
  * Built once per machine by lens_alti.alti.native with the system C compiler
  * (gcc/cc -O3 -march=native -fopenmp, see native.FLAGS) and cached next to the converted

@@ -10,7 +10,7 @@ Backends (all give the same numbers to float rounding, tests/test_kernels.py):
 - "eager": batched matmuls; no start-up cost, slow for per-head work.
 
 Cost model (seconds for the whole call; `W` = layers × heads × (receiver, source) pairs
-visited × d_model, the multiply-adds of the distance kernels, spec §6; causal blocks
+visited × d_model, the multiply-adds of the distance kernels, docs/spec.md §6; causal blocks
 visit q(q+1)/2 pairs; `blocks` = layers × batch; `threads` = torch's intra-op threads):
 
     t(backend) = start(backend) + blocks · overhead[backend] + W / (rate[backend, heads] · threads)

@@ -1,4 +1,4 @@
-"""Contributions of each source to each receiver, from transformed vectors (spec §2, §3).
+"""Contributions of each source to each receiver, from transformed vectors (docs/spec.md §2, §3).
 
 Work is split per batch item into chunks of receivers and blocks of sources, so no
 `[q, k, d]` (token level) or `[h, q, k, d]` (per head) tensor ever exists; the
@@ -95,7 +95,7 @@ def block_contributions(
     Token columns are the k sources, plus the residual as a last column when it is a
     separate source (cross-attention). `l1`/`l2`: max(0, ‖y_i‖ − ‖y_i − T_i(x_j)‖);
     `koba`: ‖T_i(x_j)‖₂; `attention`: head-mean attention weights (the residual gets 0).
-    Per head (spec §3): parts `s_i ⊙ A[h,i,j]·VO[h,j]` and the residual, each scored
+    Per head (docs/spec.md §3): parts `s_i ⊙ A[h,i,j]·VO[h,j]` and the residual, each scored
     max(0, ‖y_i‖₁ − ‖y_i − part‖₁) and normalised over all parts of the row; with
     `tv.channels_per_head` G > 1 a head's part sums its G channels' parts (`heads[b, H, q, k]`).
     `key_mask[b, k]` (False = padding) forces padded sources to exactly 0.
@@ -228,7 +228,7 @@ def _add_own_residual(tv: TransformedVectors, tokens: Tensor, y_norm: Tensor, me
 
 
 def head_output_contributions(tv: TransformedVectors) -> tuple[Float[Tensor, "b h q"], Float[Tensor, "b q"]]:
-    """Head-level summary (spec §3): parts are whole head outputs o^h_i plus the residual.
+    """Head-level summary (docs/spec.md §3): parts are whole head outputs o^h_i plus the residual.
 
     `o^h_i = s_i ⊙ Σ_j A[h,i,j]·VO[h,j]` (summed over a head's channels when G > 1);
     normalised like the per-head contributions.

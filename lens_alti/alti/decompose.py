@@ -1,4 +1,4 @@
-"""Decompose an attention block into transformed vectors T_i(x_j) (spec §1).
+"""Decompose an attention block into transformed vectors T_i(x_j) (docs/spec.md §1).
 
 The transformed vectors are never materialised for all (i, j) at once. They are kept
 in the factored form

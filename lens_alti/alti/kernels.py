@@ -1,4 +1,4 @@
-"""Fused distance kernels: the only place where `H·n²·d` work happens (spec §6).
+"""Fused distance kernels: the only place where `H·n²·d` work happens (docs/spec.md §6).
 
 Each kernel takes one batch item's chunk of receivers and block of sources:
 `y[c, d]` resultants, `s[c, d]` per-receiver scales, `a[h, c, k]` attention weights and

@@ -1,4 +1,4 @@
-"""ALTI-Logit (spec §7): a logit (difference) split exactly into direct parts, and mapped to input tokens.
+"""ALTI-Logit (docs/spec.md §7): a logit (difference) split exactly into direct parts, and mapped to input tokens.
 
 Everything here works on one explained position per batch item ("row" `N_b`) and on
 *directions*: with the final norm's scale fixed at its real value, the logit is an affine
@@ -87,7 +87,7 @@ def _pass_norm(norm: NormAfterAttention | None, w: Float[Tensor, "b d"]) -> tupl
 class AttentionUpdate:
     """Logit updates of one attention block at the explained position.
 
-    `heads[b, h, k]` = `T^h_N(x_k)·w` (spec §7 Δ^l[h, k]; a head's channels summed when the
+    `heads[b, h, k]` = `T^h_N(x_k)·w` (docs/spec.md §7 Δ^l[h, k]; a head's channels summed when the
     record groups channels into heads, all channels as one "head" when they form none);
     `bias[b]` = the block's terms owned by no source (b_O, post-norm β) read through w;
     `below[b, d]` the direction at the block's input; `tv` the decomposition restricted to the
@@ -104,7 +104,7 @@ class AttentionUpdate:
 def attention_update(
     block: AttentionBlock, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"], dtype: torch.dtype
 ) -> AttentionUpdate:
-    """Δ^l[h, k] of one attention block for the direction `w` at its output (spec §7)."""
+    """Δ^l[h, k] of one attention block for the direction `w` at its output (docs/spec.md §7)."""
     row_block = restrict_rows(block, rows)
     tv = decompose(row_block, dtype=dtype)
     w = w.to(dtype)
@@ -163,7 +163,7 @@ def readout_direction(
 def to_input_tokens(
     heads: Float[Tensor, "b h k"], rollout_below: Float[Tensor, "b k s"] | None
 ) -> Float[Tensor, "b s"]:
-    """ALTI-Logit^l = Δ^l @ R^(l−1) (spec §7): summed over heads, mapped through the rollout below.
+    """ALTI-Logit^l = Δ^l @ R^(l−1) (docs/spec.md §7): summed over heads, mapped through the rollout below.
 
     `rollout_below` None: the sources are the input tokens themselves (layer 0).
     """

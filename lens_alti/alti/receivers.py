@@ -9,7 +9,7 @@ explain a few positions without paying for all of them. `resolve_positions` turn
 user passes as `positions=` ("last", ints counting back from the last real token, a tensor,
 a boolean mask) into those `[b, r]` positions, refusing padding.
 
-What an exact rollout of those positions needs (spec §4): row i of `R^l = C^l @ R^(l-1)`
+What an exact rollout of those positions needs (docs/spec.md §4): row i of `R^l = C^l @ R^(l-1)`
 reads every row of `R^(l-1)` that C^l[i] reaches. In a causal block row i reaches only
 sources j ≤ i, so `R^l[i]` needs the token-level rows `0..i` of every layer below and no
 others: `rollout_rows(positions, causal=True)` is `0..max(positions)`. In a bidirectional

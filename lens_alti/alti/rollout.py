@@ -1,4 +1,4 @@
-"""Aggregation of layer-wise contributions across layers (spec §4)."""
+"""Aggregation of layer-wise contributions across layers (docs/spec.md §4)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def encoder_decoder_rollout(
     cross: Float[Tensor, "b l t s1"],
     decoder_self: Float[Tensor, "b l t t"],
 ) -> Float[Tensor, "b l t st"]:
-    """ALTI+ rollout (spec §4): contributions of source then target-prefix tokens.
+    """ALTI+ rollout (docs/spec.md §4): contributions of source then target-prefix tokens.
 
     `encoder_rollout` is the last encoder layer's rollout `[b, S, S]`; `cross[b, l]` the
     cross-attention matrices `[T, S+1]` (decoder residual last); `decoder_self[b, l]` the

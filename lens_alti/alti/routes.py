@@ -1,8 +1,8 @@
-"""Information-flow routes (Ferrando & Voita 2024; spec §8), built top-down over reached receivers only.
+"""Information-flow routes (Ferrando & Voita 2024; docs/spec.md §8), built top-down over reached receivers only.
 
 For one batch item and one explained position N, the graph starts at the top node (L, N) and
 goes down one sublayer at a time. Each reached receiver's parts are scored like the per-head
-contributions of spec §3 (`max(0, ‖y‖₁ − ‖y − part‖₁)`, normalised over the receiver's parts),
+contributions of docs/spec.md §3 (`max(0, ‖y‖₁ − ‖y − part‖₁)`, normalised over the receiver's parts),
 edges below the threshold are dropped, and only the sources of kept edges become receivers of
 the step below. Receivers that the graph never reaches are never computed.
 
@@ -84,7 +84,7 @@ def receiver_parts(
     dtype: torch.dtype,
     direction: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Per-head and residual (and parallel MLP) shares of the receivers `positions` (spec §3, §8).
+    """Per-head and residual (and parallel MLP) shares of the receivers `positions` (docs/spec.md §3, §8).
 
     Returns `(heads[r, h, k], residual[r], mlp[r] or None, logit)`: shares normalised over the
     receiver's parts (rows sum to 1, or 0 when every part scores 0). `mlp` given: a parallel
@@ -158,12 +158,12 @@ def build_routes(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> tuple[list[Edge], Tensor, dict[tuple, float], list[int]]:
-    """The routes graph from node (L, position) down to the embeddings (spec §8).
+    """The routes graph from node (L, position) down to the embeddings (docs/spec.md §8).
 
     `direction[d]`: the logit direction at the residual stream of the explained position
-    (spec §7, the final norm linearised). With it:
+    (docs/spec.md §7, the final norm linearised). With it:
     - `logit_mode="direct"` (default): the top node's parts are all the direct parts of the
-      logit (spec §7: every head's output at `position` from each source, every MLP, the
+      logit (docs/spec.md §7: every head's output at `position` from each source, every MLP, the
       embedding), weighted by their positive logit updates; each kept part is an edge into the
       top node from the node it reads (a head of layer l from `(l, j)`, an MLP from its mid node,
       the embedding from `(0, position)`), and the graph continues below with proximity;

@@ -163,7 +163,7 @@ def warn_if_processed(layout: ModelLayout) -> None:
 
 @torch.no_grad()
 def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Tensor:
-    """Attention rollout baseline (Abnar & Zuidema 2020; spec §4): `[batch, layer, query, key]`.
+    """Attention rollout baseline (Abnar & Zuidema 2020; docs/spec.md §4): `[batch, layer, query, key]`.
 
     Per layer `0.5·mean_h A + 0.5·I`, rows renormalised, multiplied across layers like ALTI's
     rollout. Decoder-only and encoder models.

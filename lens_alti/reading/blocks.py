@@ -36,7 +36,7 @@ def sublayer_block(
     """Record of one (self- or cross-) attention sublayer of an encoder or seq2seq block.
 
     `out_norm` = (norm component, its hook prefix) for a norm on the attention output only
-    (T5Gemma's post_self_attn_layernorm / post_cross_attn_layernorm, spec 1d).
+    (T5Gemma's post_self_attn_layernorm / post_cross_attn_layernorm, docs/spec.md §1d).
     """
     norm = None
     if out_norm is not None:

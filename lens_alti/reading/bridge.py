@@ -79,7 +79,7 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
     may_be_post = hasattr(block, "ln1")
     if may_be_post:
         hooks += [f"{p}.ln1.hook_in"]
-    # Gemma-2/3, OLMo-2: a norm on the attention output only (spec 1d).
+    # Gemma-2/3, OLMo-2: a norm on the attention output only (docs/spec.md §1d).
     attn_out_norm = hasattr(block, "ln1_post")
     if attn_out_norm:
         hooks += [f"{p}.ln1_post.hook_in"]

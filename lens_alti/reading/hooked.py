@@ -42,7 +42,7 @@ from lens_alti.reading.types import BlockReader, ModelLayout
 
 _HOOKED_CLASSES = ("HookedEncoderDecoder", "HookedEncoder", "HookedTransformer")
 # Decoders of TransformerLens 3.x whose ln1 normalises the attention output itself (OLMo-2/3); Gemma-2/3
-# set cfg.use_normalization_before_and_after (a norm on the attention output, spec 1d).
+# set cfg.use_normalization_before_and_after (a norm on the attention output, docs/spec.md §1d).
 _POST_NORM_DECODERS = ("Olmo2", "Olmo3", "Gemma2", "Gemma3")
 _NO_PROCESSING_ADVICE = "HookedTransformer.from_pretrained_no_processing gives the unprocessed model's numbers"
 
@@ -249,7 +249,7 @@ def hooked_layout(model: Any, parallel_mlp: str = "exclude") -> ModelLayout:
     if getattr(cfg, "use_normalization_before_and_after", False) or any(
         arch.startswith(p) for p in _POST_NORM_DECODERS
     ):
-        raise UnsupportedModelError(f"{arch}: the post-attention norm (spec 1d) is not supported yet")
+        raise UnsupportedModelError(f"{arch}: the post-attention norm (docs/spec.md §1d) is not supported yet")
     family: Literal["encoder", "decoder"] = (
         "encoder" if getattr(cfg, "attention_dir", "causal") == "bidirectional" else "decoder"
     )

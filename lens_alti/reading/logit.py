@@ -1,4 +1,4 @@
-"""Reading what lies between the attention blocks and the logits (spec §7), for logit attribution.
+"""Reading what lies between the attention blocks and the logits (docs/spec.md §7), for logit attribution.
 
 A decoder stack is read as an ordered list of *steps* that write into the residual stream of
 the explained position: attention blocks (the neutral `AttentionBlock` records of

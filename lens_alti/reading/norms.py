@@ -1,4 +1,4 @@
-"""Normalisations that follow the attention block, linearised at their real scale (spec 1b, 1d)."""
+"""Normalisations that follow the attention block, linearised at their real scale (docs/spec.md §1b, §1d)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def norm_params(
 def post_norm(
     component: Any, z: Tensor, name: str, default_kind: str, placement: Literal["block", "attn_out"] = "block"
 ) -> NormAfterAttention:
-    """The linearised norm that follows the residual sum z (spec 1b, 1d).
+    """The linearised norm that follows the residual sum z (docs/spec.md §1b, §1d).
 
     The scale is computed here from the norm's real input: biased variance with eps
     inside the root (LayerNorm) or the RMS (TransformerLens 4.3 reports a mean-centred

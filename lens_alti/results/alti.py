@@ -26,7 +26,7 @@ class AltiResult:
             sums to 1, padded rows and columns are 0. For causal models, 0 above the diagonal.
         rollout: `[batch, layer, query, key]` R^l = C^l @ R^(l-1): how much input token `key`
             reaches position `query` after layer l. `rollout[:, -1]` is the final attribution.
-        heads: `[batch, layer, head, query, key]` token-through-head contributions (spec §3),
+        heads: `[batch, layer, head, query, key]` token-through-head contributions (docs/spec.md §3),
             or None unless `heads=True`. Together with `heads_residual` each row sums to 1.
         heads_residual: `[batch, layer, query]` the residual's share in that normalisation.
         head_outputs: `[batch, layer, head, query]` share of each head's whole output (parts:

@@ -1,4 +1,4 @@
-"""The result of `lens_alti.logit_attribution` (ALTI-Logit, spec §7)."""
+"""The result of `lens_alti.logit_attribution` (ALTI-Logit, docs/spec.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The result of `lens_alti.routes` (information-flow routes, spec §8)."""
+"""The result of `lens_alti.routes` (information-flow routes, docs/spec.md §8)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 
 @dataclass
 class Routes:
-    """Information-flow routes graph (spec §8) for one explained position of one batch item.
+    """Information-flow routes graph (docs/spec.md §8) for one explained position of one batch item.
 
     Nodes: `(l, i)` the residual stream at position i after l layers (`l = 0` the embeddings,
     `l = n_layers` the output), `(l, i, "mid")` after layer l's attention block (l counted from

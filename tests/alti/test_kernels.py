@@ -84,7 +84,7 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 
 
 def _dense_distances(y, s, a, vo):
-    """Float64, written from spec §2/§3 directly: every part `s_i⊙a_hij·vo_hj` materialised."""
+    """Float64, written from docs/spec.md §2/§3 directly: every part `s_i⊙a_hij·vo_hj` materialised."""
     y, s, a, vo = (t.double() for t in (y, s, a, vo))
     parts = s[None, :, None, :] * (a[..., None] * vo[:, None])  # [h, c, k, d]
     total = parts.sum(0)  # [c, k, d]

@@ -44,7 +44,7 @@ def test_heads_match_reference(run):
     res = lens_alti.attribute(cache, heads=True)
     torch.testing.assert_close(res.heads.double(), ref["heads"], atol=TOL, rtol=0)
     torch.testing.assert_close(res.heads_residual.double(), ref["heads_residual"], atol=TOL, rtol=0)
-    # Σ_h of token-through-head is not the token-level contribution (spec §3).
+    # Σ_h of token-through-head is not the token-level contribution (docs/spec.md §3).
     assert not torch.allclose(res.heads.sum(2), res.layers, atol=1e-3)
 
 

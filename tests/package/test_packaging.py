@@ -1,4 +1,4 @@
-"""Fast checks of the release metadata (the slow tests/test_wheel.py builds and installs the wheel)."""
+"""Fast checks of the release metadata (the slow tests/package/test_wheel.py builds and installs the wheel)."""
 
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def test_norm_that_is_not_a_norm_is_refused():
 
 
 def test_unknown_mixer_layer_is_a_mixer_not_attention(monkeypatch):
-    """Mamba and RWKV are decomposed now (tests/test_mixers.py, tests/test_rwkv.py); a mixer lens_alti does
+    """Mamba and RWKV are decomposed now (tests/reading/test_mixers.py, tests/reading/test_rwkv.py); a mixer lens_alti does
     not know (here RWKV's, with its reader switched off) is named as a mixer, not as missing attention."""
     import lens_alti.reading.bridge as bridge_layout
 
@@ -217,7 +217,7 @@ def test_distribution_error_is_a_lens_alti_error():
     assert issubclass(PatternNotDistributionError, LensAltiError)
 
 
-# --- bug 3: banded Longformer / LED patterns: LED's encoder is expanded (tests/test_banded.py); a band
+# --- bug 3: banded Longformer / LED patterns: LED's encoder is expanded (tests/reading/test_banded.py); a band
 # reaching any other reader is refused by name, before any arithmetic ---
 
 

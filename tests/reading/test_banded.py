@@ -1,7 +1,7 @@
 """Banded Longformer attention (LED's encoder): expansion to dense keys and its refusals.
 
 The numbers of a whole LED model are checked against the independent float64 reference in
-tests/test_seq2seq.py (the "led" entry of SEQ2SEQ_ARCHS: the reference recomputes the
+tests/api/test_seq2seq.py (the "led" entry of SEQ2SEQ_ARCHS: the reference recomputes the
 sliding-window attention from the query/key weights); these tests cover the expansion itself
 and every error path of `lens_alti.reading.banded`.
 """

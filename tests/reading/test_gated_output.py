@@ -130,7 +130,7 @@ def test_left_padded_batch_equals_single_runs():
 
 
 def test_logit_attribution_and_routes_see_real_heads():
-    """ALTI-Logit's Δ^l[h, k] = T^h_N(x_k)·w (spec §7) per real head, against the dense parts.
+    """ALTI-Logit's Δ^l[h, k] = T^h_N(x_k)·w (docs/spec.md §7) per real head, against the dense parts.
 
     AFMoE is pre-norm (its post-attention norm is on the attention output only), so every
     layer's direction is the final RMSNorm linearised at x_N: w = g / rms(x_N) ⊙ W_U[:, t].

@@ -69,7 +69,7 @@ def test_float32_is_close_and_rows_sum_to_one(run):
         ok = want["l1_mass"] > 1e-2
         assert float(ok.double().mean()) > 0.3
         torch.testing.assert_close(res.layers[:, layer].double()[ok], want["l1"][ok], atol=1e-4, rtol=0)
-    sums = res.layers.sum(-1)  # 1, or 0 for a row whose bias outweighs every source (spec §2)
+    sums = res.layers.sum(-1)  # 1, or 0 for a row whose bias outweighs every source (docs/spec.md §2)
     assert bool(((sums - 1).abs() < 1e-5).logical_or(sums == 0).all())
     assert float((sums == 0).double().mean()) < 0.1
     assert torch.equal(res.layers, res.layers.tril())  # causal
@@ -163,7 +163,7 @@ def test_per_head_contributions_are_refused_for_headless_mixer_layers(run):
 
 @pytest.mark.parametrize("backend", ["eager", "native"])
 def test_per_head_contributions_of_mixers_with_heads_match_reference(run, backend):
-    """Mamba-2 and gated DeltaNet: a head's part is the sum of its channels' parts (spec-mixers §7),
+    """Mamba-2 and gated DeltaNet: a head's part is the sum of its channels' parts (docs/spec-mixers.md §7),
     against the reference's runs with one token's one head switched on."""
     arch, _, bridge, _, cache, ref = run
     if _headless(ref):

@@ -1,6 +1,6 @@
 """Independent dense float64 reference implementation of ALTI for decoder-only HF models.
 
-Written straight from ``/work/shared/docs/alti-spec.md`` (sections 1a, 1e, 1f, 2, 3, 4) and
+Written straight from docs/spec.md §1a, §1e, §1f, §2, §3, §4 and
 used by the tests as ground truth. It deliberately imports neither ``lens_alti`` nor
 ``transformer_lens``: everything is read from the Hugging Face modules themselves.
 
@@ -9,7 +9,7 @@ vector ``T_i(x_j)`` and every per-head part is materialised densely.
 
 Supported: ``GPT2LMHeadModel`` / ``GPT2Model``, ``LlamaForCausalLM`` / ``LlamaModel``
 (grouped-query attention, RMSNorm, optional biases) and ``GPTNeoXForCausalLM`` /
-``GPTNeoXModel`` (parallel attention + MLP, default mode of spec 1e: ``y_i = x_i + attn_out_i``).
+``GPTNeoXModel`` (parallel attention + MLP, default mode of docs/spec.md §1e: ``y_i = x_i + attn_out_i``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class _Layer:
     n_kv: int
     d_head: int
     kind: str
-    post_norm: nn.Module | None = None  # a norm on the attention output only (Gemma-2, spec 1d)
+    post_norm: nn.Module | None = None  # a norm on the attention output only (Gemma-2, docs/spec.md §1d)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -5,13 +5,13 @@ Qwen3-Next / Qwen3.5 / Qwen3.5-MoE attention layers and AFMoE compute
 receiver's own (normed) input: `q_proj`'s second half per head (Qwen3-Next, Qwen3.5) or
 `gate_proj` (AFMoE), or `softplus(g_proj)` (Laguna with `gating="per-element"`). With the gate at its real value,
 `T_i(x_j) = Σ_h A[h,i,j] (g_i,h ⊙ v_j,h) W_O[h]` (docs/spec-mixers.md §7); AFMoE then applies
-an RMSNorm to the attention output before the residual sum (spec 1d: `s_i = w / rms_i`).
+an RMSNorm to the attention output before the residual sum (docs/spec.md §1d: `s_i = w / rms_i`).
 
 Imports neither ``lens_alti`` nor ``transformer_lens``: values and gates are recomputed from the
 Hugging Face modules' weights and the attention module's real input, the attention
 probabilities are the Hugging Face module's own (eager), and every `T_i(x_j)` and every head's
 part `T^h_i(x_j)` is materialised `[b, H, i, j, d]`, checked to sum to the module's real output,
-and turned into ALTI (spec §2) and per-head ALTI (spec §3). Tiny models, unpadded batches only.
+and turned into ALTI (docs/spec.md §2) and per-head ALTI (docs/spec.md §3). Tiny models, unpadded batches only.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _l1(t: torch.Tensor) -> torch.Tensor:
 
 
 def per_head_alti(parts: torch.Tensor, y: torch.Tensor, residual: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Spec §3 from dense parts `parts[b, H, i, j, d]` (T^h_i(x_j), residual excluded).
+    """docs/spec.md §3 from dense parts `parts[b, H, i, j, d]` (T^h_i(x_j), residual excluded).
 
     Each part and the residual `residual[b, i, d]` scores max(0, ‖y_i‖₁ − ‖y_i − part‖₁);
     `heads[b, H, i, j]` and `heads_residual[b, i]` are normalised together per row; the

@@ -1,6 +1,6 @@
 """Independent dense float64 ALTI references for the block layouts of issue 10.
 
-Written from ``/work/shared/docs/alti-spec.md`` (sections 1a, 1b, 1d, 2, 4) and the Hugging Face
+Written from docs/spec.md §1a, §1b, §1d, §2, §4 and the Hugging Face
 modules' forward passes; imports neither ``lens_alti`` nor ``transformer_lens``. Every transformed
 vector ``T_i(x_j)`` is materialised, checked to sum (with the bias) to the block's real output
 captured from the Hugging Face forward pass, and turned into L1 contributions and their rollout.

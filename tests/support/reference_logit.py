@@ -1,7 +1,7 @@
-"""Independent dense float64 reference of ALTI-Logit (spec §7) for Hugging Face models.
+"""Independent dense float64 reference of ALTI-Logit (docs/spec.md §7) for Hugging Face models.
 
 Written from the paper's equations (Ferrando, Gállego, Tsiamas, Costa-jussà 2023) as condensed in
-``/work/shared/docs/alti-spec.md`` §7. It imports neither ``lens_alti`` nor ``transformer_lens``:
+docs/spec.md §7. It imports neither ``lens_alti`` nor ``transformer_lens``:
 weights are read from the Hugging Face modules, activations are captured with forward hooks on a
 float64 copy, and every term is pushed FORWARD to the logit (each term through every later
 linearised norm, then the final norm and the unembedding), the literal reading of the spec, while

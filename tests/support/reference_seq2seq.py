@@ -1,6 +1,6 @@
 """Independent dense float64 reference of ALTI (encoders) and ALTI+ (encoder-decoders) for HF models.
 
-Written straight from ``/work/shared/docs/alti-spec.md`` (sections 1a-1d, 2, 3, 4) and used by the
+Written straight from docs/spec.md §1a-§1d, §2, §3, §4 and used by the
 tests as ground truth. Like ``tests/support/reference.py`` it imports neither ``lens_alti`` nor
 ``transformer_lens``: weights are read from the Hugging Face modules, activations are captured
 with forward hooks, and every reconstruction is checked against the real activation.
@@ -10,16 +10,16 @@ vector ``T_i(x_j)`` and every per-head part is materialised densely.
 
 Supported (``config.model_type``):
 
-- ``bert`` (``BertForMaskedLM`` / ``BertModel``): post-LN encoder, spec 1b.
+- ``bert`` (``BertForMaskedLM`` / ``BertModel``): post-LN encoder, docs/spec.md §1b.
 - ``t5`` (``T5ForConditionalGeneration`` / ``T5Model``): pre-RMSNorm without centring or biases
-  (spec 1a/1d); the encoder's ``final_layer_norm`` output is what cross-attention reads.
-- ``marian``, ``bart``: post-LN encoder and decoder (spec 1b, and 1c with ``L_i`` on every term).
+  (docs/spec.md §1a/§1d); the encoder's ``final_layer_norm`` output is what cross-attention reads.
+- ``marian``, ``bart``: post-LN encoder and decoder (docs/spec.md §1b, and §1c with ``L_i`` on every term).
 - ``m2m_100``, ``mbart``: pre-LN encoder and decoder with final encoder/decoder layer norms.
 - ``switch_transformers``: T5's attention layout (its sparse MLPs are not read).
 - ``longt5`` (``encoder_attention_type="local"``): T5's layout; the encoder's local attention is
   recomputed densely from the weights with the band ``|i − j| <= local_radius``.
 - ``t5gemma``: pre-RMSNorm blocks (gain ``1 + w``) whose attention output is normalised again
-  before joining the residual, ``y = x + (1 + w') ⊙ a_i / rms(a_i)`` (spec 1d), grouped-query
+  before joining the residual, ``y = x + (1 + w') ⊙ a_i / rms(a_i)`` (docs/spec.md §1d), grouped-query
   heads, and a final encoder norm that cross-attention reads.
 - ``led``: BART's post-LN layout whose encoder self-attention is Longformer's sliding window:
   the attention is recomputed densely from the ``query``/``key`` weights with the band mask
@@ -184,7 +184,7 @@ class _Block:
     y_key: tuple[str, str]
     rms: bool = False
     gemma: bool = False  # an RMSNorm with gain 1 + w (T5Gemma)
-    post_norm: nn.Module | None = None  # a norm on the attention output only (T5Gemma, spec 1d)
+    post_norm: nn.Module | None = None  # a norm on the attention output only (T5Gemma, docs/spec.md §1d)
     n_kv: int = 0  # key/value heads (0: as many as query heads)
     # T5Gemma2's decoder: one softmax over [target prefix ; source] keys, the residual on the diagonal
     merged: bool = False
@@ -390,7 +390,7 @@ def _block_measures(
     what: str,
     layer: int,
 ) -> dict[str, torch.Tensor]:
-    """Dense ALTI of one block (spec 1a/1b/1c/1d, 2, 3) for all batch items.
+    """Dense ALTI of one block (docs/spec.md §1a/§1b/§1c/§1d, §2, §3) for all batch items.
 
     ``a`` ``[b, H, n, m]``; ``valid_q`` ``[b, n]``, ``valid_k`` ``[b, m]`` (booleans).
     Self blocks give ``[b, n, n]`` token matrices; cross blocks ``[b, n, m+1]`` with the residual
@@ -558,7 +558,7 @@ def reference_encoder(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Dense float64 ALTI of a post-LN BERT encoder (spec 1b, 2, 3, 4).
+    """Dense float64 ALTI of a post-LN BERT encoder (docs/spec.md §1b, §2, §3, §4).
 
     Returns, batch first: ``l1``, ``l2``, ``koba``, ``attention``, ``rollout`` (of l1) and
     ``attention_rollout`` ``[batch, layer, S, S]``; ``heads`` ``[batch, layer, head, S, S]`` and
@@ -642,7 +642,7 @@ def _longt5_local_attentions(model: nn.Module, rec: _Recorder, valid_s: torch.Te
 
 
 def _alti_plus(r_enc: torch.Tensor, cross: torch.Tensor, dec_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec §4 steps 1-5 and, independently, the block-matrix product.
+    """docs/spec.md §4 steps 1-5 and, independently, the block-matrix product.
 
     ``r_enc`` ``[b, S, S]``, ``cross`` ``[b, L, T, S+1]``, ``dec_self`` ``[b, L, T, T]``.
     Returns ``total`` ``[b, L, T, S+T]`` and ``total_blockproduct`` ``[b, T, S+T]`` (not renormalised).
@@ -679,7 +679,7 @@ def reference_seq2seq(
     attention_mask: torch.Tensor | None = None,
     decoder_attention_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Dense float64 ALTI+ of an encoder-decoder HF model (spec 1a-1d, 2, 3, 4).
+    """Dense float64 ALTI+ of an encoder-decoder HF model (docs/spec.md §1a-§1d, §2, §3, §4).
 
     Returns float64 tensors, batch first (S source length, T target length, L layers, H heads):
 
@@ -692,7 +692,7 @@ def reference_seq2seq(
     - cross-attention: ``cross`` (= ``cross_l1``), ``cross_l2``, ``cross_koba`` ``[b, L, T, S+1]``
       (decoder residual last), ``cross_attention`` ``[b, L, T, S]`` (head mean, no residual),
       ``cross_heads`` ``[b, L, H, T, S]``, ``cross_heads_residual`` ``[b, L, T]``;
-    - ``total`` ``[b, L, T, S+T]`` (spec §4 steps 1-5), ``total_blockproduct`` ``[b, T, S+T]``
+    - ``total`` ``[b, L, T, S+T]`` (docs/spec.md §4 steps 1-5), ``total_blockproduct`` ``[b, T, S+T]``
       (block-matrix product, last layer), ``source_contribution`` ``[b, T]``;
     - ``encoder_resultant`` ``[b, L, S, d]``, ``decoder_self_resultant`` and ``cross_resultant``
       ``[b, L, T, d]`` (reconstructions) and the captured ``*_resultant_actual``.
@@ -817,7 +817,7 @@ def reference_merged_seq2seq(
     residual on key ``j = i``, and a norm on the attention output. Returns ``encoder_l1`` /
     ``encoder_rollout`` ``[b, L, S, S]``, ``merged`` ``[b, L, T, T+S]`` (target keys first), its
     per-head parts ``merged_heads`` ``[b, L, H, T, T+S]`` and ``merged_heads_residual`` ``[b, L, T]``, and
-    ``total`` ``[b, L, T, S+T]``: spec §4 with the block's own matrix ``J = [C_src, C_tgt]``,
+    ``total`` ``[b, L, T, S+T]``: docs/spec.md §4 with the block's own matrix ``J = [C_src, C_tgt]``,
     ``R^0 = [C_src R_enc, C_tgt]``, ``R^l = [C_src R_enc + C_tgt R^{l-1}_src, C_tgt R^{l-1}_tgt]``.
     """
     model = float64_eager_copy(hf_model)

@@ -225,7 +225,7 @@ def _token_wise_reader(model: Any, layer: int, arch: str) -> BlockReader:
     """A layer whose only sublayer is an MLP (NemotronH's "-" and "E" layers): it mixes no tokens.
 
     `y_i = x_i + mlp(norm(x_i))` is a function of x_i alone, so it is all the receiver's own
-    term (as a parallel MLP in spec 1e's "residual" mode): T_i(x_i) = y_i, T_i(x_j) = 0 for
+    term (as a parallel MLP in docs/spec.md §1e's "residual" mode): T_i(x_i) = y_i, T_i(x_j) = 0 for
     j ≠ i, and the layer's contribution matrix is the identity. The check still compares
     `x + <mixer>.hook_out` with the cached `hook_resid_post`.
     """
