@@ -33,8 +33,8 @@ if TYPE_CHECKING:  # the records are the interface; alti never imports reading a
 def check_finite(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> None:
     """Raise NonFiniteError if the record holds NaN or Inf at a real (unpadded) position."""
     checks = {
-        "hook_pattern": torch.where(valid_q[:, None, :, None], block.pattern, 0),
-        "hook_v": torch.where(valid_k[:, :, None, None], block.values, 0),
+        "attention pattern": torch.where(valid_q[:, None, :, None], block.pattern, 0),
+        "values": torch.where(valid_k[:, :, None, None], block.values, 0),
         "residual stream": torch.where(valid_q[..., None], block.residual, 0),
         "block output": torch.where(valid_q[..., None], block.target, 0),
     }

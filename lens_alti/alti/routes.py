@@ -11,7 +11,7 @@ Model-agnostic: receives `AttentionBlock` records (batch size 1) and MLP outputs
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -45,8 +45,34 @@ class RouteLayer:
     parallel: bool
 
 
+@dataclass(frozen=True, order=True)
+class Node:
+    """A node of the routes graph: the residual stream of one position at one height (docs/spec.md §8).
+
+    `Node(l, i)`: the residual stream at position `i` after `l` layers (`l = 0` the embeddings,
+    `l = n_layers` the output). `Node(l, i, mid=True)`: position `i` after layer l's attention
+    block, before its MLP (`l` counted from 1, so it sits between `Node(l - 1, i)` and
+    `Node(l, i)`); sequential blocks only: parallel and attention-only layers have no mid node.
+    Hashable and ordered (by layer, position, mid); `str(node)` is `(l, i)` or `(l, i, mid)`.
+    """
+
+    layer: int
+    position: int
+    mid: bool = False
+
+    def __str__(self) -> str:
+        return f"({self.layer}, {self.position}{', mid' if self.mid else ''})"
+
+
 @dataclass
 class Edge:
+    """One kept edge of the routes graph: a part of `receiver_node`, read from `source_node`.
+
+    `layer`: the 0-based block the part belongs to; `kind`: "head", "mlp" or "residual"; `head`:
+    the head index, or "mlp"/"residual"; `source`, `receiver`: the two nodes' positions; `weight`:
+    the part's share of its receiver; `weighting`: "proximity" or "logit".
+    """
+
     layer: int
     kind: str  # "head", "mlp", "residual"
     head: int | str
@@ -54,8 +80,8 @@ class Edge:
     receiver: int
     weight: float
     weighting: str
-    source_node: tuple
-    receiver_node: tuple
+    source_node: Node
+    receiver_node: Node
 
 
 def restrict_receivers(block: AttentionBlock, positions: Tensor) -> AttentionBlock:
@@ -157,7 +183,7 @@ def build_routes(
     logit_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-) -> tuple[list[Edge], Tensor, dict[tuple, float], list[int]]:
+) -> tuple[list[Edge], Tensor, dict[Node, float], list[int]]:
     """The routes graph from node (L, position) down to the embeddings (docs/spec.md §8).
 
     `direction[d]`: the logit direction at the residual stream of the explained position
@@ -169,108 +195,149 @@ def build_routes(
       the embedding from `(0, position)`), and the graph continues below with proximity;
     - `logit_mode="column"`: the receivers at `position` in the top `logit_layers` layers (all by
       default) weight their own parts (heads, residual, MLP) by logit update instead of proximity.
-    Returns (kept edges, head importance `[layer, head]`, node importance, number of receivers
-    computed per layer).
+    Returns (kept edges, head importance `[layer, head]`, node importance `{Node: float}`, number
+    of receivers computed per layer `[layer]`).
     """
     if logit_mode not in ("direct", "column"):
         raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     n_layers = len(layers)
+    graph = _Graph(n_layers, _head_count(layers), position)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_layers, desc="lens_alti routes", unit="layer")
+    if direction is not None and logit_mode == "direct":
+        _direct_edges(layers, position, direction, threshold, dtype, graph)
+    else:
+        graph.reached[n_layers, False].add(position)
+    column = direction is not None and logit_mode == "column"
+    logit_from = 0 if logit_layers is None else n_layers - logit_layers
+    for layer in range(n_layers - 1, -1, -1):
+        weigh = direction if column and layer >= logit_from else None  # this layer's logit weighting
+        _mlp_edges(graph, layers[layer], layer, position, threshold, dtype, weigh)
+        _attention_edges(graph, layers[layer], layer, position, threshold, dtype, weigh)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return graph.edges, graph.head_importance, graph.importance, graph.computed
+
+
+def _head_count(layers: list[RouteLayer]) -> int:
+    """The one number of heads of every layer (`head_importance[layer, head]` needs one)."""
     counts = {layer.block.pattern.shape[1] // channel_groups(layer.block) for layer in layers}
     if len(counts) > 1:
         raise UnsupportedModelError(
             f"routes: the layers have different numbers of heads ({sorted(counts)}; hybrid models, per-layer head "
             "counts, mixers without heads count as one part): head_importance[layer, head] needs one head count"
         )
-    n_heads = counts.pop()
-    head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    top_node = (n_layers, position)
-    importance: dict[tuple, float] = {top_node: 1.0}
-    edges: list[Edge] = []
-    computed: list[int] = [0] * n_layers
-    column = direction is not None and logit_mode == "column"
-    logit_from = 0 if logit_layers is None else n_layers - logit_layers
-    reached_at: dict[int, set[int]] = {level: set() for level in range(n_layers + 1)}  # nodes (level, i)
-    reached_mid: dict[int, set[int]] = {level: set() for level in range(n_layers + 1)}  # nodes (level, i, "mid")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return counts.pop()
 
-        bar = tqdm(total=n_layers, desc="lens_alti routes", unit="layer")
+
+class _Graph:
+    """The routes graph while it is built top-down from `top = Node(n_layers, position)`.
+
+    `edges`: the kept edges, in the order kept; `importance[node]`: Σ over kept paths from the top
+    node of the product of weights; `head_importance[layer, head]` (float64); `computed[layer]`:
+    receivers computed per attention block; `reached[(level, mid)]`: the positions i whose node
+    `Node(level, i, mid)` is the source of a kept edge (or the top node): the receivers below.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, position: int) -> None:
+        self.top = Node(n_layers, position)
+        self.importance: dict[Node, float] = {self.top: 1.0}
+        self.head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.edges: list[Edge] = []
+        self.computed: list[int] = [0] * n_layers
+        self.reached: defaultdict[tuple[int, bool], set[int]] = defaultdict(set)
 
     def keep(
-        layer: int, kind: str, head: int | str, src: int, rcv: int, weight: float, how: str, sn: tuple, rn: tuple
+        self, layer: int, kind: str, head: int | str, weight: float, how: str, source: Node, receiver: Node
     ) -> None:
-        edges.append(Edge(layer, kind, head, src, rcv, weight, how, sn, rn))
-        importance[sn] = importance.get(sn, 0.0) + importance[rn] * weight
+        """Keep the edge `source` → `receiver`: a part of `receiver` of weight `weight` (`how`: the weighting)."""
+        self.edges.append(Edge(layer, kind, head, source.position, receiver.position, weight, how, source, receiver))
+        self.importance[source] = self.importance.get(source, 0.0) + self.importance[receiver] * weight
         if kind == "head":
-            head_importance[layer, int(head)] += importance[rn] * weight
-        if len(sn) == 3:
-            reached_mid[sn[0]].add(sn[1])
-        else:
-            reached_at[sn[0]].add(sn[1])
+            self.head_importance[layer, int(head)] += self.importance[receiver] * weight
+        self.reached[source.layer, source.mid].add(source.position)
 
-    if direction is not None and logit_mode == "direct":
-        _direct_edges(layers, position, direction, threshold, dtype, keep, computed)
-    else:
-        reached_at[n_layers].add(position)
+    def receivers(self, level: int, mid: bool) -> Tensor | None:
+        """The reached positions `[r]` (sorted) at `Node(level, ·, mid)`, or None when there are none."""
+        found = self.reached[level, mid]
+        return torch.tensor(sorted(found)) if found else None
 
-    rn: tuple  # a receiver node: (level, i) or (level, i, "mid")
-    for layer in range(n_layers - 1, -1, -1):
-        spec = layers[layer]
-        top = layer + 1
-        use_logit = column and layer >= logit_from
-        sequential_mlp = spec.mlp is not None and not spec.parallel
-        if spec.mlp is not None and not spec.parallel and reached_at[top]:  # sequential_mlp
-            # MLP block: parts x^mid_i and mlp(x^mid_i), both lead to (top, i, "mid").
-            positions = torch.tensor(sorted(reached_at[top]))
-            post = spec.block.target[0, positions].to(dtype) + spec.mlp[positions].to(dtype)
-            mid = spec.block.target[0, positions].to(dtype)
-            mlp_rows = spec.mlp[positions].to(dtype)
-            y_l1 = post.abs().sum(-1)
-            s_mid = (y_l1 - (post - mid).abs().sum(-1)).clamp(min=0)
-            s_mlp = (y_l1 - (post - mlp_rows).abs().sum(-1)).clamp(min=0)
-            shares = torch.stack([s_mid, s_mlp], -1)
-            total = shares.sum(-1, keepdim=True)
-            shares = torch.where(total > 0, shares / total.clamp(min=1e-30), 0)
-            for idx, i in enumerate(positions.tolist()):
-                how = "proximity"
-                row = shares[idx]
-                if use_logit and direction is not None and i == position:
-                    w = direction.to(dtype)
-                    row, how = logit_shares(torch.stack([mid[idx] @ w, mlp_rows[idx] @ w])), "logit"
-                rn, sn = (top, i), (top, i, "mid")
-                for kind, weight in (("residual", float(row[0])), ("mlp", float(row[1]))):
-                    if weight >= threshold:
-                        keep(layer, kind, kind, i, i, weight, how, sn, rn)
-        receivers = reached_mid[top] if sequential_mlp else reached_at[top]
-        if receivers:
-            positions = torch.tensor(sorted(receivers))
-            mlp = spec.mlp if spec.parallel else None
-            heads, residual, mlp_share, logit = receiver_parts(
-                spec.block, positions, mlp, dtype, direction if use_logit else None
-            )
-            computed[layer] += len(positions)
-            for idx, i in enumerate(positions.tolist()):
-                rn = (top, i, "mid") if sequential_mlp else (top, i)
-                how = "proximity"
-                h_row, r_w = heads[idx], float(residual[idx])
-                m_w = None if mlp_share is None else float(mlp_share[idx])
-                if use_logit and logit is not None and i == position:
-                    shares = logit_shares(logit[idx])
-                    h_row = shares[:-2].view(heads.shape[1], heads.shape[2])
-                    r_w, m_w = float(shares[-2]), (None if mlp_share is None else float(shares[-1]))
-                    how = "logit"
-                if r_w >= threshold:
-                    keep(layer, "residual", "residual", i, i, r_w, how, (layer, i), rn)
-                if m_w is not None and m_w >= threshold:
-                    keep(layer, "mlp", "mlp", i, i, m_w, how, (layer, i), rn)
-                for h, j in (h_row >= threshold).nonzero().tolist():
-                    keep(layer, "head", h, j, i, float(h_row[h, j]), how, (layer, j), rn)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return edges, head_importance, importance, computed
+
+def _mlp_edges(
+    graph: _Graph, spec: RouteLayer, layer: int, position: int, threshold: float, dtype: torch.dtype,
+    direction: Tensor | None,
+) -> None:
+    """Edges into the reached `Node(layer + 1, i)` of a sequential MLP block (others: nothing).
+
+    The receiver `resid_post_i[d]` has two parts, `x^mid_i` ("residual") and `mlp(x^mid_i)`
+    ("mlp"), both read from `Node(layer + 1, i, mid=True)`, scored by proximity share; with
+    `direction[d]` (logit weighting in this layer) the explained position's two parts are
+    weighted by their positive logit updates instead.
+    """
+    top = layer + 1
+    positions = graph.receivers(top, False) if spec.mlp is not None and not spec.parallel else None
+    if positions is None or spec.mlp is None:
+        return
+    mid = spec.block.target[0, positions].to(dtype)  # [r, d]
+    mlp_rows = spec.mlp[positions].to(dtype)  # [r, d]
+    post = mid + mlp_rows
+    y_l1 = post.abs().sum(-1)
+    s_mid = (y_l1 - (post - mid).abs().sum(-1)).clamp(min=0)
+    s_mlp = (y_l1 - (post - mlp_rows).abs().sum(-1)).clamp(min=0)
+    shares = torch.stack([s_mid, s_mlp], -1)  # [r, 2]
+    total = shares.sum(-1, keepdim=True)
+    shares = torch.where(total > 0, shares / total.clamp(min=1e-30), 0)
+    for idx, i in enumerate(positions.tolist()):
+        how = "proximity"
+        row = shares[idx]
+        if direction is not None and i == position:
+            w = direction.to(dtype)
+            row, how = logit_shares(torch.stack([mid[idx] @ w, mlp_rows[idx] @ w])), "logit"
+        source, receiver = Node(top, i, mid=True), Node(top, i)
+        for kind, weight in (("residual", float(row[0])), ("mlp", float(row[1]))):
+            if weight >= threshold:
+                graph.keep(layer, kind, kind, weight, how, source, receiver)
+
+
+def _attention_edges(
+    graph: _Graph, spec: RouteLayer, layer: int, position: int, threshold: float, dtype: torch.dtype,
+    direction: Tensor | None,
+) -> None:
+    """Edges into the reached receivers of attention block `layer` (computed for those only).
+
+    Receivers: `Node(layer + 1, i, mid=True)` before a sequential MLP, else `Node(layer + 1, i)`.
+    Parts: the residual and (parallel blocks) the MLP, read from `Node(layer, i)`, and each head
+    and source j, read from `Node(layer, j)`; shares from `receiver_parts`, or with `direction[d]`
+    the explained position's parts weighted by their positive logit updates.
+    """
+    sequential_mlp = spec.mlp is not None and not spec.parallel
+    positions = graph.receivers(layer + 1, sequential_mlp)
+    if positions is None:
+        return
+    mlp = spec.mlp if spec.parallel else None
+    heads, residual, mlp_share, logit = receiver_parts(spec.block, positions, mlp, dtype, direction)
+    graph.computed[layer] += len(positions)
+    for idx, i in enumerate(positions.tolist()):
+        receiver = Node(layer + 1, i, mid=sequential_mlp)
+        how = "proximity"
+        h_row, r_w = heads[idx], float(residual[idx])  # h_row[h, k]
+        m_w = None if mlp_share is None else float(mlp_share[idx])
+        if logit is not None and i == position:
+            shares = logit_shares(logit[idx])
+            h_row = shares[:-2].view(heads.shape[1], heads.shape[2])
+            r_w, m_w = float(shares[-2]), (None if mlp_share is None else float(shares[-1]))
+            how = "logit"
+        if r_w >= threshold:
+            graph.keep(layer, "residual", "residual", r_w, how, Node(layer, i), receiver)
+        if m_w is not None and m_w >= threshold:
+            graph.keep(layer, "mlp", "mlp", m_w, how, Node(layer, i), receiver)
+        for h, j in (h_row >= threshold).nonzero().tolist():
+            graph.keep(layer, "head", h, float(h_row[h, j]), how, Node(layer, j), receiver)
 
 
 def _direct_edges(
@@ -279,33 +346,30 @@ def _direct_edges(
     direction: Tensor,
     threshold: float,
     dtype: torch.dtype,
-    keep: Callable[..., None],
-    computed: list[int],
+    graph: _Graph,
 ) -> None:
     """Edges into the top node from every direct part of the logit, weighted by positive logit update."""
-    n_layers = len(layers)
     w = direction.to(dtype)
     at = torch.tensor([position])
     values: list[Tensor] = []
-    labels: list[tuple] = []
+    labels: list[tuple[str, int, int | str, Node]] = []  # (kind, layer, head, source node) of each part
     for layer, spec in enumerate(layers):
         *_, logit = receiver_parts(spec.block, at, spec.mlp if spec.parallel else None, dtype, direction)
         assert logit is not None  # internal: receiver_parts returns the logit updates when given a direction
-        computed[layer] += 1
+        graph.computed[layer] += 1
         n_h = spec.block.pattern.shape[1] // channel_groups(spec.block)
         k = (logit.shape[1] - 2) // n_h
         values.append(logit[0, :-2])
-        labels += [("head", layer, h, j, (layer, j)) for h in range(n_h) for j in range(k)]
+        labels += [("head", layer, h, Node(layer, j)) for h in range(n_h) for j in range(k)]
         if spec.parallel and spec.mlp is not None:
             values.append(logit[0, -1:])
-            labels.append(("mlp", layer, "mlp", position, (layer, position)))
+            labels.append(("mlp", layer, "mlp", Node(layer, position)))
         elif spec.mlp is not None:
             values.append((spec.mlp[position].to(dtype) @ w)[None])
-            labels.append(("mlp", layer, "mlp", position, (layer + 1, position, "mid")))
+            labels.append(("mlp", layer, "mlp", Node(layer + 1, position, mid=True)))
     values.append((layers[0].block.residual[0, position].to(dtype) @ w)[None])
-    labels.append(("residual", 0, "residual", position, (0, position)))
+    labels.append(("residual", 0, "residual", Node(0, position)))
     shares = logit_shares(torch.cat(values))
-    top = (n_layers, position)
     for idx in (shares >= threshold).nonzero().flatten().tolist():
-        kind, layer, head, src, node = labels[idx]
-        keep(layer, kind, head, src, position, float(shares[idx]), "logit", node, top)
+        kind, layer, head, node = labels[idx]
+        graph.keep(layer, kind, head, float(shares[idx]), "logit", node, graph.top)

@@ -30,6 +30,7 @@ from lens_alti.analysis.checks import (
     raise_if_pattern_edits_ignored,
 )
 from lens_alti.errors import InvalidArgumentError, UnsupportedModelError
+from lens_alti.reading.hooks import AttentionPoint, attention_hook
 from lens_alti.results import AltiResult
 from lens_alti.validation import (
     check_choice,
@@ -128,10 +129,11 @@ def kendall(x: Tensor, y: Tensor) -> float:
     return s / n0**0.5 if n0 > 0 else float("nan")
 
 
-def _attn_name(model: Any, layer: int, hook: str) -> str:
+def _attn_name(model: Any, layer: int, point: AttentionPoint) -> str:
+    """The hook `point` of layer `layer`'s attention; `model` must have `blocks` (decoder-only or encoder)."""
     if not hasattr(model, "blocks"):
         raise InvalidArgumentError("model", model, "a decoder-only or encoder model (with `blocks`)")
-    return f"blocks.{layer}.attn.{hook}"
+    return attention_hook(layer, point)
 
 
 @dataclass
@@ -199,7 +201,7 @@ def head_ablation(
 
         layers = tqdm(layers, desc="head ablation", unit="layer")
     for layer in layers:
-        name = _attn_name(model, layer, "hook_z")
+        name = _attn_name(model, layer, "z")
         if name not in cache.keys():  # a mixer layer (Mamba-2, gated DeltaNet): its heads have no hook_z
             raise UnsupportedModelError(
                 f"head_ablation: layer {layer} has no attention hook_z ({name}): it is not an attention layer "
@@ -305,10 +307,10 @@ def circuit_comparison(
 
         return hook
 
-    fwd = [(_attn_name(model, layer, "hook_pattern"), make_hook(hs)) for layer, hs in by_layer.items()]
+    fwd = [(_attn_name(model, layer, "pattern"), make_hook(hs)) for layer, hs in by_layer.items()]
     with model.hooks(fwd_hooks=fwd):
         logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
-    z_names = {_attn_name(model, layer, "hook_z"): hs for layer, hs in by_layer.items()}
+    z_names = {_attn_name(model, layer, "z"): hs for layer, hs in by_layer.items()}
     raise_if_pattern_edits_ignored(cache, cache_after, z_names)  # e.g. TransformerLens 4.x BERT
     after = lens_alti.attribute(cache_after, attention_mask=attention_mask, tokens=tokens)
     assert isinstance(after, AltiResult)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lens_alti.analysis.ablation import kendall, spearman
 from lens_alti.errors import InterventionError
+from lens_alti.reading.hooks import pattern_hook
 
 
 def _as_scores(name: str, x: Any) -> Tensor:
@@ -140,7 +141,7 @@ def attention_head_scores(
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
     if n_layers is None:
         raise InterventionError("attention_head_scores needs the ActivationCache of a TransformerLens model")
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    names = [pattern_hook(layer) for layer in range(n_layers)]
     missing = [n for n in names if n not in cache.keys()]
     if missing:
         raise InterventionError(f"the cache lacks {missing[:3]}...: run the model with run_with_cache and no filter")

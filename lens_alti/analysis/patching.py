@@ -28,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_alti.errors import InterventionError, UnsupportedModelError
+from lens_alti.reading.hooks import attention_hook
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -106,7 +107,7 @@ def head_patching(
     tokens, corrupted_tokens = torch.as_tensor(tokens), torch.as_tensor(corrupted_tokens)
     _check_pair(tokens, corrupted_tokens, attention_mask, corrupted_mask)
     n_layers = len(model.blocks)
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    names = [attention_hook(layer, "z") for layer in range(n_layers)]
     absent = [n for n in names if n not in getattr(model, "hook_dict", {})]
     if absent:  # linear-recurrent mixer layers (Mamba-2, gated DeltaNet) have heads but no hook_z
         raise UnsupportedModelError(

@@ -21,11 +21,10 @@ from lens_alti.api.options import AltiOptions
 from lens_alti.api.plans import CacheSource, Inputs, Source, StreamSource, plan_for
 from lens_alti.errors import (
     InvalidArgumentError,
-    MissingHooksError,
-    UnsupportedModelError,
     WeightProcessingWarning,
 )
 from lens_alti.reading import ModelLayout, cache_and_model, is_cache, model_layout
+from lens_alti.reading.cache import layer_patterns
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
 from lens_alti.validation import check_type
 
@@ -172,18 +171,7 @@ def attention_rollout(cache: Any, *, attention_mask: Tensor | None = None) -> Te
     layout = model_layout(model)
     if layout.family == "encoder_decoder":
         raise InvalidArgumentError("cache", "an encoder-decoder cache", "a decoder-only or encoder model's cache")
-    names = [r.hooks[0] for r in layout.blocks["self"]]
-    not_attention = [r.name for r in layout.blocks["self"] if not r.hooks[0].endswith("hook_pattern")]
-    if not_attention:  # linear-recurrent mixers (reading/mixers) have no attention pattern to roll out
-        raise UnsupportedModelError(
-            f"{layout.architecture}: attention rollout needs an attention pattern in every layer, but "
-            f"{', '.join(not_attention[:4])}{' ...' if len(not_attention) > 4 else ''} are not attention layers "
-            "with a cached pattern; use attribute(cache).rollout (ALTI's rollout covers them)"
-        )
-    missing = [n for n in names if n not in cache.keys()]
-    if missing:
-        raise MissingHooksError(missing, "attention_rollout reads every layer's hook_pattern.")
-    patterns = torch.stack([cache[n].float() for n in names], dim=1)
+    patterns = layer_patterns(cache, layout).float()
     batch, pos = patterns.shape[0], patterns.shape[-1]
     valid = valid_mask(attention_mask, batch, pos, patterns.device, "attention_mask")
     return rollout(attention_rollout_layers(patterns, valid) * valid[:, None, :, None])

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lens_alti.errors import MissingHooksError, MissingTargetError, NotACacheError
+from lens_alti.errors import MissingHooksError, MissingTargetError, NotACacheError, UnsupportedModelError
 from lens_alti.reading.types import ModelLayout
 
 _EAGER_ADVICE = (
@@ -81,3 +81,23 @@ def check_decoder_input(cache: Any, decoder_tokens: Any = None) -> None:
             "If the target prefix really is the source shifted right (an identity translation), pass "
             "decoder_tokens=tgt_tokens or allow_shifted_source=True."
         )
+
+
+def layer_patterns(cache: Any, layout: ModelLayout) -> Tensor:
+    """Every self-attention layer's attention pattern, stacked: `[batch, layer, head, query, key]`.
+
+    Refuses layers that are not attention with a cached pattern (UnsupportedModelError) and a
+    cache without them (MissingHooksError).
+    """
+    names = [r.hooks[0] for r in layout.blocks["self"]]
+    not_attention = [r.name for r in layout.blocks["self"] if not r.hooks[0].endswith("hook_pattern")]
+    if not_attention:  # linear-recurrent mixers (reading/mixers) have no attention pattern to roll out
+        raise UnsupportedModelError(
+            f"{layout.architecture}: attention rollout needs an attention pattern in every layer, but "
+            f"{', '.join(not_attention[:4])}{' ...' if len(not_attention) > 4 else ''} are not attention layers "
+            "with a cached pattern; use attribute(cache).rollout (ALTI's rollout covers them)"
+        )
+    missing = [n for n in names if n not in cache.keys()]
+    if missing:
+        raise MissingHooksError(missing, "attention_rollout reads every layer's hook_pattern.")
+    return torch.stack([cache[n] for n in names], dim=1)

@@ -8,29 +8,33 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_alti.alti.routes import Node
+
 
 @dataclass
 class Routes:
     """Information-flow routes graph (docs/spec.md §8) for one explained position of one batch item.
 
-    Nodes: `(l, i)` the residual stream at position i after l layers (`l = 0` the embeddings,
-    `l = n_layers` the output), `(l, i, "mid")` after layer l's attention block (l counted from
-    1, sequential blocks only). Edges go from a source node to a receiver node one step up:
+    Nodes are `Node`s (`lens_alti.alti.routes.Node`, also `lens_alti.results.Node`): `Node(l, i)` the
+    residual stream at position i after l layers (`l = 0` the embeddings, `l = n_layers` the
+    output), `Node(l, i, mid=True)` after layer l's attention block (l counted from 1, sequential
+    blocks only); `str(node)` is `(l, i)` or `(l, i, mid)`. Edges go from a source node to a
+    receiver node one step up:
         edges: pandas DataFrame, one row per kept edge: `layer` (0-based block index), `kind`
             ("head", "mlp" or "residual"), `head` (the head index, or "mlp"/"residual"),
             `source` and `receiver` (positions), `weight` (the part's share of its receiver,
             proximity or logit weighting), `weighting` ("proximity" or "logit"), `source_node`,
-            `receiver_node`.
+            `receiver_node` (`Node`s).
         head_importance: `[layer, head]` Σ over kept edges through the head of
             (edge weight × its receiver's node importance).
-        node_importance: {node: Σ over kept paths from the top node of the product of weights}.
+        node_importance: {Node: Σ over kept paths from the top node of the product of weights}.
         computed_receivers: `[layer]` how many receivers each attention block was computed for
             (the cost; a full `attribute(heads=True)` computes every position in every layer).
     """
 
     edges: Any
     head_importance: Float[Tensor, "layer head"]
-    node_importance: dict[tuple, float]
+    node_importance: dict[Node, float]
     position: int
     batch: int
     threshold: float
@@ -42,19 +46,20 @@ class Routes:
     contrast: int | None = None
 
     @property
-    def top_node(self) -> tuple[int, int]:
-        return (self.n_layers, self.position)
+    def top_node(self) -> Node:
+        """`Node(n_layers, position)`: the explained position's output, where the graph starts."""
+        return Node(self.n_layers, self.position)
 
     def to_networkx(self) -> Any:
-        """A networkx MultiDiGraph: nodes as above (attribute `importance`, `position`, `layer`,
-        `token`), edges source → receiver with `weight`, `kind`, `head`, `layer`."""
+        """A networkx MultiDiGraph: the `Node`s as node ids (attributes `importance`, `layer`,
+        `position`, `mid`, `token`), edges source → receiver with `weight`, `kind`, `head`, `layer`."""
         import networkx as nx
 
         graph = nx.MultiDiGraph()
         for node, imp in self.node_importance.items():
-            pos = node[1]
+            pos = node.position
             token = self.str_tokens[pos] if self.str_tokens is not None and pos < len(self.str_tokens) else str(pos)
-            graph.add_node(node, importance=imp, layer=node[0], position=pos, token=token)
+            graph.add_node(node, importance=imp, layer=node.layer, position=pos, mid=node.mid, token=token)
         for row in self.edges.itertuples(index=False):
             graph.add_edge(
                 row.source_node, row.receiver_node, weight=row.weight, kind=row.kind, head=row.head, layer=row.layer
@@ -77,6 +82,7 @@ class Routes:
 
 
 def empty_edges() -> Any:
+    """The edges DataFrame of a graph without edges: the columns and dtypes of `Routes.edges`."""
     import pandas as pd
 
     return pd.DataFrame(

@@ -178,8 +178,8 @@ def head_totals_heatmap(attr: Any, *, batch: int | None = None) -> Any:
 
 
 def _node_y(node: Any) -> float:
-    """Residual stream after layer l at y = l; after layer l's attention block (mid) at l − 0.5."""
-    return float(node[0]) - (0.5 if len(node) > 2 else 0.0)
+    """A routes `Node`'s height: after layer l at y = l; after layer l's attention block (mid) at l − 0.5."""
+    return float(node.layer) - (0.5 if node.mid else 0.0)
 
 
 def routes_figure(routes: Any, *, width_scale: float = 8.0, bins: int = 6) -> Any:
@@ -204,7 +204,7 @@ def routes_figure(routes: Any, *, width_scale: float = 8.0, bins: int = 6) -> An
             xs: list[Any] = []
             ys: list[Any] = []
             for row in sub[level == lv].itertuples(index=False):
-                xs += [row.source_node[1], row.receiver_node[1], None]
+                xs += [row.source_node.position, row.receiver_node.position, None]
                 ys += [_node_y(row.source_node), _node_y(row.receiver_node), None]
             fig.add_trace(
                 go.Scatter(
@@ -219,7 +219,7 @@ def routes_figure(routes: Any, *, width_scale: float = 8.0, bins: int = 6) -> An
         ]
         fig.add_trace(
             go.Scatter(
-                x=[(r.source_node[1] + r.receiver_node[1]) / 2 for r in sub.itertuples(index=False)],
+                x=[(r.source_node.position + r.receiver_node.position) / 2 for r in sub.itertuples(index=False)],
                 y=[(_node_y(r.source_node) + _node_y(r.receiver_node)) / 2 for r in sub.itertuples(index=False)],
                 mode="markers", marker={"color": colour, "size": 7, "opacity": 0.6}, name=kind, legendgroup=kind,
                 text=hover, hovertemplate="%{text}<extra></extra>",
@@ -232,18 +232,18 @@ def routes_figure(routes: Any, *, width_scale: float = 8.0, bins: int = 6) -> An
         size = (6 + 14 * imp / float(imp.max() or 1)).tolist()
         fig.add_trace(
             go.Scatter(
-                x=[n[1] for n, _ in nodes], y=[_node_y(n) for n, _ in nodes], mode="markers", name="node",
+                x=[n.position for n, _ in nodes], y=[_node_y(n) for n, _ in nodes], mode="markers", name="node",
                 marker={"color": "#2d3748", "size": size},
                 text=[
-                    f"{'mid-' if len(n) > 2 else ''}layer {n[0]}, position {n[1]}"
-                    + (f" {toks[n[1]]!r}" if toks is not None and n[1] < len(toks) else "")
+                    f"{'mid-' if n.mid else ''}layer {n.layer}, position {n.position}"
+                    + (f" {toks[n.position]!r}" if toks is not None and n.position < len(toks) else "")
                     + f"<br>importance {v:.4f}"
                     for n, v in nodes
                 ],
                 hovertemplate="%{text}<extra></extra>",
             )
         )
-    positions = sorted({n[1] for n, _ in nodes}) if nodes else []
+    positions = sorted({n.position for n, _ in nodes}) if nodes else []
     if toks is not None:
         positions = list(range(len(toks)))
     fig.update_layout(

@@ -15,11 +15,17 @@ from lens_alti.errors import (
     OutOfRangeError,
     UnsupportedModelError,
 )
+from lens_alti.results import Node
 from tests.support.errors import raises_exactly
 from tests.support.models import boot, build_seq2seq
 from tests.support.tokenizer import VOCAB
 
 D, HEADS, N_POS = 16, 4, 6
+
+
+def _mid(nodes):
+    """Which nodes of an edges column are mid nodes (a boolean Series)."""
+    return nodes.map(lambda n: n.mid).astype(bool)
 
 
 def _copy_model(j: int, head: int) -> transformers.GPT2LMHeadModel:
@@ -65,12 +71,16 @@ def test_hand_wired_route_is_found_exactly(j, head):
     }
     assert len(graph.edges) == 4
     nodes = set(graph.node_importance)
-    assert nodes == {(2, last), (2, last, "mid"), (1, j), (1, j, "mid"), (0, j)}
+    assert nodes == {Node(2, last), Node(2, last, mid=True), Node(1, j), Node(1, j, mid=True), Node(0, j)}
     imp = graph.head_importance
     assert float(imp[1, head]) > 0.95 and float(imp.sum() - imp[1, head]) == 0
     assert graph.top_heads(1)[0][:2] == (1, head)
     nx_graph = graph.to_networkx()
-    assert nx_graph.number_of_edges() == 4 and nx_graph.has_edge((1, j), (2, last, "mid"))
+    assert nx_graph.number_of_edges() == 4 and nx_graph.has_edge(Node(1, j), Node(2, last, mid=True))
+    assert nx_graph.nodes[Node(2, last, mid=True)] == {
+        "importance": graph.node_importance[Node(2, last, mid=True)], "layer": 2, "position": last, "mid": True,
+        "token": str(last),
+    }
     # only the reached receivers were computed: one in each layer
     assert graph.computed_receivers == [1, 1]
 
@@ -95,12 +105,12 @@ def test_proximity_weights_are_per_head_contributions(gpt2_run):
         for r in heads.itertuples():
             want = float(res.heads[batch, r.layer, r.head, r.receiver, r.source])
             assert r.weight == pytest.approx(want, abs=1e-5)
-        attn_res = graph.edges[(graph.edges.kind == "residual") & (graph.edges.receiver_node.map(len) == 3)]
+        attn_res = graph.edges[(graph.edges.kind == "residual") & _mid(graph.edges.receiver_node)]
         for r in attn_res.itertuples():
             assert r.weight == pytest.approx(float(res.heads_residual[batch, r.layer, r.receiver]), abs=1e-5)
         # pruning: every part ≥ threshold of every computed receiver is an edge
         for layer in range(3):
-            receivers = {r.receiver for r in graph.edges.itertuples() if r.layer == layer and len(r.receiver_node) == 3}
+            receivers = {r.receiver for r in graph.edges.itertuples() if r.layer == layer and r.receiver_node.mid}
             for i in receivers:
                 n_big = int((res.heads[batch, layer, :, i] >= 0.003).sum())
                 n_kept = int(((heads.layer == layer) & (heads.receiver == i)).sum())
@@ -130,14 +140,14 @@ def test_logit_weighting_matches_alti_logit(gpt2_run):
     assert mid > 0, "the explained row must carry a positive logit to follow"
     want = pos / pos.sum()
     e = graph.edges
-    top_mlp = e[(e.layer == top) & (e.receiver_node.map(len) == 2)]
+    top_mlp = e[(e.layer == top) & ~_mid(e.receiver_node)]
     for r in top_mlp.itertuples():
         assert r.weighting == "logit"
         assert r.weight == pytest.approx(float(want[0] if r.kind == "residual" else want[1]), abs=1e-5)
     resid = mid - float(la.head_totals[b, top].sum() + la.attn_bias[b, top])  # x^(L-1)_N · w
     parts = torch.cat([la.heads[b, top].flatten(), torch.tensor([resid])]).double().clamp(min=0)
     shares = parts / parts.sum()
-    attn = e[(e.layer == top) & (e.receiver == n) & (e.receiver_node.map(len) == 3)]
+    attn = e[(e.layer == top) & (e.receiver == n) & _mid(e.receiver_node)]
     assert len(attn) > 0
     for r in attn.itertuples():
         k = -1 if r.kind == "residual" else r.head * la.heads.shape[-1] + r.source
@@ -159,7 +169,7 @@ def test_parallel_and_post_attention_norm_models_run():
         assert (graph.edges.weight >= 0.02).all() and (graph.edges.weight <= 1 + 1e-6).all()
         assert graph.to_networkx().number_of_nodes() == len(graph.node_importance)
         if arch == "neox":  # parallel blocks: no mid nodes
-            assert not any(len(n) == 3 for n in graph.node_importance)
+            assert not any(n.mid for n in graph.node_importance)
 
 
 def test_routes_errors(gpt2_run):
@@ -219,24 +229,35 @@ def test_direct_logit_weighting_is_alti_logit_shares(gpt2_run):
     parts = torch.cat([la.heads[0].flatten(), la.mlp[0], la.embedding[:1]]).double().clamp(min=0)
     shares = parts / parts.sum()
     e = graph.edges
-    into_top = e[e.receiver_node.map(lambda n: n == (3, 9))]
+    into_top = e[e.receiver_node.map(lambda n: n == Node(3, 9))]
     assert len(into_top) == int((shares >= 0.005).sum()) and set(into_top.weighting) == {"logit"}
     n_h, k = la.heads.shape[2], la.heads.shape[3]
     for r in into_top.itertuples():
         if r.kind == "head":
             idx = (r.layer * n_h + r.head) * k + r.source
-            assert r.source_node == (r.layer, r.source)
+            assert r.source_node == Node(r.layer, r.source)
         elif r.kind == "mlp":
             idx = 3 * n_h * k + r.layer
-            assert r.source_node == (r.layer + 1, 9, "mid")
+            assert r.source_node == Node(r.layer + 1, 9, mid=True)
         else:
             idx = -1
-            assert r.source_node == (0, 9)
+            assert r.source_node == Node(0, 9)
         assert r.weight == pytest.approx(float(shares[idx]), abs=1e-5)
     # head importance of the direct edges is their share; below, proximity routes add credit
     direct = into_top[into_top.kind == "head"].groupby(["layer", "head"]).weight.sum()
     for (layer, head), value in direct.items():
         assert float(graph.head_importance[layer, head]) >= value - 1e-9
-    assert set(e[~e.receiver_node.map(lambda n: n == (3, 9))].weighting) <= {"proximity"}
+    assert set(e[~e.receiver_node.map(lambda n: n == Node(3, 9))].weighting) <= {"proximity"}
     mode = "logit_mode='sideways'"
     raises_exactly(InvalidArgumentError, mode, lens_alti.routes, cache, target=t, logit_mode="sideways")
+
+
+def test_nodes_are_named_hashable_and_ordered():
+    top, mid, below = Node(2, 5), Node(2, 5, mid=True), Node(1, 3)
+    assert (top.layer, top.position, top.mid) == (2, 5, False) and mid.mid
+    assert str(top) == "(2, 5)" and str(mid) == "(2, 5, mid)"
+    assert repr(mid) == "Node(layer=2, position=5, mid=True)"
+    assert len({top, mid, below, Node(2, 5)}) == 3 and top != mid and top != (2, 5)
+    assert sorted([mid, top, below]) == [below, top, mid]
+    with pytest.raises(AttributeError):
+        top.layer = 3

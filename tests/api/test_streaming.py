@@ -55,11 +55,12 @@ def test_decoders_stream_equals_cache(decoder, padded):
     ids = _ids(2, 9, 3)
     kw = {"attention_mask": _mask(2, 9, {0: 3}, left=True)} if padded else {}
     _, cache = bridge.run_with_cache(ids, **kw)
-    ref = lens_alti.attribute(cache, heads=True, **kw)
+    ref = lens_alti.attribute(cache, heads=True, tokens=ids, **kw)  # tokens: labels only
     got = lens_alti.attribute(bridge, tokens=ids, heads=True, **kw)
     _same(ref, got)
     torch.testing.assert_close(ref.reconstruction_error, got.reconstruction_error)
-    assert got.str_tokens == ref.str_tokens or ref.str_tokens is None
+    labels = [bridge.to_str_tokens(row) for row in ids]  # the model's own token strings, padding included
+    assert got.str_tokens == ref.str_tokens == labels
 
 
 @pytest.mark.parametrize("measure", ["l2", "koba", "attention"])
@@ -91,8 +92,10 @@ def test_seq2seq_stream_equals_cache(arch, padded):
             "decoder_attention_mask": _mask(2, 5, {1: 1}, left=False),
         }
     _, cache = bridge.run_with_cache(src, decoder_input=tgt, **kw)
-    ref = lens_alti.attribute(cache, heads=True, **kw)
+    ref = lens_alti.attribute(cache, heads=True, tokens=src, decoder_tokens=tgt, **kw)  # tokens: labels only
     got = lens_alti.attribute(bridge, tokens=src, decoder_tokens=tgt, heads=True, **kw)
+    assert got.source_str_tokens == ref.source_str_tokens == [bridge.to_str_tokens(row) for row in src]
+    assert got.target_str_tokens == ref.target_str_tokens == [bridge.to_str_tokens(row) for row in tgt]
     _same(ref.encoder, got.encoder)
     fields = ("decoder_self", "cross", "total", "decoder_self_heads", "cross_heads", "cross_heads_residual")
     _same(ref, got, fields)

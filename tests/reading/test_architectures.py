@@ -119,8 +119,9 @@ def test_norm_that_is_not_a_norm_is_refused():
 
 
 def test_unknown_mixer_layer_is_a_mixer_not_attention(monkeypatch):
-    """Mamba and RWKV are decomposed now (tests/reading/test_mixers.py, tests/reading/test_rwkv.py); a mixer lens_alti does
-    not know (here RWKV's, with its reader switched off) is named as a mixer, not as missing attention."""
+    """Mamba and RWKV are decomposed now (tests/reading/test_mixers.py, tests/reading/test_rwkv.py); a mixer
+    lens_alti does not know (here RWKV's, with its reader switched off) is named as a mixer, not as missing
+    attention."""
     import lens_alti.reading.bridge as bridge_layout
 
     monkeypatch.setattr(bridge_layout, "is_rwkv_block", lambda block: False)

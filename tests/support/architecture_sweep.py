@@ -121,7 +121,8 @@ _CONFIG_EXTRA: dict[str, dict[str, Any]] = {
 NOTES: dict[str, str] = {
     "GraniteMoeHybridForCausalLM": (
         "(the default config has position_embedding_type=None, no rotary embedding, which the bridge's adapter "
-        "expects; with position_embedding_type='rope' it boots and works: tests/reading/test_mixers.py, granite_moe_hybrid)"
+        "expects; with position_embedding_type='rope' it boots and works: "
+        "tests/reading/test_mixers.py, granite_moe_hybrid)"
     ),
 }
 

@@ -41,6 +41,7 @@ from lens_alti.analysis.alignment import (
 )
 from lens_alti.models.toy_translation import MODEL_DIR, encode_batch, load_toy_translator
 from lens_alti.models.toy_translation.corpus import N_TEST, SentencePair, train_test_split
+from lens_alti.reading.hooks import pattern_hook
 
 METHODS = {
     "attention": "cross-attention weights (head mean)",
@@ -94,9 +95,8 @@ def contribution_matrices(model: Any, pairs: Sequence[SentencePair], batch_size:
         assert isinstance(res, lens_alti.Seq2SeqAltiResult)
         s = b.source.shape[1]
         n_layers = res.cross.shape[1]
-        attn = torch.stack(
-            [cache[f"decoder_blocks.{layer}.cross_attn.hook_pattern"].mean(1) for layer in range(n_layers)], dim=1
-        )
+        patterns = [pattern_hook(layer, stack="decoder_blocks", attention="cross_attn") for layer in range(n_layers)]
+        attn = torch.stack([cache[hook].mean(1) for hook in patterns], dim=1)
         cross = res.cross[..., :s]
         rolled = cross @ res.encoder.rollout[:, -1, None]
         total = res.total[..., :s]

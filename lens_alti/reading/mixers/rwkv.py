@@ -86,71 +86,83 @@ def rwkv_readers(model: Any, layer: int, arch: str) -> list[BlockReader]:
         f"{p}.hook_resid_mid", f"{p}.ln2.hook_out", f"{cm}.in.hook_out", f"{cm}.receptance.hook_out",
         f"{p}.hook_resid_post",
     )
+    return [
+        BlockReader(tm, time_hooks, lambda cache: _time_mix_record(cache, att, layer, arch, x_hook)),
+        BlockReader(cm, chan_hooks, lambda cache: _channel_mix_record(cache, ffn, layer, arch)),
+    ]
 
-    def build_time(cache: Any) -> AttentionBlock:
-        """`out_t = W_o(σ(r_t) ⊙ Σ_{i≤t} α[t,i] ⊙ v_i)`, `v_i = W_v(μ ⊙ h_i) + W_v((1 − μ) ⊙ h_{i−1})`.
 
-        With k and r fixed, source j reaches t through two taps: as v_j's own input (weight
-        `α[t, j]`, value `W_v(μ ⊙ h_j)`) and as v_{j+1}'s shifted input (weight `α[t, j+1]`, value
-        `W_v((1 − μ) ⊙ h_j)`): 2C channels, the second half with the shifted operator.
-        """
-        h = cache[f"{p}.ln1.hook_out"].double()
-        k = cache[f"{tm}.key.hook_out"].double()
-        r = torch.sigmoid(cache[f"{tm}.receptance.hook_out"].double())
-        C = k.shape[-1]
-        alpha = wkv_weights(k, att.time_decay.detach().double(), att.time_first.detach().double())
-        own = alpha * r.transpose(1, 2)[..., None]  # receiver gate σ(r_t)
-        op = torch.cat((own, _shift_left(own)), dim=1)
-        mu = att.time_mix_value.detach().double().reshape(-1)
-        W_v = _weight(att.value)
-        values = torch.cat(((h * mu) @ W_v.T, (h * (1 - mu)) @ W_v.T), dim=-1)
-        W_o = _weight(att.output)
-        if W_o.shape[1] != C or W_v.shape[0] != C:
-            raise UnsupportedModelError(
-                f"{tm}: key has {C} channels, value {W_v.shape[0]}, output reads {W_o.shape[1]}"
-            )
-        out = SimpleNamespace(weight=torch.cat((W_o, W_o), dim=1), bias=None)
-        b, n = h.shape[:2]
-        return mixer_record(
-            name=tm, layer=layer, arch=arch, op=op, beta=h.new_zeros(b, n, 2 * C), values=values, out_proj=out,
-            residual=cache[x_hook], target=cache[f"{p}.hook_resid_mid"],
+def _time_mix_record(cache: Any, att: Any, layer: int, arch: str, x_hook: str) -> AttentionBlock:
+    """`out_t = W_o(σ(r_t) ⊙ Σ_{i≤t} α[t,i] ⊙ v_i)`, `v_i = W_v(μ ⊙ h_i) + W_v((1 − μ) ⊙ h_{i−1})`.
+
+    With k and r fixed, source j reaches t through two taps: as v_j's own input (weight
+    `α[t, j]`, value `W_v(μ ⊙ h_j)`) and as v_{j+1}'s shifted input (weight `α[t, j+1]`, value
+    `W_v((1 − μ) ⊙ h_j)`): 2C channels, the second half with the shifted operator.
+
+    `att`: the Hugging Face time-mixing module; `x_hook`: the hook of the layer's input `x[b, n, d]`.
+    Operator `op[b, 2C, n, n]` (own taps, then shifted taps), values `[b, n, 2C]`.
+    """
+    p = f"blocks.{layer}"
+    tm = f"{p}.time_mix"
+    h = cache[f"{p}.ln1.hook_out"].double()
+    k = cache[f"{tm}.key.hook_out"].double()
+    r = torch.sigmoid(cache[f"{tm}.receptance.hook_out"].double())
+    C = k.shape[-1]
+    alpha = wkv_weights(k, att.time_decay.detach().double(), att.time_first.detach().double())
+    own = alpha * r.transpose(1, 2)[..., None]  # receiver gate σ(r_t)
+    op = torch.cat((own, _shift_left(own)), dim=1)
+    mu = att.time_mix_value.detach().double().reshape(-1)
+    W_v = _weight(att.value)
+    values = torch.cat(((h * mu) @ W_v.T, (h * (1 - mu)) @ W_v.T), dim=-1)
+    W_o = _weight(att.output)
+    if W_o.shape[1] != C or W_v.shape[0] != C:
+        raise UnsupportedModelError(
+            f"{tm}: key has {C} channels, value {W_v.shape[0]}, output reads {W_o.shape[1]}"
         )
+    out = SimpleNamespace(weight=torch.cat((W_o, W_o), dim=1), bias=None)
+    b, n = h.shape[:2]
+    return mixer_record(
+        name=tm, layer=layer, arch=arch, op=op, beta=h.new_zeros(b, n, 2 * C), values=values, out_proj=out,
+        residual=cache[x_hook], target=cache[f"{p}.hook_resid_mid"],
+    )
 
-    def build_channel(cache: Any) -> AttentionBlock:
-        """`out_t = σ(r_t) ⊙ W_v(relu(z_t)² )`, `z_t = W_k(μ ⊙ g_t) + W_k((1 − μ) ⊙ g_{t−1})`, g = ln2(m).
 
-        `relu(z)² = relu(z)·z` with `relu(z_t)` and `σ(r_t)` fixed at their real values: source j
-        reaches t = j through the own tap and t = j + 1 through the shifted tap. Two "heads" whose
-        operators are the identity and the sub-diagonal; their values are the whole transformed
-        vectors `σ(r_t) ⊙ W_v(relu(z_t) ⊙ W_k(μ' ⊙ g_j))` for that one receiver (`μ' = μ` or `1 − μ`),
-        with `W_O = I`.
-        """
-        g = cache[f"{p}.ln2.hook_out"].double()
-        gate = F.relu(cache[f"{cm}.in.hook_out"].double())  # [b, n, F]
-        r = torch.sigmoid(cache[f"{cm}.receptance.hook_out"].double())  # [b, n, d]
-        mu = ffn.time_mix_key.detach().double().reshape(-1)
-        W_k, W_v = _weight(ffn.key), _weight(ffn.value)
-        own = r * (((g * mu) @ W_k.T * gate) @ W_v.T)  # receiver t = j
-        nxt = (g * (1 - mu)) @ W_k.T  # [b, n, F], read by receiver j + 1
-        shifted = F.pad(r[:, 1:] * ((nxt[:, :-1] * gate[:, 1:]) @ W_v.T), (0, 0, 0, 1))
-        b, n, d = g.shape
-        eye = torch.eye(n, dtype=g.dtype, device=g.device)
-        pattern = torch.stack((eye, _shift_left(eye)), 0)[None].expand(b, 2, n, n)
-        x = cache[f"{p}.hook_resid_mid"]
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return AttentionBlock(
-            name=cm,
-            layer=layer,
-            pattern=pattern.to(dtype),
-            values=torch.stack((own, shifted), 2).to(dtype),
-            W_O=torch.eye(d, dtype=dtype, device=g.device)[None].expand(2, d, d),
-            b_O=None,
-            residual=x,
-            target=cache[f"{p}.hook_resid_post"],
-            architecture=arch,
-            pattern_is_distribution=False,
-            recurrent=True,
-            has_heads=False,  # the two "heads" are the token shift's taps
-        )
+def _channel_mix_record(cache: Any, ffn: Any, layer: int, arch: str) -> AttentionBlock:
+    """`out_t = σ(r_t) ⊙ W_v(relu(z_t)² )`, `z_t = W_k(μ ⊙ g_t) + W_k((1 − μ) ⊙ g_{t−1})`, g = ln2(m).
 
-    return [BlockReader(tm, time_hooks, build_time), BlockReader(cm, chan_hooks, build_channel)]
+    `relu(z)² = relu(z)·z` with `relu(z_t)` and `σ(r_t)` fixed at their real values: source j
+    reaches t = j through the own tap and t = j + 1 through the shifted tap. Two "heads" whose
+    operators are the identity and the sub-diagonal; their values are the whole transformed
+    vectors `σ(r_t) ⊙ W_v(relu(z_t) ⊙ W_k(μ' ⊙ g_j))` for that one receiver (`μ' = μ` or `1 − μ`),
+    with `W_O = I`. `ffn`: the Hugging Face channel-mixing module. Record: pattern `[b, 2, n, n]`,
+    values `[b, n, 2, d]`.
+    """
+    p = f"blocks.{layer}"
+    cm = f"{p}.channel_mix"
+    g = cache[f"{p}.ln2.hook_out"].double()
+    gate = F.relu(cache[f"{cm}.in.hook_out"].double())  # [b, n, F]
+    r = torch.sigmoid(cache[f"{cm}.receptance.hook_out"].double())  # [b, n, d]
+    mu = ffn.time_mix_key.detach().double().reshape(-1)
+    W_k, W_v = _weight(ffn.key), _weight(ffn.value)
+    own = r * (((g * mu) @ W_k.T * gate) @ W_v.T)  # receiver t = j
+    nxt = (g * (1 - mu)) @ W_k.T  # [b, n, F], read by receiver j + 1
+    shifted = F.pad(r[:, 1:] * ((nxt[:, :-1] * gate[:, 1:]) @ W_v.T), (0, 0, 0, 1))
+    b, n, d = g.shape
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    pattern = torch.stack((eye, _shift_left(eye)), 0)[None].expand(b, 2, n, n)
+    x = cache[f"{p}.hook_resid_mid"]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return AttentionBlock(
+        name=cm,
+        layer=layer,
+        pattern=pattern.to(dtype),
+        values=torch.stack((own, shifted), 2).to(dtype),
+        W_O=torch.eye(d, dtype=dtype, device=g.device)[None].expand(2, d, d),
+        b_O=None,
+        residual=x,
+        target=cache[f"{p}.hook_resid_post"],
+        architecture=arch,
+        pattern_is_distribution=False,
+        recurrent=True,
+        has_heads=False,  # the two "heads" are the token shift's taps
+    )
