@@ -146,10 +146,6 @@ class ResultFormatError(LensAltiError, ValueError):
     """A saved result cannot be read: not a lens_alti file, or written by an incompatible version."""
 
 
-class InterventionError(LensAltiError, ValueError):
-    """An intervention study (patching, ablation, ranking comparison) got inputs that do not fit together."""
-
-
 class CompletenessError(LensAltiError, ValueError):
     """The direct parts of a logit attribution did not add up to the real logit (difference)."""
 

@@ -24,16 +24,16 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_alti.analysis.ablation import kendall, spearman
-from lens_alti.errors import InterventionError
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, MissingHooksError, OutOfRangeError
 from lens_alti.reading.hooks import pattern_hook
 
 
 def _as_scores(name: str, x: Any) -> Tensor:
     t = torch.as_tensor(x).detach().double().cpu()
     if t.ndim != 2:
-        raise InterventionError(f"{name} must be a [layer, head] tensor of head scores, got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(name, f"shape {tuple(t.shape)}", "a [layer, head] tensor of head scores")
     if not torch.isfinite(t).all():
-        raise InterventionError(f"{name} holds NaN or Inf; rank correlations need a finite score for every head")
+        raise InvalidArgumentError(name, "scores with NaN or Inf", "a finite score for every head (rank correlations)")
     return t
 
 
@@ -56,7 +56,7 @@ def rank_agreement(scores: Tensor, truth: Tensor, *, ks: Sequence[int] = (10, 20
     """Spearman, Kendall and top-k overlaps between two equally shaped score tensors."""
     s, t = scores.double().flatten(), truth.double().flatten()
     if s.shape != t.shape:
-        raise InterventionError(f"a ranking of {s.numel()} heads cannot be compared with a truth of {t.numel()}")
+        raise InvalidArgumentError("truth", f"{t.numel()} heads", f"as many heads as scores ({s.numel()})")
     out = {"spearman": spearman(s, t), "kendall": kendall(s, t)}
     for k in ks:
         out[f"top{k}"] = top_k_overlap(s, t, k)
@@ -80,17 +80,19 @@ def head_ranking_table(
     import pandas as pd
 
     if not rankings or not truths:
-        raise InterventionError("head_ranking_table needs at least one ranking and one truth")
+        which, value = ("rankings", rankings) if not rankings else ("truths", truths)
+        raise InvalidArgumentError(which, value, "at least one ranking and one truth")
     truth_t = {name: _as_scores(f"truth {name!r}", x) for name, x in truths.items()}
     rank_t = {name: _as_scores(f"ranking {name!r}", x) for name, x in rankings.items()}
     shape = next(iter(truth_t.values())).shape
-    for name, t in {**truth_t, **rank_t}.items():
+    labelled = {**{f"truth {k!r}": v for k, v in truth_t.items()}, **{f"ranking {k!r}": v for k, v in rank_t.items()}}
+    for name, t in labelled.items():
         if t.shape != shape:
-            raise InterventionError(f"{name!r} has shape {tuple(t.shape)}, the others [layer, head] = {tuple(shape)}")
+            raise InvalidArgumentError(name, f"shape {tuple(t.shape)}", f"the others' [layer, head] = {tuple(shape)}")
     n_layers = shape[0]
     late = n_layers // 2 if late_from is None else int(late_from)
     if not 0 <= late < n_layers:
-        raise InterventionError(f"late_from must be a layer in [0, {n_layers}), got {late_from}")
+        raise OutOfRangeError("late_from", late_from, f"a layer in 0..{n_layers - 1}")
     rows = []
     for tname, truth in truth_t.items():
         for rname, scores in rank_t.items():
@@ -105,7 +107,9 @@ def head_ranking_table(
 def head_scores(table: Any, column: str) -> Float[Tensor, "layer head"]:
     """One column of a per-head table (columns `layer`, `head`, ...) as a `[layer, head]` tensor."""
     if column not in table.columns or "layer" not in table.columns or "head" not in table.columns:
-        raise InterventionError(f"the table needs columns 'layer', 'head' and {column!r}; it has {list(table.columns)}")
+        raise InvalidArgumentError(
+            "column", column, f"a column of a table that also has 'layer' and 'head' (it has {list(table.columns)})"
+        )
     n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
     out = torch.full((n_layers, n_heads), float("nan"), dtype=torch.float64)
     layers = torch.tensor(table["layer"].to_numpy().tolist())
@@ -120,7 +124,7 @@ def _query_index(mask: Bool[Tensor, "batch pos"], position: int) -> Int[Tensor, 
     for row in mask:
         real = torch.nonzero(row).flatten()
         if not -len(real) <= position < len(real):
-            raise InterventionError(f"position {position} is outside a prompt of {len(real)} real tokens")
+            raise OutOfRangeError("position", position, f"a position within every prompt's {len(real)} real tokens")
         idx.append(int(real[position]))
     return torch.tensor(idx)
 
@@ -140,16 +144,16 @@ def attention_head_scores(
     model = getattr(cache, "model", None)
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
     if n_layers is None:
-        raise InterventionError("attention_head_scores needs the ActivationCache of a TransformerLens model")
+        raise ArgumentTypeError("cache", cache, "the ActivationCache of a TransformerLens model")
     names = [pattern_hook(layer) for layer in range(n_layers)]
     missing = [n for n in names if n not in cache.keys()]
     if missing:
-        raise InterventionError(f"the cache lacks {missing[:3]}...: run the model with run_with_cache and no filter")
+        raise MissingHooksError(missing, "attention_head_scores reads every layer's attention pattern.")
     patterns = torch.stack([cache[n].float().cpu() for n in names], dim=1)  # [batch, layer, head, q, k]
     batch, pos = patterns.shape[0], patterns.shape[-1]
     mask = torch.ones(batch, pos, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
     if mask.shape != (batch, pos):
-        raise InterventionError(f"attention_mask {tuple(mask.shape)} does not match the cache's [{batch}, {pos}]")
+        raise InvalidArgumentError("attention_mask", f"shape {tuple(mask.shape)}", f"the cache's [{batch}, {pos}]")
     q = _query_index(mask, position)
     first = mask.float().argmax(-1)
     rows = patterns[torch.arange(batch), :, :, q]  # [batch, layer, head, key]
@@ -177,16 +181,16 @@ def reciprocal_ranks(
     """
     s = torch.as_tensor(scores).double().cpu()
     a = torch.as_tensor(answer).long().cpu()
-    if s.ndim != 2 or a.shape != (s.shape[0],):
-        raise InterventionError(
-            f"scores must be [batch, pos] and answer [batch]; got {tuple(s.shape)}, {tuple(a.shape)}"
-        )
+    if s.ndim != 2:
+        raise InvalidArgumentError("scores", f"shape {tuple(s.shape)}", "a [batch, pos] tensor")
+    if a.shape != (s.shape[0],):
+        raise InvalidArgumentError("answer", f"shape {tuple(a.shape)}", f"one position per prompt, [{s.shape[0]}]")
     cand = torch.ones_like(s, dtype=torch.bool) if candidates is None else torch.as_tensor(candidates).bool().cpu()
     if cand.shape != s.shape:
-        raise InterventionError(f"candidates {tuple(cand.shape)} must have the shape of scores {tuple(s.shape)}")
+        raise InvalidArgumentError("candidates", f"shape {tuple(cand.shape)}", f"the shape of scores, {tuple(s.shape)}")
     rows = torch.arange(s.shape[0])
     if not ((0 <= a) & (a < s.shape[1])).all() or not cand[rows, a].all():
-        raise InterventionError("each answer position must be one of the candidate positions of its prompt")
+        raise OutOfRangeError("answer", a.tolist(), "one of the candidate positions of each prompt")
     own = s[rows, a]
     at_least = ((s >= own[:, None]) & cand).sum(-1) - 1  # the other candidates scoring ≥ the answer
     return 1.0 / (1 + at_least).double()

@@ -52,9 +52,9 @@ def _replace_nth(text: str, word: str, new: str, n: int) -> str:
     """`text` with the n-th (0-based) whole-word occurrence of `word` replaced by `new`."""
     matches = list(re.finditer(rf"\b{re.escape(word)}\b", text))
     if len(matches) <= n:
-        from lens_alti.errors import InterventionError
+        from lens_alti.errors import InvalidArgumentError
 
-        raise InterventionError(f"the prompt {text!r} has no occurrence {n + 1} of the name {word!r}")
+        raise InvalidArgumentError("prompt", text, f"a text with an occurrence {n + 1} of the name {word!r}")
     m = matches[n]
     return text[: m.start()] + new + text[m.end() :]
 
@@ -74,11 +74,11 @@ def abc_corruption(prompts: list[IOIPrompt], seed: int = 0) -> list[str]:
         a, b = p.correct.strip(), p.wrong.strip()
         n_a, n_b = (len(re.findall(rf"\b{re.escape(w)}\b", p.text)) for w in (a, b))
         if (n_a, n_b) != (1, 2):
-            from lens_alti.errors import InterventionError
+            from lens_alti.errors import InvalidArgumentError
 
-            raise InterventionError(
-                f"the ABC corruption needs the IO name {a!r} once and the subject {b!r} twice in {p.text!r}; "
-                f"found {n_a} and {n_b}"
+            raise InvalidArgumentError(
+                "prompts", p.text, f"the IO name {a!r} once and the subject {b!r} twice (found {n_a} and {n_b}): "
+                "the ABC corruption replaces each mention"
             )
         c, d, e = rng.sample([n for n in NAMES if n not in (a, b)], 3)
         text = _replace_nth(p.text, a, c, 0)
@@ -94,10 +94,10 @@ def name_positions(str_tokens: list[str], prompt: IOIPrompt) -> dict[str, int]:
     io = [i for i, t in enumerate(str_tokens) if t == prompt.correct]
     s = [i for i, t in enumerate(str_tokens) if t == prompt.wrong]
     if len(io) != 1 or len(s) != 2:
-        from lens_alti.errors import InterventionError
+        from lens_alti.errors import InvalidArgumentError
 
-        raise InterventionError(
-            f"expected the IO name {prompt.correct!r} once and the subject {prompt.wrong!r} twice as whole tokens "
-            f"in {prompt.text!r}; found {len(io)} and {len(s)} (is each name a single token for this tokenizer?)"
+        raise InvalidArgumentError(
+            "str_tokens", prompt.text, f"the IO name {prompt.correct!r} once and the subject {prompt.wrong!r} twice "
+            f"as whole tokens (found {len(io)} and {len(s)}; is each name a single token for this tokenizer?)"
         )
     return {"IO": io[0], "S1": s[0], "S2": s[1]}

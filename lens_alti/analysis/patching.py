@@ -27,8 +27,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_alti.errors import InterventionError, UnsupportedModelError
+from lens_alti.api.inputs import valid_mask
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, UnsupportedModelError
 from lens_alti.reading.hooks import attention_hook
+from lens_alti.validation import check_index, check_size
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -58,19 +60,20 @@ class HeadPatchingTable:
 
 
 def _check_pair(tokens: Tensor, corrupted: Tensor, mask: Tensor | None, corrupted_mask: Tensor | None) -> None:
-    if tokens.ndim != 2 or tokens.shape != corrupted.shape:
-        raise InterventionError(
-            f"clean tokens {tuple(tokens.shape)} and corrupted tokens {tuple(corrupted.shape)} must both be "
-            "[batch, pos] with the same shape: patching swaps activations position by position, so each "
-            "corrupted prompt must tokenise to the same length as its clean prompt"
+    if tokens.ndim != 2:
+        raise InvalidArgumentError("tokens", f"shape {tuple(tokens.shape)}", "[batch, pos] token ids")
+    if tokens.shape != corrupted.shape:
+        raise InvalidArgumentError(
+            "corrupted_tokens", f"shape {tuple(corrupted.shape)}", f"the clean tokens' shape {tuple(tokens.shape)}: "
+            "patching swaps activations position by position, so each corrupted prompt must tokenise to the "
+            "same length as its clean prompt"
         )
-    if mask is not None and mask.shape != tokens.shape:
-        raise InterventionError(f"attention_mask {tuple(mask.shape)} must match tokens {tuple(tokens.shape)}")
+    valid_mask(mask, tokens.shape[0], tokens.shape[1], tokens.device, "attention_mask")
     if corrupted_mask is not None:
         clean = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
         if corrupted_mask.shape != tokens.shape or not torch.equal(corrupted_mask.bool().cpu(), clean.cpu()):
-            raise InterventionError(
-                "the corrupted prompts are padded differently from the clean ones; each corrupted prompt must "
+            raise InvalidArgumentError(
+                "corrupted_mask", "a different padding", "the clean prompts' padding: each corrupted prompt must "
                 "have exactly as many tokens as its clean prompt (use names / words that are single tokens)"
             )
 
@@ -101,8 +104,8 @@ def head_patching(
     import pandas as pd
 
     if not hasattr(model, "blocks") or not hasattr(model, "run_with_hooks"):
-        raise InterventionError(
-            "head_patching needs a TransformerLens decoder-only or encoder model (with `blocks` and `run_with_hooks`)"
+        raise ArgumentTypeError(
+            "model", model, "a TransformerLens decoder-only or encoder model (with `blocks` and `run_with_hooks`)"
         )
     tokens, corrupted_tokens = torch.as_tensor(tokens), torch.as_tensor(corrupted_tokens)
     _check_pair(tokens, corrupted_tokens, attention_mask, corrupted_mask)
@@ -123,12 +126,10 @@ def head_patching(
     clean, corrupted = metric(clean_logits).float(), metric(corrupted_logits).float()
     b = tokens.shape[0]
     n_heads = corrupted_cache[names[0]].shape[2]
-    chunk = n_heads if chunk is None else int(chunk)
-    if chunk < 1:
-        raise InterventionError(f"chunk must be a positive number of heads per pass, got {chunk}")
-    todo = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    if any(not 0 <= x < n_layers for x in todo):
-        raise InterventionError(f"layers must be in [0, {n_layers}), got {todo}")
+    chunk = n_heads if chunk is None else check_size("chunk", chunk, minimum=1)
+    todo = list(range(n_layers)) if layers is None else [
+        check_index(f"layers[{i}]", x, n_layers, what="layers") for i, x in enumerate(layers)
+    ]
     per_prompt = torch.full((n_layers, n_heads, b), float("nan"), dtype=torch.float64)
     loop: Any = todo
     if progress:

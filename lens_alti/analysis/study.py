@@ -26,7 +26,9 @@ from torch import Tensor
 
 import lens_alti
 from lens_alti.analysis import ablation, compare, patching
-from lens_alti.errors import InterventionError
+from lens_alti.api.inputs import token_ids
+from lens_alti.errors import InvalidArgumentError
+from lens_alti.validation import check_choice
 
 
 @dataclass
@@ -49,9 +51,10 @@ class HeadRankingStudy:
         import pandas as pd
 
         if ranking not in self.rankings or truth not in self.truths:
-            raise InterventionError(
-                f"unknown ranking {ranking!r} or truth {truth!r}; have {list(self.rankings)} and {list(self.truths)}"
+            which, value, have = ("ranking", ranking, self.rankings) if ranking not in self.rankings else (
+                "truth", truth, self.truths
             )
+            raise InvalidArgumentError(which, value, "one of " + ", ".join(map(repr, have)))
         r, t = self.rankings[ranking], self.truths[truth]
         n_heads = r.shape[1]
         rank_of = torch.empty(r.numel(), dtype=torch.long)
@@ -71,10 +74,9 @@ class HeadRankingStudy:
 
 
 def _ids(model: Any, ids: Sequence[int] | Tensor | Sequence[str], n: int, what: str) -> Tensor:
-    out = torch.tensor([model.to_single_token(t) if isinstance(t, str) else int(t) for t in ids])
-    if out.shape != (n,):
-        raise InterventionError(f"{what} needs one token per prompt ({n}), got {out.numel()}")
-    return out
+    if isinstance(ids, (str, int)) or len(ids) != n:
+        raise InvalidArgumentError(what, ids, f"one token id or one-token string per prompt ({n})")
+    return token_ids(model, ids, n, what, int(model.cfg.d_vocab)).cpu()
 
 
 def head_ranking_study(
@@ -104,10 +106,9 @@ def head_ranking_study(
     """
     tokens = torch.as_tensor(tokens)
     if tokens.ndim != 2:
-        raise InterventionError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-    unknown = set(routes) - {"logit", "proximity"}
-    if unknown:
-        raise InterventionError(f"routes weightings are 'logit' and 'proximity', got {sorted(unknown)}")
+        raise InvalidArgumentError("tokens", f"shape {tuple(tokens.shape)}", "[batch, pos] token ids")
+    for i, weighting in enumerate(routes):
+        check_choice(f"routes[{i}]", weighting, ("logit", "proximity"))
     b = tokens.shape[0]
     c, w = _ids(model, correct, b, "correct"), _ids(model, wrong, b, "wrong")
     metric = ablation.logit_diff(c, w)
@@ -117,7 +118,7 @@ def head_ranking_study(
     if result is None:
         result = lens_alti.attribute(cache, heads=True, tokens=tokens, attention_mask=attention_mask)
     elif result.head_outputs is None or result.head_outputs.shape[0] != tokens.shape[0]:
-        raise InterventionError("result must be attribute(cache, heads=True) of these same prompts")
+        raise InvalidArgumentError("result", result, "attribute(cache, heads=True) of these same prompts")
     labels = result.str_tokens  # label with the model's own token strings, as `attribute` does
     attr = lens_alti.logit_attribution(cache, c, w, attention_mask=attention_mask, tokens=labels)
     rankings: dict[str, Tensor] = {
@@ -159,7 +160,9 @@ def head_ranking_study(
         )
         truths["|patching|"] = patched.effects("abs_effect")
     if not truths:
-        raise InterventionError("nothing to compare with: give ablations=('zero', ...) or corrupted_tokens")
+        raise InvalidArgumentError(
+            "ablations", ablations, "at least one ablation ('zero', 'mean') or corrupted_tokens (nothing to compare)"
+        )
     table = compare.head_ranking_table(rankings, truths, ks=ks)
     return HeadRankingStudy(
         rankings, truths, table, attr, result, float(metric(logits).mean()), done, patched, built

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lens_alti.analysis import compare
-from lens_alti.errors import InterventionError
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, MissingHooksError, OutOfRangeError
+from tests.support.errors import raises_exactly
 
 
 def _kendall_by_pairs(x: list[float], y: list[float]) -> float:
@@ -89,8 +90,7 @@ def test_head_scores_from_a_table():
     frame = pd.DataFrame({"layer": [1, 0, 1, 0], "head": [0, 1, 1, 0], "abs_effect": [3.0, 2.0, 4.0, 1.0]})
     expected = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     torch.testing.assert_close(compare.head_scores(frame, "abs_effect"), expected)
-    with pytest.raises(InterventionError, match="columns"):
-        compare.head_scores(frame, "effect")
+    raises_exactly(InvalidArgumentError, "column='effect'", compare.head_scores, frame, "effect")
 
 
 def test_reciprocal_ranks_hand_cases():
@@ -102,10 +102,12 @@ def test_reciprocal_ranks_hand_cases():
     torch.testing.assert_close(
         compare.reciprocal_ranks(scores, [1, 2, 3], candidates=cand), torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
     )
-    with pytest.raises(InterventionError, match="candidate"):
-        compare.reciprocal_ranks(scores, [0, 0, 0], candidates=cand)
-    with pytest.raises(InterventionError, match=r"answer \[batch\]"):
-        compare.reciprocal_ranks(scores, [0, 1])
+    err = raises_exactly(OutOfRangeError, "answer=", compare.reciprocal_ranks, scores, [0, 0, 0], candidates=cand)
+    assert "candidate" in str(err)
+    raises_exactly(InvalidArgumentError, "answer=", compare.reciprocal_ranks, scores, [0, 1])
+    raises_exactly(InvalidArgumentError, "scores=", compare.reciprocal_ranks, scores[0], [0])
+    rr = compare.reciprocal_ranks
+    raises_exactly(InvalidArgumentError, "candidates=", rr, scores, [1, 2, 3], candidates=cand[:2])
 
 
 def test_attention_head_scores_read_the_patterns():
@@ -123,23 +125,24 @@ def test_attention_head_scores_read_the_patterns():
         mx = [float(pat[0, head, 5, 1:].max()), float(pat[1, head, 5, 3:].max())]
         assert float(got["attention off the first token"][layer, head]) == pytest.approx(sum(off) / 2, abs=1e-6)
         assert float(got["max attention (not first)"][layer, head]) == pytest.approx(sum(mx) / 2, abs=1e-6)
-    with pytest.raises(InterventionError, match="position 6"):
-        compare.attention_head_scores(cache, attention_mask=mask, position=6)
-    with pytest.raises(InterventionError, match="ActivationCache"):
-        compare.attention_head_scores(object())
+    raises_exactly(OutOfRangeError, "position=6", compare.attention_head_scores, cache, attention_mask=mask, position=6)
+    raises_exactly(ArgumentTypeError, "cache=", compare.attention_head_scores, object())
+    scores_of = compare.attention_head_scores
+    raises_exactly(InvalidArgumentError, "attention_mask", scores_of, cache, attention_mask=mask[:1])
+    _, partial = model.run_with_cache(tokens, names_filter=lambda n: "blocks.0." in n)
+    with pytest.raises(MissingHooksError, match="blocks.1.attn.hook_pattern"):
+        compare.attention_head_scores(partial)
 
 
 def test_comparison_errors():
     t = torch.ones(2, 3)
-    with pytest.raises(InterventionError, match=r"\[layer, head\]"):
-        compare.head_ranking_table({"r": torch.ones(6)}, {"t": t})
-    with pytest.raises(InterventionError, match="NaN"):
-        compare.head_ranking_table({"r": torch.full((2, 3), float("nan"))}, {"t": t})
-    with pytest.raises(InterventionError, match="shape"):
-        compare.head_ranking_table({"r": torch.ones(3, 3)}, {"t": t})
-    with pytest.raises(InterventionError, match="at least one"):
-        compare.head_ranking_table({}, {"t": t})
-    with pytest.raises(InterventionError, match="late_from"):
-        compare.head_ranking_table({"r": t}, {"t": t}, late_from=2)
-    with pytest.raises(InterventionError, match="cannot be compared"):
-        compare.rank_agreement(torch.ones(4), torch.ones(5))
+    table = compare.head_ranking_table
+    err = raises_exactly(InvalidArgumentError, "ranking 'r'=", table, {"r": torch.ones(6)}, {"t": t})
+    assert "[layer, head]" in str(err)
+    err = raises_exactly(InvalidArgumentError, "ranking 'r'=", table, {"r": torch.full((2, 3), float("nan"))}, {"t": t})
+    assert "NaN" in str(err)
+    raises_exactly(InvalidArgumentError, "'r'=", table, {"r": torch.ones(3, 3)}, {"t": t})
+    raises_exactly(InvalidArgumentError, "rankings=", table, {}, {"t": t})
+    raises_exactly(InvalidArgumentError, "truths=", table, {"r": t}, {})
+    raises_exactly(OutOfRangeError, "late_from=2", table, {"r": t}, {"t": t}, late_from=2)
+    raises_exactly(InvalidArgumentError, "truth=", compare.rank_agreement, torch.ones(4), torch.ones(5))

@@ -7,7 +7,8 @@ import torch
 
 from lens_alti.analysis import ablation, patching
 from lens_alti.analysis.ioi import IOIPrompt, abc_corruption, ioi_prompts, name_positions
-from lens_alti.errors import InterventionError, LensAltiError
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, OutOfRangeError
+from tests.support.errors import raises_exactly
 from tests.support.models import build_bridge
 
 GEN = torch.Generator().manual_seed(5)
@@ -75,20 +76,18 @@ def test_patching_identical_prompts_changes_nothing(model):
 
 def test_patching_errors(model):
     metric = ablation.logprob([5, 6, 7])
-    with pytest.raises(InterventionError, match="same shape"):
-        patching.head_patching(model, CLEAN, CORRUPT[:, :5], metric)
-    with pytest.raises(InterventionError, match="padded differently"):
-        bad = torch.ones_like(CLEAN)
-        bad[1, 0] = 0
-        patching.head_patching(model, CLEAN, CORRUPT, metric, corrupted_mask=bad)
-    with pytest.raises(InterventionError, match="attention_mask"):
-        patching.head_patching(model, CLEAN, CORRUPT, metric, attention_mask=torch.ones(3, 5))
-    with pytest.raises(InterventionError, match="layers must be"):
-        patching.head_patching(model, CLEAN, CORRUPT, metric, layers=[2])
-    with pytest.raises(InterventionError, match="chunk"):
-        patching.head_patching(model, CLEAN, CORRUPT, metric, chunk=0)
-    with pytest.raises(LensAltiError, match="TransformerLens"):
-        patching.head_patching(object(), CLEAN, CORRUPT, metric)
+    hp = patching.head_patching
+    assert "same length" in str(raises_exactly(InvalidArgumentError, "corrupted_tokens=", hp, model, CLEAN,
+                                               CORRUPT[:, :5], metric))
+    raises_exactly(InvalidArgumentError, "tokens=", hp, model, CLEAN[0], CORRUPT[0], metric)
+    bad = torch.ones_like(CLEAN)
+    bad[1, 0] = 0
+    raises_exactly(InvalidArgumentError, "corrupted_mask=", hp, model, CLEAN, CORRUPT, metric, corrupted_mask=bad)
+    raises_exactly(InvalidArgumentError, "attention_mask", hp, model, CLEAN, CORRUPT, metric,
+                   attention_mask=torch.ones(3, 5))
+    raises_exactly(OutOfRangeError, "layers[0]=2", hp, model, CLEAN, CORRUPT, metric, layers=[2])
+    raises_exactly(InvalidArgumentError, "chunk=0", hp, model, CLEAN, CORRUPT, metric, chunk=0)
+    raises_exactly(ArgumentTypeError, "model=", hp, object(), CLEAN, CORRUPT, metric)
 
 
 def test_abc_corruption_replaces_the_three_names():
@@ -103,7 +102,7 @@ def test_abc_corruption_replaces_the_three_names():
         assert [x for x, _ in changed] == [a, b, b], "exactly the IO name and both subject mentions change"
         replacements = [y for _, y in changed]
         assert len(set(replacements)) == 3 and not {a, b} & set(replacements)
-    with pytest.raises(InterventionError, match="found 2 and 1"):
+    with pytest.raises(InvalidArgumentError, match="found 2 and 1"):
         abc_corruption([IOIPrompt("When Mary and John left, Mary gave a book to", " Mary", " John")])
 
 
@@ -111,5 +110,5 @@ def test_name_positions():
     p = IOIPrompt("When Mary and John went, John gave it to", " Mary", " John")
     toks = ["<s>", "When", " Mary", " and", " John", " went", ",", " John", " gave", " it", " to"]
     assert name_positions(toks, p) == {"IO": 2, "S1": 4, "S2": 7}
-    with pytest.raises(InterventionError, match="single token"):
+    with pytest.raises(InvalidArgumentError, match="single token"):
         name_positions(["<s>", " Ma", "ry"], p)

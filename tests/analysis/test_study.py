@@ -8,7 +8,8 @@ import torch
 import lens_alti
 from lens_alti.analysis import ablation, compare, patching
 from lens_alti.analysis.study import head_ranking_study
-from lens_alti.errors import InterventionError
+from lens_alti.errors import InvalidArgumentError, OutOfRangeError
+from tests.support.errors import raises_exactly
 from tests.support.models import build_bridge
 
 GEN = torch.Generator().manual_seed(8)
@@ -74,16 +75,14 @@ def test_misses_lists_the_truth_top_k_with_their_ranks(study):
     for row in m.itertuples(index=False):
         layer, head = (int(x) for x in row.head[1:].split("H"))
         assert row._2 == 1 + int((r > r[layer * 4 + head]).sum())
-    with pytest.raises(InterventionError, match="unknown ranking"):
-        study.misses("nope", "|patching|")
+    raises_exactly(InvalidArgumentError, "ranking='nope'", study.misses, "nope", "|patching|")
+    raises_exactly(InvalidArgumentError, "truth='nope'", study.misses, "|ALTI-Logit head total|", "nope")
 
 
 def test_study_errors(model):
-    with pytest.raises(InterventionError, match="weightings"):
-        head_ranking_study(model, TOKENS, CORRECT, WRONG, routes=("exact",))
-    with pytest.raises(InterventionError, match="nothing to compare"):
-        head_ranking_study(model, TOKENS, CORRECT, WRONG, ablations=(), routes=())
-    with pytest.raises(InterventionError, match="one token per prompt"):
-        head_ranking_study(model, TOKENS, CORRECT[:2], WRONG, routes=())
-    with pytest.raises(InterventionError, match=r"\[batch, pos\]"):
-        head_ranking_study(model, TOKENS[0], CORRECT, WRONG, routes=())
+    hrs = head_ranking_study
+    raises_exactly(InvalidArgumentError, "routes[0]='exact'", hrs, model, TOKENS, CORRECT, WRONG, routes=("exact",))
+    raises_exactly(InvalidArgumentError, "ablations=()", hrs, model, TOKENS, CORRECT, WRONG, ablations=(), routes=())
+    raises_exactly(InvalidArgumentError, "correct=", hrs, model, TOKENS, CORRECT[:2], WRONG, routes=())
+    raises_exactly(OutOfRangeError, "wrong=", hrs, model, TOKENS, CORRECT, [10**6] * len(CORRECT), routes=())
+    raises_exactly(InvalidArgumentError, "tokens=", hrs, model, TOKENS[0], CORRECT, WRONG, routes=())

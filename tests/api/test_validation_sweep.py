@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 import lens_alti
 from lens_alti import errors
 from lens_alti.alti import memory
-from lens_alti.analysis import ablation, alignment
+from lens_alti.analysis import ablation, alignment, compare, patching
 from lens_alti.analysis.batching import left_padded
+from lens_alti.analysis.ioi import IOIPrompt, abc_corruption
+from lens_alti.analysis.study import head_ranking_study
 from lens_alti.errors import (
     ArgumentTypeError,
     ContextLengthError,
@@ -470,6 +472,42 @@ def test_token_deletion_arguments(gpt2):
     raises_exactly(InvalidArgumentError, "targets=", ablation.token_deletion, gpt2, [TOKENS[0]], targets=[1, 2])
     raises_exactly(OutOfRangeError, "baseline_token=", ablation.token_deletion, gpt2, [TOKENS[0]], baseline_token=10**6)
     raises_exactly(InvalidArgumentError, "ks=", ablation.token_deletion, gpt2, [TOKENS[0]], ks=(50,))
+
+
+@SWEEP
+@given(layer=st.integers(-4, 4), chunk=st.one_of(st.integers(-2, 5), st.none()))
+def test_head_patching_layers_and_chunk_sweep(gpt2, layer, chunk):
+    """Layers index the model's 2 layers (negatives from the end); chunk is a positive count of heads."""
+    metric = ablation.logprob([5, 6])
+    run = lambda: patching.head_patching(gpt2, TOKENS, TOKENS.flip(-1), metric, layers=[layer], chunk=chunk)  # noqa: E731
+    if chunk is not None and chunk < 1:
+        raises_exactly(InvalidArgumentError, f"chunk={chunk}", run)
+    elif not -2 <= layer < 2:
+        raises_exactly(OutOfRangeError, f"layers[0]={layer}", run)
+    else:
+        table = run()
+        assert table.per_prompt[layer % 2].isfinite().all() and table.per_prompt[1 - layer % 2].isnan().all()
+
+
+@SWEEP
+@given(answer=st.integers(-3, 6))
+def test_reciprocal_ranks_answer_sweep(answer):
+    scores = torch.tensor([[0.1, 0.5, 0.2, 0.4]])
+    if 0 <= answer < 4:
+        expected = 1.0 / (1 + int((scores[0] > scores[0, answer]).sum()))
+        assert float(compare.reciprocal_ranks(scores, [answer])[0]) == pytest.approx(expected)
+        return
+    raises_exactly(OutOfRangeError, "answer=", compare.reciprocal_ranks, scores, [answer])
+
+
+def test_study_and_comparison_arguments(gpt2):
+    raises_exactly(InvalidArgumentError, "routes[0]='both'", head_ranking_study, gpt2, TOKENS, [5, 5], [6, 6],
+                   routes=("both",))
+    raises_exactly(InvalidArgumentError, "correct=", head_ranking_study, gpt2, TOKENS, [5], [6, 6], routes=())
+    raises_exactly(OutOfRangeError, "late_from=-1", compare.head_ranking_table, {"r": torch.ones(2, 4)},
+                   {"t": torch.ones(2, 4)}, late_from=-1)
+    raises_exactly(InvalidArgumentError, "prompts=", abc_corruption,
+                   [IOIPrompt("When Mary and John left, Mary gave a book to", " Mary", " John")])
 
 
 # ------------------------------------------------------------------ memory
