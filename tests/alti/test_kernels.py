@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -340,3 +345,111 @@ def test_native_backend_passes_unsupported_tensors_to_eager():
     want = kernels.get_kernel("l1+heads", "native")(y, s, a, vo)  # half: eager kernels, half precision
     assert want[0].dtype == torch.float16
     torch.testing.assert_close(want[0].float(), got[0], rtol=1e-2, atol=1e-2)
+
+
+def test_compile_cache_dir_reads_the_environment_without_writing_it(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    before = dict(os.environ)
+    assert kernels.compile_cache_dir() == str(tmp_path / "torchinductor")
+    assert dict(os.environ) == before
+    # torch writes its default there itself on first use (importing dynamo): not the user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+    assert kernels.compile_cache_dir() == str(tmp_path / "torchinductor")
+
+
+def _fake_compiled(seen, *, fail=False):
+    """Stands in for a torch.compile'd kernel: records the cache folder it sees and, like torch while
+    compiling, sets environment variables of its own."""
+
+    def run(*args):
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = "1234"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = "/somewhere/else"
+        if fail:
+            raise RuntimeError("no C++ compiler found")
+        return kernels.EAGER["l1"](*args)
+
+    return run
+
+
+@pytest.mark.parametrize("user_dir", [None, "torch's default", "mine"])
+def test_compiled_kernel_uses_lens_alti_cache_only_while_it_runs(monkeypatch, tmp_path, user_dir):
+    """lens_alti's cache folder while its compiled kernel runs (unless the user set one); afterwards the
+    environment is exactly as before, the variables torch sets while compiling included."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    if user_dir is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    elif user_dir == "torch's default":
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / user_dir))
+    monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", raising=False)
+    monkeypatch.setattr(kernels, "_compile_failed", None)
+    seen: list[str | None] = []
+    fn = kernels._with_fallback("l1", _fake_compiled(seen))
+    before = dict(os.environ)
+    args = _tile(2, 3, 4, 5)
+    torch.testing.assert_close(fn(*args), kernels.EAGER["l1"](*args))
+    assert seen == [str(tmp_path / (user_dir if user_dir == "mine" else "torchinductor"))]
+    assert dict(os.environ) == before
+
+
+def test_failed_compiled_kernel_also_restores_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", raising=False)
+    monkeypatch.setattr(kernels, "_compile_failed", None)
+    seen: list[str | None] = []
+    fn = kernels._with_fallback("l1", _fake_compiled(seen, fail=True))
+    before = dict(os.environ)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        fn(*_tile(2, 3, 4, 5))
+    assert dict(os.environ) == before and not kernels.compile_available()
+
+
+_COMPILED_ENV = """
+import json, os
+import torch
+import lens_alti
+from lens_alti.alti import kernels
+from tests.support.models import build_bridge
+
+hf, bridge = build_bridge("llama", seed=5)  # importing transformers' models sets TORCHINDUCTOR_CACHE_DIR (torch)
+_, cache = bridge.run_with_cache(torch.randint(4, 1000, (1, 9), generator=torch.Generator().manual_seed(0)))
+env = dict(os.environ)
+lens_alti.attribute(cache, backend="compiled")
+from torch._inductor.codecache import CacheBase
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+print(json.dumps({
+    "compiled": kernels.compile_available() and kernels.is_warm("l1", torch.float32, "cpu"),
+    "changed": sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)),
+    "ours": sorted(os.listdir(os.path.join(os.environ["LENS_ALTI_CACHE"], "torchinductor"))),
+    "local_cache_is_default": str(CacheBase.get_local_cache_path()).startswith(default_cache_dir()),
+}))
+"""
+
+
+def test_compiled_backend_leaves_the_environment_unchanged(tmp_path):
+    """A real torch.compile in a fresh process (empty caches, no TORCHINDUCTOR_CACHE_DIR): artefacts go to
+    lens_alti's cache, os.environ is identical afterwards, and the user's later compiles get torch's default."""
+    if not kernels.compile_available():
+        pytest.skip("torch.compile disabled")
+    from tests.support import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(LENS_ALTI_CACHE=str(tmp_path), LENS_ALTI_NO_NATIVE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILED_ENV], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not got["compiled"]:
+        pytest.skip("torch.compile failed on this machine")
+    assert got["changed"] == []
+    assert got["ours"], "torch.compile's artefacts went to lens_alti's cache folder"
+    assert got["local_cache_is_default"]
