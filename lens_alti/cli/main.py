@@ -1,4 +1,4 @@
-"""The `lens-alti` command: `lens-alti demo`, `lens-alti explain TEXT`."""
+"""The `lens-alti` command: `lens-alti demo`, `lens-alti explain TEXT`, `lens-alti build-kernels`."""
 
 from __future__ import annotations
 
@@ -361,6 +361,16 @@ def run(args: argparse.Namespace) -> None:
         )
 
 
+def build_kernels(args: argparse.Namespace) -> None:
+    """`lens-alti build-kernels`: build the native CPU kernels now (else the first call that needs them does)."""
+    from lens_alti.alti import native
+
+    start = time.perf_counter()
+    path, built = native.build()
+    what = f"built in {time.perf_counter() - start:.1f} s" if built else "already built"
+    print(f"native CPU kernels {what}: {path}")
+
+
 def _add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     r = sub.add_parser(
         "run", parents=[common], help="attribute a whole corpus into shards (resumable; works under torchrun)"
@@ -412,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("--out", help="write a self-contained HTML report here")
     _add_run_parser(sub, common)
+    sub.add_parser(
+        "build-kernels", parents=[common],
+        help="build the native CPU kernels now (~2 s, once per machine; else the first call that needs them does)",
+    )  # fmt: skip
     try:
         args = parser.parse_args(argv)
         if args.command == "explain":
@@ -426,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        {"demo": demo, "explain": explain, "run": run}[args.command](args)
+        {"demo": demo, "explain": explain, "run": run, "build-kernels": build_kernels}[args.command](args)
     except Exception as exc:  # every error: one line on stderr, exit code 2 (--debug: the traceback)
         if args.debug:
             traceback.print_exc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -453,3 +454,117 @@ def test_compiled_backend_leaves_the_environment_unchanged(tmp_path):
     assert got["changed"] == []
     assert got["ours"], "torch.compile's artefacts went to lens_alti's cache folder"
     assert got["local_cache_is_default"]
+
+
+# --------------------------------------------------------------------------- native build on first use
+
+
+@pytest.fixture
+def unbuilt(monkeypatch, tmp_path):
+    """An empty lens_alti cache folder and a process that has not loaded, failed or announced a build."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.delenv("LENS_ALTI_NO_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native, "_announced", False)
+    return tmp_path
+
+
+def test_first_use_build_says_so_once_per_process(unbuilt, monkeypatch, tmp_path_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="lens_alti.alti.native")
+    assert not native.ready_on_disk()
+    assert native.available() and native.ready_on_disk()
+    path = native.library_path(native._compiler())
+    assert [r.getMessage() for r in caplog.records] == [native.BUILD_MESSAGE % path]
+    assert "building the native CPU kernels" in caplog.text
+    # built again elsewhere in the same process (another empty cache): the line is not repeated
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path_factory.mktemp("other")))
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.available() and native.ready_on_disk()
+    assert len(caplog.records) == 1
+    # loading a library built before says nothing
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_announced", False)
+    assert native.available() and len(caplog.records) == 1
+
+
+def test_build_reports_an_existing_build(unbuilt):
+    path, built = native.build()
+    assert built and path.is_file() and path.parent == unbuilt / "kernels" and native.loaded()
+    assert native.build() == (path, False)
+
+
+def test_build_errors(unbuilt, monkeypatch, tmp_path):
+    monkeypatch.setenv("LENS_ALTI_NO_NATIVE", "1")
+    with pytest.raises(RuntimeError, match="LENS_ALTI_NO_NATIVE is set"):
+        native.build()
+    monkeypatch.delenv("LENS_ALTI_NO_NATIVE")
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native.build()
+    monkeypatch.undo()
+    bad = tmp_path / "_native.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    with pytest.raises(RuntimeError, match="could not be built: RuntimeError: .* failed"):
+        native.build()
+    monkeypatch.setattr(native, "SOURCE", native.SOURCE.__class__(native.__file__).with_name("_native.c"))
+    monkeypatch.setattr(native, "library", lambda: None)  # built, but it does not load
+    monkeypatch.setattr(native, "_failed", "OSError: cannot open shared object file")
+    with pytest.raises(RuntimeError, match="could not be loaded: OSError"):
+        native.build()
+
+
+# --------------------------------------------------------------------------- auto while native is not built
+
+
+@pytest.fixture
+def native_unbuilt(monkeypatch):
+    """A C compiler, nothing built yet, no compiled kernels; `available()` records the builds it would do."""
+    builds = []
+    monkeypatch.setattr(native, "possible", lambda: True)
+    monkeypatch.setattr(native, "loaded", lambda: False)
+    monkeypatch.setattr(native, "ready_on_disk", lambda: False)
+    monkeypatch.setattr(native, "available", lambda: builds.append(1) or True)
+    monkeypatch.setattr(kernels, "compile_available", lambda: False)
+    monkeypatch.setattr(backend_mod, "_native_saved_s", 0.0)
+    return builds
+
+
+def test_auto_counts_the_native_build_as_start_up(native_unbuilt, monkeypatch):
+    work = _work(10**9)
+    steady = backend_mod.estimate("native", work, include_start=False)
+    assert backend_mod.estimate("native", work) == pytest.approx(steady + backend_mod.NATIVE_BUILD_S)
+    monkeypatch.setattr(native, "ready_on_disk", lambda: True)  # built by an earlier process: loads in ms
+    assert backend_mod.estimate("native", work) == steady
+
+
+def test_auto_builds_native_when_the_call_pays_for_it(native_unbuilt):
+    small = backend_mod.decide(_work(10**6))
+    assert small.backend == "eager" and small.estimates["native"] > small.estimates["eager"]
+    assert native_unbuilt == []  # nothing built for a call that eager finishes sooner
+    large = backend_mod.decide(_work(10**12))
+    assert large.backend == "native" and "built now" in large.reason
+    assert native_unbuilt == [1]
+
+
+def test_auto_builds_native_after_enough_eager_calls(native_unbuilt):
+    work = _work(10**8)
+    lost = backend_mod.estimate("eager", work) - backend_mod.estimate("native", work, include_start=False)
+    assert lost > 0 and backend_mod.estimate("eager", work) < backend_mod.estimate("native", work)
+    choices = [backend_mod.decide(work).backend for _ in range(int(backend_mod.NATIVE_BUILD_S / lost) + 2)]
+    assert choices[0] == "eager" and "native" in choices and native_unbuilt == [1]
+    assert backend_mod.NATIVE_BUILD_S / lost - 1 <= choices.index("native") <= backend_mod.NATIVE_BUILD_S / lost
+
+
+def test_auto_falls_back_when_the_native_build_fails(native_unbuilt, monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert backend_mod.decide(_work(10**12)).backend == "eager"  # no compile either (fixture)
+    monkeypatch.setattr(kernels, "compile_available", lambda: True)
+    monkeypatch.setattr(kernels, "is_warm", lambda *a: False)
+    assert backend_mod.decide(_work(10**13)).backend == "compiled"
