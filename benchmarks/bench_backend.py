@@ -200,14 +200,15 @@ FIRST_CALL = textwrap.dedent(
 
 def first_calls(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Fresh processes against a temporary lens_alti cache folder: cold, then warm."""
-    from lens_alti.models.pretrained import _SMOLLM2_CACHE_FOLDER, _cache_root
+    from lens_alti.models.pretrained import _SMOLLM2_CACHE_FOLDER
+    from lens_alti.paths import cache_root
 
     out = []
     for backend in ("auto", "compiled"):
         root = tempfile.mkdtemp(prefix="lens_alti_bench_cache_")
         try:
             # the converted weights are shared (they are not what is measured); kernels start cold
-            os.symlink(_cache_root() / _SMOLLM2_CACHE_FOLDER, os.path.join(root, _SMOLLM2_CACHE_FOLDER))
+            os.symlink(cache_root() / _SMOLLM2_CACHE_FOLDER, os.path.join(root, _SMOLLM2_CACHE_FOLDER))
             env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
             env.update(LENS_ALTI_CACHE=root, PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
             for state in ("cold", "warm"):

@@ -3,8 +3,9 @@
 Backends (all give the same numbers to float rounding, tests/test_kernels.py):
 
 - "native": the C kernels of `lens_alti.alti.native` (CPU, float32/float64). No JIT: the
-  library is built once per machine (~2 s with gcc, started in a background thread when
-  lens_alti is imported and the cache is cold) and loaded in milliseconds afterwards.
+  library is built once per machine (~2 s with gcc, by the first call that uses it or by
+  `lens-alti build-kernels`; importing lens_alti builds nothing) and loaded in milliseconds
+  afterwards.
 - "compiled": torch.compile'd kernels (Triton on CUDA, C++ on CPU). Compiling costs
   seconds once per process and dtype (less when the persistent cache is warm).
 - "eager": batched matmuls; no start-up cost, slow for per-head work.
@@ -32,18 +33,21 @@ n = 113 and n = 512:
     eager     tokens           0.101    0.616     3.279     -          6.0e8     3.4 ms
     (W = 1.9e7, 1.0e9, 5.1e9, 2.0e10; the kernel alone runs at ~1.7e10 per CPU-second)
 
-`start` is 0 for eager; for native 0 once loaded, else the remaining build time
-(`NATIVE_BUILD_S`, gcc on this source); for compiled 0 once the kernel ran for this
+`start` is 0 for eager; for native 0 once built on this machine (loading takes milliseconds),
+else the build (`NATIVE_BUILD_S`, gcc on this source); for compiled 0 once the kernel ran for this
 dtype and device in this process, else `COMPILE_WARM_S` / `COMPILE_COLD_S` depending on
 whether the persistent compile cache holds artefacts (first compiled call in a fresh
 process on an idle machine: 3.8 s cold, 3.6 s warm, including a 0.3 s call). Auto picks:
 
-1. CPU, native loaded or loadable: "native", unless compiled kernels are already warm in
-   this process and t(compiled) < t(native). With the rates above that never happens
+1. CPU, native built (loaded, or on disk): "native", unless compiled kernels are already warm
+   in this process and t(compiled) < t(native). With the rates above that never happens
    (native's rate and overhead are both better, so there is no crossover: native is the
    fastest backend from n = 15 to 512, per head and tokens); the rule is there so that
-   re-measured constants decide. While native's first build is still running, "eager" for
-   calls whose eager estimate is below the remaining build time, else it waits for the build.
+   re-measured constants decide.
+   CPU, a C compiler but native not built yet: build it now (the call waits ~2 s, once per
+   machine) and run "native" when t(native) including the build ≤ t(eager), or once the time
+   eager calls in this process would have saved with native kernels reaches the build time
+   (the same ski rental as compiling below); else "eager". Where the build fails, rule 2.
 2. Otherwise (CUDA, no C compiler, LENS_ALTI_NO_NATIVE): "compiled" when
    t(compiled) ≤ t(eager), or once the time eager calls in this process would have saved
    with compiled kernels reaches the compile cost (ski rental: a process that makes many
@@ -97,6 +101,7 @@ COMPILE_WARM_S = 3.3
 NATIVE_BUILD_S = 2.0
 
 _saved_s = 0.0  # what compiled kernels would have saved over this process's eager calls so far
+_native_saved_s = 0.0  # what native kernels would have saved over eager calls while not built yet
 _lock = threading.Lock()
 
 
@@ -152,14 +157,14 @@ def estimate(backend: str, work: Work, include_start: bool = True) -> float:
     start = 0.0
     if include_start and backend == "compiled":
         start = _compile_start_s(work)
-    elif include_start and backend == "native" and not native.loaded():
-        start = native.remaining_build_s(NATIVE_BUILD_S)
+    elif include_start and backend == "native" and not native.loaded() and not native.ready_on_disk():
+        start = NATIVE_BUILD_S
     return steady + start
 
 
 def decide(work: Work) -> Decision:
     """The backend for `work` (the rules of the module docstring); records eager calls' lost time."""
-    global _saved_s
+    global _saved_s, _native_saved_s
     cpu_native = work.device.type == "cpu" and work.dtype in (torch.float32, torch.float64) and native.possible()
     if cpu_native:
         eager = estimate("eager", work)
@@ -169,12 +174,20 @@ def decide(work: Work) -> Decision:
                 est["compiled"] = estimate("compiled", work)
                 if est["compiled"] < est["native"]:
                     return Decision("compiled", est, "compiled kernels warm and estimated faster")
-            return Decision("native", est, "native kernels loaded")
-        wait = native.remaining_build_s(NATIVE_BUILD_S)
-        if eager < wait:
-            return Decision("eager", {"native": wait, "eager": eager}, "native build still running; eager is sooner")
-        if native.available():  # waits for the build
-            return Decision("native", {"native": estimate("native", work), "eager": eager}, "native kernels built")
+            return Decision("native", est, "native kernels built")
+        est = {"native": estimate("native", work), "eager": eager}  # native: the build included
+        lost = eager - estimate("native", work, include_start=False)
+        with _lock:
+            if est["native"] <= eager:
+                reason = "native kernels built now (once per machine): faster including the build"
+            elif _native_saved_s + lost >= NATIVE_BUILD_S:
+                reason = "native kernels built now (once per machine): eager calls so far would have paid for it"
+            else:
+                _native_saved_s += max(lost, 0.0)
+                return Decision("eager", est, "building the native kernels would cost more than it saves")
+            _native_saved_s = 0.0
+        if native.available():  # builds the library (one line on the log says so)
+            return Decision("native", est, reason)
     if not kernels.compile_available():
         return Decision("eager", {"eager": estimate("eager", work)}, "torch.compile unavailable")
     eager, compiled = estimate("eager", work), estimate("compiled", work)
@@ -230,6 +243,3 @@ def block_backend(backend: str, tv: Any, heads: bool) -> str:
     pairs = q * (q + 1) // 2 if tv.causal and q == k else q * k
     work = Work(b * h * pairs * tv.vo.shape[-1], b, heads, tv.weights.device, tv.weights.dtype)
     return decide(work).backend
-
-
-native.build_in_background()

@@ -10,9 +10,15 @@ On CPU, `get_kernel(name, "native")` returns the C kernels of `lens_alti.alti.na
 (no JIT), falling back to these where they cannot be built.
 
 Compiled kernels are compiled once per kernel and dtype with dynamic shapes; their
-artefacts go to a persistent cache under lens_alti's cache folder (`$LENS_ALTI_CACHE`,
-else `$XDG_CACHE_HOME/lens_alti`, `torchinductor/`) unless TORCHINDUCTOR_CACHE_DIR is set,
-so a new process reuses them instead of recompiling (see `lens_alti.alti.backend`).
+artefacts go to a persistent cache, `lens_alti.paths.torchinductor_dir()` (`torchinductor/`
+in lens_alti's cache folder), unless the user set TORCHINDUCTOR_CACHE_DIR (to anything but
+torch's default, which torch writes there itself on first use), so a new process reuses
+them instead of recompiling (see `lens_alti.alti.backend`). torch.compile reads its cache folder
+only from that environment variable (torch 2.13 has no config option for it), so lens_alti sets
+it only while its own compiled kernels run and restores the environment afterwards (torch also
+sets variables of its own while compiling, which are undone too): the user's own torch.compile
+calls keep their cache, and `os.environ` is the same after every lens_alti call as before it.
+(Another thread reading the environment during such a call sees lens_alti's value.)
 
 The diagonal residual term of self-attention is not included here: callers correct
 those `c` entries afterwards.
@@ -21,14 +27,18 @@ those `c` entries afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from lens_alti.paths import torchinductor_dir
 
 
 def l1_heads_and_tokens(
@@ -108,13 +118,102 @@ def is_warm(name: str, dtype: torch.dtype, device: torch.device | str) -> bool:
     return (name, dtype, torch.device(device).type) in _warm
 
 
-def compile_cache_dir() -> str:
-    """Where torch.compile keeps its artefacts: TORCHINDUCTOR_CACHE_DIR, set to lens_alti's cache if unset."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        from lens_alti.models.pretrained import _cache_root
+@functools.cache
+def _torch_default_cache_dir() -> str | None:
+    """torch's own default for TORCHINDUCTOR_CACHE_DIR (absolute), or None in a torch without it."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # pragma: no cover - another torch version
+        return None
+    return os.path.abspath(default_cache_dir())
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_cache_root() / "torchinductor")
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+def _users_compile_cache_dir() -> str | None:
+    """$TORCHINDUCTOR_CACHE_DIR where the user chose it: None where it is unset, empty, or torch's default
+    (torch writes its default there itself on first use, e.g. when transformers imports dynamo)."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value or os.path.abspath(value) == _torch_default_cache_dir():
+        return None
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _our_compile_cache_dir(*environment: str | None) -> str:
+    """`lens_alti.paths.torchinductor_dir()` as a string, memoised on the variables it reads (the arguments)."""
+    return str(torchinductor_dir())
+
+
+def compile_cache_dir() -> str:
+    """Where lens_alti's compiled kernels keep their artefacts: $TORCHINDUCTOR_CACHE_DIR if the user chose
+    it, else `lens_alti.paths.torchinductor_dir()`. Reads the environment, never writes it."""
+    get = os.environ.get
+    return _users_compile_cache_dir() or _our_compile_cache_dir(
+        get("LENS_ALTI_CACHE"), get("XDG_CACHE_HOME"), get("HOME")
+    )
+
+
+def _environ() -> tuple[dict[Any, Any], Callable[[Any], str]]:
+    """The environment's contents and how to decode their keys and values. CPython's encoded mapping
+    copied in one step where it exists (no decoding, and atomic under the GIL: a compiled call checks
+    it twice), else a copy of os.environ (retried if another thread changes it during the copy)."""
+    data = getattr(os.environ, "_data", None)
+    decode = getattr(os.environ, "decodevalue", None)
+    if isinstance(data, dict) and callable(decode) and callable(getattr(os.environ, "decodekey", None)):
+        return data.copy(), decode
+    while True:  # pragma: no cover - not CPython
+        try:
+            return dict(os.environ), str
+        except (KeyError, RuntimeError):  # a concurrent change
+            continue
+
+
+def _restore_environment(before: dict[Any, Any], after: dict[Any, Any], decode: Callable[[Any], str]) -> None:
+    """Undo every change from `before` to `after` (snapshots of `_environ`) in os.environ."""
+    decode_key: Callable[[Any], str] = getattr(os.environ, "decodekey", str) if decode is not str else str
+    for key in after.keys() - before.keys():
+        os.environ.pop(decode_key(key), None)
+    for key, value in before.items():
+        if after.get(key) != value:
+            os.environ[decode_key(key)] = decode(value)
+
+
+def _forget_inductor_cache_path() -> None:
+    """Drop inductor's one memoised path under its cache folder (its local autotuning cache), so that
+    neither lens_alti's compile nor the user's later ones use the other's folder."""
+    codecache = sys.modules.get("torch._inductor.codecache")
+    cached: Any = getattr(getattr(codecache, "CacheBase", None), "get_local_cache_path", None)
+    if hasattr(cached, "cache_clear"):  # absent before the first compile, or in another torch version
+        cached.cache_clear()
+
+
+@contextlib.contextmanager
+def _compile_environment() -> Iterator[None]:
+    """Call torch.compile or a compiled kernel with torch.compile's cache in lens_alti's folder (unless the
+    user chose one), then put back every environment variable that changed meanwhile: ours, and those torch
+    sets itself (`TORCHINDUCTOR_CACHE_DIR` on its first use of the cache, when unset;
+    `_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR` when it loads a kernel)."""
+    before, decode = _environ()
+    users = _users_compile_cache_dir()
+    original = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        if users is None:
+            # dynamo keeps one path under the cache folder from its import on (DynamoCache): imported here, before
+            # our folder is set, it is torch's default, as it would be without lens_alti
+            import torch._dynamo  # noqa: F401
+
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
+            _forget_inductor_cache_path()
+        yield
+    finally:
+        if users is None:  # ours first (the usual and only change), then whatever else changed
+            if original is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = original
+            _forget_inductor_cache_path()
+        after, _ = _environ()
+        if after != before:
+            _restore_environment(before, after, decode)
 
 
 def compile_available() -> bool:
@@ -139,8 +238,8 @@ def get_kernel(name: str, compiled: bool | str) -> Callable[..., Any]:
     if compiled == "eager" or not compiled or not compile_available():
         return EAGER[name]
     if name not in _compiled:
-        compile_cache_dir()
-        _compiled[name] = _with_fallback(name, torch.compile(KERNELS[name], dynamic=True))
+        with _compile_environment():  # torch.compile itself reads (and would set) the cache folder
+            _compiled[name] = _with_fallback(name, torch.compile(KERNELS[name], dynamic=True))
     return _compiled[name]
 
 
@@ -173,7 +272,7 @@ def _with_fallback(name: str, compiled_fn: Callable[..., object]) -> Callable[..
         if _compile_failed is not None or min(min(t.shape) for t in args) <= 1:
             return eager(*args)
         try:
-            with _no_duck_shapes():
+            with _no_duck_shapes(), _compile_environment():
                 out = compiled_fn(*args)
             _warm.add((name, args[0].dtype, args[0].device.type))
             return out

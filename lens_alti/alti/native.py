@@ -1,11 +1,14 @@
 """The native CPU kernels: `_native.c`, built once per machine with the system C compiler.
 
-No JIT at call time: the shared library is compiled the first time it is needed (about
-two seconds with gcc) into lens_alti's cache folder (`$LENS_ALTI_CACHE`, else
-`$XDG_CACHE_HOME/lens_alti`, next to the converted weights), under a name that hashes
-the source, the flags and the CPU, and loaded with ctypes in later processes within
-milliseconds. Where no compiler exists, the build fails, or `LENS_ALTI_NO_NATIVE` is
-set, `available()` is False and callers use the torch kernels (same numbers).
+No JIT at call time: the shared library is compiled once per machine, the first time a
+call needs it (about two seconds with gcc; one line on the `lens_alti.alti.native` logger,
+level WARNING, says so, once per process) or ahead of time with `lens-alti build-kernels`
+(`build()`). It goes to `lens_alti.kernels_dir()` (`$LENS_ALTI_CACHE/kernels`, else
+`$XDG_CACHE_HOME/lens_alti/kernels`, else `~/.cache/lens_alti/kernels`), under a name that
+hashes the source, the flags and the CPU, and later processes load it with ctypes within
+milliseconds. Importing this module builds nothing and starts nothing. Where no compiler
+exists, the build fails, or `LENS_ALTI_NO_NATIVE` is set, `available()` is False and
+callers use the torch kernels (same numbers).
 
 The kernels take the same `(y, s, a, vo)` tiles as `lens_alti.alti.kernels` and return
 the same distances; the C source documents the tiling.
@@ -30,6 +33,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_alti.paths import kernels_dir
+
 _LOG = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("_native.c")
 # -fopenmp: threads from torch's own OpenMP pool (the library's libgomp.so.1 resolves to the copy
@@ -49,13 +54,8 @@ _THREAD_MIN_WORK = 1 << 21
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
-_build_started: float | None = None  # time.monotonic() when the background build began
-
-
-def _cache_dir() -> pathlib.Path:
-    from lens_alti.models.pretrained import _cache_root
-
-    return _cache_root() / "kernels"
+_announced = False  # the one line saying that the library is being built was logged in this process
+BUILD_MESSAGE = "lens_alti: building the native CPU kernels once for this machine (about 2 s); cached at %s"
 
 
 def _cpu_id() -> str:
@@ -83,7 +83,7 @@ def _compiler() -> str | None:
 def library_path(compiler: str) -> pathlib.Path:
     """Where the library for this source, compiler, flags and CPU is cached."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode() + _cpu_id().encode())
-    return _cache_dir() / f"lens_alti_native_{key.hexdigest()[:16]}.so"
+    return kernels_dir() / f"lens_alti_native_{key.hexdigest()[:16]}.so"
 
 
 def _build(compiler: str, target: pathlib.Path) -> None:
@@ -110,12 +110,21 @@ def _build(compiler: str, target: pathlib.Path) -> None:
             os.unlink(tmp)
 
 
+def _announce(path: pathlib.Path) -> None:
+    """Say, once per process, that the caller waits for the build (the only slow step)."""
+    global _announced
+    if not _announced:
+        _announced = True
+        _LOG.warning(BUILD_MESSAGE, path)
+
+
 def _load() -> ctypes.CDLL:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (gcc, cc or clang) on PATH")
     path = library_path(compiler)
     if not path.is_file():
+        _announce(path)
         _build(compiler, path)
     lib = ctypes.CDLL(str(path))
     if lib.lens_alti_abi_version() != ABI_VERSION:
@@ -150,8 +159,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def possible() -> bool:
-    """Whether the native kernels may be used here without building them: not disabled, not
-    failed, and a C compiler (or an already built library) exists."""
+    """Whether the native kernels may be tried here: loaded, or not disabled, not failed, and a C
+    compiler exists (the library may still have to be built: see `ready_on_disk`)."""
     if _lib is not None:
         return True
     return _failed is None and not os.environ.get("LENS_ALTI_NO_NATIVE") and _compiler() is not None
@@ -171,27 +180,29 @@ def ready_on_disk() -> bool:
         return False
 
 
-def remaining_build_s(expected_s: float) -> float:
-    """Seconds until the library can be used: 0 if loaded or built, else what is left of `expected_s`."""
-    if _lib is not None or ready_on_disk():
-        return 0.0
-    if _build_started is None:
-        return expected_s
-    return max(0.05, expected_s - (time.monotonic() - _build_started))
+def build() -> tuple[pathlib.Path, bool]:
+    """Build the library now unless it is built already, and load it (`lens-alti build-kernels`).
 
-
-def build_in_background() -> threading.Thread | None:
-    """Start building the library in a daemon thread when it is not built yet (once per machine)."""
-    global _build_started
-    try:
-        if _lib is not None or _build_started is not None or not possible() or ready_on_disk():
-            return None
-        _build_started = time.monotonic()
-        thread = threading.Thread(target=library, name="lens_alti-native-build", daemon=True)
-        thread.start()
-    except Exception:  # never fail an import over an optional speed-up  # pragma: no cover
-        return None
-    return thread
+    Returns its path and whether this call built it (False: it was built before, by an earlier
+    process or call). Raises RuntimeError where the native kernels cannot be used: LENS_ALTI_NO_NATIVE
+    is set, there is no C compiler, or the build or the load failed (the message says why).
+    """
+    if os.environ.get("LENS_ALTI_NO_NATIVE"):
+        raise RuntimeError("LENS_ALTI_NO_NATIVE is set: the native kernels are disabled (unset it to build them)")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc, cc or clang) on PATH; lens_alti uses the torch kernels instead")
+    path = library_path(compiler)
+    built = not path.is_file()
+    if built:
+        _announce(path)
+        try:
+            _build(compiler, path)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            raise RuntimeError(f"the native kernels could not be built: {type(exc).__name__}: {exc}") from exc
+    if library() is None:
+        raise RuntimeError(f"the native kernels could not be loaded: {_failed}")
+    return path, built
 
 
 def available() -> bool:

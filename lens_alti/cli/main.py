@@ -1,11 +1,12 @@
 """The `lens-alti` command: the parser and the dispatch to `demo` (cli/demo.py), `explain`
-(cli/explain.py) and `run` (the corpus runner, cli/corpus.py)."""
+(cli/explain.py), `run` (the corpus runner, cli/corpus.py) and `build-kernels` (the native kernels, ahead of time)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 import traceback
 import warnings
 from typing import Any
@@ -49,6 +50,16 @@ def run(args: argparse.Namespace) -> None:
             f"{manifest['attributed']} of {manifest['rows']} rows attributed into {len(manifest['shards'])} shards "
             f"in {args.out} ({manifest['errors']} recorded in errors.jsonl)"
         )
+
+
+def build_kernels(args: argparse.Namespace) -> None:
+    """`lens-alti build-kernels`: build the native CPU kernels now (else the first call that needs them does)."""
+    from lens_alti.alti import native
+
+    start = time.perf_counter()
+    path, built = native.build()
+    what = f"built in {time.perf_counter() - start:.1f} s" if built else "already built"
+    print(f"native CPU kernels {what}: {path}")
 
 
 def _add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -102,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("--out", help="write a self-contained HTML report here")
     _add_run_parser(sub, common)
+    sub.add_parser(
+        "build-kernels", parents=[common],
+        help="build the native CPU kernels now (~2 s, once per machine; else the first call that needs them does)",
+    )  # fmt: skip
     try:
         args = parser.parse_args(argv)
         if args.command == "explain":
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        {"demo": demo, "explain": explain, "run": run}[args.command](args)
+        {"demo": demo, "explain": explain, "run": run, "build-kernels": build_kernels}[args.command](args)
     except Exception as exc:  # every error: one line on stderr, exit code 2 (--debug: the traceback)
         if args.debug:
             traceback.print_exc()

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lens_alti.errors import LensAltiError
+from lens_alti.paths import cache_root
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -92,13 +93,8 @@ def _package_dir(module: str, pip_command: str, what: str) -> pathlib.Path:
 
 
 def _cache_root() -> pathlib.Path:
-    """Return lens_alti's cache folder: $LENS_ALTI_CACHE, else $XDG_CACHE_HOME/lens_alti."""
-    explicit = os.environ.get("LENS_ALTI_CACHE")
-    if explicit:
-        return pathlib.Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
-    return base / "lens_alti"
+    """Return lens_alti's cache folder (`lens_alti.paths.cache_root`)."""
+    return cache_root()
 
 
 def _is_complete(folder: pathlib.Path) -> bool:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -340,3 +346,225 @@ def test_native_backend_passes_unsupported_tensors_to_eager():
     want = kernels.get_kernel("l1+heads", "native")(y, s, a, vo)  # half: eager kernels, half precision
     assert want[0].dtype == torch.float16
     torch.testing.assert_close(want[0].float(), got[0], rtol=1e-2, atol=1e-2)
+
+
+def test_compile_cache_dir_reads_the_environment_without_writing_it(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    before = dict(os.environ)
+    assert kernels.compile_cache_dir() == str(tmp_path / "torchinductor")
+    assert dict(os.environ) == before
+    # torch writes its default there itself on first use (importing dynamo): not the user's choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+    assert kernels.compile_cache_dir() == str(tmp_path / "torchinductor")
+
+
+def _fake_compiled(seen, *, fail=False):
+    """Stands in for a torch.compile'd kernel: records the cache folder it sees and, like torch while
+    compiling, sets environment variables of its own."""
+
+    def run(*args):
+        seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = "1234"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = "/somewhere/else"
+        if fail:
+            raise RuntimeError("no C++ compiler found")
+        return kernels.EAGER["l1"](*args)
+
+    return run
+
+
+@pytest.mark.parametrize("user_dir", [None, "torch's default", "mine"])
+def test_compiled_kernel_uses_lens_alti_cache_only_while_it_runs(monkeypatch, tmp_path, user_dir):
+    """lens_alti's cache folder while its compiled kernel runs (unless the user set one); afterwards the
+    environment is exactly as before, the variables torch sets while compiling included."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    if user_dir is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    elif user_dir == "torch's default":
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / user_dir))
+    monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", raising=False)
+    monkeypatch.setattr(kernels, "_compile_failed", None)
+    seen: list[str | None] = []
+    fn = kernels._with_fallback("l1", _fake_compiled(seen))
+    before = dict(os.environ)
+    args = _tile(2, 3, 4, 5)
+    torch.testing.assert_close(fn(*args), kernels.EAGER["l1"](*args))
+    assert seen == [str(tmp_path / (user_dir if user_dir == "mine" else "torchinductor"))]
+    assert dict(os.environ) == before
+
+
+def test_failed_compiled_kernel_also_restores_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", raising=False)
+    monkeypatch.setattr(kernels, "_compile_failed", None)
+    seen: list[str | None] = []
+    fn = kernels._with_fallback("l1", _fake_compiled(seen, fail=True))
+    before = dict(os.environ)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        fn(*_tile(2, 3, 4, 5))
+    assert dict(os.environ) == before and not kernels.compile_available()
+
+
+_COMPILED_ENV = """
+import json, os
+import torch
+import lens_alti
+from lens_alti.alti import kernels
+from tests.support.models import build_bridge
+
+hf, bridge = build_bridge("llama", seed=5)  # importing transformers' models sets TORCHINDUCTOR_CACHE_DIR (torch)
+_, cache = bridge.run_with_cache(torch.randint(4, 1000, (1, 9), generator=torch.Generator().manual_seed(0)))
+env = dict(os.environ)
+lens_alti.attribute(cache, backend="compiled")
+from torch._inductor.codecache import CacheBase
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+print(json.dumps({
+    "compiled": kernels.compile_available() and kernels.is_warm("l1", torch.float32, "cpu"),
+    "changed": sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)),
+    "ours": sorted(os.listdir(os.path.join(os.environ["LENS_ALTI_CACHE"], "torchinductor"))),
+    "local_cache_is_default": str(CacheBase.get_local_cache_path()).startswith(default_cache_dir()),
+}))
+"""
+
+
+def test_compiled_backend_leaves_the_environment_unchanged(tmp_path):
+    """A real torch.compile in a fresh process (empty caches, no TORCHINDUCTOR_CACHE_DIR): artefacts go to
+    lens_alti's cache, os.environ is identical afterwards, and the user's later compiles get torch's default."""
+    if not kernels.compile_available():
+        pytest.skip("torch.compile disabled")
+    from tests.support import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(LENS_ALTI_CACHE=str(tmp_path), LENS_ALTI_NO_NATIVE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILED_ENV], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not got["compiled"]:
+        pytest.skip("torch.compile failed on this machine")
+    assert got["changed"] == []
+    assert got["ours"], "torch.compile's artefacts went to lens_alti's cache folder"
+    assert got["local_cache_is_default"]
+
+
+# --------------------------------------------------------------------------- native build on first use
+
+
+@pytest.fixture
+def unbuilt(monkeypatch, tmp_path):
+    """An empty lens_alti cache folder and a process that has not loaded, failed or announced a build."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path))
+    monkeypatch.delenv("LENS_ALTI_NO_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native, "_announced", False)
+    return tmp_path
+
+
+def test_first_use_build_says_so_once_per_process(unbuilt, monkeypatch, tmp_path_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="lens_alti.alti.native")
+    assert not native.ready_on_disk()
+    assert native.available() and native.ready_on_disk()
+    path = native.library_path(native._compiler())
+    assert [r.getMessage() for r in caplog.records] == [native.BUILD_MESSAGE % path]
+    assert "building the native CPU kernels" in caplog.text
+    # built again elsewhere in the same process (another empty cache): the line is not repeated
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path_factory.mktemp("other")))
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.available() and native.ready_on_disk()
+    assert len(caplog.records) == 1
+    # loading a library built before says nothing
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_announced", False)
+    assert native.available() and len(caplog.records) == 1
+
+
+def test_build_reports_an_existing_build(unbuilt):
+    path, built = native.build()
+    assert built and path.is_file() and path.parent == unbuilt / "kernels" and native.loaded()
+    assert native.build() == (path, False)
+
+
+def test_build_errors(unbuilt, monkeypatch, tmp_path):
+    monkeypatch.setenv("LENS_ALTI_NO_NATIVE", "1")
+    with pytest.raises(RuntimeError, match="LENS_ALTI_NO_NATIVE is set"):
+        native.build()
+    monkeypatch.delenv("LENS_ALTI_NO_NATIVE")
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native.build()
+    monkeypatch.undo()
+    bad = tmp_path / "_native.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setenv("LENS_ALTI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", None)
+    with pytest.raises(RuntimeError, match="could not be built: RuntimeError: .* failed"):
+        native.build()
+    monkeypatch.setattr(native, "SOURCE", native.SOURCE.__class__(native.__file__).with_name("_native.c"))
+    monkeypatch.setattr(native, "library", lambda: None)  # built, but it does not load
+    monkeypatch.setattr(native, "_failed", "OSError: cannot open shared object file")
+    with pytest.raises(RuntimeError, match="could not be loaded: OSError"):
+        native.build()
+
+
+# --------------------------------------------------------------------------- auto while native is not built
+
+
+@pytest.fixture
+def native_unbuilt(monkeypatch):
+    """A C compiler, nothing built yet, no compiled kernels; `available()` records the builds it would do."""
+    builds = []
+    monkeypatch.setattr(native, "possible", lambda: True)
+    monkeypatch.setattr(native, "loaded", lambda: False)
+    monkeypatch.setattr(native, "ready_on_disk", lambda: False)
+    monkeypatch.setattr(native, "available", lambda: builds.append(1) or True)
+    monkeypatch.setattr(kernels, "compile_available", lambda: False)
+    monkeypatch.setattr(backend_mod, "_native_saved_s", 0.0)
+    return builds
+
+
+def test_auto_counts_the_native_build_as_start_up(native_unbuilt, monkeypatch):
+    work = _work(10**9)
+    steady = backend_mod.estimate("native", work, include_start=False)
+    assert backend_mod.estimate("native", work) == pytest.approx(steady + backend_mod.NATIVE_BUILD_S)
+    monkeypatch.setattr(native, "ready_on_disk", lambda: True)  # built by an earlier process: loads in ms
+    assert backend_mod.estimate("native", work) == steady
+
+
+def test_auto_builds_native_when_the_call_pays_for_it(native_unbuilt):
+    small = backend_mod.decide(_work(10**6))
+    assert small.backend == "eager" and small.estimates["native"] > small.estimates["eager"]
+    assert native_unbuilt == []  # nothing built for a call that eager finishes sooner
+    large = backend_mod.decide(_work(10**12))
+    assert large.backend == "native" and "built now" in large.reason
+    assert native_unbuilt == [1]
+
+
+def test_auto_builds_native_after_enough_eager_calls(native_unbuilt):
+    work = _work(10**8)
+    lost = backend_mod.estimate("eager", work) - backend_mod.estimate("native", work, include_start=False)
+    assert lost > 0 and backend_mod.estimate("eager", work) < backend_mod.estimate("native", work)
+    choices = [backend_mod.decide(work).backend for _ in range(int(backend_mod.NATIVE_BUILD_S / lost) + 2)]
+    assert choices[0] == "eager" and "native" in choices and native_unbuilt == [1]
+    assert backend_mod.NATIVE_BUILD_S / lost - 1 <= choices.index("native") <= backend_mod.NATIVE_BUILD_S / lost
+
+
+def test_auto_falls_back_when_the_native_build_fails(native_unbuilt, monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert backend_mod.decide(_work(10**12)).backend == "eager"  # no compile either (fixture)
+    monkeypatch.setattr(kernels, "compile_available", lambda: True)
+    monkeypatch.setattr(kernels, "is_warm", lambda *a: False)
+    assert backend_mod.decide(_work(10**13)).backend == "compiled"
