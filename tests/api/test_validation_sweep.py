@@ -281,7 +281,8 @@ def test_plots(result, seq2seq_result):
     raises_exactly(PaddedPositionError, "position=1", plotting.saliency_bar, result, 1, batch=1)
     no_heads = lens_alti.AltiResult(**{**result.__dict__, "head_outputs": None})
     raises_exactly(InvalidArgumentError, "heads=True", plotting.head_heatmap, no_heads)
-    assert plotting.saliency_bar(result, -1, batch=1) is not None
+    bar = plotting.saliency_bar(result, -1, batch=1).data[0]  # item 1 is left-padded by two: its real tokens 2-6
+    assert list(bar.y) == pytest.approx(result.rollout[1, -1, 6, 2:].tolist())
 
 
 def test_alignment_cases():
@@ -463,7 +464,9 @@ def test_circuit_comparison_on_a_bridge_that_ignores_pattern_edits():
 
 def test_token_deletion_arguments(gpt2):
     raises_exactly(InvalidArgumentError, "prompts[0]", ablation.token_deletion, gpt2, [torch.tensor([5, 6])])
-    assert ablation.token_deletion(gpt2, [torch.tensor([5, 6, 7])], ks=(1,), methods=("random",)).auc is not None
+    report = ablation.token_deletion(gpt2, [torch.tensor([5, 6, 7])], ks=(1,), methods=("random",))
+    assert report.auc.method.tolist() == ["random"]
+    assert report.auc[["comprehensiveness", "sufficiency"]].notna().all().all()
     raises_exactly(InvalidArgumentError, "prompts=", ablation.token_deletion, gpt2, [])
     raises_exactly(InvalidArgumentError, "ks[0]=0", ablation.token_deletion, gpt2, [TOKENS[0]], ks=(0,))
     raises_exactly(
