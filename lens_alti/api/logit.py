@@ -38,6 +38,7 @@ from lens_alti.api.inputs import (
     valid_mask,
 )
 from lens_alti.api.options import DTYPES
+from lens_alti.api.sinks import find_sinks
 from lens_alti.errors import (
     CompletenessError,
     InvalidArgumentError,
@@ -389,7 +390,8 @@ def _result(
     run: LogitRun, parts: DirectParts, readout: ReadoutParts, by_layer: Tensor, gap: Tensor, rows: Tensor,
     valid: Tensor, src_valid: Tensor | None, keep_heads: bool, decoder_tokens: Any,
 ) -> LogitAttribution:
-    """Assemble the LogitAttribution: token totals (with the embedding on the explained token) and labels."""
+    """Assemble the LogitAttribution: token totals (with the embedding on the explained token), labels and
+    the attention sinks of decoder-only runs (docs/spec.md §10; `sink` = their share of `tokens`)."""
     assert parts.self_heads is not None  # internal: direct_parts refuses stacks without blocks
     batch, src_len = len(rows), 0 if src_valid is None else src_valid.shape[1]
     tok = by_layer.sum(1)
@@ -425,4 +427,5 @@ def _result(
         target_str=name(readout.target),
         contrast_str=name(readout.contrast),
         extra={"reconstruction_error": parts.errors, "source_mask": None if src_valid is None else src_valid.long()},
+        sinks=None if src_valid is not None else find_sinks(run.cache, run.model, run.layout, valid, run.tokens),
     )
