@@ -12,7 +12,7 @@ Metrics map logits `[batch, pos, vocab]` to one number per prompt `[batch]`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from lens_alti.analysis.checks import (
     model_dims,
     raise_if_pattern_edits_ignored,
 )
-from lens_alti.errors import InvalidArgumentError, UnsupportedModelError
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, UnsupportedModelError
 from lens_alti.reading.hooks import AttentionPoint, attention_hook
 from lens_alti.results import AltiResult
 from lens_alti.validation import (
@@ -396,6 +396,7 @@ def token_deletion(
     keep_first: bool = True,
     baseline_token: int | None = None,
     seed: int = 0,
+    rankings: Mapping[str, Sequence[Tensor]] | None = None,
 ) -> DeletionReport:
     """Delete (or replace with `baseline_token`) the top-k / bottom-k ranked input tokens.
 
@@ -403,6 +404,8 @@ def token_deletion(
     deleted, nor the first (BOS) when `keep_first`. `targets`: token ids whose probability
     is tracked (default: each prompt's clean prediction). `contrasts`: token ids for the
     "alti_logit_contrast" ranking (ALTI-Logit of target − contrast), required by it.
+    `rankings`: more rankings to compare, by name: one 1-D score tensor per prompt, as long as it
+    (e.g. a variant of a method computed elsewhere); they are reported like the `methods`.
     """
     import pandas as pd
 
@@ -424,6 +427,7 @@ def token_deletion(
     if not ks:
         raise InvalidArgumentError("ks", ks, "at least one k ≥ 1")
     methods = [check_choice("methods", m, DELETION_METHODS) for m in methods]
+    given = _given_rankings(rankings, checked)
     if targets is not None:
         targets = check_token_ids("targets", targets, vocab_size=vocab, count=len(checked)).tolist()
     if baseline_token is not None:
@@ -435,12 +439,12 @@ def token_deletion(
         p = _prob(model, tokens, target)
         candidates = torch.arange(first, tokens.shape[-1] - 1)
         contrast = None if contrasts is None else int(contrasts[n])
-        for method in methods:
+        for method in [*methods, *given]:
             if method == "alti_logit_contrast" and contrast is None:
                 raise InvalidArgumentError(
                     "contrasts", None, "one token id per prompt: the 'alti_logit_contrast' ranking needs contrasts="
                 )
-            scores = _scores(method, model, tokens, gen, target, contrast)
+            scores = given[method][n] if method in given else _scores(method, model, tokens, gen, target, contrast)
             order = candidates[scores[candidates].argsort(descending=True)]
             for k in ks:
                 if k > len(candidates):
@@ -455,6 +459,30 @@ def token_deletion(
     curves = per_prompt.groupby(["method", "k"], sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()
     auc = curves.groupby("method", sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()
     return DeletionReport(curves, auc)
+
+
+def _given_rankings(rankings: Mapping[str, Sequence[Tensor]] | None, prompts: list[Tensor]) -> dict[str, list[Tensor]]:
+    """`rankings` checked: one finite 1-D score tensor per prompt, as long as the prompt."""
+    if rankings is None:
+        return {}
+    if not isinstance(rankings, Mapping):
+        raise ArgumentTypeError("rankings", rankings, "a mapping of names to one 1-D score tensor per prompt")
+    out = {}
+    for name, scores in rankings.items():
+        if name in DELETION_METHODS or isinstance(scores, (Tensor, str)) or len(scores) != len(prompts):
+            raise InvalidArgumentError(
+                f"rankings[{name!r}]", scores, f"a new name (not one of {DELETION_METHODS}) with one score tensor "
+                f"per prompt ({len(prompts)})"
+            )
+        rows = [torch.as_tensor(s).detach().double().cpu() for s in scores]
+        for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+            if row.shape != prompt.shape or not torch.isfinite(row).all():
+                raise InvalidArgumentError(
+                    f"rankings[{name!r}][{i}]", f"shape {tuple(row.shape)}",
+                    f"{prompt.shape[0]} finite scores, one per token",
+                )
+        out[str(name)] = rows
+    return out
 
 
 def _delete(tokens: Tensor, positions: Tensor, baseline_token: int | None) -> Tensor:

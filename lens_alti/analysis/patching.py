@@ -13,6 +13,16 @@ Positive: the head's clean output carries what the metric needs; negative: it wo
 it (e.g. negative name movers). `normalised` divides by metric(clean) − metric(corrupted), the
 whole gap (1 = patching this one head does all the damage that corrupting the prompt does).
 
+That is the head's *total* effect, through every later layer. The same passes also give its
+*direct* effect (docs/spec.md §11), the ground truth of a direct logit attribution such as
+|ALTI-Logit head total|: the change of the head's write at the explained position alone, added to
+the clean final residual stream and read through the final norm frozen at its clean scale,
+
+    direct[l, h] = metric(clean) − metric(clean logits with row N := readout_clean(x_N + Δo))
+
+so no later layer, and no change of the final norm's scale, takes part (path patching from the
+head to the logits).
+
 Heads are batched: one forward pass runs `chunk` copies of the prompt batch, each copy
 patching a different head, so a layer of H heads costs ⌈H / chunk⌉ passes.
 """
@@ -29,7 +39,9 @@ from torch import Tensor
 
 from lens_alti.api.inputs import valid_mask
 from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, UnsupportedModelError
+from lens_alti.reading import model_layout
 from lens_alti.reading.hooks import attention_hook
+from lens_alti.reading.logit import Readout, attention_writes, logit_layout, readout_hooks
 from lens_alti.validation import check_index, check_size
 
 Metric = Callable[[Tensor], Tensor]
@@ -40,15 +52,17 @@ class HeadPatchingTable:
     """Per-head activation-patching effects.
 
     `table` (pandas DataFrame), one row per (layer, head): `effect` (metric(clean) −
-    metric(patched), mean over prompts), `abs_effect` (mean over prompts of |that|),
-    `normalised` (effect / (clean − corrupted), from the means). `clean_metric`,
-    `corrupted_metric`: means over prompts. `per_prompt`: `[layer, head, batch]` effects.
+    metric(patched), mean over prompts: the total effect), `abs_effect` (mean over prompts of
+    |that|), `normalised` (effect / (clean − corrupted), from the means), `direct_effect` and
+    `abs_direct_effect` (the direct effect, docs/spec.md §11). `clean_metric`, `corrupted_metric`:
+    means over prompts. `per_prompt` / `per_prompt_direct`: `[layer, head, batch]` effects.
     """
 
     table: Any
     clean_metric: float
     corrupted_metric: float
     per_prompt: Float[Tensor, "layer head batch"]
+    per_prompt_direct: Float[Tensor, "layer head batch"] | None = None
 
     def effects(self, column: str = "abs_effect") -> Float[Tensor, "layer head"]:
         """One column of the table as a `[layer, head]` tensor."""
@@ -90,6 +104,7 @@ def head_patching(
     chunk: int | None = None,
     layers: Sequence[int] | None = None,
     progress: bool = False,
+    position: int = -1,
 ) -> HeadPatchingTable:
     """Patch every head's `hook_z` from the corrupted run into the clean run, one head at a time.
 
@@ -99,7 +114,9 @@ def head_patching(
     the clean answers). `chunk`: heads patched per forward pass (default: all heads of a
     layer; lower it to bound memory — a pass holds `chunk · batch` sequences). `layers`: patch
     only these layers (default all; the others' effects are NaN), e.g. to split a long run.
-    Works with TransformerBridge and HookedTransformer models (hooks `blocks.{l}.attn.hook_z`).
+    `position`: the explained position of the direct effects (a column of `tokens`: with left
+    padding, -1 is every prompt's last token). Works with decoder-only TransformerBridge models
+    (hooks `blocks.{l}.attn.hook_z`).
     """
     import pandas as pd
 
@@ -119,7 +136,12 @@ def head_patching(
             "mixers). Head patching covers models whose every layer is attention"
         )
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    clean_logits = model(tokens, **kwargs)
+    col = check_index("position", position, tokens.shape[1], what="positions of tokens")
+    layout = model_layout(model)
+    writes = attention_writes(model, layout)
+    wanted = readout_hooks(model, layout)
+    clean_logits, clean_cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, **kwargs)
+    direct = DirectReadout(logit_layout(model, layout).readout(clean_cache), col, clean_logits, metric)
     corrupted_logits, corrupted_cache = model.run_with_cache(
         corrupted_tokens, names_filter=lambda name: name in names, **kwargs
     )
@@ -131,6 +153,7 @@ def head_patching(
         check_index(f"layers[{i}]", x, n_layers, what="layers") for i, x in enumerate(layers)
     ]
     per_prompt = torch.full((n_layers, n_heads, b), float("nan"), dtype=torch.float64)
+    per_direct = per_prompt.clone()
     loop: Any = todo
     if progress:
         from tqdm.auto import tqdm
@@ -148,10 +171,18 @@ def head_patching(
                     z[i, :, :, h] = z_corrupt[:, :, h].to(z.dtype)
                 return z.view(len(heads) * b, *z.shape[2:])
 
+            grabbed: dict[str, Tensor] = {}
+
+            def grab(x: Tensor, hook: Any, grabbed: dict[str, Tensor] = grabbed) -> None:
+                grabbed["write"] = x[:, col].detach()
+
             rep = {"attention_mask": attention_mask.repeat(n, 1)} if attention_mask is not None else {}
-            logits = model.run_with_hooks(tokens.repeat(n, 1), fwd_hooks=[(names[layer], patch)], **rep)
+            hooks = [(names[layer], patch), (writes[layer], grab)]
+            logits = model.run_with_hooks(tokens.repeat(n, 1), fwd_hooks=hooks, **rep)
+            clean_write = clean_cache[writes[layer]][:, col]
             for i, h in enumerate(heads):
                 per_prompt[layer, h] = (clean - metric(logits[i * b : (i + 1) * b]).float()).double().cpu()
+                per_direct[layer, h] = direct.effect(grabbed["write"][i * b : (i + 1) * b] - clean_write)
     gap = float((clean - corrupted).mean())
     rows = []
     for layer in range(n_layers):
@@ -164,6 +195,42 @@ def head_patching(
                     "effect": float(e.mean()),
                     "abs_effect": float(e.abs().mean()),
                     "normalised": float(e.mean()) / gap if gap != 0 else float("nan"),
+                    "direct_effect": float(per_direct[layer, h].mean()),
+                    "abs_direct_effect": float(per_direct[layer, h].abs().mean()),
                 }
             )
-    return HeadPatchingTable(pd.DataFrame(rows), float(clean.mean()), float(corrupted.mean()), per_prompt)
+    return HeadPatchingTable(
+        pd.DataFrame(rows), float(clean.mean()), float(corrupted.mean()), per_prompt, per_direct
+    )
+
+
+class DirectReadout:
+    """The clean logits with row `col` re-read after a change `Δ[b, d]` of the final residual stream there,
+    through the final norm frozen at its clean scale (docs/spec.md §11), and the metric's drop."""
+
+    def __init__(self, readout: Readout, col: int, clean_logits: Tensor, metric: Metric) -> None:
+        self.readout, self.col, self.metric = readout, col, metric
+        self.work = clean_logits.clone()
+        self.clean_row = clean_logits[:, col].clone()
+        self.clean_metric = metric(clean_logits).double().cpu()
+        self.pre = readout.real_logits[:, col].double()  # before any soft-capping
+        x = readout.final_residual[:, col].double()
+        norm = readout.norm
+        if norm.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        self.scale = None if norm.kind == "none" else (x.square().mean(-1, keepdim=True) + norm.eps).sqrt()
+
+    def effect(self, delta: Float[Tensor, "b d"]) -> Tensor:
+        """metric(clean) − metric(the clean logits with row `col` read from x_N + Δ), `[b]` on the CPU."""
+        norm, d = self.readout.norm, delta.double()
+        if self.scale is not None:
+            d = (d - d.mean(-1, keepdim=True)) if norm.kind == "layernorm" else d
+            d = d / self.scale
+            d = d if norm.gain is None else d * norm.gain.to(device=d.device, dtype=d.dtype)
+        row = self.pre + d @ self.readout.W_U.to(device=d.device, dtype=d.dtype)
+        cap = self.readout.softcap
+        row = row if cap is None else cap * torch.tanh(row / cap)
+        self.work[:, self.col] = row.to(self.work.dtype)
+        value = self.metric(self.work).double().cpu()
+        self.work[:, self.col] = self.clean_row
+        return self.clean_metric - value
