@@ -12,6 +12,7 @@ Metrics map logits `[batch, pos, vocab]` to one number per prompt `[batch]`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +28,10 @@ from lens_alti.analysis.checks import (
     check_receiver,
     estimate_ablation_memory,
     model_dims,
-    raise_if_pattern_edits_ignored,
+    pattern_edits_ignored,
 )
 from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, UnsupportedModelError
+from lens_alti.reading.cache import with_heads_switched_off
 from lens_alti.reading.hooks import AttentionPoint, attention_hook
 from lens_alti.results import AltiResult
 from lens_alti.validation import (
@@ -249,7 +251,8 @@ class CircuitComparison:
 
     `table` (DataFrame): for every layer (and "rollout"), every source token: the
     contribution to the receiver `before`, `after` and `delta`. `metric_before/after`:
-    means over prompts.
+    means over prompts. `ablated_through`: "hook_pattern" (the heads' attention set to 0) or
+    "hook_z" (their output set to 0, on models that ignore pattern edits; the same run).
     """
 
     heads: list[tuple[int, int]]
@@ -258,6 +261,7 @@ class CircuitComparison:
     metric_before: float
     metric_after: float
     table: Any = field(repr=False)
+    ablated_through: str = "hook_pattern"
 
     @property
     def metric_change(self) -> float:
@@ -279,7 +283,10 @@ def circuit_comparison(
 
     The heads are ablated by zeroing their attention pattern (so their output is 0), which
     keeps the ablated run exactly decomposable: ALTI after ablation passes the same
-    reconstruction check as before. The table is for prompt `batch`, receiver `position`.
+    reconstruction check as before. A model that ignores edits of `hook_pattern`
+    (TransformerLens 4.x's BERT bridge) has the heads' `hook_z` zeroed instead, which is the
+    same run; its recorded patterns of those heads are then set to 0 before ALTI reads them
+    (`result.ablated_through` says which). The table is for prompt `batch`, receiver `position`.
     """
     import pandas as pd
 
@@ -307,11 +314,24 @@ def circuit_comparison(
 
         return hook
 
-    fwd = [(_attn_name(model, layer, "pattern"), make_hook(hs)) for layer, hs in by_layer.items()]
-    with model.hooks(fwd_hooks=fwd):
-        logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+    def zero_z(hs: list[int]) -> Callable[[Tensor, Any], Tensor]:
+        def hook(z: Tensor, hook: Any) -> Tensor:
+            z = z.clone()
+            z[:, :, hs] = 0
+            return z
+
+        return hook
+
+    patterns = {_attn_name(model, layer, "pattern"): hs for layer, hs in by_layer.items()}
     z_names = {_attn_name(model, layer, "z"): hs for layer, hs in by_layer.items()}
-    raise_if_pattern_edits_ignored(cache, cache_after, z_names)  # e.g. TransformerLens 4.x BERT
+    with model.hooks(fwd_hooks=[(name, make_hook(hs)) for name, hs in patterns.items()]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*hook_pattern returned a modified tensor.*")  # tried below
+        logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+    through = "hook_pattern"
+    if pattern_edits_ignored(cache, cache_after, z_names):  # e.g. TransformerLens 4.x BERT: zero z instead
+        with model.hooks(fwd_hooks=[(name, zero_z(hs)) for name, hs in z_names.items()]):
+            logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+        cache_after, through = with_heads_switched_off(cache_after, patterns), "hook_z"
     after = lens_alti.attribute(cache_after, attention_mask=attention_mask, tokens=tokens)
     assert isinstance(after, AltiResult)
 
@@ -336,7 +356,7 @@ def circuit_comparison(
             )
     m_before = float(metric(logits).mean()) if metric else float("nan")
     m_after = float(metric(logits_after).mean()) if metric else float("nan")
-    return CircuitComparison(heads, before, after, m_before, m_after, pd.DataFrame(rows))
+    return CircuitComparison(heads, before, after, m_before, m_after, pd.DataFrame(rows), through)
 
 
 @dataclass
