@@ -159,30 +159,12 @@ def head_patching(
         from tqdm.auto import tqdm
 
         loop = tqdm(todo, desc="head patching", unit="layer")
+    run = _PatchRun(model, tokens, attention_mask, metric, clean, direct, clean_cache, col)
     for layer in loop:
-        z_corrupt = corrupted_cache[names[layer]]
         for start in range(0, n_heads, chunk):
             heads = list(range(start, min(start + chunk, n_heads)))
-            n = len(heads)
-
-            def patch(z: Tensor, hook: Any, heads: list[int] = heads, z_corrupt: Tensor = z_corrupt) -> Tensor:
-                z = z.clone().view(len(heads), b, *z.shape[1:])
-                for i, h in enumerate(heads):
-                    z[i, :, :, h] = z_corrupt[:, :, h].to(z.dtype)
-                return z.view(len(heads) * b, *z.shape[2:])
-
-            grabbed: dict[str, Tensor] = {}
-
-            def grab(x: Tensor, hook: Any, grabbed: dict[str, Tensor] = grabbed) -> None:
-                grabbed["write"] = x[:, col].detach()
-
-            rep = {"attention_mask": attention_mask.repeat(n, 1)} if attention_mask is not None else {}
-            hooks = [(names[layer], patch), (writes[layer], grab)]
-            logits = model.run_with_hooks(tokens.repeat(n, 1), fwd_hooks=hooks, **rep)
-            clean_write = clean_cache[writes[layer]][:, col]
-            for i, h in enumerate(heads):
-                per_prompt[layer, h] = (clean - metric(logits[i * b : (i + 1) * b]).float()).double().cpu()
-                per_direct[layer, h] = direct.effect(grabbed["write"][i * b : (i + 1) * b] - clean_write)
+            total, direct_effects = run.patch(names[layer], writes[layer], corrupted_cache[names[layer]], heads)
+            per_prompt[layer, heads], per_direct[layer, heads] = total, direct_effects
     gap = float((clean - corrupted).mean())
     rows = []
     for layer in range(n_layers):
@@ -202,6 +184,48 @@ def head_patching(
     return HeadPatchingTable(
         pd.DataFrame(rows), float(clean.mean()), float(corrupted.mean()), per_prompt, per_direct
     )
+
+
+@dataclass
+class _PatchRun:
+    """What every patched pass of `head_patching` shares: the clean run and how to score a pass."""
+
+    model: Any
+    tokens: Tensor
+    attention_mask: Tensor | None
+    metric: Metric
+    clean: Tensor
+    direct: DirectReadout
+    clean_cache: Any
+    col: int
+
+    def patch(self, z_name: str, write_name: str, z_corrupt: Tensor, heads: list[int]) -> tuple[Tensor, Tensor]:
+        """One pass patching `heads` of one layer (one copy of the batch each): (total effects, direct
+        effects), each `[len(heads), batch]`."""
+        b, n = self.tokens.shape[0], len(heads)
+
+        def patch(z: Tensor, hook: Any) -> Tensor:
+            z = z.clone().view(n, b, *z.shape[1:])
+            for i, h in enumerate(heads):
+                z[i, :, :, h] = z_corrupt[:, :, h].to(z.dtype)
+            return z.view(n * b, *z.shape[2:])
+
+        grabbed: dict[str, Tensor] = {}
+
+        def grab(x: Tensor, hook: Any) -> None:
+            grabbed["write"] = x[:, self.col].detach()
+
+        mask = self.attention_mask
+        rep = {"attention_mask": mask.repeat(n, 1)} if mask is not None else {}
+        logits = self.model.run_with_hooks(
+            self.tokens.repeat(n, 1), fwd_hooks=[(z_name, patch), (write_name, grab)], **rep
+        )
+        clean_write = self.clean_cache[write_name][:, self.col]
+        total = torch.stack([(self.clean - self.metric(logits[i * b : (i + 1) * b]).float()).double().cpu()
+                             for i in range(n)])
+        direct = torch.stack([self.direct.effect(grabbed["write"][i * b : (i + 1) * b] - clean_write)
+                              for i in range(n)])
+        return total, direct
 
 
 class DirectReadout:
