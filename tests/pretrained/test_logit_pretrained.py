@@ -84,3 +84,13 @@ def test_gemma3_sink_set_aside_and_completeness():
     assert float(attr.sink[0]) > 0.5 * float(attr.logit[0])  # the sink's inflated share, set aside
     assert attr.top_tokens(1)[0][1] == prompt.correct
     assert attr.top_tokens(1, include_sink=True)[0][0] == 0
+
+
+def test_smollm2_without_bos_its_first_word_is_measured_as_the_sink(smollm2):
+    """docs/spec.md §10a rule 2 on real weights: with no special token to stand in, most heads put most of
+    their attention on the first word, and only there."""
+    tokens = smollm2.to_tokens("When Mary and John went to the store, John gave a drink to", prepend_bos=False)
+    with torch.no_grad():
+        _, cache = smollm2.run_with_cache(tokens, prepend_bos=False)
+    res = lens_alti.attribute(cache, tokens=tokens)
+    assert res.str_tokens[0][0] == "When" and res.sinks[0].nonzero().flatten().tolist() == [0]
