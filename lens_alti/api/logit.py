@@ -368,8 +368,10 @@ def logit_attribution(
     Returns:
         A LogitAttribution: `by_layer[b, layer, src]`, `tokens[b, src]`, `heads[b, layer, head, k]`,
         `head_totals[b, layer, head]`, `mlp[b, layer]`, `attn_bias[b, layer]`, `embedding[b]`,
-        `bias[b]`, `logit[b]` (the real logit (difference)), `completeness_gap[b]`; for
-        encoder-decoders also `cross_heads`, `cross_head_totals` and `src` = source then target tokens.
+        `bias[b]`, `logit[b]` (the real logit (difference)), `completeness_gap[b]`, `sinks[b, src]`
+        and `sink[b]` (the attention sinks and their share, docs/spec.md §10; `top_tokens` sets them
+        aside); for encoder-decoders also `cross_heads`, `cross_head_totals` and `src` = source then
+        target tokens.
         Soft-capped logits (Gemma-2) are explained before the cap (`result.softcap` says so).
     """
     check_choice("dtype", dtype, DTYPES)
