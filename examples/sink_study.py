@@ -1,9 +1,10 @@
 """Held-out evaluation of explanations with the attention sink set aside (docs/spec.md §10).
 
-    python examples/sink_study.py --model smollm2 --json examples/sink_study_smollm2.json
+    python examples/sink_study.py --model smollm2 --dev --json examples/sink_study_smollm2.json
     python examples/sink_study.py --model gemma3 --json examples/sink_study_gemma3.json
+    python examples/sink_study.py --model smollm2 --direct --json examples/sink_study_direct.json
     python examples/sink_study.py --table docs/guides/sink-study-results.md \
-        examples/sink_study_smollm2.json examples/sink_study_gemma3.json
+        examples/sink_study_smollm2.json examples/sink_study_gemma3.json examples/sink_study_direct.json
 
 Per model:
 
@@ -19,7 +20,7 @@ Per model:
    sink nor the explained position, next to the ALTI-Logit paper's GPT-2 small figures.
 3. With `--dev` (SmolLM2): the comparison that chose the sink's treatment (docs/spec.md §10c), on the
    project's own 24 IOI prompts.
-4. With `--direct` (alone, fast): on the demo's 3 prompts, |ALTI-Logit head total| against each
+4. With `--direct` (alone): on the demo's 3 prompts, |ALTI-Logit head total| against each
    head's direct effect under ABC patching (docs/spec.md §11), and why they differ: the direct effect
    is the head total minus what the corrupted head still writes in the same direction, `c`.
 
@@ -235,12 +236,12 @@ def dev_study(model) -> dict:
 
 def direct_study(model) -> dict:
     """Part 4 (docs/spec.md §11): |ALTI-Logit head total| `t` against the direct effect `d` of ABC patching
-    on the demo's prompts. For a pre-norm decoder `d = (o_clean − o_corrupted)·w = t − c` exactly, with
-    `o` a head's write at the last position (`hook_z @ W_O`) and `w` the clean readout direction; this is
-    what `head_patching(...).per_prompt_direct` measures with one patched pass per head."""
-    from lens_alti.analysis.ablation import spearman
+    (`head_patching(...).per_prompt_direct`) on the demo's prompts. In a pre-norm decoder
+    `d = t − c` exactly, `c` being what the head writes on the corrupted prompt read through the clean
+    readout direction: `c = t − d` says how much of each head's contribution survives the corruption."""
+    from lens_alti.analysis.ablation import logit_diff, spearman
     from lens_alti.analysis.ioi import abc_corruption, ioi_prompts
-    from lens_alti.api.logit import open_run, readout_parts
+    from lens_alti.analysis.patching import head_patching
 
     prompts = ioi_prompts(3)
     tokens, mask = left_padded(model, [p.text for p in prompts])
@@ -249,16 +250,10 @@ def direct_study(model) -> dict:
     s = [model.to_single_token(p.wrong) for p in prompts]
     with torch.no_grad():
         _, clean = model.run_with_cache(tokens, attention_mask=mask)
-        _, bad = model.run_with_cache(corrupted, attention_mask=mask)
-    attr = lens_alti.logit_attribution(clean, io, s, attention_mask=mask)
-    last = torch.full((3,), tokens.shape[1] - 1)
-    w = readout_parts(open_run(clean, tokens, mask, None, "direct"), io, s, torch.arange(3), last, torch.float64).w
-    t = attr.head_totals.double()
-    d = torch.zeros_like(t)
-    for layer in range(t.shape[1]):
-        W_O = model.blocks[layer].attn.W_O.detach().double()
-        z = clean[f"blocks.{layer}.attn.hook_z"][:, -1].double() - bad[f"blocks.{layer}.attn.hook_z"][:, -1].double()
-        d[:, layer] = torch.einsum("bhe,hed,bd->bh", z, W_O, w)
+    t = lens_alti.logit_attribution(clean, io, s, attention_mask=mask).head_totals.double().cpu()  # [b, l, h]
+    patched = head_patching(model, tokens, corrupted, logit_diff(io, s), attention_mask=mask,
+                            corrupted_mask=mask, progress=True)
+    d = patched.per_prompt_direct.permute(2, 0, 1)  # [b, l, h]
     T, D, C = t.abs().mean(0).flatten(), d.abs().mean(0).flatten(), (t - d).abs().mean(0).flatten()
     big = (T >= 0.05) | (D >= 0.05)
     top_t, top_d = set(T.argsort(descending=True)[:10].tolist()), set(D.argsort(descending=True)[:10].tolist())

@@ -92,6 +92,23 @@ def _check_pair(tokens: Tensor, corrupted: Tensor, mask: Tensor | None, corrupte
             )
 
 
+def _z_hooks(model: Any) -> list[str]:
+    """Every layer's `hook_z`, after checking the model has `blocks`, `run_with_hooks` and attention in every layer."""
+    if not hasattr(model, "blocks") or not hasattr(model, "run_with_hooks"):
+        raise ArgumentTypeError(
+            "model", model, "a TransformerLens decoder-only or encoder model (with `blocks` and `run_with_hooks`)"
+        )
+    names = [attention_hook(layer, "z") for layer in range(len(model.blocks))]
+    absent = [n for n in names if n not in getattr(model, "hook_dict", {})]
+    if absent:  # linear-recurrent mixer layers (Mamba-2, gated DeltaNet) have heads but no hook_z
+        raise UnsupportedModelError(
+            f"head_patching patches attention heads' hook_z, but {', '.join(absent[:3])}"
+            f"{' ...' if len(absent) > 3 else ''} do not exist: those layers are not attention (linear-recurrent "
+            "mixers). Head patching covers models whose every layer is attention"
+        )
+    return names
+
+
 @torch.no_grad()
 def head_patching(
     model: Any,
@@ -115,33 +132,25 @@ def head_patching(
     layer; lower it to bound memory — a pass holds `chunk · batch` sequences). `layers`: patch
     only these layers (default all; the others' effects are NaN), e.g. to split a long run.
     `position`: the explained position of the direct effects (a column of `tokens`: with left
-    padding, -1 is every prompt's last token). Works with decoder-only TransformerBridge models
-    (hooks `blocks.{l}.attn.hook_z`).
+    padding, -1 is every prompt's last token); encoders get total effects only (direct ones NaN).
+    Works with TransformerBridge and HookedTransformer models (hooks `blocks.{l}.attn.hook_z`).
     """
     import pandas as pd
 
-    if not hasattr(model, "blocks") or not hasattr(model, "run_with_hooks"):
-        raise ArgumentTypeError(
-            "model", model, "a TransformerLens decoder-only or encoder model (with `blocks` and `run_with_hooks`)"
-        )
+    names = _z_hooks(model)
+    n_layers = len(names)
     tokens, corrupted_tokens = torch.as_tensor(tokens), torch.as_tensor(corrupted_tokens)
     _check_pair(tokens, corrupted_tokens, attention_mask, corrupted_mask)
-    n_layers = len(model.blocks)
-    names = [attention_hook(layer, "z") for layer in range(n_layers)]
-    absent = [n for n in names if n not in getattr(model, "hook_dict", {})]
-    if absent:  # linear-recurrent mixer layers (Mamba-2, gated DeltaNet) have heads but no hook_z
-        raise UnsupportedModelError(
-            f"head_patching patches attention heads' hook_z, but {', '.join(absent[:3])}"
-            f"{' ...' if len(absent) > 3 else ''} do not exist: those layers are not attention (linear-recurrent "
-            "mixers). Head patching covers models whose every layer is attention"
-        )
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     col = check_index("position", position, tokens.shape[1], what="positions of tokens")
     layout = model_layout(model)
-    writes = attention_writes(model, layout)
-    wanted = readout_hooks(model, layout)
+    decoder = layout.family == "decoder"  # direct effects read the logits at a position: decoders only
+    writes = attention_writes(model, layout) if decoder else [""] * n_layers
+    wanted = readout_hooks(model, layout) if decoder else set()
     clean_logits, clean_cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, **kwargs)
-    direct = DirectReadout(logit_layout(model, layout).readout(clean_cache), col, clean_logits, metric)
+    direct = DirectReadout(logit_layout(model, layout).readout(clean_cache), col, clean_logits, metric) if (
+        decoder
+    ) else None
     corrupted_logits, corrupted_cache = model.run_with_cache(
         corrupted_tokens, names_filter=lambda name: name in names, **kwargs
     )
@@ -195,7 +204,7 @@ class _PatchRun:
     attention_mask: Tensor | None
     metric: Metric
     clean: Tensor
-    direct: DirectReadout
+    direct: DirectReadout | None
     clean_cache: Any
     col: int
 
@@ -217,12 +226,13 @@ class _PatchRun:
 
         mask = self.attention_mask
         rep = {"attention_mask": mask.repeat(n, 1)} if mask is not None else {}
-        logits = self.model.run_with_hooks(
-            self.tokens.repeat(n, 1), fwd_hooks=[(z_name, patch), (write_name, grab)], **rep
-        )
-        clean_write = self.clean_cache[write_name][:, self.col]
+        hooks = [(z_name, patch)] + ([(write_name, grab)] if self.direct is not None else [])
+        logits = self.model.run_with_hooks(self.tokens.repeat(n, 1), fwd_hooks=hooks, **rep)
         total = torch.stack([(self.clean - self.metric(logits[i * b : (i + 1) * b]).float()).double().cpu()
                              for i in range(n)])
+        if self.direct is None:
+            return total, torch.full_like(total, float("nan"))
+        clean_write = self.clean_cache[write_name][:, self.col]
         direct = torch.stack([self.direct.effect(grabbed["write"][i * b : (i + 1) * b] - clean_write)
                               for i in range(n)])
         return total, direct
