@@ -3,8 +3,10 @@
     python examples/sink_study.py --model smollm2 --dev --json examples/sink_study_smollm2.json
     python examples/sink_study.py --model gemma3 --json examples/sink_study_gemma3.json
     python examples/sink_study.py --model smollm2 --direct --json examples/sink_study_direct.json
-    python examples/sink_study.py --table docs/guides/sink-study-results.md \
-        examples/sink_study_smollm2.json examples/sink_study_gemma3.json examples/sink_study_direct.json
+    python examples/sink_study.py --model gemma3 --sources --json examples/sink_study_sources_gemma3.json
+    python examples/sink_study.py --model smollm2 --sources --json examples/sink_study_sources_smollm2.json
+    python examples/sink_study.py --table docs/guides/sink-study-results.md examples/sink_study_smollm2.json \
+        examples/sink_study_gemma3.json examples/sink_study_sources_*.json examples/sink_study_direct.json
 
 Per model:
 
@@ -20,7 +22,11 @@ Per model:
    sink nor the explained position, next to the ALTI-Logit paper's GPT-2 small figures.
 3. With `--dev` (SmolLM2): the comparison that chose the sink's treatment (docs/spec.md §10c), on the
    project's own 24 IOI prompts.
-4. With `--direct` (alone): on the demo's 3 prompts, |ALTI-Logit head total| against each
+4. With `--sources` (alone): the held-out IOI ranks of part 1 read *before* the rollout: each layer's
+   update at the source positions it reads (`LogitAttribution.heads` summed over layers and heads),
+   to tell the direct reads from the rollout's mixing of positions (candidates: the real tokens
+   that are neither a sink nor the explained position, in both rankings).
+5. With `--direct` (alone): on the demo's 3 prompts, |ALTI-Logit head total| against each
    head's direct effect under ABC patching (docs/spec.md §11), and why they differ: the direct effect
    is the head total minus what the corrupted head still writes in the same direction, `c`.
 
@@ -234,8 +240,42 @@ def dev_study(model) -> dict:
     return out
 
 
+def source_study(model, n: int, seed: int) -> dict:
+    """Part 4: the IO name's rank by ALTI-Logit `tokens` and by the unmapped per-source updates, over the
+    held-out prompts the model gets right; how often a miss is won by the token just before the IO name."""
+    prompts, _ = held_out_ioi(model, n, seed)
+    mapped, unmapped, previous = [], [], 0
+    for start in range(0, len(prompts), CHUNK):
+        part = prompts[start : start + CHUNK]
+        tokens, mask = left_padded(model, [p["text"] for p in part])
+        io = [model.to_single_token(p["io"]) for p in part]
+        s = [model.to_single_token(p["s"]) for p in part]
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+        attr = lens_alti.logit_attribution(cache, io, s, attention_mask=mask, tokens=tokens)
+        cand = mask.bool() & ~attr.sinks.cpu()
+        cand[:, -1] = False
+        pos = torch.tensor([max(i for i, t in enumerate(attr.str_tokens[b]) if t == p["io"] and mask[b, i])
+                            for b, p in enumerate(part)])
+        a = reciprocal_ranks(attr.tokens, pos, candidates=cand)
+        u = reciprocal_ranks(attr.heads.sum((1, 2)), pos, candidates=cand)
+        for b in range(len(part)):
+            if int(logits[b, -1].argmax()) == io[b]:
+                mapped.append(float(a[b]))
+                unmapped.append(float(u[b]))
+                top = int(torch.where(cand[b], attr.tokens[b].cpu(), float("-inf")).argmax())
+                previous += int(a[b] < 1 and top == int(pos[b]) - 1)
+        del cache, logits
+    k = max(len(mapped), 1)
+    return {
+        "n": len(mapped), "tokens": {"first": sum(x == 1 for x in mapped) / k, "mrr": sum(mapped) / k},
+        "sources": {"first": sum(x == 1 for x in unmapped) / k, "mrr": sum(unmapped) / k},
+        "misses": sum(x < 1 for x in mapped), "misses_won_by_the_previous_token": previous,
+    }
+
+
 def direct_study(model) -> dict:
-    """Part 4 (docs/spec.md §11): |ALTI-Logit head total| `t` against the direct effect `d` of ABC patching
+    """Part 5 (docs/spec.md §11): |ALTI-Logit head total| `t` against the direct effect `d` of ABC patching
     (`head_patching(...).per_prompt_direct`) on the demo's prompts. In a pre-norm decoder
     `d = t − c` exactly, `c` being what the head writes on the corrupted prompt read through the clean
     readout direction: `c = t − d` says how much of each head's contribution survives the corruption."""
@@ -299,6 +339,21 @@ def markdown(paths: list[str]) -> str:
     for name, m in PAPER_GPT2.items():
         paper = "GPT-2 small (Ferrando et al. 2023)"
         lines.append(f"| {paper} | {name} | | {m['ALTI-Logit']:.3f} | | | {m['erasure']:.3f} |")
+    sources = [r for r in runs if r.get("sources")]
+    if sources:
+        lines += ["", "## Held-out IOI before the rollout: the IO name's rank by the direct reads", "",
+                  "Over the prompts the model gets right; candidates: real tokens, neither a sink nor the explained "
+                  "position. `tokens`: ALTI-Logit mapped to the input through the rollout; `sources`: each layer's "
+                  "update at the positions it reads, summed (`LogitAttribution.heads`).", "",
+                  "| model | n | IO first (tokens) | MRR (tokens) | IO first (sources) | MRR (sources) "
+                  "| misses won by the token before the IO name |", "|---|---|---|---|---|---|---|"]
+        for r in sources:
+            x = r["sources"]
+            lines.append(
+                f"| {r['model']} | {x['n']} | {x['tokens']['first']:.1%} | {x['tokens']['mrr']:.3f} "
+                f"| {x['sources']['first']:.1%} | {x['sources']['mrr']:.3f} "
+                f"| {x['misses_won_by_the_previous_token']} of {x['misses']} |"
+            )
     direct = next((r for r in runs if r.get("direct")), None)
     if direct:
         d = direct["direct"]
@@ -331,7 +386,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dev", action="store_true", help="also the comparison of docs/spec.md §10c (project prompts)")
-    ap.add_argument("--direct", action="store_true", help="only part 4 (docs/spec.md §11), on the demo's prompts")
+    ap.add_argument("--direct", action="store_true", help="only part 5 (docs/spec.md §11), on the demo's prompts")
+    ap.add_argument("--sources", action="store_true", help="only part 4: IOI ranks before the rollout")
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--table", nargs="+", metavar=("OUT", "JSON"), help="no model run: write OUT from the JSONs")
     ap.add_argument("--threads", type=int, default=1)
@@ -346,9 +402,10 @@ def main() -> None:
     t0 = time.perf_counter()
     model = load_pretrained(args.model)
     out: dict = {"model": args.model, "seconds": {}}
-    if args.direct:
-        out["direct"] = direct_study(model)
-        print(json.dumps(out["direct"], indent=1))
+    if args.direct or args.sources:
+        key = "direct" if args.direct else "sources"
+        out[key] = direct_study(model) if args.direct else source_study(model, args.prompts, args.seed)
+        print(json.dumps(out[key], indent=1))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)
