@@ -96,15 +96,15 @@ class LogitAttribution:
         return self.tokens.sum(-1) - self.sink
 
     def _real(self, batch: int) -> Tensor:
-        """`[src]` True at the real (unpadded) input tokens of item `batch`."""
-        mask = self.attention_mask[batch].bool()
+        """`[src]` True at the real (unpadded) input tokens of item `batch` (source first for encoder-decoders)."""
+        mask = self.attention_mask[batch].bool().cpu()
         if self.n_source:
             source = self.extra.get("source_mask")
             src = torch.ones(self.n_source, dtype=torch.bool) if source is None else torch.as_tensor(source)[batch]
-            mask = torch.cat([src.bool().to(mask.device), mask])
-        return mask.to(self.tokens.device) if mask.numel() == self.tokens.shape[-1] else torch.ones_like(
-            self.tokens[batch], dtype=torch.bool
-        )
+            mask = torch.cat([src.bool().cpu(), mask])
+        if mask.numel() != self.tokens.shape[-1]:  # a result assembled by hand, without a matching mask
+            mask = torch.ones(self.tokens.shape[-1], dtype=torch.bool)
+        return mask.to(self.tokens.device)
 
     @property
     def n_layers(self) -> int:
