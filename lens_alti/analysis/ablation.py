@@ -12,7 +12,8 @@ Metrics map logits `[batch, pos, vocab]` to one number per prompt `[batch]`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +28,10 @@ from lens_alti.analysis.checks import (
     check_receiver,
     estimate_ablation_memory,
     model_dims,
-    raise_if_pattern_edits_ignored,
+    pattern_edits_ignored,
 )
-from lens_alti.errors import InvalidArgumentError, UnsupportedModelError
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, UnsupportedModelError
+from lens_alti.reading.cache import with_heads_switched_off
 from lens_alti.reading.hooks import AttentionPoint, attention_hook
 from lens_alti.results import AltiResult
 from lens_alti.validation import (
@@ -249,7 +251,8 @@ class CircuitComparison:
 
     `table` (DataFrame): for every layer (and "rollout"), every source token: the
     contribution to the receiver `before`, `after` and `delta`. `metric_before/after`:
-    means over prompts.
+    means over prompts. `ablated_through`: "hook_pattern" (the heads' attention set to 0) or
+    "hook_z" (their output set to 0, on models that ignore pattern edits; the same run).
     """
 
     heads: list[tuple[int, int]]
@@ -258,6 +261,7 @@ class CircuitComparison:
     metric_before: float
     metric_after: float
     table: Any = field(repr=False)
+    ablated_through: str = "hook_pattern"
 
     @property
     def metric_change(self) -> float:
@@ -279,7 +283,10 @@ def circuit_comparison(
 
     The heads are ablated by zeroing their attention pattern (so their output is 0), which
     keeps the ablated run exactly decomposable: ALTI after ablation passes the same
-    reconstruction check as before. The table is for prompt `batch`, receiver `position`.
+    reconstruction check as before. A model that ignores edits of `hook_pattern`
+    (TransformerLens 4.x's BERT bridge) has the heads' `hook_z` zeroed instead, which is the
+    same run; its recorded patterns of those heads are then set to 0 before ALTI reads them
+    (`result.ablated_through` says which). The table is for prompt `batch`, receiver `position`.
     """
     import pandas as pd
 
@@ -307,11 +314,24 @@ def circuit_comparison(
 
         return hook
 
-    fwd = [(_attn_name(model, layer, "pattern"), make_hook(hs)) for layer, hs in by_layer.items()]
-    with model.hooks(fwd_hooks=fwd):
-        logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+    def zero_z(hs: list[int]) -> Callable[[Tensor, Any], Tensor]:
+        def hook(z: Tensor, hook: Any) -> Tensor:
+            z = z.clone()
+            z[:, :, hs] = 0
+            return z
+
+        return hook
+
+    patterns = {_attn_name(model, layer, "pattern"): hs for layer, hs in by_layer.items()}
     z_names = {_attn_name(model, layer, "z"): hs for layer, hs in by_layer.items()}
-    raise_if_pattern_edits_ignored(cache, cache_after, z_names)  # e.g. TransformerLens 4.x BERT
+    with model.hooks(fwd_hooks=[(name, make_hook(hs)) for name, hs in patterns.items()]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*hook_pattern returned a modified tensor.*")  # tried below
+        logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+    through = "hook_pattern"
+    if pattern_edits_ignored(cache, cache_after, z_names):  # e.g. TransformerLens 4.x BERT: zero z instead
+        with model.hooks(fwd_hooks=[(name, zero_z(hs)) for name, hs in z_names.items()]):
+            logits_after, cache_after = model.run_with_cache(tokens, **kwargs)
+        cache_after, through = with_heads_switched_off(cache_after, patterns), "hook_z"
     after = lens_alti.attribute(cache_after, attention_mask=attention_mask, tokens=tokens)
     assert isinstance(after, AltiResult)
 
@@ -336,7 +356,7 @@ def circuit_comparison(
             )
     m_before = float(metric(logits).mean()) if metric else float("nan")
     m_after = float(metric(logits_after).mean()) if metric else float("nan")
-    return CircuitComparison(heads, before, after, m_before, m_after, pd.DataFrame(rows))
+    return CircuitComparison(heads, before, after, m_before, m_after, pd.DataFrame(rows), through)
 
 
 @dataclass
@@ -396,6 +416,7 @@ def token_deletion(
     keep_first: bool = True,
     baseline_token: int | None = None,
     seed: int = 0,
+    rankings: Mapping[str, Sequence[Tensor]] | None = None,
 ) -> DeletionReport:
     """Delete (or replace with `baseline_token`) the top-k / bottom-k ranked input tokens.
 
@@ -403,6 +424,8 @@ def token_deletion(
     deleted, nor the first (BOS) when `keep_first`. `targets`: token ids whose probability
     is tracked (default: each prompt's clean prediction). `contrasts`: token ids for the
     "alti_logit_contrast" ranking (ALTI-Logit of target − contrast), required by it.
+    `rankings`: more rankings to compare, by name: one 1-D score tensor per prompt, as long as it
+    (e.g. a variant of a method computed elsewhere); they are reported like the `methods`.
     """
     import pandas as pd
 
@@ -424,6 +447,7 @@ def token_deletion(
     if not ks:
         raise InvalidArgumentError("ks", ks, "at least one k ≥ 1")
     methods = [check_choice("methods", m, DELETION_METHODS) for m in methods]
+    given = _given_rankings(rankings, checked)
     if targets is not None:
         targets = check_token_ids("targets", targets, vocab_size=vocab, count=len(checked)).tolist()
     if baseline_token is not None:
@@ -435,12 +459,12 @@ def token_deletion(
         p = _prob(model, tokens, target)
         candidates = torch.arange(first, tokens.shape[-1] - 1)
         contrast = None if contrasts is None else int(contrasts[n])
-        for method in methods:
+        for method in [*methods, *given]:
             if method == "alti_logit_contrast" and contrast is None:
                 raise InvalidArgumentError(
                     "contrasts", None, "one token id per prompt: the 'alti_logit_contrast' ranking needs contrasts="
                 )
-            scores = _scores(method, model, tokens, gen, target, contrast)
+            scores = given[method][n] if method in given else _scores(method, model, tokens, gen, target, contrast)
             order = candidates[scores[candidates].argsort(descending=True)]
             for k in ks:
                 if k > len(candidates):
@@ -455,6 +479,30 @@ def token_deletion(
     curves = per_prompt.groupby(["method", "k"], sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()
     auc = curves.groupby("method", sort=False)[["comprehensiveness", "sufficiency"]].mean().reset_index()
     return DeletionReport(curves, auc)
+
+
+def _given_rankings(rankings: Mapping[str, Sequence[Tensor]] | None, prompts: list[Tensor]) -> dict[str, list[Tensor]]:
+    """`rankings` checked: one finite 1-D score tensor per prompt, as long as the prompt."""
+    if rankings is None:
+        return {}
+    if not isinstance(rankings, Mapping):
+        raise ArgumentTypeError("rankings", rankings, "a mapping of names to one 1-D score tensor per prompt")
+    out = {}
+    for name, scores in rankings.items():
+        if name in DELETION_METHODS or isinstance(scores, (Tensor, str)) or len(scores) != len(prompts):
+            raise InvalidArgumentError(
+                f"rankings[{name!r}]", scores, f"a new name (not one of {DELETION_METHODS}) with one score tensor "
+                f"per prompt ({len(prompts)})"
+            )
+        rows = [torch.as_tensor(s).detach().double().cpu() for s in scores]
+        for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+            if row.shape != prompt.shape or not torch.isfinite(row).all():
+                raise InvalidArgumentError(
+                    f"rankings[{name!r}][{i}]", f"shape {tuple(row.shape)}",
+                    f"{prompt.shape[0]} finite scores, one per token",
+                )
+        out[str(name)] = rows
+    return out
 
 
 def _delete(tokens: Tensor, positions: Tensor, baseline_token: int | None) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lens_alti.alti.memory import ATTRIBUTE_ADVICE, BlockShape, attribute_bytes, check_fits, forward_cache_bytes
 from lens_alti.api.inputs import valid_mask
-from lens_alti.errors import ArgumentTypeError, ContextLengthError, InterventionNotSupportedError, InvalidArgumentError
+from lens_alti.errors import ArgumentTypeError, ContextLengthError, InvalidArgumentError
 from lens_alti.validation import check_index, check_position, check_token_ids
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "check_receiver",
     "estimate_ablation_memory",
     "model_dims",
-    "raise_if_pattern_edits_ignored",
+    "pattern_edits_ignored",
 ]
 
 
@@ -102,8 +102,8 @@ def estimate_ablation_memory(model: Any, tokens: Tensor, *, heads: bool) -> int:
     return need
 
 
-def raise_if_pattern_edits_ignored(clean: Any, edited: Any, heads_by_hook: dict[str, list[int]]) -> None:
-    """Raise InterventionNotSupportedError when zeroing heads' hook_pattern left their hook_z unchanged.
+def pattern_edits_ignored(clean: Any, edited: Any, heads_by_hook: dict[str, list[int]]) -> bool:
+    """Whether zeroing heads' hook_pattern left their hook_z unchanged (the model ignores pattern edits).
 
     The layers before the first edited one are untouched, so if that layer's pattern edit were
     honoured, the edited heads' outputs `z` would change (to 0) wherever they were not 0
@@ -112,13 +112,7 @@ def raise_if_pattern_edits_ignored(clean: Any, edited: Any, heads_by_hook: dict[
     """
     for name, hs in heads_by_hook.items():
         if name not in clean.keys() or name not in edited.keys():
-            return
+            return False
         before, after = clean[name][:, :, hs], edited[name][:, :, hs]
-        if bool(before.ne(0).any()) and torch.equal(before, after):
-            raise InterventionNotSupportedError(
-                f"this model ignores edits to hook_pattern ({name} of the ablated heads is unchanged after "
-                "their attention pattern was set to 0; TransformerLens 4.x's BERT bridge computes attention "
-                "without the edited pattern), so circuit_comparison cannot ablate its heads. Use head_ablation "
-                "(it edits hook_z) or a model whose attention honours hook_pattern edits."
-            )
-        return  # only the first edited layer is free of upstream changes
+        return bool(before.ne(0).any()) and torch.equal(before, after)  # only the first edited layer
+    return False

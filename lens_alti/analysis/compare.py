@@ -8,7 +8,11 @@ ground truths are `[layer, head]` tensors of |ablation effect| and |patching eff
 `head_ranking_table` compares every ranking with every truth: Spearman's rho and Kendall's
 tau-b (rank correlations, ties averaged) and the top-k overlap (how many of the k heads that
 the truth ranks highest the ranking also puts in its top k), over all heads and over the
-heads of the second half of the layers (where a task's output heads usually sit).
+heads of the second half of the layers (where a task's output heads usually sit). Each ranking
+and truth has a *kind* (docs/spec.md §11): "direct" (a head's own effect on the logit:
+|ALTI-Logit head total|, direct-effect patching), "total" (through every later layer: routes,
+ablation, total-effect patching), "mixing" (ALTI head share) or "attention"; a row whose ranking
+and truth are of one kind is a *matched* pair, the comparison that tests the ranking's claim.
 
 Token level: `reciprocal_ranks` gives the reciprocal rank of a chosen input token (e.g. the
 IOI indirect-object name) under a per-token attribution; its mean is the MRR.
@@ -63,19 +67,36 @@ def rank_agreement(scores: Tensor, truth: Tensor, *, ks: Sequence[int] = (10, 20
     return out
 
 
+KINDS: dict[str, str] = {
+    "|ALTI-Logit head total|": "direct",
+    "|direct patching|": "direct",
+    "routes (logit)": "total",
+    "routes (proximity)": "total",
+    "|patching|": "total",
+    "|zero ablation|": "total",
+    "|mean ablation|": "total",
+    "ALTI head share": "mixing",
+    "attention off the first token": "attention",
+    "max attention (not first)": "attention",
+}
+
+
 def head_ranking_table(
     rankings: Mapping[str, Any],
     truths: Mapping[str, Any],
     *,
     ks: Sequence[int] = (10, 20),
     late_from: int | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> Any:
     """One row per (truth, ranking, head set): Spearman, Kendall and top-k overlaps.
 
     `rankings`, `truths`: name → `[layer, head]` scores (higher = more important; pass
     absolute values where the sign is not importance). Head sets: all heads, and the heads
-    of layers ≥ `late_from` (default: the second half, `n_layers // 2`). Returns a pandas
-    DataFrame with columns truth, ranking, heads, n, spearman, kendall, top{k}...
+    of layers ≥ `late_from` (default: the second half, `n_layers // 2`). `kinds`: name → kind
+    ("direct", "total", ...) for names that `KINDS` does not know. Returns a pandas DataFrame
+    with columns truth, truth kind, ranking, ranking kind, matched (both kinds known and equal),
+    heads, n, spearman, kendall, top{k}...
     """
     import pandas as pd
 
@@ -93,12 +114,17 @@ def head_ranking_table(
     late = n_layers // 2 if late_from is None else int(late_from)
     if not 0 <= late < n_layers:
         raise OutOfRangeError("late_from", late_from, f"a layer in 0..{n_layers - 1}")
+    kind = {**KINDS, **(kinds or {})}
     rows = []
     for tname, truth in truth_t.items():
         for rname, scores in rank_t.items():
             sets = ((f"all {n_layers} layers", slice(None)), (f"layers {late}-{n_layers - 1}", slice(late, None)))
+            tk, rk = kind.get(tname, ""), kind.get(rname, "")
             for label, sl in sets:
-                row = {"truth": tname, "ranking": rname, "heads": label, "n": scores[sl].numel()}
+                row = {
+                    "truth": tname, "truth kind": tk, "ranking": rname, "ranking kind": rk,
+                    "matched": bool(tk) and tk == rk, "heads": label, "n": scores[sl].numel(),
+                }
                 row.update(rank_agreement(scores[sl], truth[sl], ks=ks))
                 rows.append(row)
     return pd.DataFrame(rows)

@@ -12,7 +12,9 @@ difference `correct − wrong` at the last position of each prompt and ranks the
 
 (each a mean over prompts; signed scores are taken in absolute value per prompt, as the
 truths are), and compares them with |zero / mean ablation effect| and, given corrupted
-prompts, |activation-patching effect| in one `compare.head_ranking_table`.
+prompts, |activation-patching effect| (total) and |direct-effect patching| (docs/spec.md §11) in
+one `compare.head_ranking_table`, whose `matched` rows pair each ranking with the truth of its
+kind: |ALTI-Logit head total| with direct-effect patching, routes with total effects.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ def head_ranking_study(
             progress=progress,
         )
         truths["|patching|"] = patched.effects("abs_effect")
+        truths["|direct patching|"] = patched.effects("abs_direct_effect")
     if not truths:
         raise InvalidArgumentError(
             "ablations", ablations, "at least one ablation ('zero', 'mean') or corrupted_tokens (nothing to compare)"

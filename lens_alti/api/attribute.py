@@ -98,8 +98,8 @@ def attribute(
 
     Returns:
         Decoder-only and encoder models: an AltiResult with `layers`, `rollout`
-        (`[batch, layer, query, key]`) and, with `heads=True`, `heads`
-        (`[batch, layer, head, query, key]`) and `heads_residual`.
+        (`[batch, layer, query, key]`), `sinks` (`[batch, pos]`, the attention sinks, docs/spec.md §10)
+        and, with `heads=True`, `heads` (`[batch, layer, head, query, key]`) and `heads_residual`.
         Encoder-decoder models: a Seq2SeqAltiResult (`encoder`, `decoder_self`, `cross`,
         `total`, `source_contribution`).
     """

@@ -136,7 +136,8 @@ def decode_pieces(model: Any, ids: Sequence[int]) -> list[str]:
     """Each token id as the text it stands for (" Mary", not "ĠMary"), as `model.to_str_tokens` gives it."""
     if hasattr(model, "to_str_tokens"):
         return [str(s) for s in model.to_str_tokens(torch.as_tensor(list(ids)))]
-    return list(model.tokenizer.convert_ids_to_tokens(list(ids)))  # TransformerLens 3.x HookedEncoder(Decoder)
+    tok = model.tokenizer  # TransformerLens 3.x HookedEncoder(Decoder): decode each id, never a raw piece ("ĠMary")
+    return [str(tok.decode([int(i)], clean_up_tokenization_spaces=False)) for i in ids]
 
 
 def explained_rows(position: Any, valid: Bool[Tensor, "b p"], name: str = "position") -> Int[Tensor, " b"]:
@@ -183,7 +184,7 @@ def _one_token(model: Any, text: str, name: str) -> int:
     if len(enc) > 1 and bos is not None and enc[0] == bos and not text.startswith(str(tok.bos_token)):
         enc = enc[1:]  # tokenizers that add BOS even when asked not to
     if len(enc) != 1:
-        pieces = tok.convert_ids_to_tokens(enc)
+        pieces = [tok.decode([i]) for i in enc]  # decoded text, never raw pieces
         raise InvalidArgumentError(
             name, text, f"exactly one token, but it is {len(enc)} ({pieces}); pass a single token "
             "(e.g. with its leading space, ' Mary') or its id"

@@ -38,6 +38,7 @@ from lens_alti.api.inputs import (
     valid_mask,
 )
 from lens_alti.api.options import DTYPES
+from lens_alti.api.sinks import find_sinks
 from lens_alti.errors import (
     CompletenessError,
     InvalidArgumentError,
@@ -367,8 +368,10 @@ def logit_attribution(
     Returns:
         A LogitAttribution: `by_layer[b, layer, src]`, `tokens[b, src]`, `heads[b, layer, head, k]`,
         `head_totals[b, layer, head]`, `mlp[b, layer]`, `attn_bias[b, layer]`, `embedding[b]`,
-        `bias[b]`, `logit[b]` (the real logit (difference)), `completeness_gap[b]`; for
-        encoder-decoders also `cross_heads`, `cross_head_totals` and `src` = source then target tokens.
+        `bias[b]`, `logit[b]` (the real logit (difference)), `completeness_gap[b]`, `sinks[b, src]`
+        and `sink[b]` (the attention sinks and their share, docs/spec.md §10; `top_tokens` sets them
+        aside); for encoder-decoders also `cross_heads`, `cross_head_totals` and `src` = source then
+        target tokens.
         Soft-capped logits (Gemma-2) are explained before the cap (`result.softcap` says so).
     """
     check_choice("dtype", dtype, DTYPES)
@@ -389,7 +392,8 @@ def _result(
     run: LogitRun, parts: DirectParts, readout: ReadoutParts, by_layer: Tensor, gap: Tensor, rows: Tensor,
     valid: Tensor, src_valid: Tensor | None, keep_heads: bool, decoder_tokens: Any,
 ) -> LogitAttribution:
-    """Assemble the LogitAttribution: token totals (with the embedding on the explained token) and labels."""
+    """Assemble the LogitAttribution: token totals (with the embedding on the explained token), labels and
+    the attention sinks of decoder-only runs (docs/spec.md §10; `sink` = their share of `tokens`)."""
     assert parts.self_heads is not None  # internal: direct_parts refuses stacks without blocks
     batch, src_len = len(rows), 0 if src_valid is None else src_valid.shape[1]
     tok = by_layer.sum(1)
@@ -425,4 +429,5 @@ def _result(
         target_str=name(readout.target),
         contrast_str=name(readout.contrast),
         extra={"reconstruction_error": parts.errors, "source_mask": None if src_valid is None else src_valid.long()},
+        sinks=None if src_valid is not None else find_sinks(run.cache, run.model, run.layout, valid, run.tokens),
     )

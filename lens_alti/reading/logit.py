@@ -353,6 +353,26 @@ _READOUT_EXTRA = ("unembed.hook_in", "unembed.hook_out", "ln_final.hook_out", "d
 _EMBED_INPUTS = ("embed.hook_in", "decoder_embed.hook_in")
 
 
+def readout_hooks(model: Any, layout: ModelLayout) -> set[str]:
+    """The hooks `LogitLayout.readout` reads (the last residual stream, the final norm's output, the
+    unembedding's input and output), with each self-attention layer's write point of a decoder-only
+    model, `attention_writes(model, layout)`: what direct-effect patching records from its clean run."""
+    last = f"blocks.{len(layout.blocks['self']) - 1}.hook_resid_post"
+    return {last, *_READOUT_EXTRA, *attention_writes(model, layout)}
+
+
+def attention_writes(model: Any, layout: ModelLayout) -> list[str]:
+    """Per layer of a decoder-only model, the hook whose value at a position changes exactly by what that
+    layer's attention writes there: `hook_resid_mid` (the stream after the attention block), or
+    `hook_attn_out` in parallel blocks (GPT-J, NeoX), which have no `hook_resid_mid`."""
+    hook_dict = getattr(model, "hook_dict", {})
+    out = []
+    for layer in range(len(layout.blocks["self"])):
+        mid, attn = f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_attn_out"
+        out.append(mid if mid in hook_dict else attn)
+    return out
+
+
 def recorded_hooks(model: Any, layout: ModelLayout) -> set[str]:
     """Every hook a logit attribution (and the ALTI rollout under it) reads: `names_filter` for `run_with_cache`."""
     return set(layout.hook_names()) | set(logit_layout(model, layout).hooks) | {*_READOUT_EXTRA, *_EMBED_INPUTS}

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_alti.errors import InvalidArgumentError
 from lens_alti.results.saving import savable, save
-from lens_alti.validation import check_choice, check_index, check_position, check_size
+from lens_alti.validation import check_choice, check_index, check_position, check_size, check_type
 
 
 @savable
@@ -44,6 +44,11 @@ class AltiResult:
             and the per-head results when `attribute(..., positions=...)` restricted them
             (their `query` dimension then has one row per position); None when every
             position was computed.
+        sinks: `[batch, pos]` True at the attention sinks (docs/spec.md §10): the first real
+            token when it is a special token (BOS, `<|im_start|>`, [CLS]), else the positions
+            into which most heads put most of their attention. Nothing is removed from `layers`
+            or `rollout`; `top_sources` leaves the sinks out unless asked, `sink_share` reports
+            them. None for results saved before sinks were detected.
     """
 
     layers: Float[Tensor, "batch layer query key"]
@@ -60,10 +65,20 @@ class AltiResult:
     str_tokens: list[list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     positions: Int[Tensor, "batch row"] | None = None
+    sinks: Bool[Tensor, "batch pos"] | None = None
 
     @property
     def n_layers(self) -> int:
         return self.layers.shape[1]
+
+    @property
+    def sink_share(self) -> Float[Tensor, "batch row"]:
+        """`[batch, row]` the share of the attention sinks in each receiver after the last layer
+        (Σ over the sink positions of `rollout[:, -1]`; 0 where no sink was found)."""
+        final = self.rollout[:, -1]
+        if self.sinks is None:
+            return final.new_zeros(final.shape[:2])
+        return (final * self.sinks.to(device=final.device, dtype=final.dtype)[:, None, :]).sum(-1)
 
     def _label(self, batch: int, pos: int) -> str:
         if self.str_tokens is not None and pos < len(self.str_tokens[batch]):
@@ -71,19 +86,25 @@ class AltiResult:
         return str(pos)
 
     def top_sources(
-        self, position: int = -1, k: int = 5, *, batch: int = 0, layer: int = -1, use_rollout: bool = True
+        self, position: int = -1, k: int = 5, *, batch: int = 0, layer: int = -1, use_rollout: bool = True,
+        include_sink: bool = False,
     ) -> list[tuple[int, str, float]]:
         """The `k` sources contributing most to `position`: (source index, token, value).
 
         Uses the rollout after `layer` (default: the last) or, with `use_rollout=False`,
         that layer's own contributions. Negative positions count from the last real token.
+        The attention sinks (`sinks`, docs/spec.md §10) are left out unless `include_sink=True`;
+        their share is `sink_share`.
         """
         batch = check_index("batch", batch, self.layers.shape[0], what="batch items")
         layer = check_index("layer", layer, self.n_layers, what="layers")
         position = check_position("position", position, self.attention_mask[batch], where=f"batch item {batch}")
         k = check_size("k", k)
+        check_type("include_sink", include_sink, bool, "True or False")
         mat = (self.rollout if use_rollout else self.layers)[batch, layer]
         real = self.attention_mask[batch].bool().to(mat.device)
+        if not include_sink and self.sinks is not None:
+            real = real & ~self.sinks[batch].to(mat.device)
         row = torch.where(real, mat[self.row_of(position, batch)], float("-inf"))  # padded sources are never listed
         vals, idx = row.topk(min(k, int(real.sum())))
         return [(int(i), self._label(batch, int(i)), float(v)) for v, i in zip(vals, idx, strict=False)]

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxtyping import Float, Int
+import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from lens_alti.validation import check_index, check_size, check_type
 
 
 @dataclass
@@ -41,6 +44,14 @@ class LogitAttribution:
         tokens: `[b, src]` Σ_l by_layer plus the embedding term on the explained token: each
             input token's signed contribution. MLP and bias terms are not given to tokens.
 
+    Attention sinks (docs/spec.md §10):
+        sinks: `[b, src]` True at the positions that are attention sinks (a prepended special
+            token such as BOS or `<|im_start|>`, else the positions most heads attend to most),
+            or None where they are not detected (encoder-decoders).
+        sink: `[b]` (property) the signed contribution credited to the sinks, Σ tokens[sinks];
+            `content` = `tokens.sum(-1) − sink`. `tokens` keeps every position; `top_tokens`
+            leaves the sinks out unless `include_sink=True`.
+
     Also: `target`, `contrast` (`[b]` ids, contrast None without one), `position` (`[b]` the
     explained position), `attention_mask` (`[b, pos]`, decoder side), `softcap`, `architecture`,
     `weight_processing`, `str_tokens` (labels of `src` per batch item, when tokens were given).
@@ -70,6 +81,30 @@ class LogitAttribution:
     target_str: list[str] | None = None
     contrast_str: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sinks: Bool[Tensor, "b src"] | None = None
+
+    @property
+    def sink(self) -> Float[Tensor, " b"]:
+        """`[b]` the signed contribution of the attention sinks (0 where none was found)."""
+        if self.sinks is None:
+            return self.tokens.new_zeros(self.tokens.shape[0])
+        return (self.tokens * self.sinks.to(device=self.tokens.device, dtype=self.tokens.dtype)).sum(-1)
+
+    @property
+    def content(self) -> Float[Tensor, " b"]:
+        """`[b]` the signed contribution of every input token but the sinks: `tokens.sum(-1) − sink`."""
+        return self.tokens.sum(-1) - self.sink
+
+    def _real(self, batch: int) -> Tensor:
+        """`[src]` True at the real (unpadded) input tokens of item `batch` (source first for encoder-decoders)."""
+        mask = self.attention_mask[batch].bool().cpu()
+        if self.n_source:
+            source = self.extra.get("source_mask")
+            src = torch.ones(self.n_source, dtype=torch.bool) if source is None else torch.as_tensor(source)[batch]
+            mask = torch.cat([src.bool().cpu(), mask])
+        if mask.numel() != self.tokens.shape[-1]:  # a result assembled by hand, without a matching mask
+            mask = torch.ones(self.tokens.shape[-1], dtype=torch.bool)
+        return mask.to(self.tokens.device)
 
     @property
     def n_layers(self) -> int:
@@ -90,12 +125,25 @@ class LogitAttribution:
             return f"src{pos}" if pos < self.n_source else f"tgt{pos - self.n_source}"
         return str(pos)
 
-    def top_tokens(self, k: int = 5, *, batch: int = 0, signed: bool = True) -> list[tuple[int, str, float]]:
-        """The `k` input tokens with the largest contribution (or |contribution| with `signed=False`):
-        (src index, token, value)."""
+    def top_tokens(
+        self, k: int = 5, *, batch: int = 0, include_sink: bool = False, signed: bool = True
+    ) -> list[tuple[int, str, float]]:
+        """The `k` input tokens that push the explained logit (difference) most: `(position, token, value)`.
+
+        Ranked by value, largest first (the tokens supporting the target lead; with
+        `signed=False` by |value|). Padding is never listed; the attention sinks (`sinks`) are
+        left out unless `include_sink=True` (their total is `sink`).
+        """
+        batch = check_index("batch", batch, self.tokens.shape[0], what="batch items")
+        k = check_size("k", k)
+        check_type("include_sink", include_sink, bool, "True or False")
+        check_type("signed", signed, bool, "True or False")
         row = self.tokens[batch]
-        key = row if signed else row.abs()
-        idx = key.topk(min(k, row.numel())).indices
+        keep = self._real(batch)
+        if not include_sink and self.sinks is not None:
+            keep = keep & ~self.sinks[batch].to(keep.device)
+        key = torch.where(keep, row if signed else row.abs(), float("-inf"))
+        idx = key.topk(min(k, int(keep.sum()))).indices
         return [(int(i), self._label(batch, int(i)), float(row[i])) for i in idx]
 
     def top_heads(self, k: int = 10, *, batch: int | None = None) -> list[tuple[int, int, float]]:

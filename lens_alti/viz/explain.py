@@ -22,7 +22,7 @@ import torch
 
 from lens_alti.errors import LensAltiError
 
-_POS, _NEG = "#2b6cb0", "#c53030"
+_POS, _NEG, SINK_COLOUR = "#2b6cb0", "#c53030", "#a0aec0"
 KIND_COLOURS = {"head": "#dd6b20", "mlp": "#38a169", "residual": "#a0aec0"}
 
 
@@ -55,7 +55,14 @@ def _src_labels(attr: Any, batch: int) -> tuple[list[int], list[str]]:
         keep = [i for i, m in enumerate(mask) if m] if len(mask) == n_src else list(range(n_src))
     toks = attr.str_tokens[batch] if getattr(attr, "str_tokens", None) is not None else None
     labels = [f"{i}: {toks[i]!r}" if toks is not None and i < len(toks) else str(i) for i in keep]
-    return keep, labels
+    sinks = _sinks(attr, batch)
+    return keep, [f"{label} (sink)" if i in sinks else label for i, label in zip(keep, labels, strict=True)]
+
+
+def _sinks(attr: Any, batch: int) -> set[int]:
+    """The attention-sink positions of item `batch` (docs/spec.md §10), drawn apart and greyed."""
+    sinks = getattr(attr, "sinks", None)
+    return set() if sinks is None else set(sinks[batch].nonzero().flatten().tolist())
 
 
 def _explained(attr: Any, batch: int) -> str:
@@ -76,11 +83,24 @@ def _slider(steps: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
 
 
 def _signed_bar(go: Any, labels: list[str], values: list[float], name: str = "", visible: bool = True) -> Any:
+    """Blue bars push towards the target, red against it; attention sinks (labels ending in "(sink)") grey."""
     return go.Bar(
         x=labels, y=values, name=name, visible=visible,
-        marker_color=[_POS if v >= 0 else _NEG for v in values],
+        marker_color=[SINK_COLOUR if x.endswith("(sink)") else _POS if v >= 0 else _NEG for x, v in zip(
+            labels, values, strict=True
+        )],
         hovertemplate="%{x}: %{y:.4f}<extra></extra>",
     )
+
+
+def _sink_note(attr: Any, batch: int) -> str:
+    """"; sink <label> +v set aside" for the figure titles, or "" without a sink."""
+    sinks = sorted(_sinks(attr, batch))
+    if not sinks:
+        return ""
+    toks = attr.str_tokens[batch] if getattr(attr, "str_tokens", None) is not None else None
+    names = ", ".join(repr(toks[i]) if toks is not None and i < len(toks) else str(i) for i in sinks)
+    return f"<br>grey: attention sink {names}, {float(attr.sink[batch]):+.3f}, shown apart (not content)"
 
 
 def logit_token_bar(attr: Any, *, batch: int = 0, layer_slider: bool = True) -> Any:
@@ -117,7 +137,7 @@ def logit_token_bar(attr: Any, *, batch: int = 0, layer_slider: bool = True) -> 
         pad = 0.05 * (hi - lo or 1.0)
         fig.update_yaxes(range=[lo - pad, hi + pad])
     fig.update_layout(
-        title=f"ALTI-Logit: input tokens' contributions to the {_explained(attr, b)}",
+        title=f"ALTI-Logit: input tokens' contributions to the {_explained(attr, b)}{_sink_note(attr, b)}",
         yaxis_title="logit contribution", showlegend=False,
     )
     return fig
@@ -136,7 +156,7 @@ def logit_position_picker(attr: Any, *, labels: list[str] | None = None) -> Any:
     for b in range(n):
         keep, xs = _src_labels(attr, b)
         fig.add_trace(_signed_bar(go, xs, attr.tokens[b, keep].tolist(), names[b], b == 0))
-        titles.append(f"ALTI-Logit: {_explained(attr, b)}")
+        titles.append(f"ALTI-Logit: {_explained(attr, b)}{_sink_note(attr, b)}")
     buttons = [
         {
             "method": "update",
@@ -267,7 +287,10 @@ def rollout_position_picker(result: Any, *, batch: int = 0) -> Any:
     b = _batch(result.rollout.shape[0], batch, "the result")
     keep = [i for i, m in enumerate(result.attention_mask[b].tolist()) if m]
     toks = result.str_tokens[b] if result.str_tokens is not None else None
+    sinks = _sinks(result, b)
     labels = [f"{i}: {toks[i]!r}" if toks is not None else str(i) for i in keep]
+    labels = [f"{x} (sink)" if i in sinks else x for i, x in zip(keep, labels, strict=True)]
+    colours = [SINK_COLOUR if i in sinks else _POS for i in keep]
     n_layers = result.rollout.shape[1]
     roll = result.rollout[b][:, keep][:, :, keep]  # [layer, query, key]
     fig = go.Figure()
@@ -275,7 +298,7 @@ def rollout_position_picker(result: Any, *, batch: int = 0) -> Any:
         for layer in range(n_layers):
             fig.add_trace(
                 go.Bar(
-                    x=labels, y=roll[layer, qi].tolist(), marker_color=_POS,
+                    x=labels, y=roll[layer, qi].tolist(), marker_color=colours,
                     visible=(qi == len(keep) - 1 and layer == n_layers - 1),
                     hovertemplate="%{x}: %{y:.4f}<extra></extra>",
                 )

@@ -105,9 +105,16 @@ def saliency_bar(result: AltiResult, position: int = -1, *, batch: int = 0, laye
     keep, labels = _labels(result, batch)
     pos = check_position("position", position, result.attention_mask[batch], where=f"batch item {batch}")
     row = result.rollout[batch, _layer_index(result.n_layers, layer), pos][keep]
-    bar = go.Bar(x=labels, y=row.tolist(), marker_color="#2b6cb0", hovertemplate="%{x}: %{y:.4f}<extra></extra>")
+    sinks = set() if result.sinks is None else set(result.sinks[batch].nonzero().flatten().tolist())
+    colours = ["#a0aec0" if i in sinks else "#2b6cb0" for i in keep]  # attention sinks grey (docs/spec.md §10)
+    shown = [f"{x} (sink)" if i in sinks else x for i, x in zip(keep, labels, strict=True)]
+    bar = go.Bar(x=shown, y=row.tolist(), marker_color=colours, hovertemplate="%{x}: %{y:.4f}<extra></extra>")
     fig = go.Figure(bar)
-    fig.update_layout(title=f"ALTI rollout for position {labels[keep.index(pos)]}", yaxis_title="contribution")
+    note = ""
+    if sinks:
+        share = float(row[[keep.index(i) for i in sorted(sinks)]].sum())
+        note = f"<br>grey: attention sink, {share:.3f} of the position, shown apart (not content)"
+    fig.update_layout(title=f"ALTI rollout for position {labels[keep.index(pos)]}{note}", yaxis_title="contribution")
     return fig
 
 

@@ -7,8 +7,10 @@ import torch
 
 import lens_alti
 from lens_alti.analysis import ablation
+from lens_alti.errors import ArgumentTypeError, InvalidArgumentError
 from lens_alti.viz import plotting
 from lens_alti.viz.report import write_report
+from tests.support.errors import raises_exactly
 from tests.support.models import build_bridge
 
 TOKENS = torch.randint(4, 1000, (3, 8), generator=torch.Generator().manual_seed(11))
@@ -173,3 +175,23 @@ def test_token_deletion_with_alti_logit_rankings(gpt2):
             assert got == pytest.approx(expected, abs=1e-6), (method, column)
     with pytest.raises(ValueError, match="contrasts="):
         ablation.token_deletion(gpt2, [toks], ks=(1,), targets=[5], methods=("alti_logit_contrast",))
+
+
+def test_token_deletion_with_given_rankings(gpt2):
+    toks = TOKENS[1]
+    scores = torch.arange(len(toks), dtype=torch.float64)  # the later the token, the higher
+    rep = ablation.token_deletion(gpt2, [toks], ks=(1,), targets=[5], methods=(), rankings={"later first": [scores]})
+    p = float(gpt2(toks[None])[0, -1].softmax(-1)[5])
+    for column, drop in (("comprehensiveness", len(toks) - 2), ("sufficiency", 1)):  # neither BOS nor the receiver
+        kept = torch.cat([toks[:drop], toks[drop + 1 :]])
+        expected = p - float(gpt2(kept[None])[0, -1].softmax(-1)[5])
+        assert rep.curves[column].iloc[0] == pytest.approx(expected, abs=1e-6), column
+    assert list(rep.auc.method) == ["later first"]
+    short = [scores[:-1]]
+    raises_exactly(InvalidArgumentError, "rankings['x'][0]", ablation.token_deletion, gpt2, [toks],
+                   rankings={"x": short})
+    raises_exactly(InvalidArgumentError, "rankings['alti']", ablation.token_deletion, gpt2, [toks],
+                   rankings={"alti": [scores]})
+    raises_exactly(InvalidArgumentError, "rankings['x']", ablation.token_deletion, gpt2, [toks],
+                   rankings={"x": [scores, scores]})
+    raises_exactly(ArgumentTypeError, "rankings", ablation.token_deletion, gpt2, [toks], rankings=[scores])

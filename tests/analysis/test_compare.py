@@ -70,7 +70,10 @@ def test_head_ranking_table_all_and_late_layers():
     # agrees on layers 2-3, reversed on layers 0-1
     good_late = torch.tensor([[8.0, 7.0], [6.0, 5.0], [1.0, 2.0], [3.0, 4.0]])
     table = compare.head_ranking_table({"r": good_late, "same": truth}, {"patching": truth}, ks=(2,))
-    assert len(table) == 4 and list(table.columns) == ["truth", "ranking", "heads", "n", "spearman", "kendall", "top2"]
+    assert len(table) == 4 and list(table.columns) == [
+        "truth", "truth kind", "ranking", "ranking kind", "matched", "heads", "n", "spearman", "kendall", "top2"
+    ]
+    assert not table.matched.any()  # unknown names have no kind
     late = table[(table.ranking == "r") & (table.heads == "layers 2-3")].iloc[0]
     assert late.n == 4 and late.top2 == 2
     assert late.spearman == pytest.approx(1.0) and late.kendall == pytest.approx(1.0)
@@ -82,6 +85,23 @@ def test_head_ranking_table_all_and_late_layers():
     assert (same.spearman == 1).all() and (same.kendall == 1).all()
     custom = compare.head_ranking_table({"r": good_late}, {"t": truth}, ks=(2,), late_from=1)
     assert set(custom.heads) == {"all 4 layers", "layers 1-3"}
+
+
+def test_head_ranking_table_pairs_each_ranking_with_the_truth_of_its_kind():
+    """docs/spec.md §11: direct rankings against direct effects, total rankings against total effects."""
+    x = torch.rand(3, 2, generator=torch.Generator().manual_seed(0))
+    table = compare.head_ranking_table(
+        {"|ALTI-Logit head total|": x, "routes (logit)": x, "mine": x},
+        {"|direct patching|": x, "|patching|": x, "|zero ablation|": x},
+        kinds={"mine": "total"},
+    )
+    matched = table[table.matched & (table.heads == "all 3 layers")]
+    pairs = sorted(zip(matched.ranking, matched.truth, strict=True))
+    assert pairs == [
+        ("mine", "|patching|"), ("mine", "|zero ablation|"), ("routes (logit)", "|patching|"),
+        ("routes (logit)", "|zero ablation|"), ("|ALTI-Logit head total|", "|direct patching|"),
+    ]
+    assert set(table["truth kind"]) == {"direct", "total"}
 
 
 def test_head_scores_from_a_table():

@@ -112,3 +112,55 @@ def test_name_positions():
     assert name_positions(toks, p) == {"IO": 2, "S1": 4, "S2": 7}
     with pytest.raises(InvalidArgumentError, match="single token"):
         name_positions(["<s>", " Ma", "ry"], p)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_direct_effect_matches_a_hand_computation_on_the_hf_model(arch):
+    """docs/spec.md §11 computed on the Hugging Face model itself: the head's output change at N through
+    W_O, added to the clean final residual, read through the final norm at its clean scale."""
+    hf, bridge = build_bridge(arch, seed=3)
+    metric = ablation.logit_diff([5, 6, 7], [8, 9, 10])
+    table = patching.head_patching(bridge, CLEAN, CORRUPT, metric)
+    inner = hf.model if arch == "llama" else hf.transformer
+    blocks = inner.layers if arch == "llama" else inner.h
+    final = inner.norm if arch == "llama" else inner.ln_f
+    n_heads = 4
+    for layer, head in [(0, 2), (1, 1)]:
+        proj = blocks[layer].self_attn.o_proj if arch == "llama" else blocks[layer].attn.c_proj
+        got: dict = {}
+        h1 = proj.register_forward_pre_hook(lambda m, a, got=got: got.__setitem__("z", a[0].detach().double()))
+        h2 = final.register_forward_pre_hook(lambda m, a, got=got: got.__setitem__("x", a[0].detach().double()))
+        with torch.no_grad():
+            hf(CORRUPT)
+            z_bad = got["z"]
+            logits = hf(CLEAN).logits.double()
+        h1.remove(), h2.remove()
+        z_clean, x = got["z"], got["x"][:, -1]
+        d_head = z_clean.shape[-1] // n_heads
+        cols = slice(head * d_head, (head + 1) * d_head)
+        W = proj.weight.double()  # llama Linear [d_model, H*d_head]; gpt2 Conv1D [H*d_head, d_model]
+        W_h = W[:, cols].T if arch == "llama" else W[cols]
+        delta = (z_bad[:, -1, cols] - z_clean[:, -1, cols]) @ W_h
+        if arch == "llama":
+            rho = (x.square().mean(-1, keepdim=True) + final.variance_epsilon).sqrt()
+            read = final.weight.double() * delta / rho
+        else:
+            xc = x - x.mean(-1, keepdim=True)
+            sigma = (xc.square().mean(-1, keepdim=True) + final.eps).sqrt()
+            read = final.weight.double() * (delta - delta.mean(-1, keepdim=True)) / sigma
+        new_last = logits[:, -1] + read @ hf.lm_head.weight.double().T
+        rows = torch.arange(3)
+        before = logits[rows, -1, [5, 6, 7]] - logits[rows, -1, [8, 9, 10]]
+        after = new_last[rows, [5, 6, 7]] - new_last[rows, [8, 9, 10]]
+        torch.testing.assert_close(table.per_prompt_direct[layer, head], before - after, atol=2e-5, rtol=1e-4)
+        row = table.table[(table.table.layer == layer) & (table.table["head"] == head)].iloc[0]
+        assert row.abs_direct_effect == pytest.approx(float((before - after).abs().mean()), abs=2e-5)
+
+
+def test_direct_effects_follow_layers_and_position(model):
+    """Unpatched layers have NaN direct effects like total ones; the explained position is checked."""
+    metric = ablation.logit_diff([5, 6, 7], [8, 9, 10])
+    table = patching.head_patching(model, CLEAN, CORRUPT, metric, layers=[1])
+    assert torch.isnan(table.per_prompt_direct[0]).all() and not torch.isnan(table.per_prompt_direct[1]).any()
+    assert table.table.abs_direct_effect.iloc[4:].notna().all()
+    raises_exactly(OutOfRangeError, "position", patching.head_patching, model, CLEAN, CORRUPT, metric, position=7)

@@ -34,13 +34,13 @@ def study(model):
 
 
 def test_study_table_has_every_ranking_against_every_truth(study):
-    assert list(study.truths) == ["|zero ablation|", "|mean ablation|", "|patching|"]
+    assert list(study.truths) == ["|zero ablation|", "|mean ablation|", "|patching|", "|direct patching|"]
     assert list(study.rankings) == [
         "ALTI head share", "|ALTI-Logit head total|", "routes (logit)", "routes (proximity)",
         "attention off the first token", "max attention (not first)",
     ]
     t = study.table
-    assert len(t) == 3 * 6 * 2 and set(t.heads) == {"all 2 layers", "layers 1-1"}
+    assert len(t) == 4 * 6 * 2 and set(t.heads) == {"all 2 layers", "layers 1-1"}
     assert t.spearman.between(-1, 1).all() and t.top2.between(0, 2).all()
     assert all(r.shape == (2, 4) for r in [*study.rankings.values(), *study.truths.values()])
 
@@ -61,6 +61,7 @@ def test_study_numbers_come_from_the_methods(model, study):
     metric = ablation.logit_diff(CORRECT, WRONG)
     patched = patching.head_patching(model, TOKENS, CORRUPT, metric, attention_mask=MASK)
     torch.testing.assert_close(study.truths["|patching|"], patched.effects("abs_effect"))
+    torch.testing.assert_close(study.truths["|direct patching|"], patched.effects("abs_direct_effect"))
     t = study.table
     row = t[(t.truth == "|patching|") & (t.ranking == "routes (logit)") & (t.heads == "all 2 layers")].iloc[0]
     expected = compare.rank_agreement(study.rankings["routes (logit)"], patched.effects("abs_effect"), ks=(2, 4))

@@ -137,6 +137,11 @@ def test_marian_matches_reference(marian):
     close(res.by_layer, ref["by_layer"])
     close(res.tokens, ref["tokens"])
     assert float(res.tokens[:, :6].abs().sum()) > 0 and float(res.tokens[:, 6:].abs().sum()) > 0
+    # sinks are not examined for encoder-decoders (docs/spec.md §10a); top_tokens ranks source then target
+    assert res.sinks is None and float(res.sink.abs().sum()) == 0
+    top = res.top_tokens(11, batch=0)
+    assert sorted(p for p, _, _ in top) == list(range(11))
+    assert [v for _, _, v in top] == sorted(res.tokens[0].tolist(), reverse=True)
 
 
 @pytest.mark.parametrize("arch", ["marian", "bart", "m2m100", "mbart", "t5"])

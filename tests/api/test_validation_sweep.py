@@ -455,11 +455,32 @@ def test_circuit_comparison_arguments(gpt2):
 
 
 def test_circuit_comparison_on_a_bridge_that_ignores_pattern_edits():
-    bert = build_seq2seq("bert")[1]
-    err = raises_exactly(
-        InterventionNotSupportedError, "hook_pattern", ablation.circuit_comparison, bert, TOKENS, [(0, 1)]
-    )
-    assert "head_ablation" in str(err)
+    """TransformerLens 4.x's BERT bridge ignores hook_pattern edits: the heads' hook_z is zeroed instead.
+    Checked against the float64 reference ALTI of the Hugging Face model whose ablated heads have zero
+    value projections (their output is then 0 whatever they attend to), and its own logits."""
+    import copy
+
+    from tests.support.reference_seq2seq import reference_encoder
+
+    hf, bert = build_seq2seq("bert")
+    heads = [(0, 1), (1, 3)]
+    metric = ablation.logprob([5, 6], position=3)
+    comp = ablation.circuit_comparison(bert, TOKENS, heads, metric=metric)
+    assert comp.ablated_through == "hook_z"
+    ablated = copy.deepcopy(hf)
+    d_head = hf.config.hidden_size // hf.config.num_attention_heads
+    with torch.no_grad():
+        for layer, h in heads:
+            value = ablated.bert.encoder.layer[layer].attention.self.value
+            value.weight[h * d_head : (h + 1) * d_head] = 0
+            value.bias[h * d_head : (h + 1) * d_head] = 0
+    ref = reference_encoder(ablated, TOKENS)
+    torch.testing.assert_close(comp.after.rollout.double(), ref["rollout"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(comp.after.layers.double(), ref["l1"], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        expected = metric(ablated(TOKENS).logits)
+    assert comp.metric_after == pytest.approx(float(expected.mean()), abs=1e-4)
+    assert not torch.allclose(comp.before.rollout, comp.after.rollout)
 
 
 def test_token_deletion_arguments(gpt2):

@@ -61,9 +61,12 @@ def test_demo_shows_the_head_ranking_comparison(tmp_path, capsys):
     out = tmp_path / "demo.html"
     assert main(["demo", "--prompts", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "head rankings vs |intervention effect| over all 270 heads" in text
-    for name in ("ALTI head share", "|ALTI-Logit head total|", "routes (logit)", "|patching|", "|zero ablation|"):
+    assert "each ranking against the ground truth of its kind, over all 270 heads" in text
+    for name in ("ALTI head share", "|ALTI-Logit head total|", "routes (logit)", "|patching|", "|zero ablation|",
+                 "|direct patching|", "set aside: attention sink 0 '<|im_start|>'"):
         assert name in text, name
+    top = text.split("of prompt 0:")[1].splitlines()[1]
+    assert "' Mary'" in top  # the IO name leads once the sink is set aside (docs/spec.md §10)
     html = out.read_text()
     assert "Head rankings vs interventions" in html and "Information-flow routes" in html
 
@@ -82,10 +85,14 @@ def test_demo_pipeline_on_a_tiny_model(monkeypatch, tmp_path, capsys):
     out = tmp_path / "demo.html"
     assert main(["demo", "--prompts", "2", "--out", str(out), "--top", "3"]) == 0
     text = capsys.readouterr().out
-    assert "head rankings vs |intervention effect| over all 8 heads" in text
+    assert "each ranking against the ground truth of its kind, over all 8 heads" in text
     assert "contrastive ALTI-Logit (' t5' − ' t6') of prompt 0" in text
-    for name in ("ALTI head share", "|ALTI-Logit head total|", "routes (logit)", "|patching|", "|zero ablation|"):
+    for name in ("ALTI head share", "|ALTI-Logit head total|", "routes (logit)", "|patching|", "|zero ablation|",
+                 "|direct patching|", "where |ALTI-Logit head total| ranks them"):
         assert name in text, name
+    matched = text.split("each ranking against the ground truth of its kind")[1].split("every other pair")[0]
+    assert "|ALTI-Logit head total|" in matched and "|direct patching|" in matched  # docs/spec.md §11
+    assert "ALTI head share" not in matched
     html = out.read_text()
     for heading in ("Head rankings vs interventions", "Information-flow routes", "Pick a position, scrub"):
         assert heading in html, heading

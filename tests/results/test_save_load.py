@@ -46,6 +46,8 @@ def test_round_trip_decoder(gpt2, tmp_path):
     _assert_same(res, back)
     assert torch.isnan(back.reconstruction_error).all()  # check=False is kept as NaN
     assert back.top_sources(-1, k=3, batch=1) == res.top_sources(-1, k=3, batch=1)
+    assert back.sinks is not None and back.sinks.dtype == torch.bool  # docs/spec.md §10: sinks travel too
+    torch.testing.assert_close(back.sink_share, res.sink_share)
     assert back.to_dataframe("heads").equals(res.to_dataframe("heads"))
     header = read_header(path)
     assert header["versions"]["lens_alti"] == lens_alti.__version__
