@@ -1,10 +1,11 @@
-"""How `attribute` runs: a source of blocks, one plan per model family, and the result it assembles.
+"""How `attribute` runs: one plan per model family and way of reading, and the result it assembles.
 
-A *source* hands every block of a layout to a callback: `CacheSource` reads them from an
-ActivationCache, `StreamSource` from a forward pass it runs (each block as soon as its
-activations exist, then dropped). A *plan* (`self_attention`, `encoder_decoder`, `merged`) knows
-the stacks of its family — which blocks, which masks, which receivers — and assembles the result;
-it does not care where the blocks come from. `measure_stacks` is the one loop in between.
+A *plan* knows the stacks of its family — which blocks, which masks, which receivers — and
+assembles the result; it does not care where the blocks come from (a source,
+`lens_alti.api.sources`). The bottom-up plans (`self_attention`, `encoder_decoder`, `merged`)
+take every block as the source hands it over; `measure_stacks` is the one loop in between.
+`top_down` (decoder-only and encoder models with `positions=`) reads the layers from the top,
+one at a time, and pushes the rollout rows of the explained positions down (docs/spec.md §10).
 """
 
 from __future__ import annotations
@@ -19,129 +20,21 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from lens_alti.alti.collect import LayerCollector, StackResults
-from lens_alti.alti.memory import BlockShape, attribute_memory_check
+from lens_alti.alti.contributions import block_contributions, head_output_contributions
+from lens_alti.alti.masking import check_declared_padding
 from lens_alti.alti.prepare import StackChecks, block_vectors
 from lens_alti.alti.rollout import encoder_decoder_rollout, split_merged, split_merged_heads
+from lens_alti.alti.rows import RowWise
+from lens_alti.alti.topdown import RowRollout
 from lens_alti.api.inputs import no_decoder_mask, receivers, token_labels, valid_mask
 from lens_alti.api.options import AltiOptions
+from lens_alti.api.sources import CacheSource, Inputs, ReplaySource, Source
 from lens_alti.errors import UnsupportedModelError
-from lens_alti.reading import ModelLayout, check_hooks
-from lens_alti.reading.cache import check_decoder_input
+from lens_alti.reading import ModelLayout
 from lens_alti.reading.records import AttentionBlock
-from lens_alti.reading.stream import forward_inputs, stream_blocks
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
 
-OnBlock = Callable[[str, int, AttentionBlock], None]
-
-
-@dataclass(frozen=True)
-class Lengths:
-    """The sizes a plan needs: batch, source (or only) length, target length (encoder-decoders), device."""
-
-    batch: int
-    source: int
-    target: int | None
-    device: torch.device
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What the user passed besides the options: masks, receivers of interest, labels, where results go."""
-
-    attention_mask: Any = None
-    decoder_attention_mask: Any = None
-    positions: Any = None
-    tokens: Any = None  # ids or token strings, for labels
-    decoder_tokens: Any = None
-    output_device: torch.device | str | None = None
-    progress: bool | None = None
-
-
-class CacheSource:
-    """Blocks read from an ActivationCache (every hook the layout reads must be in it)."""
-
-    streaming = False
-
-    def __init__(self, cache: Any, model: Any, layout: ModelLayout) -> None:
-        check_hooks(cache, layout)
-        self.cache, self.model, self.layout = cache, model, layout
-
-    def lengths(self) -> Lengths:
-        blocks, cache = self.layout.blocks, self.cache
-        if self.layout.family != "encoder_decoder":
-            first = cache[blocks["self"][0].hooks[0]]  # [b, h, q, k] pattern, or [b, pos, d] for a mixer layer
-            batch, pos = first.shape[0], (first.shape[-1] if first.dim() == 4 else first.shape[1])
-            return Lengths(batch, pos, None, first.device)
-        enc = blocks["encoder"]
-        batch, _, _, src = enc[0].pattern_shape(cache)
-        if "merged" in blocks:
-            tgt = blocks["merged"][0].pattern_shape(cache)[2]  # [b, h, tgt, tgt + src]
-        else:
-            tgt = blocks["decoder_self"][0].pattern_shape(cache)[-1]
-        return Lengths(batch, src, tgt, cache[enc[0].hooks[0]].device)
-
-    def check_memory(self, options: AltiOptions) -> None:
-        """Refuse early (InsufficientMemoryError) when the results and one layer's work cannot fit."""
-        cache, layout = self.cache, self.layout
-        d_model = int(getattr(getattr(self.model, "cfg", None), "d_model", 0) or 0)
-        shapes = []
-        for readers in layout.blocks.values():
-            if not readers or readers[0].hooks[0] not in cache.keys() or len(readers[0].pattern_shape(cache)) != 4:
-                continue
-            batch, n_heads, queries, keys = readers[0].pattern_shape(cache)  # [batch, head, query, key]
-            channels = max(r.channels_per_head for r in readers)  # per-channel output gates: head·d_head channels
-            shapes.append(BlockShape(len(readers), batch, n_heads * channels, queries, keys, d_model))
-        device = cache[next(iter(layout.blocks.values()))[0].hooks[0]].device
-        size = torch.finfo(options.dtype).bits // 8
-        attribute_memory_check(
-            shapes, heads=options.heads, max_chunk_bytes=options.max_chunk_bytes, device=device, element_size=size
-        )
-
-    def check_target(self, decoder_tokens: Any, allow_shifted_source: bool) -> None:
-        """Refuse an encoder-decoder cache that was run without a target (unless allowed)."""
-        if not allow_shifted_source:
-            check_decoder_input(self.cache, decoder_tokens)
-
-    def run(self, kinds: list[str], on_block: OnBlock) -> None:
-        for kind in kinds:
-            for layer, reader in enumerate(self.layout.blocks[kind]):
-                on_block(kind, layer, reader.build(self.cache))
-
-
-class StreamSource:
-    """Blocks read from one forward pass of the model on `tokens` (the full cache never exists)."""
-
-    streaming = True
-
-    def __init__(
-        self, model: Any, layout: ModelLayout, tokens: Tensor, decoder_tokens: Tensor | None, inputs: Inputs
-    ) -> None:
-        if "merged" in layout.blocks:  # T5Gemma2: one decoder block over [target ; source] (reading/merged.py)
-            raise UnsupportedModelError(
-                f"{layout.architecture}: attribute(model, tokens) does not stream merged self+cross attention; run "
-                "`_, cache = model.run_with_cache(src, decoder_input=tgt)` and pass the cache"
-            )
-        self.model, self.layout, self.tokens, self.decoder_tokens = model, layout, tokens, decoder_tokens
-        self.forward = forward_inputs(
-            model, layout, tokens, inputs.attention_mask, decoder_tokens, inputs.decoder_attention_mask
-        )
-
-    def lengths(self) -> Lengths:
-        batch, src = self.tokens.shape
-        tgt = None if self.decoder_tokens is None else self.decoder_tokens.shape[-1]
-        return Lengths(batch, src, tgt, self.tokens.device)
-
-    def check_memory(self, options: AltiOptions) -> None:
-        """Streaming holds one layer at a time; its results are checked as the collectors allocate them."""
-
-    def check_target(self, decoder_tokens: Any, allow_shifted_source: bool) -> None:
-        """The target prefix is what the model runs on: nothing to check."""
-
-    def run(self, kinds: list[str], on_block: OnBlock) -> None:
-        stream_blocks(self.model, self.layout, self.forward, on_block)
-
-
-Source = CacheSource | StreamSource
+Plan = Callable[[Source, Inputs, AltiOptions], AltiResult | Seq2SeqAltiResult]
 
 
 @dataclass
@@ -206,6 +99,7 @@ def measure_stacks(
         s.collector.add(layer, *vectors)
         bar.update(1)
 
+    assert not isinstance(source, ReplaySource)  # internal: plan_for gives a replay to top_down only
     try:
         source.run(list(stacks), on_block)
     finally:
@@ -299,11 +193,103 @@ def merged(source: Source, inputs: Inputs, options: AltiOptions) -> Seq2SeqAltiR
     )
 
 
-def plan_for(layout: ModelLayout) -> Callable[[Source, Inputs, AltiOptions], AltiResult | Seq2SeqAltiResult]:
-    """The plan of the layout's family."""
+def reads_top_down(layout: ModelLayout, positions: Any) -> bool:
+    """`positions` given, and a stack of attention layers each readable on its own (decoders, encoders):
+    the `top_down` plan."""
+    readers = layout.blocks.get("self", [])
+    return positions is not None and layout.family in ("decoder", "encoder") and bool(readers) and all(
+        r.rows for r in readers
+    )
+
+
+def plan_for(source: Source, inputs: Inputs) -> Plan:
+    """The plan of the source's layout: `top_down` for a few positions where a cache or a replay gives the
+    layers one by one, else the bottom-up plan of the family."""
+    layout = source.layout
+    if isinstance(source, (CacheSource, ReplaySource)) and reads_top_down(layout, inputs.positions):
+        return top_down
     if layout.family != "encoder_decoder":
         return self_attention
     return merged if "merged" in layout.blocks else encoder_decoder
+
+
+def top_down(source: Source, inputs: Inputs, options: AltiOptions) -> AltiResult:
+    """Decoder-only and encoder models with `positions=`: every layer read once, from the top (docs/spec.md §10).
+
+    Per layer: the contribution rows of the explained positions (`layers`), their per-head
+    contributions with `heads=True`, and every rollout row pushed one layer down
+    (`alti.topdown.RowRollout`; the rows `e_p` of layer l are added before its own block). The
+    numbers are those of `self_attention`, up to the order of the rollout's float sums.
+    """
+    assert isinstance(source, (CacheSource, ReplaySource))  # internal: plan_for gives this plan those sources
+    layout, n = source.layout, source.lengths()
+    no_decoder_mask(inputs.decoder_attention_mask, layout.architecture)
+    valid = valid_mask(inputs.attention_mask, n.batch, n.source, n.device, "attention_mask")
+    positions = receivers(inputs.positions, valid)
+    assert positions is not None  # internal: this plan runs with positions
+    readers = layout.blocks["self"]
+    if isinstance(source, CacheSource):  # the cache's padding must be the declared one (docs/spec.md §1h)
+        first = readers[0].build(source.cache)
+        check_declared_padding(first, valid, causal=layout.family == "decoder", mask_name="attention_mask")
+    where = torch.device(inputs.output_device) if inputs.output_device is not None else n.device
+    roll = RowRollout(n.batch, n.source, options.dtype, where)
+    layers = torch.zeros(n.batch, len(readers), positions.shape[1], n.source, dtype=options.dtype, device=where)
+    heads: list[tuple[Tensor, ...]] = []
+    injected: list[slice] = []
+    errors: list[float] = []
+    bar = progress_bar(inputs.progress, n.source, len(readers))
+    try:
+        for layer in reversed(range(len(readers))):
+            block = RowWise(readers[layer].build(source.store(layer)), valid, valid, dtype=options.dtype,
+                            check=options.check)
+            injected.insert(0, roll.add(one_hot(positions.to(where), n.source, options.dtype)))
+            kept, err = roll.through(block, options.measure, keep=positions, max_chunk_bytes=options.max_chunk_bytes,
+                                     backend=options.backend)
+            assert kept is not None  # internal: the positions' rows are always kept
+            layers[:, layer] = kept[..., : n.source].to(where)
+            errors.insert(0, err)
+            if options.heads:
+                heads.insert(0, head_rows(block, positions, options))
+            bar.update(1)
+    finally:
+        bar.close()
+    out = StackResults(layers=layers, errors=torch.tensor(errors, dtype=torch.float64))
+    out.rollout = torch.stack([roll.vectors[:, rows] for rows in injected], 1)
+    if heads:
+        stack_heads(out, heads)
+    labels = token_labels(source.model, inputs.tokens, n.batch, n.source)
+    return self_result(out, valid, layout, options.measure, labels, positions)
+
+
+def one_hot(positions: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """`[b, r, n]` rows e_p for the positions `[b, r]`."""
+    out = torch.zeros(*positions.shape, n, dtype=dtype, device=positions.device)
+    return out.scatter_(2, positions[..., None], 1.0)
+
+
+def head_rows(block: RowWise, positions: Tensor, options: AltiOptions) -> tuple[Tensor, ...]:
+    """Per-head contributions (docs/spec.md §3) of the explained rows: heads, residual, head outputs, residual."""
+    tv, _ = block.vectors(positions)
+    key_mask = None if bool(block.valid_k.all()) else block.valid_k
+    hc = block_contributions(tv, "l1", heads=True, key_mask=key_mask, max_chunk_bytes=options.max_chunk_bytes,
+                             backend=options.backend)
+    outputs, outputs_residual = head_output_contributions(tv)
+    assert hc.heads is not None and hc.heads_residual is not None  # internal: computed with heads=True
+    return hc.heads, hc.heads_residual, outputs, outputs_residual
+
+
+def stack_heads(out: StackResults, rows: list[tuple[Tensor, ...]]) -> None:
+    """Stack the layers' per-head rows into `out`, refusing layers with different head counts."""
+    counts = sorted({r[0].shape[1] for r in rows})
+    if len(counts) > 1:
+        raise UnsupportedModelError(
+            f"per-head results need one head count for every layer, but the layers have {counts} heads "
+            "(per-layer head counts, e.g. Laguna); use heads=False"
+        )
+    where = out.layers.device
+    out.heads, out.heads_residual, out.head_outputs, out.head_outputs_residual = (
+        torch.stack([r[i] for r in rows], 1).to(where) for i in range(4)
+    )
 
 
 # ------------------------------------------------------------------ assembling results

@@ -79,7 +79,7 @@ def head_heatmap(result: AltiResult, position: int = -1, *, batch: int = 0) -> A
         )
     keep, labels = _labels(result, batch)
     pos = check_position("position", position, result.attention_mask[batch], where=f"batch item {batch}")
-    share = result.head_outputs[batch, :, :, pos]
+    share = result.head_outputs[batch, :, :, result.row_of(pos, batch)]
     fig = go.Figure(
         go.Heatmap(
             z=share.tolist(),
@@ -104,7 +104,7 @@ def saliency_bar(result: AltiResult, position: int = -1, *, batch: int = 0, laye
     batch = _checked(result, batch)
     keep, labels = _labels(result, batch)
     pos = check_position("position", position, result.attention_mask[batch], where=f"batch item {batch}")
-    row = result.rollout[batch, _layer_index(result.n_layers, layer), pos][keep]
+    row = result.rollout[batch, _layer_index(result.n_layers, layer), result.row_of(pos, batch)][keep]
     bar = go.Bar(x=labels, y=row.tolist(), marker_color="#2b6cb0", hovertemplate="%{x}: %{y:.4f}<extra></extra>")
     fig = go.Figure(bar)
     fig.update_layout(title=f"ALTI rollout for position {labels[keep.index(pos)]}", yaxis_title="contribution")
