@@ -159,6 +159,16 @@ def value_vectors(block: AttentionBlock, dtype: torch.dtype = torch.float32) -> 
     return _centre(vo) if norm is not None and norm.kind == "layernorm" else vo
 
 
+def _attend(A: Float[Tensor, "b h r k"], v: Float[Tensor, "b k h e"]) -> Float[Tensor, "b r h e"]:
+    """`z = A @ v` for some receivers' rows, over the keys some row attends to only (a chunk of a causal
+    block reads no key after its last receiver, a sliding window only its window)."""
+    cols = (A.abs().amax(dim=(0, 1, 2)) > 0).nonzero().flatten()
+    if len(cols) == 0:
+        return A.new_zeros(A.shape[0], A.shape[2], A.shape[1], v.shape[-1])
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    return torch.einsum("bhqk,bkhe->bqhe", A[..., lo:hi], v[:, lo:hi])
+
+
 def causal_rows(A: Float[Tensor, "b h r k"], receivers: Int[Tensor, "b r"], valid_rows: Tensor | None = None) -> bool:
     """True when no receiver row attends to a source after its own position `receivers[b, r]`."""
     later = torch.arange(A.shape[-1], device=A.device) > receivers[..., None].to(A.device)  # [b, r, k]
@@ -219,7 +229,7 @@ def decompose(
         bias = bias_vec.expand(b, q, d)
 
     # Σ_j Σ_h A·VO through z = A @ v, far cheaper than summing VO over (i, j).
-    z = torch.einsum("bhqk,bkhe->bqhe", A, v)
+    z = _attend(A, v) if block.receivers is not None else torch.einsum("bhqk,bkhe->bqhe", A, v)
     attn = torch.einsum("bqhe,hed->bqd", z, W_O)
     if norm is not None and norm.kind == "layernorm":
         attn = _centre(attn)

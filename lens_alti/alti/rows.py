@@ -81,8 +81,12 @@ def row_block(block: AttentionBlock, positions: Int[Tensor, "b r"]) -> Attention
 
 
 def _check_finite(name: str, what: str, t: Tensor, valid: Tensor, layer: int) -> None:
+    """NonFiniteError for NaN or Inf at a real position (`valid` broadcast from the left); boolean temporaries only."""
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return
     keep = valid.view(*valid.shape, *([1] * (t.dim() - valid.dim())))
-    if not torch.isfinite(torch.where(keep, t, 0)).all():
+    if bool((bad & keep).any()):
         raise NonFiniteError(f"{name}: the cache holds NaN or Inf in its {what} (layer {layer})")
 
 
@@ -127,7 +131,8 @@ class RowWise:
         block = _isolate_rows(block, valid_rows, self.valid_k)
         if self.check:
             tolerance = 10 * HALF_TOLERANCE.get(block.pattern.dtype, 1e-4)
-            check_pattern_distribution(block, valid_rows, self.valid_k, tolerance)
+            keys = None if bool(self.valid_k.all()) else self.valid_k  # padded keys are 0 already: no masked copy
+            check_pattern_distribution(block, valid_rows, keys, tolerance)
         tv = decompose(block, dtype=self.dtype, valid_rows=valid_rows, vo=self.vo)
         if not self.check:
             return tv, float("nan")

@@ -24,8 +24,9 @@ from torch import Tensor
 from lens_alti.alti.contributions import DEFAULT_CHUNK_BYTES, block_contributions
 from lens_alti.alti.rows import RowWise, gather_rows
 
-# Working copies of a chunk's attention rows (recomputed rows, their masking, the decomposition's copy).
-_ROW_COPIES = 3
+# Copies of a chunk's attention rows alive at once (the rows, a masked copy under padding, and the
+# temporaries of recomputing or checking them), counted in the chunk's budget.
+_ROW_COPIES = 4
 
 
 def chunk_rows(

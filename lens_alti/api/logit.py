@@ -292,6 +292,7 @@ def direct_parts(
         if roll is not None:
             roll.through(block, "l1", max_chunk_bytes=max_chunk_bytes)  # the layers above: one layer further down
             roll.add(upd.heads.sum(1)[:, None])
+        del record, block, upd  # one layer at a time: dropped before the next one is read
     embedded = run.store(0)[run.logit_layout.embedding_hook]
     parts.embedding = (_rows(embedded, rows, 1)[:, 0].to(dtype) * w).sum(-1)
     parts.activation_dtype = embedded.dtype

@@ -250,6 +250,7 @@ def top_down(source: Source, inputs: Inputs, options: AltiOptions) -> AltiResult
             errors.insert(0, err)
             if options.heads:
                 heads.insert(0, head_rows(block, positions, options))
+            del block  # one layer at a time: dropped before the next one is read
             bar.update(1)
     finally:
         bar.close()

@@ -51,15 +51,26 @@ NAME = "lens_alti_rows"
 # tests/reading/test_efficient.py; the predicate refuses configurations that bypass the interface.
 SUPPORTED: dict[str, Callable[[Any], bool]] = {
     "GPT2Attention": lambda m: not getattr(m, "reorder_and_upcast_attn", False),
+    "GPTJAttention": lambda m: True,
+    "GPTNeoXAttention": lambda m: True,
+    "OPTAttention": lambda m: True,
     "LlamaAttention": lambda m: True,
     "MistralAttention": lambda m: True,
+    "MixtralAttention": lambda m: True,
     "Qwen2Attention": lambda m: True,
     "Qwen3Attention": lambda m: True,
-    "GPTNeoXAttention": lambda m: True,
+    "Qwen3MoeAttention": lambda m: True,
     "Gemma2Attention": lambda m: True,
     "Gemma3Attention": lambda m: True,
+    "OlmoAttention": lambda m: True,
     "Olmo2Attention": lambda m: True,
+    "PhiAttention": lambda m: True,
     "Phi3Attention": lambda m: True,
+    "Starcoder2Attention": lambda m: True,
+    "GraniteAttention": lambda m: True,
+    "CohereAttention": lambda m: True,
+    "SmolLM3Attention": lambda m: True,
+    "FalconAttention": lambda m: not getattr(getattr(m, "config", None), "alibi", False),
 }
 
 # Bytes of one chunk of query rows' scores when the output is computed in chunks.
@@ -165,15 +176,15 @@ class RecomputedPattern:
         lo, hi = _key_range(allowed, n_k)
         k = self.k[:, :, lo:hi]
         scores = (q.view(b, h_kv, h // h_kv, r, e) @ k[:, :, None].transpose(-1, -2)).view(b, h, r, hi - lo)
-        scores = scores * self.scaling
+        scores.mul_(self.scaling)  # in place: one [b, h, r, k] tensor at a time
         if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
+            scores = scores.div_(self.softcap).tanh_().mul_(self.softcap)
         if allowed is not None:
             part = allowed[..., lo:hi]
             if part.dtype == torch.bool:
-                scores = scores.masked_fill(~part, torch.finfo(scores.dtype).min)
+                scores.masked_fill_(~part, torch.finfo(scores.dtype).min)
             else:
-                scores = scores + part.to(scores.dtype)
+                scores.add_(part.to(scores.dtype))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
         if (lo, hi) == (0, n_k):
             return probs
