@@ -3,9 +3,12 @@
 Rows (each measured in a fresh process, after the model is loaded and warmed on 16 tokens; the
 input is README text tokenised and repeated to n tokens):
 
-- `bare-eager`   the bridge's own forward pass, no hooks, no lens_alti (eager attention);
-- `bare-sdpa`    the same forward pass with the memory-efficient attention lens_alti runs
-                 (`reading.efficient.recomputed_attention`), no hooks;
+- `bare-eager`   the bridge's own forward pass as a user calls it, no hooks, no lens_alti (eager
+                 attention, the logits of every position);
+- `bare-sdpa`    the forward pass with the memory-efficient attention lens_alti runs
+                 (`reading.efficient.recomputed_attention`), no hooks, the logits of the last
+                 position only (`logits_to_keep=1`; at n = 32768 a vocabulary of 262144 would
+                 need 34 GB of logits): the floor of any method that runs the model;
 - `attribute`    `attribute(model, tokens=ids, positions=[-1])` (default attention="auto");
 - `attribute-eager`  the same with attention="eager";
 - `attribute-cache`  `run_with_cache(ids)` + `attribute(cache, positions=[-1])` (timed together);
@@ -105,7 +108,7 @@ def run_row(row: str, model: Any, ids: torch.Tensor, target: int) -> dict[str, A
         return {}
     if row == "bare-sdpa":
         with recomputed_attention(model):
-            model(ids, return_type=None, use_cache=False)
+            model(ids, return_type=None, use_cache=False, logits_to_keep=1)
         return {}
     if row.startswith("attribute"):
         if row == "attribute-cache":

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lens_alti.alti.contributions import normalise_rows
 from lens_alti.alti.decompose import (
     HALF_TOLERANCE,
     RECONSTRUCTION_TOLERANCE,
@@ -142,10 +143,13 @@ class RowWise:
 
 def _isolate_rows(block: AttentionBlock, valid_rows: Tensor, valid_k: Tensor) -> AttentionBlock:
     """Padded receivers' rows and padded sources' columns set to 0 (the values were zeroed once per block);
-    real rows that attend to padding are refused (the mask is not the one the model ran with)."""
+    real rows that attend to padding are refused (the mask is not the one the model ran with), as
+    `lens_alti.alti.prepare.masked_block` does for whole blocks (docs/spec.md §1h)."""
     if bool(valid_rows.all()) and bool(valid_k.all()):
         return block
     pattern = block.pattern
+    if block.padding_unmasked:  # recomputed without the padding mask: renormalised over the real keys (§1h)
+        pattern = normalise_rows(pattern * valid_k[:, None, None, :].to(pattern.dtype))
     leak = leaked_attention(pattern.abs(), valid_rows, valid_k)
     if leak > MASK_LEAK_TOLERANCE:
         raise MaskMismatchError(

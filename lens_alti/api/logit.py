@@ -390,7 +390,8 @@ def explained_masks(
         valid = valid_mask(run.attention_mask, n.batch, n.source, n.device, "attention_mask")
         if isinstance(run.source, CacheSource):
             first = run.layout.blocks["self"][0].build(run.cache)
-            check_declared_padding(first, valid, causal=True, mask_name="attention_mask")
+            if first.pattern_is_distribution:  # attention, not a mixer's operator (as attribute checks)
+                check_declared_padding(first, valid, causal=True, mask_name="attention_mask")
         return valid, None
     x0 = run.cache[run.logit_layout.embedding_hook]
     (batch, pos), device = x0.shape[:2], x0.device

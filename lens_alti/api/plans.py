@@ -230,7 +230,8 @@ def top_down(source: Source, inputs: Inputs, options: AltiOptions) -> AltiResult
     readers = layout.blocks["self"]
     if isinstance(source, CacheSource):  # the cache's padding must be the declared one (docs/spec.md §1h)
         first = readers[0].build(source.cache)
-        check_declared_padding(first, valid, causal=layout.family == "decoder", mask_name="attention_mask")
+        if first.pattern_is_distribution:
+            check_declared_padding(first, valid, causal=layout.family == "decoder", mask_name="attention_mask")
     where = torch.device(inputs.output_device) if inputs.output_device is not None else n.device
     roll = RowRollout(n.batch, n.source, options.dtype, where)
     layers = torch.zeros(n.batch, len(readers), positions.shape[1], n.source, dtype=options.dtype, device=where)
