@@ -98,10 +98,12 @@ def prompt_ids(model: Any, n: int, gemma3: bool) -> torch.Tensor:
     return ids.repeat(reps)[:n][None]
 
 
-def run_row(row: str, model: Any, ids: torch.Tensor, target: int) -> dict[str, Any]:
-    """Call the row's entry point; the numbers worth comparing across rows."""
+def run_row(row: str, model: Any, ids: torch.Tensor, target: int, chunk: int | None = None) -> dict[str, Any]:
+    """Call the row's entry point (`chunk`: its max_chunk_bytes, default lens_alti's); the numbers worth comparing."""
     import lens_alti
     from lens_alti.reading.efficient import recomputed_attention
+
+    knob = {} if chunk is None else {"max_chunk_bytes": chunk}
 
     if row == "bare-eager":
         model(ids, return_type=None)
@@ -113,16 +115,16 @@ def run_row(row: str, model: Any, ids: torch.Tensor, target: int) -> dict[str, A
     if row.startswith("attribute"):
         if row == "attribute-cache":
             _, cache = model.run_with_cache(ids)
-            res = lens_alti.attribute(cache, positions=[-1])
+            res = lens_alti.attribute(cache, positions=[-1], **knob)
             del cache
         else:
             attention = "eager" if "eager" in row else "auto"
-            res = lens_alti.attribute(model, tokens=ids, positions=[-1], attention=attention)
+            res = lens_alti.attribute(model, tokens=ids, positions=[-1], attention=attention, **knob)
         error = float(res.reconstruction_error.max())
         return {"rollout": res.rollout[0, :, 0].clone(), "max_reconstruction_error": error}
     if row.startswith("logit"):
         res = lens_alti.logit_attribution(model, target, tokens=ids, position=-1,
-                                          attention="eager" if "eager" in row else "auto")
+                                          attention="eager" if "eager" in row else "auto", **knob)
         return {"by_layer": res.by_layer[0].clone(), "completeness_gap": float(res.completeness_gap.abs().max())}
     if row == "routes":
         graph = lens_alti.routes(model, -1, target=target, tokens=ids)
@@ -130,7 +132,7 @@ def run_row(row: str, model: Any, ids: torch.Tensor, target: int) -> dict[str, A
     raise ValueError(row)
 
 
-def worker(row: str, n: int, gemma3: bool, save: str) -> None:
+def worker(row: str, n: int, gemma3: bool, save: str, chunk: int | None = None) -> None:
     """One row at one n, in this (fresh) process: prints `RESULT {json}`."""
     from bench_alti import PeakMemory
 
@@ -138,11 +140,11 @@ def worker(row: str, n: int, gemma3: bool, save: str) -> None:
     model = load(gemma3)
     ids = prompt_ids(model, n, gemma3)
     target = 1000 if gemma3 else int(model.to_single_token(" the"))
-    run_row(row, model, ids[:, :16], target)  # warm: kernels, the registered attention, first-call costs
+    run_row(row, model, ids[:, :16], target, chunk)  # warm: kernels, the registered attention, first-call costs
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     with PeakMemory(torch.device("cpu")) as mem:
         t0 = time.perf_counter()
-        out = run_row(row, model, ids, target)
+        out = run_row(row, model, ids, target, chunk)
         seconds = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -151,7 +153,7 @@ def worker(row: str, n: int, gemma3: bool, save: str) -> None:
         torch.save(tensors, save)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     numbers = {k: v for k, v in out.items() if not isinstance(v, torch.Tensor)}
-    print("RESULT " + json.dumps({"row": row, "n": n, "seconds": seconds, "cpu_seconds": cpu,
+    print("RESULT " + json.dumps({"row": row, "n": n, "max_chunk_bytes": chunk, "seconds": seconds, "cpu_seconds": cpu,
                                   "peak_extra_mb": mem.extra / MB, "weights_mb": weights / MB, **numbers}), flush=True)
 
 
@@ -171,13 +173,14 @@ def available() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def measure(row: str, n: int, gemma3: bool, tmp: str, timeout: float) -> dict[str, Any]:
+def measure(row: str, n: int, gemma3: bool, tmp: str, timeout: float, chunk: int | None = None) -> dict[str, Any]:
     need = estimate_bytes(row, n, gemma3)
     free = available()
     if need > 0.8 * free:
         return {"row": row, "n": n, "skipped": f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB available"}
     save = os.path.join(tmp, f"{row}-{n}.pt")
     cmd = [sys.executable, __file__, "--worker", row, "--n", str(n), "--save", save] + (["--gemma3"] if gemma3 else [])
+    cmd += [] if chunk is None else ["--max-chunk-bytes", str(chunk)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -237,12 +240,13 @@ def main() -> None:
     parser.add_argument("--gemma3", action="store_true", help="a random Gemma-3-1B-shaped model (default n = 32768)")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per row")
     parser.add_argument("--json", help="write every number here")
+    parser.add_argument("--max-chunk-bytes", type=int, help="max_chunk_bytes of the lens_alti rows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--save", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.n, args.gemma3, args.save)
+        worker(args.worker, args.n, args.gemma3, args.save, args.max_chunk_bytes)
         return
     sizes = args.sizes or ([32768] if args.gemma3 else [1024, 2048, 4096, 8192])
     import lens_alti
@@ -254,7 +258,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             for row in args.rows:
-                r = measure(row, n, args.gemma3, tmp, args.timeout)
+                r = measure(row, n, args.gemma3, tmp, args.timeout, args.max_chunk_bytes)
                 r["load_after"] = _load_average()
                 results.append(r)
                 what = r.get("skipped") or (f"{r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s cpu, "
