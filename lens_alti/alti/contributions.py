@@ -129,8 +129,11 @@ def block_contributions(
             vo_tile = fresh(vo[bi, :, k0:k1])
             for i0, i1, end in chunks:
                 kk = min(k1, end) if tv.causal else k1  # causal: no source after the last receiver
+                a_tile = A[bi, :, i0:i1, k0:kk]
+                if tv.receivers is not None and not bool(a_tile.any()):
+                    continue  # no attention in this tile (a sliding window): every score is exactly 0
                 v = vo_tile if kk == k1 else fresh(vo_tile[:, : kk - k0])
-                args = (fresh(y[bi, i0:i1]), fresh(scale[bi, i0:i1]), fresh(A[bi, :, i0:i1, k0:kk]), v)
+                args = (fresh(y[bi, i0:i1]), fresh(scale[bi, i0:i1]), fresh(a_tile), v)
                 if both_kernel is not None and measure == "l1":
                     per_head, dist = both_kernel(*args)
                 else:

@@ -149,12 +149,50 @@ def check_pattern_distribution(
         )
 
 
+def value_vectors(block: AttentionBlock, dtype: torch.dtype = torch.float32) -> Float[Tensor, "b h k d"]:
+    """`VO[h, j] = v[j, h] @ W_O[h]` for every head and source, centred over `d` below a post-LayerNorm.
+
+    Depends on the sources only: row-wise work forms it once per block (`decompose(..., vo=)`).
+    """
+    vo = torch.einsum("bkhe,hed->bhkd", block.values.to(dtype), block.W_O.to(dtype))
+    norm = block.norm
+    return _centre(vo) if norm is not None and norm.kind == "layernorm" else vo
+
+
+def _attend(A: Float[Tensor, "b h r k"], v: Float[Tensor, "b k h e"]) -> Float[Tensor, "b r h e"]:
+    """`z = A @ v` for some receivers' rows, over the keys some row attends to only (a chunk of a causal
+    block reads no key after its last receiver, a sliding window only its window)."""
+    cols = (A.abs().amax(dim=(0, 1, 2)) > 0).nonzero().flatten()
+    if len(cols) == 0:
+        return A.new_zeros(A.shape[0], A.shape[2], A.shape[1], v.shape[-1])
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    return torch.einsum("bhqk,bkhe->bqhe", A[..., lo:hi], v[:, lo:hi])
+
+
+def causal_rows(A: Float[Tensor, "b h r k"], receivers: Int[Tensor, "b r"], valid_rows: Tensor | None = None) -> bool:
+    """True when no receiver row attends to a source after its own position `receivers[b, r]`."""
+    later = torch.arange(A.shape[-1], device=A.device) > receivers[..., None].to(A.device)  # [b, r, k]
+    if valid_rows is not None:
+        later = later & valid_rows[..., None].to(A.device)
+    return not bool((A != 0).logical_and(later[:, None]).any())
+
+
 def decompose(
     block: AttentionBlock,
     dtype: torch.dtype = torch.float32,
     valid_rows: Tensor | None = None,
+    vo: Float[Tensor, "b h k d"] | None = None,
 ) -> TransformedVectors:
-    """Turn a block record into factored transformed vectors, computed in `dtype`."""
+    """Turn a block record into factored transformed vectors, computed in `dtype`.
+
+    `vo`: the block's `value_vectors`, when already formed (row-wise work forms them once per
+    block). A record restricted to some receivers (`block.receivers`) keeps their positions.
+    """
+    if block.pattern_rows is not None:
+        raise LensAltiError(
+            f"{block.name}: its attention rows are recomputed on demand; read them with "
+            "lens_alti.alti.rows.pattern_at (a whole-block path was given a row-wise record)"
+        )
 
     def f(t: Tensor) -> Tensor:
         return t.to(dtype)
@@ -172,7 +210,7 @@ def decompose(
             f"{block.name}: channels_per_head = {G} does not divide the record's {h} channels (a reader bug)"
         )
 
-    vo = torch.einsum("bkhe,hed->bhkd", v, W_O)
+    vo = value_vectors(block, dtype) if vo is None else vo
     bias_vec = b_O if b_O is not None else torch.zeros(d, dtype=dtype, device=A.device)
     scale: Tensor | None = None
     residual = x
@@ -181,7 +219,6 @@ def decompose(
         weight = f(norm.weight)
         scale = weight / f(norm.scale)[..., None]  # [b, q, d]
         if norm.kind == "layernorm":
-            vo = _centre(vo)
             bias_vec = _centre(bias_vec)
         if norm.placement == "block":
             residual = scale * (_centre(x) if norm.kind == "layernorm" else x)
@@ -192,13 +229,18 @@ def decompose(
         bias = bias_vec.expand(b, q, d)
 
     # Σ_j Σ_h A·VO through z = A @ v, far cheaper than summing VO over (i, j).
-    z = torch.einsum("bhqk,bkhe->bqhe", A, v)
+    z = _attend(A, v) if block.receivers is not None else torch.einsum("bhqk,bkhe->bqhe", A, v)
     attn = torch.einsum("bqhe,hed->bqd", z, W_O)
     if norm is not None and norm.kind == "layernorm":
         attn = _centre(attn)
     if scale is not None:
         attn = attn * scale
     resultant = attn + residual + bias
+    diagonal = block.residual_column == "diagonal"
+    if block.receivers is None:
+        causal = diagonal and is_causal(A, valid_rows)
+    else:
+        causal = diagonal and causal_rows(A, block.receivers, valid_rows)
     return TransformedVectors(
         name=block.name,
         weights=A,
@@ -208,10 +250,11 @@ def decompose(
         bias=bias,
         resultant=resultant,
         residual_column=block.residual_column,
-        causal=block.residual_column == "diagonal" and is_causal(A, valid_rows),
+        causal=causal,
         z=z,
         W_O=W_O,
         centred=norm is not None and norm.kind == "layernorm",
+        receivers=block.receivers,
         channels_per_head=G,
     )
 

@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens_alti.alti.decompose import TransformedVectors, decompose, group_heads
+from lens_alti.alti.rows import RowWise, row_block
 
 if TYPE_CHECKING:  # records are the interface; alti never imports reading at run time
     from lens_alti.reading.records import AttentionBlock, NormAfterAttention
@@ -44,21 +45,8 @@ def restrict_rows(block: AttentionBlock, rows: Int[Tensor, " b"]) -> AttentionBl
     """
     from dataclasses import replace
 
-    norm = block.norm
-    if norm is not None:
-        norm = replace(norm, scale=_rows(norm.scale, rows, 1))
-    b_O = block.b_O
-    if b_O is not None and b_O.dim() == 3:  # a per-receiver bias (recurrent mixers)
-        b_O = _rows(b_O, rows, 1)
-    return replace(
-        block,
-        b_O=b_O,
-        pattern=_rows(block.pattern, rows, 2),
-        residual=_rows(block.residual, rows, 1),
-        target=_rows(block.target, rows, 1),
-        residual_column="last",  # the receiver's own source is no longer "the diagonal"
-        norm=norm,
-    )
+    # the receiver's own source is no longer "the diagonal"
+    return replace(row_block(block, rows.view(-1, 1)), residual_column="last", receivers=None)
 
 
 def channel_groups(block: AttentionBlock) -> int:
@@ -115,6 +103,39 @@ def attention_update(
     bias = (tv.bias[:, 0] * w).sum(-1)
     below, _ = _pass_norm(row_block.norm, w)
     return AttentionUpdate(heads=heads, bias=bias, below=below, tv=tv, row_block=row_block)
+
+
+@dataclass(frozen=True)
+class ExplainedUpdate:
+    """Logit updates of one block at the explained rows, from a `RowWise` block (docs/spec.md §7b).
+
+    `heads[b, h, k]`, `bias[b]` and `below[b, d]` as in `AttentionUpdate`; `error`: the explained
+    rows' relative reconstruction error (NaN when unchecked).
+    """
+
+    heads: Float[Tensor, "b h k"]
+    bias: Float[Tensor, " b"]
+    below: Float[Tensor, "b d"]
+    error: float
+
+
+def explained_update(block: RowWise, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"]) -> ExplainedUpdate:
+    """Δ^l[h, k] of a block prepared for row-wise work, at the explained rows `rows[b]`, for the direction `w`.
+
+    The rows are checked (NaN, padding, reconstruction) and decomposed by `block.vectors`, with the
+    block's value vectors formed once (`RowWise`).
+    """
+    tv, error = block.vectors(rows.view(-1, 1))
+    w = w.to(tv.vo.dtype)
+    sw = w if tv.scale is None else tv.scale[:, 0] * w  # [b, d]
+    vo_w = torch.einsum("bhkd,bd->bhk", tv.vo, sw)
+    heads = group_heads(tv.weights[:, :, 0, :] * vo_w, channel_groups(block.block))
+    bias = (tv.bias[:, 0] * w).sum(-1)
+    norm = block.block.norm
+    below = w
+    if norm is not None and norm.placement == "block":  # docs/spec.md §7b: the direction below a post-norm
+        below = sw - sw.mean(-1, keepdim=True) if norm.kind == "layernorm" else sw
+    return ExplainedUpdate(heads=heads, bias=bias, below=below, error=error)
 
 
 def write_update(

@@ -146,3 +146,62 @@ def attribute_memory_check(
     need = attribute_bytes(blocks, heads=heads, max_chunk_bytes=max_chunk_bytes, element_size=element_size)
     check_fits(need, device, "attribute", ATTRIBUTE_ADVICE)
     return need
+
+
+# ------------------------------------------------------------------ entry points that run the model
+
+RUN_ADVICE = (
+    "To fit: explain a shorter text or fewer texts at once, explain a few positions (`positions=`) instead of "
+    "all of them, leave `heads=False`, or lower `max_chunk_bytes`."
+)
+EAGER_ADVICE = (
+    "The model runs with eager attention here, which forms [head, n, n] scores in every layer{why}; models whose "
+    "attention lens_alti recomputes (attention='recomputed', docs/spec.md §9) never do."
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a forward pass of `batch` inputs of `pos` tokens holds, from the model's config."""
+
+    layers: int
+    batch: int
+    pos: int
+    heads: int
+    d_model: int
+    d_mlp: int
+    element_size: int = 4
+
+
+def eager_attention_bytes(s: ModelShape) -> int:
+    """One layer's eager attention: scores and probabilities `[b, h, n, n]`, and the additive mask `[b, 1, n, n]`."""
+    return (2 * s.heads + 1) * s.batch * s.pos * s.pos * s.element_size
+
+
+def layer_forward_bytes(s: ModelShape) -> int:
+    """One block's activations while it runs: about ten `d_model`-sized and three `d_mlp`-sized per position."""
+    return s.batch * s.pos * (10 * s.d_model + 3 * s.d_mlp) * s.element_size
+
+
+def replay_bytes(s: ModelShape, *, eager: bool, max_chunk_bytes: int, dtype_size: int = 4, results: int = 0) -> int:
+    """Peak extra memory of explaining a few positions layer by layer from the top (docs/spec.md §12).
+
+    The inputs of every layer (`L·b·n·d`), one layer run again (its activations, its eager
+    attention or the keys and values the recomputed attention expands), the layer's value vectors
+    `VO[b, h, n, d]` (twice: the explained rows and the rollout), one chunk of receivers
+    (`max_chunk_bytes`) and the results.
+    """
+    inputs = s.layers * s.batch * s.pos * s.d_model * s.element_size
+    attention = eager_attention_bytes(s) if eager else 2 * s.batch * s.pos * s.d_model * s.element_size + 2**26
+    vo = 2 * s.batch * s.heads * s.pos * s.d_model * dtype_size
+    return inputs + layer_forward_bytes(s) + attention + vo + max_chunk_bytes + results
+
+
+def stream_bytes(
+    s: ModelShape, blocks: list[BlockShape], *, heads: bool, max_chunk_bytes: int, element_size: int = 4
+) -> int:
+    """Peak extra memory of `attribute(model, tokens=...)` over all positions: the results, one layer's
+    eager forward pass and working set, and the running rollout `[b, n, n]`."""
+    rollout = 2 * s.batch * s.pos * s.pos * element_size
+    need = attribute_bytes(blocks, heads=heads, max_chunk_bytes=max_chunk_bytes, element_size=element_size)
+    return need + layer_forward_bytes(s) + eager_attention_bytes(s) + rollout

@@ -12,6 +12,7 @@ Model-agnostic: receives `AttentionBlock` records (batch size 1) and MLP outputs
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from lens_alti.alti.decompose import decompose, group_heads
 from lens_alti.alti.kernels import get_kernel
 from lens_alti.alti.logit import channel_groups
+from lens_alti.alti.rows import row_block
 from lens_alti.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -86,21 +88,7 @@ class Edge:
 
 def restrict_receivers(block: AttentionBlock, positions: Tensor) -> AttentionBlock:
     """The record (batch size 1) with only the receivers `positions` (sources untouched)."""
-    norm = block.norm
-    if norm is not None:
-        norm = replace(norm, scale=norm.scale[:, positions])
-    b_O = block.b_O
-    if b_O is not None and b_O.dim() == 3:  # a per-receiver bias (recurrent mixers)
-        b_O = b_O[:, positions]
-    return replace(
-        block,
-        b_O=b_O,
-        pattern=block.pattern[:, :, positions],
-        residual=block.residual[:, positions],
-        target=block.target[:, positions],
-        residual_column="last",
-        norm=norm,
-    )
+    return replace(row_block(block, positions.view(1, -1)), residual_column="last", receivers=None)
 
 
 def receiver_parts(
@@ -174,7 +162,7 @@ def logit_shares(values: Tensor) -> Tensor:
 
 
 def build_routes(
-    layers: list[RouteLayer],
+    layers: Sequence[RouteLayer],
     position: int,
     threshold: float,
     *,
@@ -196,12 +184,13 @@ def build_routes(
     - `logit_mode="column"`: the receivers at `position` in the top `logit_layers` layers (all by
       default) weight their own parts (heads, residual, MLP) by logit update instead of proximity.
     Returns (kept edges, head importance `[layer, head]`, node importance `{Node: float}`, number
-    of receivers computed per layer `[layer]`).
+    of receivers computed per layer `[layer]`). `layers` may read each layer when indexed: a layer
+    that no kept edge reaches is never asked for (except all of them once by the "direct" mode).
     """
     if logit_mode not in ("direct", "column"):
         raise ValueError(f"logit_mode must be 'direct' or 'column', got {logit_mode!r}")
     n_layers = len(layers)
-    graph = _Graph(n_layers, _head_count(layers), position)
+    graph = _Graph(n_layers, position)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -215,42 +204,55 @@ def build_routes(
     logit_from = 0 if logit_layers is None else n_layers - logit_layers
     for layer in range(n_layers - 1, -1, -1):
         weigh = direction if column and layer >= logit_from else None  # this layer's logit weighting
-        _mlp_edges(graph, layers[layer], layer, position, threshold, dtype, weigh)
-        _attention_edges(graph, layers[layer], layer, position, threshold, dtype, weigh)
+        if graph.reached[layer + 1, False] or graph.reached[layer + 1, True]:  # else the layer is never read
+            spec = graph.seen(layer, layers[layer])
+            _mlp_edges(graph, spec, layer, position, threshold, dtype, weigh)
+            _attention_edges(graph, spec, layer, position, threshold, dtype, weigh)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return graph.edges, graph.head_importance, graph.importance, graph.computed
-
-
-def _head_count(layers: list[RouteLayer]) -> int:
-    """The one number of heads of every layer (`head_importance[layer, head]` needs one)."""
-    counts = {layer.block.pattern.shape[1] // channel_groups(layer.block) for layer in layers}
-    if len(counts) > 1:
-        raise UnsupportedModelError(
-            f"routes: the layers have different numbers of heads ({sorted(counts)}; hybrid models, per-layer head "
-            "counts, mixers without heads count as one part): head_importance[layer, head] needs one head count"
-        )
-    return counts.pop()
+    return graph.edges, graph.head_importance(), graph.importance, graph.computed
 
 
 class _Graph:
     """The routes graph while it is built top-down from `top = Node(n_layers, position)`.
 
     `edges`: the kept edges, in the order kept; `importance[node]`: Σ over kept paths from the top
-    node of the product of weights; `head_importance[layer, head]` (float64); `computed[layer]`:
-    receivers computed per attention block; `reached[(level, mid)]`: the positions i whose node
-    `Node(level, i, mid)` is the source of a kept edge (or the top node): the receivers below.
+    node of the product of weights; `heads[layer, head]`: head importance, float64;
+    `computed[layer]`: receivers computed per attention block; `reached[(level, mid)]`: the
+    positions i whose node `Node(level, i, mid)` is the source of a kept edge (or the top node):
+    the receivers below; `counts[layer]`: the number of heads of each layer read.
     """
 
-    def __init__(self, n_layers: int, n_heads: int, position: int) -> None:
+    def __init__(self, n_layers: int, position: int) -> None:
+        self.n_layers = n_layers
         self.top = Node(n_layers, position)
         self.importance: dict[Node, float] = {self.top: 1.0}
-        self.head_importance = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.heads: defaultdict[tuple[int, int], float] = defaultdict(float)
+        self.counts: dict[int, int] = {}
         self.edges: list[Edge] = []
         self.computed: list[int] = [0] * n_layers
         self.reached: defaultdict[tuple[int, bool], set[int]] = defaultdict(set)
+
+    def seen(self, layer: int, spec: RouteLayer) -> RouteLayer:
+        """Note layer `layer`'s number of heads (`head_importance[layer, head]` needs one for all layers)."""
+        self.counts[layer] = spec.block.pattern.shape[1] // channel_groups(spec.block)
+        if len(set(self.counts.values())) > 1:
+            raise UnsupportedModelError(
+                f"routes: the layers have different numbers of heads ({sorted(set(self.counts.values()))}; hybrid "
+                "models, per-layer head counts, mixers without heads count as one part): head_importance[layer, "
+                "head] needs one head count"
+            )
+        return spec
+
+    def head_importance(self) -> Tensor:
+        """`[layer, head]` float64: the importance of every head (0 for layers the graph never reached)."""
+        n_heads = next(iter(self.counts.values()), 0)
+        out = torch.zeros(self.n_layers, n_heads, dtype=torch.float64)
+        for (layer, head), value in self.heads.items():
+            out[layer, head] = value
+        return out
 
     def keep(
         self, layer: int, kind: str, head: int | str, weight: float, how: str, source: Node, receiver: Node
@@ -259,7 +261,7 @@ class _Graph:
         self.edges.append(Edge(layer, kind, head, source.position, receiver.position, weight, how, source, receiver))
         self.importance[source] = self.importance.get(source, 0.0) + self.importance[receiver] * weight
         if kind == "head":
-            self.head_importance[layer, int(head)] += self.importance[receiver] * weight
+            self.heads[layer, int(head)] += self.importance[receiver] * weight
         self.reached[source.layer, source.mid].add(source.position)
 
     def receivers(self, level: int, mid: bool) -> Tensor | None:
@@ -341,7 +343,7 @@ def _attention_edges(
 
 
 def _direct_edges(
-    layers: list[RouteLayer],
+    layers: Sequence[RouteLayer],
     position: int,
     direction: Tensor,
     threshold: float,
@@ -353,7 +355,11 @@ def _direct_edges(
     at = torch.tensor([position])
     values: list[Tensor] = []
     labels: list[tuple[str, int, int | str, Node]] = []  # (kind, layer, head, source node) of each part
-    for layer, spec in enumerate(layers):
+    embedding = None
+    for layer in range(len(layers)):
+        spec = graph.seen(layer, layers[layer])
+        if layer == 0:  # the embedding is layer 0's residual
+            embedding = (spec.block.residual[0, position].to(dtype) @ w)[None]
         *_, logit = receiver_parts(spec.block, at, spec.mlp if spec.parallel else None, dtype, direction)
         assert logit is not None  # internal: receiver_parts returns the logit updates when given a direction
         graph.computed[layer] += 1
@@ -367,7 +373,8 @@ def _direct_edges(
         elif spec.mlp is not None:
             values.append((spec.mlp[position].to(dtype) @ w)[None])
             labels.append(("mlp", layer, "mlp", Node(layer + 1, position, mid=True)))
-    values.append((layers[0].block.residual[0, position].to(dtype) @ w)[None])
+    assert embedding is not None  # internal: a route has at least one layer
+    values.append(embedding)
     labels.append(("residual", 0, "residual", Node(0, position)))
     shares = logit_shares(torch.cat(values))
     for idx in (shares >= threshold).nonzero().flatten().tolist():

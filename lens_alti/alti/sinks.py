@@ -11,11 +11,18 @@ reading layer's answer to "is the first real token a special token?".
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lens_alti.alti.contributions import normalise_rows
+from lens_alti.alti.contributions import DEFAULT_CHUNK_BYTES, normalise_rows
+from lens_alti.alti.rows import pattern_at
+from lens_alti.alti.topdown import chunk_rows
+
+if TYPE_CHECKING:  # the records are the interface; alti never imports reading at run time
+    from lens_alti.reading.records import AttentionBlock
 
 # A head "sinks into" position j when j takes more than this share of the attention of the
 # receivers that can see it (a majority: more than all other keys together); j is a sink when
@@ -32,23 +39,65 @@ class SinkMeter:
     """
 
     def __init__(self, valid: Bool[Tensor, "b n"], causal: bool) -> None:
-        n = valid.shape[1]
-        pair = valid[:, :, None] & valid[:, None, :]  # [b, receiver, key]
-        i = torch.arange(n, device=valid.device)
-        sees = i[:, None] > i[None, :] if causal else i[:, None] != i[None, :]
-        self.receivers = pair & sees
-        self.count = self.receivers.sum(1)  # [b, key]
+        self.valid, self.causal = valid, causal
+        real = valid.long()
+        if causal:  # the real receivers after j: the real tokens from j + 1 on
+            self.count = real.flip(-1).cumsum(-1).flip(-1) - real
+        else:  # every other real token
+            self.count = real.sum(-1, keepdim=True) - real
+        self.count = self.count * real  # [b, key]; padded keys have no receivers
         self.votes = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
         self.heads = 0
 
+    def _receivers(self, start: int, stop: int) -> Bool[Tensor, "b r n"]:
+        """Which real receivers `start .. stop` can see each real key (never the whole `[n, n]` at once)."""
+        n = self.valid.shape[1]
+        i = torch.arange(start, stop, device=self.valid.device)
+        j = torch.arange(n, device=self.valid.device)
+        sees = i[:, None] > j[None, :] if self.causal else i[:, None] != j[None, :]
+        return self.valid[:, start:stop, None] & self.valid[:, None, :] & sees
+
     def add(self, pattern: Float[Tensor, "b h q k"]) -> None:
         """One attention block's probabilities (query rows for every position)."""
-        recv = self.receivers.to(pattern.device)
-        p = torch.where(recv[:, None], pattern.float(), 0.0)  # a select: padding may hold NaN
-        mean = p.sum(2) / self.count.to(pattern.device)[:, None].clamp(min=1)  # [b, h, key]
-        sinks_here = (mean > SINK_SHARE) & (self.count.to(pattern.device) > 0)[:, None]
+        b, heads, n, keys = pattern.shape
+        sums = torch.zeros(b, heads, keys, device=pattern.device)
+        step = chunk_rows(b, heads, keys)
+        for i0 in range(0, n, step):
+            sums += self._column_sums(pattern[:, :, i0 : i0 + step], i0)
+        self._vote(sums, heads)
+
+    def add_block(self, block: AttentionBlock, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        """One block's attention, its rows sliced from a dense pattern or recomputed in chunks of receivers
+        (`AttentionBlock.pattern_rows`; the `[head, n, n]` pattern is never formed). Blocks without
+        an attention distribution (recurrent mixers, output-gated or per-channel mixing) are skipped."""
+        if block.recurrent or block.output_gated or block.channels_per_head != 1:
+            return
+        if block.pattern_rows is None:
+            self.add(block.pattern)
+            return
+        b, n = self.valid.shape
+        heads = block.values.shape[2]
+        step = chunk_rows(b, heads, n, max_chunk_bytes)
+        sums = torch.zeros(b, heads, n, device=block.residual.device)
+        for i0 in range(0, n, step):
+            rows = torch.arange(i0, min(n, i0 + step), device=block.residual.device).expand(b, -1)
+            part = pattern_at(block, rows)  # [b, h, r, k]
+            if block.padding_unmasked:  # recomputed without the padding mask: renormalised over real keys (§1h)
+                part = normalise_rows(part * self.valid[:, None, None, :].to(part))
+            sums += self._column_sums(part, i0).to(sums.device)
+        self._vote(sums, heads)
+
+    def _column_sums(self, rows: Float[Tensor, "b h r k"], start: int) -> Float[Tensor, "b h k"]:
+        """Per head and key, the attention the real receivers `start .. start + r` that can see the key give it."""
+        recv = self._receivers(start, start + rows.shape[2]).to(rows.device)
+        return torch.where(recv[:, None], rows.float(), 0.0).sum(2)  # a select: padding may hold NaN
+
+    def _vote(self, sums: Float[Tensor, "b h k"], heads: int) -> None:
+        count = self.count.to(sums.device)
+        mean = sums / count[:, None].clamp(min=1)  # [b, h, key]
+        sinks_here = (mean > SINK_SHARE) & (count > 0)[:, None]
         self.votes += sinks_here.sum(1).to(self.votes.device)
-        self.heads += pattern.shape[1]
+        self.heads += heads
 
     def measured(self) -> Bool[Tensor, "b n"]:
         """Positions into which more than `SINK_SHARE` of the heads seen sink (none before any block)."""

@@ -1,7 +1,8 @@
 """`attribute`: ALTI contributions of every layer (and head), with rollout, from a cache or a model.
 
-The steps: check the options; open a source of blocks (the cache, or a forward pass of the model
-on the given input); choose the backend once; run the plan of the model's family
+The steps: check the options; open a source of blocks (the cache, a forward pass of the model on
+the given input, or — for a few positions — the model's layers run again one at a time,
+`lens_alti.api.sources`); check the call fits in memory; choose the backend once; run the plan
 (`lens_alti.api.plans`). `attention_rollout` and `hook_names` are the small entry points beside it.
 """
 
@@ -16,14 +17,15 @@ from torch import Tensor
 from lens_alti.alti.backend import resolve as resolve_backend
 from lens_alti.alti.contributions import DEFAULT_CHUNK_BYTES
 from lens_alti.alti.rollout import attention_rollout_layers, rollout
-from lens_alti.api.inputs import input_device, model_input, valid_mask
+from lens_alti.api.inputs import valid_mask
 from lens_alti.api.options import AltiOptions
-from lens_alti.api.plans import CacheSource, Inputs, Source, StreamSource, plan_for
+from lens_alti.api.plans import plan_for, reads_top_down
+from lens_alti.api.sources import CacheSource, Inputs, open_source
 from lens_alti.errors import (
     InvalidArgumentError,
     WeightProcessingWarning,
 )
-from lens_alti.reading import ModelLayout, cache_and_model, is_cache, model_layout
+from lens_alti.reading import ModelLayout, cache_and_model, model_layout
 from lens_alti.reading.cache import layer_patterns
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
 from lens_alti.validation import check_type
@@ -53,6 +55,7 @@ def attribute(
     positions: Any = None,
     output_device: torch.device | str | None = None,
     allow_shifted_source: bool = False,
+    attention: str = "auto",
 ) -> AltiResult | Seq2SeqAltiResult:
     """ALTI contributions for every layer (and head), with rollout, from a cache or a model.
 
@@ -62,7 +65,10 @@ def attribute(
             encoder-decoder, `model.run_with_cache(src, decoder_input=tgt)`.
             Or the model itself (streaming): `attribute(model, tokens=ids_or_text, ...)` runs
             the forward pass with hooks that measure each block as soon as its activations
-            exist and then drop them, so the full cache never exists. Same numbers.
+            exist and then drop them, so the full cache never exists. Same numbers. With
+            `positions=` (decoder-only and encoder models) the model runs once recording each
+            layer's input, and its layers run again one at a time from the top: memory linear
+            in the input's length (docs/spec.md §12).
         measure: "l1" (ALTI, default), "l2", "koba" (‖T_i(x_j)‖₂) or "attention" (head-mean
             attention weights, a baseline).
         heads: also compute per-head (token-through-head) contributions, always with L1.
@@ -95,6 +101,10 @@ def attribute(
             right (a real identity translation). Without it such a cache is refused with
             MissingTargetError (TransformerLens feeds exactly that when `decoder_input` is
             forgotten) unless `decoder_tokens` are given as ids equal to the decoder input.
+        attention: with a model and `positions=`, how its attention runs: "recomputed" (memory-efficient
+            attention; the rows ALTI reads are recomputed from queries and keys, docs/spec.md §9),
+            "eager" (the model's eager attention, `[head, n, n]` per layer) or "auto" (default:
+            recomputed where the model's attention can be, eager otherwise).
 
     Returns:
         Decoder-only and encoder models: an AltiResult with `layers`, `rollout`
@@ -108,44 +118,16 @@ def attribute(
     )
     check_type("allow_shifted_source", allow_shifted_source, bool, "True or False")
     inputs = Inputs(attention_mask, decoder_attention_mask, positions, tokens, decoder_tokens, output_device, progress)
-    source, inputs = open_source(cache, inputs, parallel_mlp)
+    source, inputs = open_source(
+        cache, inputs, parallel_mlp, attention=attention, top_down=lambda layout: reads_top_down(layout, positions)
+    )
     source.check_memory(options)
     source.check_target(decoder_tokens, allow_shifted_source)
     warn_if_processed(source.layout)
     # The backend is chosen once for the whole call (alti/backend.py); streaming decides per block.
     cache_arg = source.cache if isinstance(source, CacheSource) else None
     chosen = resolve_backend(options.backend, cache_arg, source.layout, heads=options.heads, dtype=options.dtype)
-    return plan_for(source.layout)(source, inputs, options.resolved(chosen))
-
-
-def open_source(cache_or_model: Any, inputs: Inputs, parallel_mlp: str = "exclude") -> tuple[Source, Inputs]:
-    """The source of blocks (a cache, or a forward pass of a model) and the inputs as it runs them.
-
-    Given a model, `inputs.tokens` (ids, a text or a list of texts) is what it runs on: texts are
-    tokenised and left-padded, their mask becomes `attention_mask`, and the ids become the labels.
-    """
-    if is_cache(cache_or_model):
-        cache, model = cache_and_model(cache_or_model)
-        return CacheSource(cache, model, model_layout(model, parallel_mlp)), inputs
-    model = cache_or_model
-    layout = model_layout(model, parallel_mlp)
-    device = input_device(model)
-    ids, text_mask = model_input(model, inputs.tokens, "tokens")
-    mask = inputs.attention_mask
-    if text_mask is not None:
-        if mask is not None:
-            raise InvalidArgumentError(
-                "attention_mask", "a mask", "None with a list of texts (they are padded and masked for you); "
-                "or pass token ids with their attention_mask"
-            )
-        mask = text_mask
-    dec_ids = None
-    if layout.family == "encoder_decoder" and inputs.decoder_tokens is not None:
-        dec_ids = model_input(model, inputs.decoder_tokens, "decoder_tokens")[0].to(device)
-    ids = ids.to(device)
-    ran = Inputs(mask, inputs.decoder_attention_mask, inputs.positions, ids, dec_ids, inputs.output_device,
-                 inputs.progress)
-    return StreamSource(model, layout, ids, dec_ids, ran), ran
+    return plan_for(source, inputs)(source, inputs, options.resolved(chosen))
 
 
 def warn_if_processed(layout: ModelLayout) -> None:

@@ -1,9 +1,11 @@
 """`logit_attribution` (ALTI-Logit, docs/spec.md §7): a logit (difference) split exactly into parts.
 
-The steps: open the run (a cache, or the model run with the hooks it needs) and check the
-arguments; read the readout direction of the explained rows; walk the stack top-down collecting
-every attention block's and MLP's direct part; check completeness; map each layer's update to the
-input tokens through the ALTI rollout below it; assemble the result. Reading gives records
+The steps: open the run (a cache; or a model, whose layers are run again one at a time from the
+top, `lens_alti.api.sources.ReplaySource`, after a memory check) and check the arguments; read
+the readout direction of the explained rows; walk the stack top-down collecting every attention
+block's and MLP's direct part and, in the same walk, pushing each layer's update down through the
+ALTI contributions of the layers below it (decoder-only: `lens_alti.alti.topdown`; encoder-decoders
+map them through ALTI+ afterwards); check completeness; assemble the result. Reading gives records
 (`lens_alti.reading`, `lens_alti.reading.logit`); the mathematics is in `lens_alti.alti.logit`.
 `routes` (`lens_alti.api.routes`) shares the run and the readout.
 """
@@ -17,106 +19,147 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lens_alti.alti.decompose import HALF_TOLERANCE, RECONSTRUCTION_TOLERANCE, check_reconstruction
+from lens_alti.alti.contributions import DEFAULT_CHUNK_BYTES
+from lens_alti.alti.decompose import HALF_TOLERANCE
 from lens_alti.alti.logit import (
     COMPLETENESS_TOLERANCE,
     _rows,
-    attention_update,
     completeness_gap,
+    explained_update,
     readout_direction,
     to_input_tokens,
     write_update,
 )
-from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, isolate_padding, leaked_attention
+from lens_alti.alti.masking import check_declared_padding
+from lens_alti.alti.memory import RUN_ADVICE, BlockShape, attribute_bytes, check_fits, forward_cache_bytes
+from lens_alti.alti.rows import RowWise
+from lens_alti.alti.topdown import RowRollout
 from lens_alti.api.inputs import (
     decode_pieces,
     explained_rows,
-    model_input,
     no_decoder_mask,
     token_ids,
     token_labels,
     valid_mask,
 )
-from lens_alti.api.options import DTYPES
-from lens_alti.api.sinks import find_sinks
+from lens_alti.api.options import DTYPES, AltiOptions
+from lens_alti.api.sinks import SinkFinder
+from lens_alti.api.sources import ATTENTION, CacheSource, ReplaySource, model_shape, model_tokens
 from lens_alti.errors import (
     CompletenessError,
-    InvalidArgumentError,
-    MaskMismatchError,
     MissingHooksError,
     NonFiniteError,
     UnsupportedModelError,
 )
 from lens_alti.reading import ModelLayout, cache_and_model, is_cache, model_layout
 from lens_alti.reading.logit import DirectWrite, LogitLayout, logit_layout, recorded_hooks
-from lens_alti.reading.records import AttentionBlock
-from lens_alti.results import AltiResult, LogitAttribution, Seq2SeqAltiResult
+from lens_alti.reading.replay import replayable
+from lens_alti.results import LogitAttribution, Seq2SeqAltiResult
 from lens_alti.validation import check_choice, check_type
 
 
 @dataclass(frozen=True)
 class LogitRun:
-    """A cache ready for logit attribution: the model, its layouts, and the input it ran on.
+    """A run ready for logit attribution: where its layers come from, the model, its layouts, the input.
 
-    `tokens` / `attention_mask`: as given, or, when a model was run on texts, the ids it ran and
-    their left-padding mask.
+    `source`: a `CacheSource` (the cache given; or, for a model whose layers cannot run again
+    alone — encoder-decoders, mixers — its `run_with_cache` after a memory check) or a
+    `ReplaySource` (the model's layers run again one at a time, memory linear in n).
+    `tokens` / `attention_mask`: as given, or, when a model was run, the ids it ran and their mask.
     """
 
-    cache: Any
+    source: CacheSource | ReplaySource
     model: Any
     layout: ModelLayout
     logit_layout: LogitLayout
     tokens: Any
     attention_mask: Any
 
+    def store(self, layer: int) -> Any:
+        """The activations of layer `layer` (the whole cache, or that layer run again)."""
+        return self.source.store(layer)
+
+    @property
+    def cache(self) -> Any:
+        """The whole cache (encoder-decoders read their stacks from it)."""
+        assert isinstance(self.source, CacheSource)  # internal: encoder-decoders always run with a cache
+        return self.source.cache
+
+    @property
+    def top_layer(self) -> int:
+        return max(step.layer for step in self.logit_layout.steps)
+
 
 def open_run(
-    cache_or_model: Any, tokens: Any, attention_mask: Any, decoder_tokens: Any, what: str, decoder_only: bool = False
+    cache_or_model: Any, tokens: Any, attention_mask: Any, decoder_tokens: Any, what: str, decoder_only: bool = False,
+    *, attention: str = "auto", max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, dtype: torch.dtype = torch.float32,
 ) -> LogitRun:
     """The run of a method that explains logits, from a cache or from a model it runs now.
 
-    Given a model, it is run with `run_with_cache` recording only the hooks lens_alti reads.
-    Checks the cache holds every hook the logit layout needs (MissingHooksError naming `what`);
+    A decoder-only model whose layers can run again alone is recorded and replayed layer by
+    layer (`ReplaySource`, `attention=` as for `attribute`); any other model is run with
+    `run_with_cache` recording only the hooks lens_alti reads. Either way the memory the call
+    needs is estimated before the forward pass (InsufficientMemoryError naming the knob).
+    Checks a cache holds every hook the logit layout needs (MissingHooksError naming `what`);
     `decoder_only` refuses encoders and encoder-decoders (UnsupportedModelError).
     """
-    if not is_cache(cache_or_model):
-        cache_or_model, tokens, attention_mask = _run_model(cache_or_model, tokens, attention_mask, decoder_tokens)
-    cache, model = cache_and_model(cache_or_model)
+    check_choice("attention", attention, ATTENTION)
+    if is_cache(cache_or_model):
+        cache, model = cache_and_model(cache_or_model)
+        layout, llayout = _layouts(model, what, decoder_only)
+        missing = [h for h in llayout.hooks if h not in set(cache.keys())]
+        if missing:
+            raise MissingHooksError(
+                missing,
+                f"{what} reads these hooks (run_with_cache without names_filter records them all; eager "
+                "attention is needed for hook_pattern).",
+            )
+        return LogitRun(CacheSource(cache, model, layout), model, layout, llayout, tokens, attention_mask)
+    model = cache_or_model
+    layout, llayout = _layouts(model, what, decoder_only)
+    ids, mask = model_tokens(model, tokens, attention_mask)
+    if layout.family == "decoder" and replayable(model, layout) is None:
+        source = ReplaySource(model, layout, ids, mask, attention=attention, extra_hooks=llayout.layer_hooks())
+        shape = model_shape(model, *ids.shape)
+        results = shape.batch * shape.layers * (shape.heads + 2) * shape.pos * 8  # by_layer, heads (float64 at most)
+        source.check_memory(AltiOptions(dtype=dtype, max_chunk_bytes=max_chunk_bytes), what=what, results=results)
+        return LogitRun(source, model, layout, llayout, ids, mask)
+    cache = _run_model(model, layout, ids, mask, decoder_tokens, what)
+    return LogitRun(CacheSource(cache, model, layout), model, layout, llayout, ids, mask)
+
+
+def _layouts(model: Any, what: str, decoder_only: bool) -> tuple[ModelLayout, LogitLayout]:
+    """The model's layout and logit layout; `decoder_only` refuses encoders and encoder-decoders."""
     layout = model_layout(model)
     if decoder_only and layout.family != "decoder":
         raise UnsupportedModelError(
             f"{layout.architecture}: {what} is implemented for decoder-only models; for encoders and "
             "encoder-decoders use attribute(heads=True)"
         )
-    llayout = logit_layout(model, layout)
-    missing = [h for h in llayout.hooks if h not in set(cache.keys())]
-    if missing:
-        raise MissingHooksError(
-            missing,
-            f"{what} reads these hooks (run_with_cache without names_filter records them all; eager "
-            "attention is needed for hook_pattern).",
-        )
-    return LogitRun(cache, model, layout, llayout, tokens, attention_mask)
+    return layout, logit_layout(model, layout)
 
 
-def _run_model(model: Any, tokens: Any, attention_mask: Any, decoder_tokens: Any) -> tuple[Any, Any, Any]:
-    """(cache, ids, mask) of `model.run_with_cache` on `tokens`, recording only what lens_alti reads."""
-    ids, text_mask = model_input(model, tokens, "tokens")
-    if text_mask is not None:
-        if attention_mask is not None:
-            raise InvalidArgumentError(
-                "attention_mask", "a mask", "None with a list of texts (they are padded and masked for you)"
-            )
-        attention_mask = text_mask
-    wanted = recorded_hooks(model, model_layout(model))
+def _run_model(model: Any, layout: ModelLayout, ids: Tensor, mask: Any, decoder_tokens: Any, what: str) -> Any:
+    """`model.run_with_cache` on `ids`, recording only what lens_alti reads, after a memory estimate of the
+    cache and of the ALTI rollout under it (InsufficientMemoryError naming the knob)."""
+    shape = model_shape(model, *ids.shape)
+    n = max(ids.shape[-1], 0 if decoder_tokens is None else int(torch.as_tensor(decoder_tokens).shape[-1]))
+    d_vocab = int(getattr(model.cfg, "d_vocab", 0) or 0)
+    need = forward_cache_bytes(shape.batch, n, n_layers=shape.layers, n_heads=shape.heads, d_model=shape.d_model,
+                               d_mlp=shape.d_mlp, d_vocab=d_vocab, element_size=shape.element_size)
+    need += attribute_bytes([BlockShape(shape.layers, shape.batch, shape.heads, n, n, shape.d_model)], heads=False,
+                            max_chunk_bytes=0)
+    check_fits(need, ids.device, f"{what} on {layout.architecture} (its layers cannot run again one at a time, so "
+               "the whole cache is recorded)", RUN_ADVICE)
+    wanted = recorded_hooks(model, layout)
     kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
+    if mask is not None:
+        kwargs["attention_mask"] = mask
     if decoder_tokens is not None:
         kwargs["decoder_input"] = decoder_tokens
     with torch.no_grad():
         _, cache = model.run_with_cache(ids, **kwargs)
-    return cache, ids, attention_mask
+    return cache
 
 
 @dataclass(frozen=True)
@@ -140,25 +183,52 @@ class ReadoutParts:
 def readout_parts(
     run: LogitRun, target: Any, contrast: Any, items: Int[Tensor, " b"], rows: Int[Tensor, " b"], dtype: torch.dtype
 ) -> ReadoutParts:
-    """The readout direction of `target` (minus `contrast`) at position `rows[i]` of batch item `items[i]`."""
-    readout = run.logit_layout.readout(run.cache)
+    """The readout direction of `target` (minus `contrast`) at position `rows[i]` of batch item `items[i]`.
+
+    Only the explained positions are read out (the logits of other positions are never formed).
+    """
+    store = run.store(run.top_layer)
+    n_items = _n_items(run)
+    at = torch.zeros(n_items, dtype=torch.long)
+    at[items.cpu()] = rows.cpu()
+    readout = run.logit_layout.readout(store, at)
     device = readout.final_residual.device
-    items, rows = items.to(device), rows.to(device)
+    items = items.to(device)
     vocab = int(readout.W_U.shape[-1])
     tgt = token_ids(run.model, target, len(items), "target", vocab).to(device)
     ctr = None if contrast is None else token_ids(run.model, contrast, len(items), "contrast", vocab).to(device)
     W_U = readout.W_U.to(device=device, dtype=dtype)
     b_U = None if readout.b_U is None else readout.b_U.to(device=device, dtype=dtype)
-    u, logit = W_U[:, tgt].T, readout.real_logits[items, rows, tgt].to(dtype)
+    u, logit = W_U[:, tgt].T, readout.real_logits[items, 0, tgt].to(dtype)
     u_bias = torch.zeros(len(items), dtype=dtype, device=device) if b_U is None else b_U[tgt]
     if ctr is not None:
-        u, logit = u - W_U[:, ctr].T, logit - readout.real_logits[items, rows, ctr].to(dtype)
+        u, logit = u - W_U[:, ctr].T, logit - readout.real_logits[items, 0, ctr].to(dtype)
         u_bias = u_bias if b_U is None else u_bias - b_U[ctr]
-    x_final = readout.final_residual[items, rows]
+    x_final = readout.final_residual[items, 0]
     check_finite_rows("final residual stream", x_final)
     norm = readout.norm
     w, bias = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u_bias)
     return ReadoutParts(w, bias, logit, tgt, ctr, readout.softcap)
+
+
+@torch.no_grad()
+def next_token_logits(
+    model: Any, tokens: Any, position: Any = -1, *, attention_mask: Any = None, attention: str = "auto"
+) -> Float[Tensor, "b vocab"]:
+    """The logits `[b, vocab]` a decoder-only model predicts at `position` of each item (before soft-capping).
+
+    Only those positions are read out; a model whose layers can run again alone runs its forward
+    pass up to its last layer as `logit_attribution` does (after the same memory check).
+    """
+    run = open_run(model, tokens, attention_mask, None, "next_token_logits", decoder_only=True, attention=attention)
+    n = run.source.lengths()
+    rows = explained_rows(position, valid_mask(run.attention_mask, n.batch, n.source, n.device, "attention_mask"))
+    return run.logit_layout.readout(run.store(run.top_layer), rows).real_logits[:, 0]
+
+
+def _n_items(run: LogitRun) -> int:
+    """The batch size of the run."""
+    return run.source.lengths().batch
 
 
 def check_finite_rows(name: str, t: Tensor) -> None:
@@ -167,24 +237,14 @@ def check_finite_rows(name: str, t: Tensor) -> None:
         raise NonFiniteError(f"{name}: the cache holds NaN or Inf at the explained position")
 
 
-def row_block(block: AttentionBlock, rows: Int[Tensor, ...], valid_k: Tensor) -> AttentionBlock:
-    """Neutralise padded sources (as `attribute` does); refuse real attention to padding from the explained rows."""
-    if bool(valid_k.all()):
-        return block
-    explained = torch.zeros(block.pattern.shape[0], block.pattern.shape[2], dtype=torch.bool, device=rows.device)
-    explained.scatter_(1, rows.view(rows.shape[0], -1), True)  # rows: [batch] (or [batch, r]) explained positions
-    leak = leaked_attention(block.pattern, explained, valid_k)
-    if leak > MASK_LEAK_TOLERANCE:
-        raise MaskMismatchError(
-            f"{block.name}: the explained position attends to positions that the mask marks as padding "
-            f"(attention up to {leak:.3g}); pass the attention_mask that run_with_cache was given"
-        )
-    return isolate_padding(block, torch.ones_like(explained), valid_k)
-
-
 @dataclass
 class DirectParts:
-    """The direct parts of the explained logits, filled top-down (`LogitAttribution` documents each)."""
+    """The direct parts of the explained logits, filled top-down (`LogitAttribution` documents each).
+
+    `by_layer[b, layer, src]`: each layer's update mapped to the input tokens (decoder-only, filled
+    by the same walk; None for encoder-decoders, which map them through ALTI+ afterwards).
+    `activation_dtype`: the dtype the model's activations are in (the completeness tolerance).
+    """
 
     self_heads: Float[Tensor, "b layer head k"] | None
     cross_heads: Float[Tensor, "b layer head s"] | None
@@ -193,19 +253,28 @@ class DirectParts:
     write_bias: Float[Tensor, " b"]
     embedding: Float[Tensor, " b"]
     errors: list[float]
+    by_layer: Float[Tensor, "b layer src"] | None = None
+    activation_dtype: torch.dtype = torch.float32
 
 
 def direct_parts(
     run: LogitRun, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"], valid: Tensor, src_valid: Tensor | None,
-    dtype: torch.dtype, check: bool,
+    dtype: torch.dtype, check: bool, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, sinks: SinkFinder | None = None,
 ) -> DirectParts:
-    """Walk the stack top-down: each step's logit update for the direction `w` above it, and `w` below it."""
+    """Walk the stack top-down: each step's logit update for the direction `w` above it, and `w` below it.
+
+    Decoder-only, in the same walk (docs/spec.md §7d, §11): after attention block l, the updates of
+    the layers above are pushed one layer down through its ALTI contributions (l1), and its own
+    update Δ^l joins them, so `by_layer[l] = Δ^l @ R^(l−1)` is complete at the bottom; `sinks`
+    sees every self-attention block (docs/spec.md §10).
+    """
     steps, batch = run.logit_layout.steps, w.shape[0]
     n_layers = 1 + max(s.layer for s in steps)
     zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=w.device)  # noqa: E731
     parts = DirectParts(None, None, zeros(batch, n_layers), zeros(batch, n_layers), zeros(batch), zeros(batch), [])
+    roll = RowRollout(batch, valid.shape[1], dtype, w.device) if src_valid is None else None
     for step in reversed(steps):
-        record = step.build(run.cache)
+        record = step.build(run.store(step.layer))
         if isinstance(record, DirectWrite):
             out = _rows(record.output, rows, 1)[:, 0]
             check_finite_rows(record.name, out)
@@ -215,18 +284,27 @@ def direct_parts(
             parts.write_bias += bias
             continue
         valid_k = src_valid if step.kind == "cross" and src_valid is not None else valid  # cross: seq2seq only
-        block = row_block(record, rows, valid_k)
-        upd = attention_update(block, rows, w, dtype)
+        if sinks is not None and step.kind == "self":
+            sinks.add(record)
+        block = RowWise(record, valid, valid_k, dtype=dtype, check=check)
+        upd = explained_update(block, rows, w)
         if check:
-            tol = HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)
-            parts.errors.append(check_reconstruction(upd.tv, upd.row_block, None, tol))
-        _store_heads(parts, step.kind, step.layer, n_layers, upd.heads, run.layout.architecture, block.name)
+            parts.errors.append(upd.error)
+        _store_heads(parts, step.kind, step.layer, n_layers, upd.heads, run.layout.architecture, record.name)
         parts.attn_bias[:, step.layer] += upd.bias
         w = upd.below
-    parts.embedding = (_rows(run.cache[run.logit_layout.embedding_hook], rows, 1)[:, 0].to(dtype) * w).sum(-1)
+        if roll is not None:
+            roll.through(block, "l1", max_chunk_bytes=max_chunk_bytes)  # the layers above: one layer further down
+            roll.add(upd.heads.sum(1)[:, None])
+        del record, block, upd  # one layer at a time: dropped before the next one is read
+    embedded = run.store(0)[run.logit_layout.embedding_hook]
+    parts.embedding = (_rows(embedded, rows, 1)[:, 0].to(dtype) * w).sum(-1)
+    parts.activation_dtype = embedded.dtype
     if parts.self_heads is None:
         arch = run.layout.architecture
         raise UnsupportedModelError(f"{arch}: no attention (or mixer) block to attribute the logit to")
+    if roll is not None:
+        parts.by_layer = roll.vectors.flip(1)  # added from the top layer down
     return parts
 
 
@@ -276,20 +354,16 @@ def to_tokens(
 ) -> Float[Tensor, "b layer src"]:
     """ALTI-Logit^l = Δ^l @ R^(l−1) for every layer (docs/spec.md §7): `[b, layer, src]`.
 
-    Decoder-only: through the ALTI rollout of the layers below. Encoder-decoders: decoder-input
+    Decoder-only: filled by the top-down walk (`direct_parts`). Encoder-decoders: decoder-input
     tokens through the ALTI+ `total` below, source tokens through cross-attention and the encoder rollout.
     """
+    if parts.by_layer is not None:
+        return parts.by_layer
     from lens_alti.api.attribute import attribute
 
     heads = parts.self_heads
-    assert heads is not None  # internal: direct_parts refuses stacks without blocks
+    assert heads is not None and src_valid is not None  # internal: direct_parts refuses stacks without blocks
     batch, n_layers = heads.shape[:2]
-    if src_valid is None:
-        res = attribute(run.cache, attention_mask=valid.long(), check=check, dtype=dtype)
-        assert isinstance(res, AltiResult)  # internal: a decoder-only cache
-        ro = res.rollout.to(dtype)
-        below = [None] + [ro[:, layer] for layer in range(n_layers - 1)]
-        return torch.stack([to_input_tokens(heads[:, layer], below[layer]) for layer in range(n_layers)], 1)
     assert parts.cross_heads is not None  # internal: set for encoder-decoder models
     res = attribute(run.cache, attention_mask=src_valid.long(), decoder_attention_mask=valid.long(), check=check,
                     dtype=dtype)
@@ -309,12 +383,22 @@ def to_tokens(
 def explained_masks(
     run: LogitRun, attention_mask: Any, decoder_attention_mask: Any
 ) -> tuple[Bool[Tensor, "b pos"], Bool[Tensor, "b src"] | None]:
-    """(valid positions of the explained stack, valid source positions of an encoder-decoder or None)."""
-    x0 = run.cache[run.logit_layout.embedding_hook]
-    (batch, pos), device = x0.shape[:2], x0.device
+    """(valid positions of the explained stack, valid source positions of an encoder-decoder or None).
+
+    A decoder-only cache's own padding must be the declared one (docs/spec.md §1h), checked on its
+    first block as `attribute` does.
+    """
     if run.logit_layout.family != "encoder_decoder":
         no_decoder_mask(decoder_attention_mask, run.layout.architecture)
-        return valid_mask(run.attention_mask, batch, pos, device, "attention_mask"), None
+        n = run.source.lengths()
+        valid = valid_mask(run.attention_mask, n.batch, n.source, n.device, "attention_mask")
+        if isinstance(run.source, CacheSource):
+            first = run.layout.blocks["self"][0].build(run.cache)
+            if first.pattern_is_distribution:  # attention, not a mixer's operator (as attribute checks)
+                check_declared_padding(first, valid, causal=True, mask_name="attention_mask")
+        return valid, None
+    x0 = run.cache[run.logit_layout.embedding_hook]
+    (batch, pos), device = x0.shape[:2], x0.device
     src_len = run.layout.blocks["encoder"][0].pattern_shape(run.cache)[-1]
     src_valid = valid_mask(attention_mask, batch, src_len, device, "attention_mask")
     return valid_mask(decoder_attention_mask, batch, pos, device, "decoder_attention_mask"), src_valid
@@ -334,6 +418,8 @@ def logit_attribution(
     decoder_tokens: Any = None,
     check: bool = True,
     dtype: torch.dtype = torch.float32,
+    attention: str = "auto",
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> LogitAttribution:
     """ALTI-Logit (Ferrando et al. 2023; docs/spec.md §7): a logit (difference) split exactly into parts.
 
@@ -345,8 +431,11 @@ def logit_attribution(
 
     Args:
         cache_or_model: an ActivationCache (`model.run_with_cache(tokens)`; encoder-decoders:
-            `run_with_cache(src, decoder_input=tgt)`), or the model itself with `tokens=`
-            (then run here with the needed hooks).
+            `run_with_cache(src, decoder_input=tgt)`), or the model itself with `tokens=`.
+            A decoder-only model is run once recording each layer's input, and its layers run
+            again one at a time from the top (memory linear in the input's length,
+            docs/spec.md §12); other models are run with the hooks lens_alti reads. Either way the
+            memory is estimated first and a call that cannot fit is refused (InsufficientMemoryError).
         target: token ids (an int, or one per batch item as a list or tensor) or token
             strings (each exactly one token, e.g. " Mary").
         contrast: None, or token ids / strings as for `target`: the logit difference
@@ -364,6 +453,10 @@ def logit_attribution(
             the direct parts sum to the real logit (difference) within 1e-4 relative (fp32
             caches), else ReconstructionError / CompletenessError naming the gap.
         dtype: torch.float32 (default) or torch.float64.
+        attention: with a decoder-only model, how its attention runs: "recomputed", "eager" or
+            "auto" (default), as for `attribute` (docs/spec.md §9).
+        max_chunk_bytes: memory budget of one chunk of receivers while the updates are mapped to the
+            input tokens.
 
     Returns:
         A LogitAttribution: `by_layer[b, layer, src]`, `tokens[b, src]`, `heads[b, layer, head, k]`,
@@ -377,20 +470,26 @@ def logit_attribution(
     check_choice("dtype", dtype, DTYPES)
     for flag, value in (("heads", heads), ("check", check)):
         check_type(flag, value, bool, "True or False")
-    run = open_run(cache_or_model, tokens, attention_mask, decoder_tokens, "logit_attribution")
+    chunk = AltiOptions.checked(max_chunk_bytes=max_chunk_bytes).max_chunk_bytes
+    run = open_run(cache_or_model, tokens, attention_mask, decoder_tokens, "logit_attribution", attention=attention,
+                   max_chunk_bytes=chunk, dtype=dtype)
     valid, src_valid = explained_masks(run, attention_mask, decoder_attention_mask)
     rows = explained_rows(position, valid)
     items = torch.arange(len(rows), device=rows.device)
     readout = readout_parts(run, target, contrast, items, rows, dtype)
-    parts = direct_parts(run, rows.to(readout.w.device), readout.w, valid, src_valid, dtype, check)
-    gap = check_completeness(parts, readout, check, run.cache[run.logit_layout.embedding_hook].dtype)
+    sinks = None if src_valid is not None else SinkFinder(
+        run.model, run.source.input_ids(run.tokens), valid, run.layout.family == "decoder", chunk
+    )
+    parts = direct_parts(run, rows.to(readout.w.device), readout.w, valid, src_valid, dtype, check, chunk, sinks)
+    gap = check_completeness(parts, readout, check, parts.activation_dtype)
     by_layer = to_tokens(run, parts, valid, src_valid, check, dtype)
-    return _result(run, parts, readout, by_layer, gap, rows, valid, src_valid, heads, decoder_tokens)
+    found = None if sinks is None else sinks.sinks()
+    return _result(run, parts, readout, by_layer, gap, rows, valid, src_valid, heads, decoder_tokens, found)
 
 
 def _result(
     run: LogitRun, parts: DirectParts, readout: ReadoutParts, by_layer: Tensor, gap: Tensor, rows: Tensor,
-    valid: Tensor, src_valid: Tensor | None, keep_heads: bool, decoder_tokens: Any,
+    valid: Tensor, src_valid: Tensor | None, keep_heads: bool, decoder_tokens: Any, sinks: Tensor | None,
 ) -> LogitAttribution:
     """Assemble the LogitAttribution: token totals (with the embedding on the explained token), labels and
     the attention sinks of decoder-only runs (docs/spec.md §10; `sink` = their share of `tokens`)."""
@@ -429,5 +528,5 @@ def _result(
         target_str=name(readout.target),
         contrast_str=name(readout.contrast),
         extra={"reconstruction_error": parts.errors, "source_mask": None if src_valid is None else src_valid.long()},
-        sinks=None if src_valid is not None else find_sinks(run.cache, run.model, run.layout, valid, run.tokens),
+        sinks=sinks,
     )

@@ -1,10 +1,11 @@
-"""How `attribute` runs: a source of blocks, one plan per model family, and the result it assembles.
+"""How `attribute` runs: one plan per model family and way of reading, and the result it assembles.
 
-A *source* hands every block of a layout to a callback: `CacheSource` reads them from an
-ActivationCache, `StreamSource` from a forward pass it runs (each block as soon as its
-activations exist, then dropped). A *plan* (`self_attention`, `encoder_decoder`, `merged`) knows
-the stacks of its family — which blocks, which masks, which receivers — and assembles the result;
-it does not care where the blocks come from. `measure_stacks` is the one loop in between.
+A *plan* knows the stacks of its family — which blocks, which masks, which receivers — and
+assembles the result; it does not care where the blocks come from (a source,
+`lens_alti.api.sources`). The bottom-up plans (`self_attention`, `encoder_decoder`, `merged`)
+take every block as the source hands it over; `measure_stacks` is the one loop in between.
+`top_down` (decoder-only and encoder models with `positions=`) reads the layers from the top,
+one at a time, and pushes the rollout rows of the explained positions down (docs/spec.md §12).
 """
 
 from __future__ import annotations
@@ -19,140 +20,22 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from lens_alti.alti.collect import LayerCollector, StackResults
-from lens_alti.alti.memory import BlockShape, attribute_memory_check
+from lens_alti.alti.contributions import block_contributions, head_output_contributions
+from lens_alti.alti.masking import check_declared_padding
 from lens_alti.alti.prepare import StackChecks, block_vectors
 from lens_alti.alti.rollout import encoder_decoder_rollout, split_merged, split_merged_heads
-from lens_alti.alti.sinks import SinkMeter, sink_positions
+from lens_alti.alti.rows import RowWise
+from lens_alti.alti.topdown import RowRollout
 from lens_alti.api.inputs import no_decoder_mask, receivers, token_labels, valid_mask
 from lens_alti.api.options import AltiOptions
+from lens_alti.api.sinks import SinkFinder
+from lens_alti.api.sources import CacheSource, Inputs, ReplaySource, Source
 from lens_alti.errors import UnsupportedModelError
-from lens_alti.reading import ModelLayout, check_hooks
-from lens_alti.reading.cache import check_decoder_input
+from lens_alti.reading import ModelLayout
 from lens_alti.reading.records import AttentionBlock
-from lens_alti.reading.sinks import cached_input_ids, first_is_special
-from lens_alti.reading.stream import forward_inputs, stream_blocks
 from lens_alti.results import AltiResult, Seq2SeqAltiResult
 
-OnBlock = Callable[[str, int, AttentionBlock], None]
-
-
-@dataclass(frozen=True)
-class Lengths:
-    """The sizes a plan needs: batch, source (or only) length, target length (encoder-decoders), device."""
-
-    batch: int
-    source: int
-    target: int | None
-    device: torch.device
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What the user passed besides the options: masks, receivers of interest, labels, where results go."""
-
-    attention_mask: Any = None
-    decoder_attention_mask: Any = None
-    positions: Any = None
-    tokens: Any = None  # ids or token strings, for labels
-    decoder_tokens: Any = None
-    output_device: torch.device | str | None = None
-    progress: bool | None = None
-
-
-class CacheSource:
-    """Blocks read from an ActivationCache (every hook the layout reads must be in it)."""
-
-    streaming = False
-
-    def __init__(self, cache: Any, model: Any, layout: ModelLayout) -> None:
-        check_hooks(cache, layout)
-        self.cache, self.model, self.layout = cache, model, layout
-
-    def lengths(self) -> Lengths:
-        blocks, cache = self.layout.blocks, self.cache
-        if self.layout.family != "encoder_decoder":
-            first = cache[blocks["self"][0].hooks[0]]  # [b, h, q, k] pattern, or [b, pos, d] for a mixer layer
-            batch, pos = first.shape[0], (first.shape[-1] if first.dim() == 4 else first.shape[1])
-            return Lengths(batch, pos, None, first.device)
-        enc = blocks["encoder"]
-        batch, _, _, src = enc[0].pattern_shape(cache)
-        if "merged" in blocks:
-            tgt = blocks["merged"][0].pattern_shape(cache)[2]  # [b, h, tgt, tgt + src]
-        else:
-            tgt = blocks["decoder_self"][0].pattern_shape(cache)[-1]
-        return Lengths(batch, src, tgt, cache[enc[0].hooks[0]].device)
-
-    def check_memory(self, options: AltiOptions) -> None:
-        """Refuse early (InsufficientMemoryError) when the results and one layer's work cannot fit."""
-        cache, layout = self.cache, self.layout
-        d_model = int(getattr(getattr(self.model, "cfg", None), "d_model", 0) or 0)
-        shapes = []
-        for readers in layout.blocks.values():
-            if not readers or readers[0].hooks[0] not in cache.keys() or len(readers[0].pattern_shape(cache)) != 4:
-                continue
-            batch, n_heads, queries, keys = readers[0].pattern_shape(cache)  # [batch, head, query, key]
-            channels = max(r.channels_per_head for r in readers)  # per-channel output gates: head·d_head channels
-            shapes.append(BlockShape(len(readers), batch, n_heads * channels, queries, keys, d_model))
-        device = cache[next(iter(layout.blocks.values()))[0].hooks[0]].device
-        size = torch.finfo(options.dtype).bits // 8
-        attribute_memory_check(
-            shapes, heads=options.heads, max_chunk_bytes=options.max_chunk_bytes, device=device, element_size=size
-        )
-
-    def check_target(self, decoder_tokens: Any, allow_shifted_source: bool) -> None:
-        """Refuse an encoder-decoder cache that was run without a target (unless allowed)."""
-        if not allow_shifted_source:
-            check_decoder_input(self.cache, decoder_tokens)
-
-    def input_ids(self, tokens: Any) -> Any:
-        """The ids the cache was run on (`tokens` when the cache did not record them and they are ids)."""
-        ids = cached_input_ids(self.cache)
-        return tokens if ids is None and isinstance(tokens, Tensor) else ids
-
-    def run(self, kinds: list[str], on_block: OnBlock) -> None:
-        for kind in kinds:
-            for layer, reader in enumerate(self.layout.blocks[kind]):
-                on_block(kind, layer, reader.build(self.cache))
-
-
-class StreamSource:
-    """Blocks read from one forward pass of the model on `tokens` (the full cache never exists)."""
-
-    streaming = True
-
-    def __init__(
-        self, model: Any, layout: ModelLayout, tokens: Tensor, decoder_tokens: Tensor | None, inputs: Inputs
-    ) -> None:
-        if "merged" in layout.blocks:  # T5Gemma2: one decoder block over [target ; source] (reading/merged.py)
-            raise UnsupportedModelError(
-                f"{layout.architecture}: attribute(model, tokens) does not stream merged self+cross attention; run "
-                "`_, cache = model.run_with_cache(src, decoder_input=tgt)` and pass the cache"
-            )
-        self.model, self.layout, self.tokens, self.decoder_tokens = model, layout, tokens, decoder_tokens
-        self.forward = forward_inputs(
-            model, layout, tokens, inputs.attention_mask, decoder_tokens, inputs.decoder_attention_mask
-        )
-
-    def lengths(self) -> Lengths:
-        batch, src = self.tokens.shape
-        tgt = None if self.decoder_tokens is None else self.decoder_tokens.shape[-1]
-        return Lengths(batch, src, tgt, self.tokens.device)
-
-    def check_memory(self, options: AltiOptions) -> None:
-        """Streaming holds one layer at a time; its results are checked as the collectors allocate them."""
-
-    def check_target(self, decoder_tokens: Any, allow_shifted_source: bool) -> None:
-        """The target prefix is what the model runs on: nothing to check."""
-
-    def input_ids(self, tokens: Any) -> Any:
-        """The ids the model runs on."""
-        return self.tokens
-
-    def run(self, kinds: list[str], on_block: OnBlock) -> None:
-        stream_blocks(self.model, self.layout, self.forward, on_block)
-
-
-Source = CacheSource | StreamSource
+Plan = Callable[[Source, Inputs, AltiOptions], AltiResult | Seq2SeqAltiResult]
 
 
 @dataclass
@@ -206,22 +89,22 @@ def progress_bar(enabled: bool | None, n_pos: int, total: int) -> Any:
 
 def measure_stacks(
     source: Source, stacks: dict[str, Stack], options: AltiOptions, progress: bool | None, n_pos: int,
-    meter: SinkMeter | None = None,
+    sinks: SinkFinder | None = None,
 ) -> dict[str, StackResults]:
     """Hand every block of `stacks` from `source` to its collector (checked, masked, decomposed, measured);
-    `meter` also sees the attention patterns of the "self" stack (docs/spec.md §10)."""
+    `sinks` also sees the blocks of the "self" stack (docs/spec.md §10)."""
     total = sum(s.collector.n_layers for s in stacks.values())
     bar = progress_bar(progress, n_pos, total)
 
     def on_block(kind: str, layer: int, block: AttentionBlock) -> None:
-        attention = not block.recurrent and not block.output_gated and block.channels_per_head == 1
-        if meter is not None and kind == "self" and attention:
-            meter.add(block.pattern)
+        if sinks is not None and kind == "self":
+            sinks.add(block)
         s = stacks[kind]
         vectors = block_vectors(block, s.valid_q, s.valid_k, dtype=options.dtype, check=options.check, checks=s.checks)
         s.collector.add(layer, *vectors)
         bar.update(1)
 
+    assert not isinstance(source, ReplaySource)  # internal: plan_for gives a replay to top_down only
     try:
         source.run(list(stacks), on_block)
     finally:
@@ -244,12 +127,16 @@ def self_attention(source: Source, inputs: Inputs, options: AltiOptions) -> Alti
         "self": stack(len(layout.blocks["self"]), valid, valid, options, checks, positions=positions,
                       self_stack=True, device=inputs.output_device),
     }
-    special = first_is_special(source.model, source.input_ids(inputs.tokens), valid)
-    meter = None if special is not None and bool(special.all()) else SinkMeter(valid, layout.family == "decoder")
-    out = measure_stacks(source, stacks, options, inputs.progress, n.source, meter)["self"]
+    sinks = finder(source, inputs, valid, options)
+    out = measure_stacks(source, stacks, options, inputs.progress, n.source, sinks)["self"]
     labels = token_labels(source.model, inputs.tokens, n.batch, n.source)
-    sinks = sink_positions(valid, special, None if meter is None else meter.measured())
-    return self_result(out, valid, layout, options.measure, labels, positions, sinks)
+    return self_result(out, valid, layout, options.measure, labels, positions, sinks.sinks())
+
+
+def finder(source: Source, inputs: Inputs, valid: Tensor, options: AltiOptions) -> SinkFinder:
+    """The attention sinks' finder of a decoder-only or encoder run (docs/spec.md §10)."""
+    causal = source.layout.family == "decoder"
+    return SinkFinder(source.model, source.input_ids(inputs.tokens), valid, causal, options.max_chunk_bytes)
 
 
 def encoder_decoder(source: Source, inputs: Inputs, options: AltiOptions) -> Seq2SeqAltiResult:
@@ -318,11 +205,107 @@ def merged(source: Source, inputs: Inputs, options: AltiOptions) -> Seq2SeqAltiR
     )
 
 
-def plan_for(layout: ModelLayout) -> Callable[[Source, Inputs, AltiOptions], AltiResult | Seq2SeqAltiResult]:
-    """The plan of the layout's family."""
+def reads_top_down(layout: ModelLayout, positions: Any) -> bool:
+    """`positions` given, and a stack of attention layers each readable on its own (decoders, encoders):
+    the `top_down` plan."""
+    readers = layout.blocks.get("self", [])
+    return positions is not None and layout.family in ("decoder", "encoder") and bool(readers) and all(
+        r.rows for r in readers
+    )
+
+
+def plan_for(source: Source, inputs: Inputs) -> Plan:
+    """The plan of the source's layout: `top_down` for a few positions where a cache or a replay gives the
+    layers one by one, else the bottom-up plan of the family."""
+    layout = source.layout
+    if isinstance(source, (CacheSource, ReplaySource)) and reads_top_down(layout, inputs.positions):
+        return top_down
     if layout.family != "encoder_decoder":
         return self_attention
     return merged if "merged" in layout.blocks else encoder_decoder
+
+
+def top_down(source: Source, inputs: Inputs, options: AltiOptions) -> AltiResult:
+    """Decoder-only and encoder models with `positions=`: every layer read once, from the top (docs/spec.md §12).
+
+    Per layer: the contribution rows of the explained positions (`layers`), their per-head
+    contributions with `heads=True`, and every rollout row pushed one layer down
+    (`alti.topdown.RowRollout`; the rows `e_p` of layer l are added before its own block). The
+    numbers are those of `self_attention`, up to the order of the rollout's float sums.
+    """
+    assert isinstance(source, (CacheSource, ReplaySource))  # internal: plan_for gives this plan those sources
+    layout, n = source.layout, source.lengths()
+    no_decoder_mask(inputs.decoder_attention_mask, layout.architecture)
+    valid = valid_mask(inputs.attention_mask, n.batch, n.source, n.device, "attention_mask")
+    positions = receivers(inputs.positions, valid)
+    assert positions is not None  # internal: this plan runs with positions
+    readers = layout.blocks["self"]
+    if isinstance(source, CacheSource):  # the cache's padding must be the declared one (docs/spec.md §1h)
+        first = readers[0].build(source.cache)
+        if first.pattern_is_distribution:
+            check_declared_padding(first, valid, causal=layout.family == "decoder", mask_name="attention_mask")
+    where = torch.device(inputs.output_device) if inputs.output_device is not None else n.device
+    roll = RowRollout(n.batch, n.source, options.dtype, where)
+    layers = torch.zeros(n.batch, len(readers), positions.shape[1], n.source, dtype=options.dtype, device=where)
+    heads: list[tuple[Tensor, ...]] = []
+    injected: list[slice] = []
+    errors: list[float] = []
+    bar = progress_bar(inputs.progress, n.source, len(readers))
+    sinks = finder(source, inputs, valid, options)
+    try:
+        for layer in reversed(range(len(readers))):
+            record = readers[layer].build(source.store(layer))
+            sinks.add(record)
+            block = RowWise(record, valid, valid, dtype=options.dtype, check=options.check)
+            injected.insert(0, roll.add(one_hot(positions.to(where), n.source, options.dtype)))
+            kept, err = roll.through(block, options.measure, keep=positions, max_chunk_bytes=options.max_chunk_bytes,
+                                     backend=options.backend)
+            assert kept is not None  # internal: the positions' rows are always kept
+            layers[:, layer] = kept[..., : n.source].to(where)
+            errors.insert(0, err)
+            if options.heads:
+                heads.insert(0, head_rows(block, positions, options))
+            del record, block  # one layer at a time: dropped before the next one is read
+            bar.update(1)
+    finally:
+        bar.close()
+    out = StackResults(layers=layers, errors=torch.tensor(errors, dtype=torch.float64))
+    out.rollout = torch.stack([roll.vectors[:, rows] for rows in injected], 1)
+    if heads:
+        stack_heads(out, heads)
+    labels = token_labels(source.model, inputs.tokens, n.batch, n.source)
+    return self_result(out, valid, layout, options.measure, labels, positions, sinks.sinks())
+
+
+def one_hot(positions: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """`[b, r, n]` rows e_p for the positions `[b, r]`."""
+    out = torch.zeros(*positions.shape, n, dtype=dtype, device=positions.device)
+    return out.scatter_(2, positions[..., None], 1.0)
+
+
+def head_rows(block: RowWise, positions: Tensor, options: AltiOptions) -> tuple[Tensor, ...]:
+    """Per-head contributions (docs/spec.md §3) of the explained rows: heads, residual, head outputs, residual."""
+    tv, _ = block.vectors(positions)
+    key_mask = None if bool(block.valid_k.all()) else block.valid_k
+    hc = block_contributions(tv, "l1", heads=True, key_mask=key_mask, max_chunk_bytes=options.max_chunk_bytes,
+                             backend=options.backend)
+    outputs, outputs_residual = head_output_contributions(tv)
+    assert hc.heads is not None and hc.heads_residual is not None  # internal: computed with heads=True
+    return hc.heads, hc.heads_residual, outputs, outputs_residual
+
+
+def stack_heads(out: StackResults, rows: list[tuple[Tensor, ...]]) -> None:
+    """Stack the layers' per-head rows into `out`, refusing layers with different head counts."""
+    counts = sorted({r[0].shape[1] for r in rows})
+    if len(counts) > 1:
+        raise UnsupportedModelError(
+            f"per-head results need one head count for every layer, but the layers have {counts} heads "
+            "(per-layer head counts, e.g. Laguna); use heads=False"
+        )
+    where = out.layers.device
+    out.heads, out.heads_residual, out.head_outputs, out.head_outputs_residual = (
+        torch.stack([r[i] for r in rows], 1).to(where) for i in range(4)
+    )
 
 
 # ------------------------------------------------------------------ assembling results

@@ -1,5 +1,11 @@
 """`lens-alti explain TEXT`: ALTI of one position of a text, with `--target` ALTI-Logit and routes.
 
+The model is never cached whole: every entry point is given the model and the tokens
+(`attribute(model, tokens=...)`, `logit_attribution(model, ...)`, `routes(model, ...)`), which
+check their memory before running it. Texts of at most `--max-interactive` tokens are explained
+at every position (the report's heatmaps and position picker); longer ones at the explained
+position only, holding one layer at a time (docs/spec.md §12).
+
 Also the printing and report helpers `lens-alti demo` shares (`step`, `print_top`, `top_table`,
 `decoder_report_items`).
 """
@@ -42,14 +48,16 @@ def sink_note(sinks: Any, labels: Any, value: float, what: str) -> str:
 
 
 def decoder_report_items(result: Any, pos: int) -> list[tuple[str, list[Any]]]:
-    """The report sections every decoder explanation ends with: rollout, layer-wise and head figures."""
+    """The report sections every decoder explanation ends with: rollout, layer-wise and head figures
+    (the `[n, n]` heatmaps only for a result computed at every position)."""
     from lens_alti.viz import plotting
 
-    sections = [
-        ("Rollout for the explained position", [plotting.saliency_bar(result, pos)]),
-        ("Rollout after the last layer", [plotting.rollout_heatmap(result)]),
-        ("Layer-wise contributions, last layer", [plotting.token_heatmap(result, -1)]),
-    ]
+    sections = [("Rollout for the explained position", [plotting.saliency_bar(result, pos)])]
+    if result.positions is None:
+        sections += [
+            ("Rollout after the last layer", [plotting.rollout_heatmap(result)]),
+            ("Layer-wise contributions, last layer", [plotting.token_heatmap(result, -1)]),
+        ]
     if result.head_outputs is not None:
         sections.append(("Heads", [plotting.head_heatmap(result, pos)]))
     return sections
@@ -100,16 +108,19 @@ def _token_id(model: Any, token: str, flag: str) -> int:
 
 
 def _prediction_sections(
-    args: argparse.Namespace, model: Any, tokens: Any, cache: Any, logits: Any, pos: int, result: Any
+    args: argparse.Namespace, model: Any, tokens: Any, logits: Any, pos: int, result: Any
 ) -> list[tuple[str, list[Any]]]:
-    """Print ALTI-Logit and routes for --target [--contrast] at `pos`; return the report sections."""
+    """Print ALTI-Logit and routes for --target [--contrast] at `pos`; return the report sections.
+
+    `logits`: every position's logits for a text explained at every position (the position picker), else None.
+    """
     import lens_alti
     from lens_alti.viz import explain as figures
 
     target = _token_id(model, args.target, "--target")
     contrast = None if args.contrast is None else _token_id(model, args.contrast, "--contrast")
     labels = result.str_tokens  # the model's own token strings (as `attribute` shows them) label the figures
-    attr = lens_alti.logit_attribution(cache, target, contrast, position=pos, tokens=labels)
+    attr = lens_alti.logit_attribution(model, target, contrast, position=pos, tokens=tokens)
     what = f"logit of {args.target!r}" + ("" if contrast is None else f" − logit of {args.contrast!r}")
     gap = float(attr.completeness_gap[0])
     print(f"\nALTI-Logit of the {what} at position {pos}: {float(attr.logit[0]):.4f}")
@@ -125,7 +136,7 @@ def _prediction_sections(
         print(note)
     print("heads with the largest direct logit attribution:")
     print("  " + ", ".join(f"L{layer}H{h} {v:+.3f}" for layer, h, v in attr.top_heads(args.top)))
-    graph = lens_alti.routes(cache, pos, target=target, contrast=contrast, tokens=labels, threshold=args.threshold)
+    graph = lens_alti.routes(model, pos, target=target, contrast=contrast, tokens=tokens, threshold=args.threshold)
     print(f"routes ({graph.weighting} weighting, threshold {graph.threshold}): {len(graph.edges)} edges; top heads:")
     print("  " + ", ".join(f"L{layer}H{h} {v:.3f}" for layer, h, v in graph.top_heads(args.top)))
     sections: list[tuple[str, list[Any]]] = [
@@ -148,7 +159,7 @@ def _prediction_sections(
         ),
     ]
     n = tokens.shape[1]
-    if n <= args.max_interactive:
+    if logits is not None:
         preds = logits[0].argmax(-1)  # each position's own top prediction
         many = lens_alti.logit_attribution(
             model, preds.tolist(), position=list(range(n)), tokens=tokens.repeat(n, 1), heads=False
@@ -183,28 +194,35 @@ def explain(args: argparse.Namespace) -> None:
     if hasattr(model, "encoder_blocks"):
         return _explain_seq2seq(args, model)
     tokens = model.to_tokens(args.text, truncate=False)  # truncation would hide a text that is too long
-    _check_fits_cli(model, 1, tokens.shape[1], args.heads)
-    t1 = step("running the model and ALTI")
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens)
-    result = lens_alti.attribute(cache, tokens=tokens, heads=args.heads)
+    from lens_alti.analysis.checks import check_context
+    from lens_alti.api.logit import next_token_logits
+    from lens_alti.validation import check_position
+
+    n = tokens.shape[1]
+    check_context(model, n, "text")
+    pos = check_position("--position", args.position, None, n, where="the text")
+    whole = n <= args.max_interactive  # every position: the report's heatmaps and position picker
+    t1 = step("running the model and ALTI" + ("" if whole else f" at position {pos}, one layer at a time"))
+    result = lens_alti.attribute(model, tokens=tokens, heads=args.heads, positions=None if whole else [pos])
     assert isinstance(result, lens_alti.AltiResult) and result.str_tokens is not None  # not an encoder-decoder
     t2 = time.perf_counter()
     words = result.str_tokens[0]
-    from lens_alti.validation import check_position
-
-    pos = check_position("--position", args.position, None, len(words), where="the text")
+    causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+    logits = None
+    if causal and whole:
+        with torch.no_grad():
+            logits = model(tokens)
     print(f"model: {args.model} ({result.architecture}, {result.n_layers} layers, weights {result.weight_processing})")
     print(f"text: {args.text!r} ({len(words)} tokens)")
-    if getattr(model.cfg, "attention_dir", "causal") == "causal":
-        probs = logits[0, pos].float().softmax(-1)
-        p, top = probs.max(-1)
+    if causal:
+        row = logits[0, pos] if logits is not None else next_token_logits(model, tokens, pos)[0]
+        p, top = row.float().softmax(-1).max(-1)
         print(f"position {pos} {words[pos]!r} predicts {model.to_string(top)!r} (p = {float(p):.3f})")
     print(f"max reconstruction error over layers: {float(result.reconstruction_error.max()):.2e} of max|y|")
     print_top(result, pos, args.top)
     if args.contrast is not None and args.target is None:
         raise ValueError("--contrast needs --target (explain the logit difference target − contrast)")
-    prediction = [] if args.target is None else _prediction_sections(args, model, tokens, cache, logits, pos, result)
+    prediction = [] if args.target is None else _prediction_sections(args, model, tokens, logits, pos, result)
     if args.out:
         from lens_alti.viz.report import write_report
 

@@ -12,7 +12,7 @@ from lens_alti.reading.gated_output import gated_output
 from lens_alti.reading.geometry import ValueLayout, check_same_shape, check_sub_distribution, checked_values
 from lens_alti.reading.head_norm import fold_head_norm
 from lens_alti.reading.norms import post_norm
-from lens_alti.reading.records import AttentionBlock, NormAfterAttention
+from lens_alti.reading.records import AttentionBlock, NormAfterAttention, PatternRows, pattern_placeholder
 
 
 def detach(t: Tensor | None) -> Tensor | None:
@@ -89,7 +89,9 @@ def attention_record(
     """
     W_O = attn.W_O.detach() if W_O is None else W_O  # a TransformerLens attention always has W_O
     b_O = detach(attn.b_O) if b_O is None else b_O
-    pattern = cache[f"{name}.hook_pattern"]
+    pattern, rows = read_pattern(cache[f"{name}.hook_pattern"])
+    if rows is not None and (sinks or gate_input is not None or head_norm is not None):
+        raise UnsupportedModelError(f"{name}: recomputed attention rows with sinks, an output gate or a head norm")
     values = cache[f"{name}.hook_v"]
     if values_map is not None:
         values = values_map(values)
@@ -126,7 +128,17 @@ def attention_record(
         pattern_is_distribution=distribution,
         channels_per_head=channels_per_head,
         output_gated=gate_input is not None,
+        pattern_rows=rows,
     )
+
+
+def read_pattern(value: Any) -> tuple[Tensor, PatternRows | None]:
+    """(the pattern, None) for a dense `hook_pattern`; for rows recomputed on demand (`reading/efficient.py`),
+    (a placeholder of the pattern's shape, the rows)."""
+    if isinstance(value, Tensor):
+        return value, None
+    shape, dtype, device = value.shape, value.dtype, value.device
+    return pattern_placeholder(tuple(shape), dtype, device), value
 
 
 def raise_shape(name: str, target: Tensor, pattern: Tensor, W_O: Tensor) -> None:

@@ -127,7 +127,8 @@ def attention_layer_reader(model: Any, layer: int, ctx: DecoderContext) -> Block
         )
 
     channels = gate_channels(hf_attn, int(getattr(cfg, "d_head", 1) or 1)) if gated else 1
-    return BlockReader(f"{p}.attn", tuple(hooks), build, channels_per_head=channels)
+    plain = not gated and not sinks and sub_norm is None and values_map is None and layout == "pos_major"
+    return BlockReader(f"{p}.attn", tuple(hooks), build, channels_per_head=channels, rows=True, plain_attention=plain)
 
 
 def _bridge_decoder_layout(model: Any, parallel_mlp: str) -> ModelLayout:
@@ -190,7 +191,7 @@ def _encoder_readers(model: Any, blocks: Any, stack: str, arch: str) -> list[Blo
                 b, _, h, _ = cache[f"{p}.attn.hook_pattern"].shape  # the band [batch, query, head, 2w+1]
                 n = source_length(cache, _CROSS_PATTERN, f"{p}.attn")
                 return (b, h, n, n)
-        readers.append(BlockReader(names["attn"], hooks, build, shape=shape))
+        readers.append(BlockReader(names["attn"], hooks, build, shape=shape, rows=w is None))
     return readers
 
 

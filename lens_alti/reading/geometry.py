@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lens_alti.errors import PatternNotDistributionError, UnsupportedModelError
 from lens_alti.reading.layer_kinds import original
+from lens_alti.reading.records import is_placeholder
 
 # "pos_major": hook_v is [batch, pos, kv_heads, d_head] (TransformerLens's convention);
 # "head_major": [batch, kv_heads, pos, d_head] (the bridge's multi-head latent attention).
@@ -34,7 +35,7 @@ def check_pattern(pattern: Tensor, name: str, n_heads: int) -> None:
             f"{name}.hook_pattern has shape {_shape(pattern)}; lens_alti reads patterns "
             "[batch, head, query, key] (banded or blocked attention layouts are not supported)"
         )
-    low = float(pattern.amin()) if pattern.numel() else 0.0
+    low = float(pattern.amin()) if pattern.numel() and not is_placeholder(pattern) else 0.0
     if low < -1e-3:  # no softmax, masked or not, gives a negative probability
         raise PatternNotDistributionError(
             f"{name}.hook_pattern (shape {_shape(pattern)}) is not a probability distribution over the keys: it "

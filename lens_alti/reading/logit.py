@@ -97,13 +97,30 @@ class Step:
 
 @dataclass(frozen=True)
 class LogitLayout:
-    """What logit attribution reads: the embedding, the steps and the readout."""
+    """What logit attribution reads: the embedding, the steps and the readout.
+
+    `readout(cache, rows=None)`: with `rows[b]`, every per-position tensor of the readout is read
+    at position `rows[b]` of item b only (`[b, 1, ...]`), so the logits of other positions are
+    never formed. `readout_hooks`: what the readout reads (the last residual stream).
+    """
 
     family: Literal["decoder", "encoder_decoder"]
     embedding_hook: str
     steps: list[Step]
-    readout: Callable[[Any], Readout]
+    readout: Callable[..., Readout]
     hooks: tuple[str, ...]
+    readout_hooks: tuple[str, ...] = ()
+
+    def layer_hooks(self) -> dict[int, tuple[str, ...]]:
+        """The hooks of each layer's steps; the embedding with layer 0 and the readout with the last layer
+        (what running one layer again must keep, `lens_alti.reading.replay`)."""
+        by_layer: dict[int, list[str]] = {}
+        for step in self.steps:
+            by_layer.setdefault(step.layer, []).extend(step.hooks)
+        if by_layer:
+            by_layer[min(by_layer)].append(self.embedding_hook)
+            by_layer[max(by_layer)].extend(self.readout_hooks)
+        return {layer: tuple(dict.fromkeys(hooks)) for layer, hooks in by_layer.items()}
 
 
 def _final_norm_module(model: Any, stack: str) -> Any | None:
@@ -174,15 +191,21 @@ def _softcap(model: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def _readout_reader(model: Any, stack: str, n_layers: int) -> tuple[Callable[[Any], Readout], tuple[str, ...]]:
+def _readout_reader(model: Any, stack: str, n_layers: int) -> tuple[Callable[..., Readout], tuple[str, ...]]:
     last = f"{stack}.{n_layers - 1}.hook_resid_post"
     module = _final_norm_module(model, stack)
     d_model = int(model.cfg.d_model)
     norm_name = "ln_final" if stack == "blocks" else "decoder_ln_final"
     cached: dict[str, FinalNorm] = {}
 
-    def read(cache: Any) -> Readout:
-        x = cache[last]
+    def read(cache: Any, rows: Tensor | None = None) -> Readout:
+        def at(t: Tensor) -> Tensor:  # the explained position of each item only, [b, 1, ...]
+            if rows is None:
+                return t
+            index = rows.to(t.device).view(-1, 1, *([1] * (t.dim() - 2))).expand(t.shape[0], 1, *t.shape[2:])
+            return t.gather(1, index)
+
+        x = at(cache[last])
         if "norm" not in cached:
             cached["norm"] = probe_norm(module, d_model, norm_name) if module is not None else FinalNorm(
                 "none", None, None, 0.0
@@ -190,13 +213,13 @@ def _readout_reader(model: Any, stack: str, n_layers: int) -> tuple[Callable[[An
         norm = cached["norm"]
         with torch.no_grad():
             if f"{norm_name}.hook_out" in cache.keys():
-                real_norm_out = cache[f"{norm_name}.hook_out"]
+                real_norm_out = at(cache[f"{norm_name}.hook_out"])
             elif module is not None:
                 real_norm_out = module(x)
             else:
                 real_norm_out = x
             if "unembed.hook_out" in cache.keys():
-                logits = cache["unembed.hook_out"]
+                logits = at(cache["unembed.hook_out"])
             else:
                 logits = model.unembed(real_norm_out)
         mine = apply_norm(norm, x)
@@ -207,7 +230,8 @@ def _readout_reader(model: Any, stack: str, n_layers: int) -> tuple[Callable[[An
                 f"{norm_name}: the final norm does not behave as a {norm.kind} with the gain and bias its probes "
                 f"gave (max|Δ| = {err:.3g} of max|out| = {ref:.3g}); it cannot be linearised exactly"
             )
-        norm = _rescaled(norm, cache, real_norm_out, norm_name)
+        norm = _rescaled(norm, at(cache["unembed.hook_in"]) if "unembed.hook_in" in cache.keys() else None,
+                         real_norm_out, norm_name)
         W_U = model.W_U.detach()
         with torch.no_grad():
             b_U = model.unembed(torch.zeros(1, 1, d_model, dtype=W_U.dtype, device=W_U.device))[0, 0].detach()
@@ -216,12 +240,12 @@ def _readout_reader(model: Any, stack: str, n_layers: int) -> tuple[Callable[[An
     return read, (last,)
 
 
-def _rescaled(norm: FinalNorm, cache: Any, norm_out: Tensor, norm_name: str) -> FinalNorm:
+def _rescaled(norm: FinalNorm, unembed_in: Tensor | None, norm_out: Tensor, norm_name: str) -> FinalNorm:
     """Absorb a constant factor between the final norm and the unembedding (T5's d_model^-0.5 of tied
     embeddings) into the norm's gain and bias; refuse anything else between them."""
-    if "unembed.hook_in" not in cache.keys():
+    if unembed_in is None:
         return norm
-    into = cache["unembed.hook_in"].to(torch.float64)
+    into = unembed_in.to(torch.float64)
     out = norm_out.to(torch.float64)
     if torch.equal(into, out):
         return norm
@@ -294,7 +318,7 @@ def _decoder_only(model: Any, layout: ModelLayout) -> LogitLayout:
         hooks += names
     read, more = _readout_reader(model, "blocks", n)
     hooks += more
-    return LogitLayout("decoder", "blocks.0.hook_resid_pre", steps, read, tuple(dict.fromkeys(hooks)))
+    return LogitLayout("decoder", "blocks.0.hook_resid_pre", steps, read, tuple(dict.fromkeys(hooks)), more)
 
 
 def _encoder_decoder(model: Any, layout: ModelLayout) -> LogitLayout:
@@ -324,7 +348,9 @@ def _encoder_decoder(model: Any, layout: ModelLayout) -> LogitLayout:
         hooks += reader.hooks
     read, more = _readout_reader(model, "decoder_blocks", len(dec))
     hooks += more
-    return LogitLayout("encoder_decoder", "decoder_blocks.0.hook_resid_pre", steps, read, tuple(dict.fromkeys(hooks)))
+    return LogitLayout(
+        "encoder_decoder", "decoder_blocks.0.hook_resid_pre", steps, read, tuple(dict.fromkeys(hooks)), more
+    )
 
 
 def logit_layout(model: Any, layout: ModelLayout) -> LogitLayout:

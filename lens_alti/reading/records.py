@@ -8,9 +8,10 @@ model-agnostic mathematics. Shapes use `b` batch, `h` query heads, `q` receivers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
-from jaxtyping import Float
+import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -30,6 +31,32 @@ class NormAfterAttention:
     weight: Float[Tensor, " d"]
     bias: Float[Tensor, " d"] | None
     scale: Float[Tensor, "b q"]
+
+
+class PatternRows(Protocol):
+    """Attention rows computed on demand, for a block whose dense pattern is never formed.
+
+    `rows(positions)` gives `[b, h, r, k]`: row `r` is the attention of receiver `positions[b, r]`
+    over every key, exactly the probabilities the model applied (docs/spec.md §9). `shape` is the
+    whole pattern's `[b, h, q, k]`; `dtype` and `device` those of the rows.
+    """
+
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def rows(self, positions: Int[Tensor, "b r"]) -> Float[Tensor, "b h r k"]: ...
+
+
+def pattern_placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The `pattern` of a record whose rows are recomputed (`AttentionBlock.pattern_rows`): the pattern's
+    shape and dtype, one zero expanded, no memory. Never read its values."""
+    return torch.zeros((), dtype=dtype, device=device).expand(*shape)
+
+
+def is_placeholder(t: Tensor) -> bool:
+    """True for a `pattern_placeholder` (every stride 0): shape-only, nothing to check or read."""
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,12 @@ class AttentionBlock:
     the pattern is not the attention weights (measure="attention" is refused).
     `padding_unmasked`: the pattern was recomputed without the (uncached) padding mask (see
     `reading/relative_bias.py`).
+    `pattern_rows`: set when the block's attention rows are recomputed on demand from the
+    queries and keys (docs/spec.md §9). `pattern` is then a placeholder of the pattern's shape
+    and dtype that holds no memory (one zero, expanded) and must not be read: row-wise code reads
+    the rows with `lens_alti.alti.rows.pattern_at`, and whole-block code refuses such a record.
+    `receivers[b, r]`: the position of each receiver row when the record holds some receivers
+    only (`lens_alti.alti.rows.row_block`); None when row q is position q.
     """
 
     name: str
@@ -80,3 +113,5 @@ class AttentionBlock:
     channels_per_head: int = 1
     has_heads: bool = True
     output_gated: bool = False
+    pattern_rows: PatternRows | None = None
+    receivers: Int[Tensor, "b r"] | None = None

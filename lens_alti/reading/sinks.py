@@ -1,7 +1,7 @@
 """What the model and its input say about attention sinks (docs/spec.md §10).
 
 The model-aware half of sink detection: the tokenizer's special ids, the input ids a cache was
-run on (`embed.hook_in`), and the attention patterns of the self-attention layers that cache one.
+run on (`embed.hook_in`).
 The decision itself is model-agnostic (`lens_alti.alti.sinks`).
 """
 
@@ -14,7 +14,6 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from lens_alti.reading.hooks import embedding_hook
-from lens_alti.reading.types import ModelLayout
 
 
 def special_ids(model: Any) -> frozenset[int]:
@@ -48,11 +47,3 @@ def first_is_special(model: Any, ids: Any, valid: Bool[Tensor, "b n"]) -> Bool[T
     rows = torch.arange(valid.shape[0], device=valid.device)
     head = ids.to(valid.device)[rows, first]
     return torch.tensor([int(t) in specials for t in head.tolist()], dtype=torch.bool, device=valid.device)
-
-
-def cached_patterns(cache: Any, layout: ModelLayout) -> list[Tensor]:
-    """The cached attention patterns `[b, h, q, k]` of the self-attention layers (decoder-only and
-    encoder models) that record one; layers without a dense `hook_pattern` (mixers) are left out."""
-    readers = layout.blocks.get("self", [])
-    names = [r.hooks[0] for r in readers if r.hooks and r.hooks[0].endswith("hook_pattern")]
-    return [cache[n] for n in names if n in cache.keys()]

@@ -25,6 +25,11 @@ class BlockReader:
 
     `channels_per_head`: how many record channels each cached head is expected to become
     (d_head for a per-channel output gate, see `gated_output`), for the up-front memory estimate.
+    `rows`: an attention block whose hooks all lie in its own layer, so the layer can be run
+    again alone to read it, and whose record can be read a few receivers at a time (the
+    top-down paths, docs/spec.md §12). `plain_attention`: besides, its attention is plain
+    (no output gate, norm on the heads or values, sinks or latent values), so its rows can be
+    recomputed from queries and keys (`reading/efficient.py`, docs/spec.md §9).
     """
 
     name: str
@@ -33,6 +38,8 @@ class BlockReader:
     channels_per_head: int = 1
     # The record's pattern shape [batch, head, query, key] when hooks[0] does not have it (LED's band).
     shape: Callable[[Any], tuple[int, ...]] | None = None
+    rows: bool = False
+    plain_attention: bool = False
 
     def pattern_shape(self, cache: Any) -> tuple[int, ...]:
         """The shape of the record's pattern, `[batch, head, query, key]` for attention, read from the cache."""

@@ -79,7 +79,7 @@ def head_heatmap(result: AltiResult, position: int = -1, *, batch: int = 0) -> A
         )
     keep, labels = _labels(result, batch)
     pos = check_position("position", position, result.attention_mask[batch], where=f"batch item {batch}")
-    share = result.head_outputs[batch, :, :, pos]
+    share = result.head_outputs[batch, :, :, result.row_of(pos, batch)]
     fig = go.Figure(
         go.Heatmap(
             z=share.tolist(),
@@ -104,7 +104,7 @@ def saliency_bar(result: AltiResult, position: int = -1, *, batch: int = 0, laye
     batch = _checked(result, batch)
     keep, labels = _labels(result, batch)
     pos = check_position("position", position, result.attention_mask[batch], where=f"batch item {batch}")
-    row = result.rollout[batch, _layer_index(result.n_layers, layer), pos][keep]
+    row = result.rollout[batch, _layer_index(result.n_layers, layer), result.row_of(pos, batch)][keep]
     sinks = set() if result.sinks is None else set(result.sinks[batch].nonzero().flatten().tolist())
     colours = ["#a0aec0" if i in sinks else "#2b6cb0" for i in keep]  # attention sinks grey (docs/spec.md §10)
     shown = [f"{x} (sink)" if i in sinks else x for i, x in zip(keep, labels, strict=True)]

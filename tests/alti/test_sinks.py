@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lens_alti.alti.rollout import rollout
+from lens_alti.reading.records import AttentionBlock, pattern_placeholder
 from lens_alti.alti.sinks import SinkMeter, sink_bias_layers, sink_positions
 
 
@@ -49,6 +52,70 @@ def test_meter_counts_the_heads_by_hand():
     assert torch.equal(meter.votes, votes)
     assert meter.heads == 9
     assert torch.equal(meter.measured(), votes > 4.5)
+
+
+class _Rows:
+    """A record's recomputed attention rows (`AttentionBlock.pattern_rows`), served from a dense pattern,
+    counting the rows asked for at once."""
+
+    def __init__(self, pattern: torch.Tensor) -> None:
+        self.pattern, self.asked = pattern, []
+        self.dtype, self.device = pattern.dtype, pattern.device
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        self.asked.append(positions.shape[1])
+        return self.pattern.gather(2, positions[:, None, :, None].expand(-1, self.pattern.shape[1], -1,
+                                                                          self.pattern.shape[3]))
+
+
+def _record(pattern: torch.Tensor, rows: _Rows | None, padding_unmasked: bool = False) -> AttentionBlock:
+    b, h, n, _ = pattern.shape
+    return AttentionBlock(
+        name="blocks.0.attn", layer=0, pattern=pattern_placeholder(pattern.shape, pattern.dtype, pattern.device)
+        if rows is not None else pattern, values=torch.zeros(b, n, h, 2), W_O=torch.zeros(h, 2, 3), b_O=None,
+        residual=torch.zeros(b, n, 3), target=torch.zeros(b, n, 3), pattern_rows=rows,
+        padding_unmasked=padding_unmasked,
+    )
+
+
+def test_recomputed_rows_are_read_in_chunks_and_counted_alike():
+    """`add_block` on rows recomputed in chunks of receivers gives the votes of the whole pattern."""
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False
+    keep = valid[:, None, :, None] & valid[:, None, None, :]
+    layers = [torch.where(keep, _causal_patterns(2, 4, 9, seed, sink_logit=1.5 * seed), 0.0) for seed in range(4)]
+    layers = [x / x.sum(-1, keepdim=True).clamp(min=1e-9) for x in layers]
+    whole, chunked = SinkMeter(valid, causal=True), SinkMeter(valid, causal=True)
+    for layer in layers:
+        whole.add(layer)
+        rows = _Rows(layer)
+        chunked.add_block(_record(layer, rows), max_chunk_bytes=4 * 4 * 2 * 4 * 9 * 2)  # two receivers a chunk
+        assert max(rows.asked) == 2 and sum(rows.asked) == 9
+    assert torch.equal(chunked.votes, whole.votes)
+    assert torch.equal(whole.votes, _hand_votes(layers, valid, causal=True))
+    assert whole.measured().any()  # the test can fail: some position is a sink
+
+
+def test_rows_recomputed_without_the_padding_mask_are_renormalised():
+    """Rows that still give padding a share (`padding_unmasked`) are counted over the real keys only (§1h)."""
+    valid = torch.tensor([[False, True, True, True, True]])
+    layer = _causal_patterns(1, 2, 5, 0, sink_logit=0.0)  # attends to the padded key 0 as well
+    real = layer * valid[:, None, None, :]
+    real = real / real.sum(-1, keepdim=True).clamp(min=1e-9)
+    want, got = SinkMeter(valid, causal=True), SinkMeter(valid, causal=True)
+    want.add(real)
+    got.add_block(_record(layer, _Rows(layer), padding_unmasked=True))
+    assert torch.equal(got.votes, want.votes)
+
+
+def test_mixers_without_attention_are_skipped():
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    meter = SinkMeter(valid, causal=True)
+    pattern = _causal_patterns(1, 2, 4, 0, sink_logit=9.0)
+    meter.add_block(replace(_record(pattern, None), recurrent=True))
+    assert meter.heads == 0 and not meter.measured().any()
+    meter.add_block(_record(pattern, None))
+    assert meter.heads == 2 and meter.measured()[0, 0]
 
 
 def test_meter_bidirectional_counts_every_other_receiver():

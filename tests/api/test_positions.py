@@ -68,12 +68,15 @@ def test_left_padded_rows_equal_the_full_result(decoder):
     by_index = lens_alti.attribute(
         bridge, tokens=ids, heads=True, positions=torch.tensor([[-5, -3], [1, 7]]), attention_mask=mask
     )
+    # The rows are computed a chunk of receivers at a time (docs/spec.md §12): each receiver's output
+    # y_i is summed over fewer rows than in the all-positions result, a float32 rounding difference
+    # (≤ 1e-6 relative in y) that the per-head shares can amplify to a few 1e-6.
     for res in (by_mask, by_index):
         assert res.positions.tolist() == [[3, 5], [1, 7]]
         for name in ("layers", "rollout", "heads_residual", "head_outputs_residual"):
-            torch.testing.assert_close(getattr(res, name), _rows(getattr(full, name), res.positions, 2), atol=1e-6,
+            torch.testing.assert_close(getattr(res, name), _rows(getattr(full, name), res.positions, 2), atol=1e-5,
                                        rtol=0)
-        torch.testing.assert_close(res.head_outputs, _rows(full.head_outputs, res.positions, 3), atol=1e-6, rtol=0)
+        torch.testing.assert_close(res.head_outputs, _rows(full.head_outputs, res.positions, 3), atol=1e-5, rtol=0)
 
 
 def test_bidirectional_encoder_rollout_is_exact():
@@ -156,8 +159,10 @@ def test_result_methods_use_positions(decoder):
     ids = _ids(1, 6, 19)
     full = lens_alti.attribute(bridge, tokens=ids)
     res = lens_alti.attribute(bridge, tokens=ids, positions=[2, -1])
-    assert res.top_sources(-1, k=3) == full.top_sources(-1, k=3)
-    assert res.top_sources(2, k=2) == full.top_sources(2, k=2)
+    for position, k in ((-1, 3), (2, 2)):  # the same sources; values equal up to float32 rounding
+        got, want = res.top_sources(position, k=k), full.top_sources(position, k=k)
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        torch.testing.assert_close(torch.tensor([g[2] for g in got]), torch.tensor([w[2] for w in want]))
     with pytest.raises(ValueError, match="was not computed"):
         res.top_sources(3)
     frame = res.to_dataframe("rollout")

@@ -48,6 +48,24 @@ def test_explain_without_the_position_picker_for_long_texts(folder, tmp_path, ca
     capsys.readouterr()
 
 
+def test_explain_never_records_a_cache(folder, tmp_path, capsys, monkeypatch):
+    """Every entry point is given the model: a long text is explained at its position, one layer at a time."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lens-alti explain recorded a whole cache")
+
+    monkeypatch.setattr(TransformerBridge, "run_with_cache", refuse)
+    out = tmp_path / "long.html"
+    rc = main(["explain", "t5 t6 t7 t8 t9 t10", "--model", str(folder), "--target", "t7", "--heads",
+               "--max-interactive", "3", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "predicts" in text and "ALTI-Logit of the logit of 't7'" in text and "routes (logit" in text
+    html = out.read_text()
+    assert "Rollout for the explained position" in html and "Rollout after the last layer" not in html
+
+
 def test_explain_prediction_errors_are_one_line(folder, capsys):
     rc = main(["explain", "t5 t6", "--model", str(folder), "--target", "t7 t8"])
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -98,3 +98,8 @@ def test_smollm2_without_bos_its_first_word_is_measured_as_the_sink(smollm2):
         _, cache = smollm2.run_with_cache(tokens, prepend_bos=False)
     res = lens_alti.attribute(cache, tokens=tokens)
     assert res.str_tokens[0][0] == "When" and res.sinks[0].nonzero().flatten().tolist() == [0]
+    # the same rule where the model's layers run again and the attention rows are recomputed in chunks
+    streamed = lens_alti.attribute(smollm2, tokens=tokens, positions=[-1], attention="recomputed")
+    assert torch.equal(streamed.sinks, res.sinks)
+    attr = lens_alti.logit_attribution(smollm2, " Mary", tokens=tokens, attention="recomputed")
+    assert torch.equal(attr.sinks, res.sinks)
