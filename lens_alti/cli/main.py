@@ -1,5 +1,5 @@
 """The `lens-alti` command: the parser and the dispatch to `demo` (cli/demo.py), `explain`
-(cli/explain.py) and `run` (the corpus runner, cli/corpus.py)."""
+(cli/explain.py), `cite` (context attribution, cli/cite.py) and `run` (the corpus runner, cli/corpus.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import traceback
 import warnings
 from typing import Any
 
+from lens_alti.cli.cite import add_parser as add_cite_parser
+from lens_alti.cli.cite import cite
 from lens_alti.cli.demo import demo
 from lens_alti.cli.explain import explain
 
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         help="texts up to this many tokens get the position picker in the report (default 48)",
     )
     e.add_argument("--out", help="write a self-contained HTML report here")
+    add_cite_parser(sub, common, _positive_int)
     _add_run_parser(sub, common)
     try:
         args = parser.parse_args(argv)
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        {"demo": demo, "explain": explain, "run": run}[args.command](args)
+        {"demo": demo, "explain": explain, "cite": cite, "run": run}[args.command](args)
     except Exception as exc:  # every error: one line on stderr, exit code 2 (--debug: the traceback)
         if args.debug:
             traceback.print_exc()
