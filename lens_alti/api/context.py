@@ -27,7 +27,7 @@ from lens_alti.api.inputs import (
 )
 from lens_alti.api.logit import logit_attribution
 from lens_alti.api.options import DTYPES
-from lens_alti.errors import InvalidArgumentError, UnsupportedModelError
+from lens_alti.errors import ContextLengthError, InvalidArgumentError, UnsupportedModelError
 from lens_alti.results.context import ContextAttribution
 from lens_alti.validation import check_choice, check_size, check_type
 
@@ -85,7 +85,9 @@ def context_attribution(
     _decoder_only(model)
     ids, offsets, prompt, start, used_chat = context_tokens(model, context, query, template, chat)
     n_prompt, generated = len(ids), response is None
+    _check_length(model, n_prompt + (max_new_tokens if generated else 0))
     answer, response, response_offsets = _response(model, ids, response, max_new_tokens)
+    _check_length(model, n_prompt + len(answer))
     offsets += [(a + len(prompt), b + len(prompt)) for a, b in response_offsets]
     full = torch.tensor([ids + answer], device=input_device(model))
     parts = _explain(model, full, n_prompt, check, dtype)
@@ -130,7 +132,16 @@ def _response(
     if not response:
         raise InvalidArgumentError("response", response, "a non-empty text, or None to generate it")
     answer, offsets = tokens_with_offsets(model, response, False)
+    if not answer:
+        raise InvalidArgumentError("response", response, "a text of at least one token")
     return answer, response, offsets
+
+
+def _check_length(model: Any, n_tokens: int) -> None:
+    """Refuse a prompt and response longer than the model's context (`cfg.n_ctx`) before running it."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and n_tokens > int(n_ctx):
+        raise ContextLengthError("context", n_tokens, int(n_ctx))
 
 
 def _decoder_only(model: Any) -> None:

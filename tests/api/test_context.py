@@ -10,7 +10,13 @@ import torch
 
 import lens_alti
 from lens_alti.api import inputs
-from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, OutOfRangeError, UnsupportedModelError
+from lens_alti.errors import (
+    ArgumentTypeError,
+    ContextLengthError,
+    InvalidArgumentError,
+    OutOfRangeError,
+    UnsupportedModelError,
+)
 from tests.support.context_model import copy_bridge
 from tests.support.errors import raises_exactly
 from tests.support.reference_logit import reference_logit_decoder
@@ -170,6 +176,9 @@ def test_errors(copying):
     raises_exactly(InvalidArgumentError, "max_new_tokens", cite, model, CONTEXT, QUERY, max_new_tokens=0)
     raises_exactly(InvalidArgumentError, "dtype", cite, model, CONTEXT, QUERY, dtype=torch.float16)
     raises_exactly(UnsupportedModelError, "decoder-only", cite, object(), CONTEXT, QUERY)
+    raises_exactly(InvalidArgumentError, "response", cite, model, CONTEXT, QUERY, "   ")
+    raises_exactly(ContextLengthError, "context", cite, model, "w1 " * 300, QUERY, "paris")
+    raises_exactly(ContextLengthError, "context", cite, model, "w1 " * 240, QUERY, max_new_tokens=20)
 
 
 def test_model_without_a_fast_tokenizer(copying):
