@@ -28,6 +28,7 @@ from lens_alti.api.inputs import (
 from lens_alti.api.logit import logit_attribution
 from lens_alti.api.options import DTYPES
 from lens_alti.errors import ContextLengthError, InvalidArgumentError, UnsupportedModelError
+from lens_alti.reading.generate import greedy_continuation
 from lens_alti.results.context import ContextAttribution
 from lens_alti.validation import check_choice, check_size, check_type
 
@@ -123,7 +124,8 @@ def _response(
 ) -> tuple[list[int], str, list[tuple[int, int]]]:
     """(response token ids, response text, each token's characters in the text): tokenised, or generated."""
     if response is None:
-        answer = _generate(model, torch.tensor([prompt_ids], device=input_device(model)), max_new_tokens)
+        eos = getattr(model.tokenizer, "eos_token_id", None)
+        answer = greedy_continuation(model, torch.tensor([prompt_ids], device=input_device(model)), max_new_tokens, eos)
         if not answer:
             raise InvalidArgumentError(
                 "response", None, "a text: the model generated nothing before its end-of-sequence token"
@@ -156,17 +158,6 @@ def _decoder_only(model: Any) -> None:
             f"{type(model).__name__}: context_attribution needs a decoder-only (causal) model; this one attends "
             "in both directions"
         )
-
-
-def _generate(model: Any, prompt_ids: Tensor, max_new_tokens: int) -> list[int]:
-    """Greedy continuation of `prompt_ids` `[1, n]`, up to (not including) the end-of-sequence token."""
-    eos = getattr(model.tokenizer, "eos_token_id", None)
-    out = model.generate(
-        prompt_ids, max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=eos is not None, verbose=False,
-        return_type="tokens",
-    )
-    new = [int(t) for t in out[0, prompt_ids.shape[1] :].tolist()]
-    return new[: new.index(eos)] if eos is not None and eos in new else new
 
 
 def _generated_offsets(model: Any, answer: list[int]) -> list[tuple[int, int]]:

@@ -83,6 +83,22 @@ def test_soft_contrast_matches_the_reference(decoder):
     assert res.contrast is None and res.extra["soft_contrast"] and "logit difference" in repr(res)
 
 
+def test_generated_response_is_the_greedy_continuation(decoder):
+    """Against a forward pass per token (the bridge's key-value cache is wrong on LLaMA and Gemma-2)."""
+    arch, _, bridge = decoder
+    res = lens_alti.context_attribution(bridge, "t5 t6 . t7 t8 .", "t9 t40", units="sentence", max_new_tokens=4)
+    ids = bridge.to_tokens("Context: t5 t6 . t7 t8 .\n\nQuery: t9 t40")
+    eos = bridge.tokenizer.eos_token_id
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = int(bridge(ids)[0, -1].argmax())
+            if nxt == eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert res.n_prompt + len(res.response_ids) == ids.shape[1], arch
+    assert res.response_ids.tolist() == ids[0, res.n_prompt :].tolist(), arch
+
+
 def test_any_decoder_family(decoder):
     arch, _, bridge = decoder
     res = lens_alti.context_attribution(bridge, "t5 t6 . t7 t8 .", "t9 t40", "t41 t42", units="sentence")
