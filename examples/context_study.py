@@ -206,6 +206,7 @@ def task_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "group": label, "prompts": len(group), "tokens": _mean([r["tokens"] for r in group]),
             "log_prob": _mean([r["log_prob"] for r in group]),
             "model_first_token": _mean([float(r["model_answers_first_token"]) for r in group]),
+            "model_answer_correct": _mean([float(r["model_answer_correct"]) for r in group if "model_answer" in r]),
             "loo_fact_first": _mean([r["leave-one-out"]["top1"] for r in group]),
             "loo_fact_drop": _mean([r["loo"][r["fact"]] for r in group]),
             "time_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else float("nan"),
@@ -215,13 +216,13 @@ def task_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(lines: list[dict[str, Any]], task: list[dict[str, Any]]) -> str:
     """The two results tables: the task, then the methods."""
-    text = ("| prompts | n | mean tokens | mean log p(answer) | model's first token = answer's | LOO ranks the "
-            "fact first | mean LOO drop of the fact | ContextCite time / ALTI-Logit time (median) |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    text = ("| prompts | n | mean tokens | mean log p(answer) | model's answer names the city | model's first "
+            "token = answer's | LOO ranks the fact first | mean LOO drop of the fact | ContextCite time / "
+            "ALTI-Logit time (median) |\n|---|---|---|---|---|---|---|---|---|\n")
     for x in task:
         text += (f"| {x['group']} | {x['prompts']} | {x['tokens']:.0f} | {x['log_prob']:.2f} | "
-                 f"{x['model_first_token']:.2f} | {x['loo_fact_first']:.2f} | {x['loo_fact_drop']:.2f} | "
-                 f"{x['time_ratio_median']:.1f} |\n")
+                 f"{x['model_answer_correct']:.2f} | {x['model_first_token']:.2f} | {x['loo_fact_first']:.2f} | "
+                 f"{x['loo_fact_drop']:.2f} | {x['time_ratio_median']:.1f} |\n")
     text += ("\n| prompts | method | n | units | top-1 | Spearman (LOO) | drop k=1 | drop k=3 | drop k=5 | "
              "s / example | Spearman (position) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     for x in lines:
@@ -242,6 +243,24 @@ def write_guide(path: str, table: str, extra: str) -> None:
     before, rest = text.split(start, 1)
     page.write_text(before + start + "\n" + table + extra + rest.split(end, 1)[1].join(["\n" + end, ""]),
                     encoding="utf-8")
+
+
+def model_answers(path: str, scorer: Scorer, max_new_tokens: int = 16) -> None:
+    """Add to each row of the JSON at `path` the model's own greedy answer (Hugging Face `generate` on the
+    same weights, SDPA attention) and whether it names the right city; rows that have one are kept."""
+    out = json.loads(Path(path).read_text())
+    count = lambda c, q: len(context_tokens(scorer, c, q)[0])  # noqa: E731
+    for row in out["rows"]:
+        if "model_answer" in row:
+            continue
+        case = evaluation.context_prompt_case(row["length"], row["seed"], count)
+        ids = torch.tensor([context_tokens(scorer, case.context, case.query)[0]])
+        with torch.no_grad():
+            new = scorer.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=scorer.tokenizer.eos_token_id)[0, ids.shape[1] :]
+        row["model_answer"] = scorer.tokenizer.decode(new, skip_special_tokens=True)
+        row["model_answer_correct"] = case.answer in row["model_answer"]
+        Path(path).write_text(json.dumps(out, indent=1))
 
 
 def tables(path: str, guide: str | None) -> None:
@@ -267,6 +286,8 @@ def main() -> None:
     ap.add_argument("--no-contextcite", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tables-only", action="store_true", help="no model run: the tables (and guide) from the JSON")
+    ap.add_argument("--answers", action="store_true",
+                    help="only add the model's own greedy answers to the JSON's rows, then the tables")
     args = ap.parse_args()
     if args.tables_only:
         return tables(args.json, args.guide)
@@ -277,8 +298,13 @@ def main() -> None:
     counts = counts * len(lengths) if len(counts) == 1 else counts
     from transformers import AutoModelForCausalLM
 
-    model = load_smollm2()
     hf = AutoModelForCausalLM.from_pretrained(smollm2_path(), attn_implementation="sdpa", local_files_only=True)
+    if args.answers:
+        from transformers import AutoTokenizer
+
+        model_answers(args.json, Scorer(hf.eval(), AutoTokenizer.from_pretrained(smollm2_path())))
+        return tables(args.json, args.guide)
+    model = load_smollm2()
     scorer = Scorer(hf.eval(), model.tokenizer)
     cite = None if args.no_contextcite else contextcite_runner(hf, model.tokenizer)
     methods = ["ALTI-Logit", *([] if cite is None else ["ContextCite"]), "leave-one-out"]
