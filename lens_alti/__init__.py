@@ -4,7 +4,7 @@
     result = lens_alti.attribute(cache)          # result.layers, result.rollout
 """
 
-from lens_alti.api import attention_rollout, attribute, hook_names, logit_attribution, routes
+from lens_alti.api import attention_rollout, attribute, context_attribution, hook_names, logit_attribution, routes
 from lens_alti.errors import (
     ArgumentTypeError,
     CompletenessError,
@@ -25,12 +25,13 @@ from lens_alti.errors import (
     UnsupportedModelError,
     WeightProcessingWarning,
 )
-from lens_alti.results import AltiResult, LogitAttribution, Routes, Seq2SeqAltiResult, load
+from lens_alti.results import AltiResult, ContextAttribution, LogitAttribution, Routes, Seq2SeqAltiResult, load
 
 __all__ = [
     "AltiResult",
     "ArgumentTypeError",
     "CompletenessError",
+    "ContextAttribution",
     "ContextLengthError",
     "InsufficientMemoryError",
     "InterventionNotSupportedError",
@@ -52,6 +53,7 @@ __all__ = [
     "WeightProcessingWarning",
     "attention_rollout",
     "attribute",
+    "context_attribution",
     "hook_names",
     "load",
     "logit_attribution",

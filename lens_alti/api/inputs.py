@@ -8,6 +8,7 @@ the argument, the value and what is valid (`InvalidArgumentError`, `OutOfRangeEr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from lens_alti.errors import ArgumentTypeError, InvalidArgumentError, OutOfRangeError, PaddedPositionError
-from lens_alti.validation import check_position, check_str_tokens, check_token_ids, check_type
+from lens_alti.validation import check_choice, check_int, check_position, check_str_tokens, check_token_ids, check_type
 
 
 def valid_mask(
@@ -265,3 +266,184 @@ def _mask_receivers(t: Tensor, valid: Tensor, name: str) -> Tensor:
     if not bool(valid.gather(1, out).all()):
         raise PaddedPositionError(name, out.tolist(), "real tokens (attention_mask == 1), not padding")
     return out
+
+
+def contrast_distribution(which: Any, batch: int, vocab_size: int, name: str = "contrast") -> Tensor | None:
+    """A contrast given as a distribution over the vocabulary: `[batch, vocab]` float weights, or None.
+
+    None when `which` is not a floating-point tensor (token ids or strings are read by `token_ids`).
+    A `[vocab]` tensor is used for every batch item. Each row must be non-negative and sum to 1
+    (within 1e-3): the explained quantity is then `logit_target − Σ_v which[v]·logit_v`
+    (docs/spec.md §13b).
+    """
+    if not isinstance(which, Tensor) or not which.dtype.is_floating_point:
+        return None
+    t = which[None] if which.dim() == 1 else which
+    if t.dim() != 2 or t.shape[-1] != vocab_size or t.shape[0] not in (1, batch):
+        raise InvalidArgumentError(
+            name, f"a float tensor of shape {tuple(which.shape)}",
+            f"a distribution over the vocabulary: [vocab] or [batch, vocab] = [{batch}, {vocab_size}]",
+        )
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise InvalidArgumentError(name, "a tensor with negative or non-finite weights", "non-negative weights")
+    sums = t.double().sum(-1)
+    if bool(((sums - 1).abs() > 1e-3).any()):
+        raise InvalidArgumentError(
+            name, f"weights summing to {sums.tolist()[:4]}", "a distribution: each row summing to 1 (within 1e-3)"
+        )
+    return t.expand(batch, -1)
+
+
+UNIT_KINDS = ("sentence", "paragraph")
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+
+
+def text_units(text: str, units: Any, name: str = "units") -> list[tuple[int, int]]:
+    """Character spans `[start, end)` of the units of `text` (docs/spec.md §13a), in order.
+
+    `units`: "sentence" (a run of ., ! or ? followed by whitespace ends a sentence, and so does a
+    line break), "paragraph" (blank lines separate paragraphs), or a list of `(start, end)`
+    character spans, sorted and not overlapping. Split units are stripped of surrounding
+    whitespace; empty ones are dropped.
+    """
+    if isinstance(units, str):
+        check_choice(name, units, UNIT_KINDS)
+        pieces = _lines(text) if units == "sentence" else _paragraphs(text)
+        spans = [s for p in pieces for s in (_sentences(text, *p) if units == "sentence" else [p])]
+        return [s for s in (_strip(text, a, b) for a, b in spans) if s is not None]
+    kinds = "'sentence', 'paragraph' or a list of (start, end) character spans"
+    if not isinstance(units, (list, tuple)) or not units:
+        raise ArgumentTypeError(name, units, kinds)
+    out: list[tuple[int, int]] = []
+    for i, span in enumerate(units):
+        if isinstance(span, (str, bytes)) or not isinstance(span, (list, tuple)) or len(span) != 2:
+            raise ArgumentTypeError(f"{name}[{i}]", span, "a (start, end) pair of character offsets")
+        start, end = (check_int(f"{name}[{i}]", v) for v in span)
+        if not 0 <= start < end <= len(text):
+            raise OutOfRangeError(f"{name}[{i}]", span, f"0 <= start < end <= {len(text)} (the context's length)")
+        if out and start < out[-1][1]:
+            raise InvalidArgumentError(f"{name}[{i}]", span, f"a span starting at or after {out[-1][1]} (sorted, "
+                                       "not overlapping the one before)")
+        out.append((start, end))
+    return out
+
+
+def _lines(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(r"[^\n]+", text)]
+
+
+def _paragraphs(text: str) -> list[tuple[int, int]]:
+    bounds = [0, *(x for m in re.finditer(r"\n[ \t\r]*\n\s*", text) for x in (m.start(), m.end())), len(text)]
+    return [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2)]
+
+
+def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    spans, pos = [], start
+    for m in _SENTENCE_END.finditer(text, start, end):
+        spans.append((pos, m.end()))
+        pos = m.end()
+    return [*spans, (pos, end)] if pos < end else spans
+
+
+def _strip(text: str, start: int, end: int) -> tuple[int, int] | None:
+    piece = text[start:end]
+    lead, body = len(piece) - len(piece.lstrip()), piece.strip()
+    return (start + lead, start + lead + len(body)) if body else None
+
+
+def token_units(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]], shift: int = 0) -> list[int]:
+    """The unit of each token: the span (shifted by `shift` characters) that shares the most
+    characters with the token's offsets `[start, end)`, the first on a tie; -1 for none (docs/spec.md §13a)."""
+    out = []
+    for start, end in offsets:
+        best, best_overlap = -1, 0
+        for u, (a, b) in enumerate(spans):
+            overlap = min(end, b + shift) - max(start, a + shift)
+            if overlap > best_overlap:
+                best, best_overlap = u, overlap
+        out.append(best)
+    return out
+
+
+def remove_units(text: str, spans: Sequence[tuple[int, int]], removed: Any) -> str:
+    """`text` without the units `removed` (indices into `spans`; docs/spec.md §13e).
+
+    Each removed unit goes with the whitespace that separates it from the kept text before it; a
+    unit with no kept text before it goes with the whitespace after it. All other text stays.
+    """
+    kept, pos = "", 0
+    for u in sorted({int(i) for i in removed}):
+        a, b = spans[u]
+        kept += text[pos:a]
+        pos = b
+        if kept.strip():
+            kept = kept.rstrip()
+        else:
+            pos = b + len(text[b:]) - len(text[b:].lstrip())
+    return kept + text[pos:]
+
+
+DEFAULT_TEMPLATE = "Context: {context}\n\nQuery: {query}"
+
+
+def context_prompt(model: Any, context: str, query: str, template: str, chat: Any) -> tuple[str, int, bool]:
+    """(prompt text, index of the context in it, whether the chat template was used) (docs/spec.md §13a).
+
+    The user message is `template` with `{context}` and `{query}` filled in (plain replacement);
+    with `chat` True, or None and a tokenizer that has a chat template, it is wrapped by the
+    tokenizer's chat template as one user turn with the generation prompt.
+    """
+    check_type("template", template, str, "a text with {context} and {query} once each")
+    if template.count("{context}") != 1 or template.count("{query}") != 1:
+        raise InvalidArgumentError("template", template, "a text with {context} and {query} once each")
+    if chat is not None:
+        check_type("chat", chat, bool, "True, False or None (use the chat template when the tokenizer has one)")
+    before, after = template.split("{context}")
+    before, after = before.replace("{query}", query), after.replace("{query}", query)
+    user, start = before + context + after, len(before)
+    tok = getattr(model, "tokenizer", None)
+    has_chat = tok is not None and bool(getattr(tok, "chat_template", None))
+    if chat and not has_chat:
+        raise InvalidArgumentError("chat", chat, "False or None: this model's tokenizer has no chat template")
+    if tok is None or not (has_chat if chat is None else chat):
+        return user, start, False
+    messages = [{"role": "user", "content": user}]
+    prompt = str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    at = prompt.find(user)
+    if at < 0:
+        raise InvalidArgumentError("chat", chat, "False: this chat template changes the message text, so the "
+                                   "context's characters cannot be found in the prompt")
+    return prompt, at + start, True
+
+
+def tokens_with_offsets(model: Any, text: str, bos: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """(token ids of `text`, each token's character span in it), with the BOS token first when `bos`.
+
+    Needs a fast (Rust) tokenizer for the offsets; BOS has the empty span (0, 0).
+    """
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or not getattr(tok, "is_fast", False):
+        raise ArgumentTypeError(
+            "model", type(model).__name__, "a model with a fast tokenizer (model.tokenizer.is_fast): character "
+            "offsets map the context's units to tokens"
+        )
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    bos_id = getattr(tok, "bos_token_id", None)
+    if bos and bos_id is not None and (not ids or ids[0] != bos_id):
+        ids, offsets = [int(bos_id), *ids], [(0, 0), *offsets]
+    return ids, offsets
+
+
+def context_tokens(
+    model: Any, context: str, query: str, template: str = DEFAULT_TEMPLATE, chat: Any = None
+) -> tuple[list[int], list[tuple[int, int]], str, int, bool]:
+    """(prompt ids, their character spans, prompt text, where the context starts in it, chat used).
+
+    The prompt of `context_prompt`, tokenised whole; BOS first when no chat template is used and
+    the model prepends one by default (`cfg.default_prepend_bos`, True when absent).
+    """
+    prompt, start, used_chat = context_prompt(model, context, query, template, chat)
+    bos = not used_chat and bool(getattr(getattr(model, "cfg", None), "default_prepend_bos", True))
+    ids, offsets = tokens_with_offsets(model, prompt, bos)
+    return ids, offsets, prompt, start, used_chat

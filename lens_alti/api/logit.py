@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from lens_alti.alti.context import expected_unembedding, expected_value
 from lens_alti.alti.contributions import DEFAULT_CHUNK_BYTES
 from lens_alti.alti.decompose import HALF_TOLERANCE
 from lens_alti.alti.logit import (
@@ -35,6 +36,7 @@ from lens_alti.alti.memory import RUN_ADVICE, BlockShape, attribute_bytes, check
 from lens_alti.alti.rows import RowWise
 from lens_alti.alti.topdown import RowRollout
 from lens_alti.api.inputs import (
+    contrast_distribution,
     decode_pieces,
     explained_rows,
     no_decoder_mask,
@@ -162,6 +164,9 @@ def _run_model(model: Any, layout: ModelLayout, ids: Tensor, mask: Any, decoder_
     return cache
 
 
+_SOFT = "the mean logit under the contrast distribution"
+
+
 @dataclass(frozen=True)
 class ReadoutParts:
     """The explained logit of each item, read back through the final norm at its real scale.
@@ -169,7 +174,10 @@ class ReadoutParts:
     `w[b, d]`: the direction at the final residual stream whose dot product with any part of it is
     that part's logit update; `bias[b]`: the readout's own terms (final norm β, unembedding bias);
     `logit[b]`: the real logit (difference); `target` / `contrast`: the ids `[b]`; `softcap`: the
-    logit soft-capping constant (the logit is explained before it) or None.
+    logit soft-capping constant (the logit is explained before it) or None; `soft_contrast`: the
+    contrast was a distribution over the vocabulary (`contrast` is then None); `scale[b]`: then
+    `|logit_target| + Σ_v p_v·|logit_v|`, the size of the logits whose difference is explained, which
+    the completeness check is judged against too (the difference vanishes as p(target) → 1).
     """
 
     w: Float[Tensor, "b d"]
@@ -178,6 +186,8 @@ class ReadoutParts:
     target: Int[Tensor, " b"]
     contrast: Int[Tensor, " b"] | None
     softcap: float | None
+    soft_contrast: bool = False
+    scale: Float[Tensor, " b"] | None = None
 
 
 def readout_parts(
@@ -196,7 +206,9 @@ def readout_parts(
     items = items.to(device)
     vocab = int(readout.W_U.shape[-1])
     tgt = token_ids(run.model, target, len(items), "target", vocab).to(device)
-    ctr = None if contrast is None else token_ids(run.model, contrast, len(items), "contrast", vocab).to(device)
+    soft = contrast_distribution(contrast, len(items), vocab)
+    ctr = None if contrast is None or soft is not None else token_ids(
+        run.model, contrast, len(items), "contrast", vocab).to(device)
     W_U = readout.W_U.to(device=device, dtype=dtype)
     b_U = None if readout.b_U is None else readout.b_U.to(device=device, dtype=dtype)
     u, logit = W_U[:, tgt].T, readout.real_logits[items, 0, tgt].to(dtype)
@@ -204,11 +216,18 @@ def readout_parts(
     if ctr is not None:
         u, logit = u - W_U[:, ctr].T, logit - readout.real_logits[items, 0, ctr].to(dtype)
         u_bias = u_bias if b_U is None else u_bias - b_U[ctr]
+    scale = None
+    if soft is not None:  # the weighted mean logit under a distribution (docs/spec.md §13b)
+        p = soft.to(device)
+        scale = (logit.abs() + expected_value(readout.real_logits[items, 0].abs(), p)).to(dtype)
+        u = u - expected_unembedding(readout.W_U, p).to(dtype)
+        logit = logit - expected_value(readout.real_logits[items, 0], p).to(dtype)
+        u_bias = u_bias if b_U is None else u_bias - expected_value(b_U.expand(len(items), -1), p).to(dtype)
     x_final = readout.final_residual[items, 0]
     check_finite_rows("final residual stream", x_final)
     norm = readout.norm
     w, bias = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u_bias)
-    return ReadoutParts(w, bias, logit, tgt, ctr, readout.softcap)
+    return ReadoutParts(w, bias, logit, tgt, ctr, readout.softcap, soft is not None, scale)
 
 
 @torch.no_grad()
@@ -336,6 +355,7 @@ def check_completeness(
     if parts.cross_heads is not None:
         terms.append(parts.cross_heads.sum(-1))
     gap, scale = completeness_gap(readout.logit, terms)
+    scale = scale if readout.scale is None else torch.maximum(scale, readout.scale.to(scale))
     if check:
         tol = HALF_TOLERANCE.get(dtype_in, COMPLETENESS_TOLERANCE)
         bad = (gap.abs() > tol * scale).nonzero().flatten()
@@ -439,7 +459,10 @@ def logit_attribution(
         target: token ids (an int, or one per batch item as a list or tensor) or token
             strings (each exactly one token, e.g. " Mary").
         contrast: None, or token ids / strings as for `target`: the logit difference
-            `target − contrast` is then explained.
+            `target − contrast` is then explained; or a distribution over the vocabulary (a float
+            tensor `[vocab]` or `[batch, vocab]`, rows summing to 1): `logit_target − Σ_v p_v·logit_v`
+            is then explained, e.g. with p the model's own prediction, the first-order split of
+            log p(target) (docs/spec.md §13b).
         position: the position whose next-token logit is explained: an int (negative counts from
             the last real token of each item) or one per batch item. Encoder-decoders: a target
             (decoder input) position.
@@ -526,7 +549,8 @@ def _result(
         cross_head_totals=None if parts.cross_heads is None else parts.cross_heads.sum(-1),
         str_tokens=labels,
         target_str=name(readout.target),
-        contrast_str=name(readout.contrast),
-        extra={"reconstruction_error": parts.errors, "source_mask": None if src_valid is None else src_valid.long()},
+        contrast_str=[_SOFT] * batch if readout.soft_contrast else name(readout.contrast),
+        extra={"reconstruction_error": parts.errors, "source_mask": None if src_valid is None else src_valid.long(),
+               "soft_contrast": readout.soft_contrast},
         sinks=sinks,
     )

@@ -1,5 +1,6 @@
 """The `lens-alti` command: the parser and the dispatch to `demo` (cli/demo.py), `explain`
-(cli/explain.py), `run` (the corpus runner, cli/corpus.py) and `build-kernels` (the native kernels, ahead of time)."""
+(cli/explain.py), `cite` (context attribution, cli/cite.py), `run` (the corpus runner, cli/corpus.py) and
+`build-kernels` (the native kernels, ahead of time)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import traceback
 import warnings
 from typing import Any
 
+from lens_alti.cli.cite import add_parser as add_cite_parser
+from lens_alti.cli.cite import cite
 from lens_alti.cli.demo import demo
 from lens_alti.cli.explain import explain
 
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         help="texts up to this many tokens get the position picker in the report (default 48)",
     )
     e.add_argument("--out", help="write a self-contained HTML report here")
+    add_cite_parser(sub, common, _positive_int)
     _add_run_parser(sub, common)
     sub.add_parser(
         "build-kernels", parents=[common],
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        {"demo": demo, "explain": explain, "run": run, "build-kernels": build_kernels}[args.command](args)
+        {"demo": demo, "explain": explain, "cite": cite, "run": run, "build-kernels": build_kernels}[args.command](args)
     except Exception as exc:  # every error: one line on stderr, exit code 2 (--debug: the traceback)
         if args.debug:
             traceback.print_exc()

@@ -52,7 +52,9 @@ class LogitAttribution:
             `content` = `tokens.sum(-1) − sink`. `tokens` keeps every position; `top_tokens`
             leaves the sinks out unless `include_sink=True`.
 
-    Also: `target`, `contrast` (`[b]` ids, contrast None without one), `position` (`[b]` the
+    Also: `target`, `contrast` (`[b]` ids, contrast None without one or when it was a distribution
+    over the vocabulary: then `extra["soft_contrast"]` is True and `logit` is `logit_target −
+    Σ_v p_v·logit_v`, docs/spec.md §13b), `position` (`[b]` the
     explained position), `attention_mask` (`[b, pos]`, decoder side), `softcap`, `architecture`,
     `weight_processing`, `str_tokens` (labels of `src` per batch item, when tokens were given).
     """
@@ -158,7 +160,8 @@ class LogitAttribution:
     def __repr__(self) -> str:
         b, n_layers, n_heads = self.head_totals.shape
         rel = self.completeness_gap.abs() / self.logit.abs().clamp(min=1e-30)
-        what = "logit difference" if self.contrast is not None else "logit"
+        soft = bool(self.extra.get("soft_contrast"))
+        what = "logit difference" if self.contrast is not None or soft else "logit"
         return (
             f"LogitAttribution(batch={b}, layers={n_layers}, heads={n_heads}, src={self.tokens.shape[-1]}, "
             f"{what}={[round(float(v), 4) for v in self.logit[:4]]}{'...' if b > 4 else ''}, "

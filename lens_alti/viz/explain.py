@@ -68,7 +68,9 @@ def _sinks(attr: Any, batch: int) -> set[int]:
 def _explained(attr: Any, batch: int) -> str:
     target = attr.target_str[batch] if getattr(attr, "target_str", None) else str(int(attr.target[batch]))
     what = f"logit of {target!r}"
-    if attr.contrast is not None:
+    if attr.contrast is None and getattr(attr, "extra", {}).get("soft_contrast"):
+        what = f"logit difference {target!r} − {attr.contrast_str[batch] if attr.contrast_str else 'mean logit'}"
+    elif attr.contrast is not None:
         contrast = attr.contrast_str[batch] if getattr(attr, "contrast_str", None) else str(int(attr.contrast[batch]))
         what = f"logit difference {target!r} − {contrast!r}"
     return f"{what} at position {int(attr.position[batch])} (= {float(attr.logit[batch]):.3f})"

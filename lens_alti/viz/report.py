@@ -17,6 +17,13 @@ pre { background: #f7fafc; padding: 0.6em; overflow-x: auto; }
 """
 
 
+class Html:
+    """Markup to put into a report as it is (trusted HTML, e.g. `lens_alti.viz.context.context_html`)."""
+
+    def __init__(self, markup: str) -> None:
+        self.markup = str(markup)
+
+
 def table_html(rows: Any, float_format: str = "{:.4f}") -> str:
     """HTML of a pandas DataFrame or a list of dicts."""
     import pandas as pd
@@ -33,7 +40,7 @@ def write_report(
     notes: str = "",
 ) -> Path:
     """Write an HTML report. `sections`: (heading, items); an item is a plotly Figure, a
-    pandas DataFrame, or a string (inserted as escaped text in a paragraph)."""
+    pandas DataFrame, a string (inserted as escaped text in a paragraph) or an `Html` (inserted as it is)."""
     import pandas as pd
 
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -43,7 +50,9 @@ def write_report(
     for heading, items in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for item in items:
-            if isinstance(item, str):
+            if isinstance(item, Html):
+                parts.append(item.markup)
+            elif isinstance(item, str):
                 parts.append(f"<p>{html.escape(item)}</p>")
             elif isinstance(item, pd.DataFrame):
                 parts.append(table_html(item))

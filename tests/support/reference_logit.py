@@ -81,8 +81,12 @@ def reference_logit_decoder(
     contrast: list[int] | None,
     positions: list[int],
     attention_mask: torch.Tensor | None = None,
+    contrast_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """ALTI-Logit of a decoder-only HF model, float64, dense.
+
+    ``contrast_weights`` ``[b, vocab]``: a distribution p whose mean logit is subtracted, the explained
+    quantity being ``logit_target − Σ_v p_v·logit_v`` (docs/spec.md §13b).
 
     Returns ``heads`` [b, layer, head, k], ``head_totals`` [b, layer, head], ``mlp`` [b, layer],
     ``attn_bias`` [b, layer], ``embedding`` [b], ``bias`` [b], ``logit`` [b] (pre-softcap),
@@ -138,6 +142,10 @@ def reference_logit_decoder(
         N = positions[b]
         u = lm_w[target[b]] - (lm_w[contrast[b]] if contrast is not None else 0)
         ub = 0.0 if lm_b is None else lm_b[target[b]] - (lm_b[contrast[b]] if contrast is not None else 0)
+        if contrast_weights is not None:
+            pw = contrast_weights[b].double()
+            u = u - pw @ lm_w
+            ub = ub if lm_b is None else ub - pw @ lm_b
         xL = final_in["x"][b, N]
         lin, beta = _norm_linear(final, final_kind, model_type, xL)
 
@@ -152,6 +160,8 @@ def reference_logit_decoder(
         else:
             _check("logits", z, out.logits[b, N], 1e-6)
         logit = z[target[b]] - (z[contrast[b]] if contrast is not None else 0)
+        if contrast_weights is not None:
+            logit = logit - contrast_weights[b].double() @ z
         heads_b, mlp_b, attn_b = [], [], []
         for idx, layer in enumerate(layers):
             x = layer_in[idx][b : b + 1]
