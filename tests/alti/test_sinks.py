@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lens_alti.alti.rollout import rollout
-from lens_alti.reading.records import AttentionBlock, pattern_placeholder
 from lens_alti.alti.sinks import SinkMeter, sink_bias_layers, sink_positions
+from lens_alti.reading.records import AttentionBlock, pattern_placeholder
 
 
 def _hand_votes(patterns: list[torch.Tensor], valid: torch.Tensor, causal: bool) -> torch.Tensor:
