@@ -148,7 +148,7 @@ def _isolate_rows(block: AttentionBlock, valid_rows: Tensor, valid_k: Tensor) ->
     if bool(valid_rows.all()) and bool(valid_k.all()):
         return block
     pattern = block.pattern
-    if block.padding_unmasked:  # recomputed without the padding mask: renormalised over the real keys (§1h)
+    if block.padding_unmasked:  # recomputed without the padding mask: renormalised (docs/spec.md §1h)
         pattern = normalise_rows(pattern * valid_k[:, None, None, :].to(pattern.dtype))
     leak = leaked_attention(pattern.abs(), valid_rows, valid_k)
     if leak > MASK_LEAK_TOLERANCE:

@@ -82,7 +82,7 @@ class SinkMeter:
         for i0 in range(0, n, step):
             rows = torch.arange(i0, min(n, i0 + step), device=block.residual.device).expand(b, -1)
             part = pattern_at(block, rows)  # [b, h, r, k]
-            if block.padding_unmasked:  # recomputed without the padding mask: renormalised over real keys (§1h)
+            if block.padding_unmasked:  # recomputed without the padding mask: renormalised (docs/spec.md §1h)
                 part = normalise_rows(part * self.valid[:, None, None, :].to(part))
             sums += self._column_sums(part, i0).to(sums.device)
         self._vote(sums, heads)

@@ -97,7 +97,7 @@ def test_recomputed_rows_are_read_in_chunks_and_counted_alike():
 
 
 def test_rows_recomputed_without_the_padding_mask_are_renormalised():
-    """Rows that still give padding a share (`padding_unmasked`) are counted over the real keys only (§1h)."""
+    """Rows that still give padding a share (`padding_unmasked`) count over the real keys (docs/spec.md §1h)."""
     valid = torch.tensor([[False, True, True, True, True]])
     layer = _causal_patterns(1, 2, 5, 0, sink_logit=0.0)  # attends to the padded key 0 as well
     real = layer * valid[:, None, None, :]
