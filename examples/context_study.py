@@ -316,8 +316,9 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (fp32)", "units": "paragraph (one passage each)", "ks": list(KS),
         "contextcite": "context-cite 0.0.4, 64 ablations, keep probability 0.5, LASSO alpha 0.01" if cite else None,
         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "attention": "lens_alti: the bridge (eager attention, the cache path); ContextCite and the ablations: "
-                     "the same weights with SDPA attention",
+        "attention": "lens_alti: the bridge (rows at <= 512 and <= 1024 tokens: timed when logit_attribution ran "
+                     "run_with_cache with eager attention; later rows: streaming, recomputed rows); ContextCite and "
+                     "the ablations: the same weights with SDPA attention",
     }
     order = [(seed, length) for seed in range(args.seed, args.seed + max(counts))
              for length, n in zip(lengths, counts, strict=True) if seed < args.seed + n]
