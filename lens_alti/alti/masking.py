@@ -100,8 +100,11 @@ def leaked_attention(pattern: Tensor, valid_q: Tensor, valid_k: Tensor) -> float
     return float(torch.where(keep, pattern.amax(1), 0).amax())  # weights ≥ 0: max over heads first
 
 
-def isolate_padding(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> AttentionBlock:
-    """The record with every padded position neutralised (0 pattern/values/residual/target, norm scale 1).
+def isolate_padding(
+    block: AttentionBlock, valid_q: Tensor, valid_k: Tensor, *, values: bool = True
+) -> AttentionBlock:
+    """The record with every padded position neutralised (0 pattern/values/residual/target, norm scale 1;
+    `values=False` leaves the values as they are, for callers that zeroed them once already).
 
     Uses `torch.where`, never multiplication, so NaN/Inf at padded positions disappear
     instead of turning real rows into NaN.
@@ -116,7 +119,8 @@ def isolate_padding(block: AttentionBlock, valid_q: Tensor, valid_k: Tensor) -> 
     return replace(
         block,
         pattern=torch.where(keep, block.pattern, zero),
-        values=torch.where(valid_k[:, :, None, None], block.values, torch.zeros((), dtype=block.values.dtype)),
+        values=torch.where(valid_k[:, :, None, None], block.values, torch.zeros((), dtype=block.values.dtype))
+        if values else block.values,
         residual=torch.where(valid_q[..., None], block.residual, torch.zeros((), dtype=block.residual.dtype)),
         target=torch.where(valid_q[..., None], block.target, torch.zeros((), dtype=block.target.dtype)),
         norm=norm,

@@ -34,7 +34,7 @@ from lens_alti.alti.decompose import (
     decompose,
     value_vectors,
 )
-from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, leaked_attention
+from lens_alti.alti.masking import MASK_LEAK_TOLERANCE, isolate_padding, leaked_attention
 from lens_alti.errors import MaskMismatchError, NonFiniteError
 
 if TYPE_CHECKING:  # the records are the interface; alti never imports reading at run time
@@ -156,15 +156,4 @@ def _isolate_rows(block: AttentionBlock, valid_rows: Tensor, valid_k: Tensor) ->
             f"{block.name}: real tokens attend to positions that the mask marks as padding "
             f"(attention up to {leak:.3g}); pass the attention_mask the model was run with"
         )
-    zero = torch.zeros((), dtype=pattern.dtype, device=pattern.device)
-    keep = valid_rows[:, None, :, None] & valid_k[:, None, None, :]
-    norm = block.norm
-    if norm is not None:
-        norm = replace(norm, scale=torch.where(valid_rows, norm.scale, torch.ones((), dtype=norm.scale.dtype)))
-    return replace(
-        block,
-        pattern=torch.where(keep, pattern, zero),
-        residual=torch.where(valid_rows[..., None], block.residual, torch.zeros((), dtype=block.residual.dtype)),
-        target=torch.where(valid_rows[..., None], block.target, torch.zeros((), dtype=block.target.dtype)),
-        norm=norm,
-    )
+    return isolate_padding(replace(block, pattern=pattern), valid_rows, valid_k, values=False)
