@@ -108,10 +108,8 @@ def io_rank(attr, b: int, io_pos: int) -> int | None:
     return order.index(io_pos) + 1 if io_pos in order else None
 
 
-def ioi_study(model, n: int, seed: int) -> dict:
-    """Part 1: held-out IOI, IO rank by `top_tokens`, the sink's share, the bias variant and deletion."""
-    prompts, dropped = held_out_ioi(model, n, seed)
-    rows, single, std_scores, bias_scores = [], [], [], []
+def explained_chunks(model, prompts: list[dict]):
+    """Per chunk of `CHUNK` IOI prompts: (prompts, left-padded ids, mask, IO ids, logits, cache, ALTI-Logit IO − S)."""
     for start in range(0, len(prompts), CHUNK):
         part = prompts[start : start + CHUNK]
         tokens, mask = left_padded(model, [p["text"] for p in part])
@@ -119,7 +117,17 @@ def ioi_study(model, n: int, seed: int) -> dict:
         s = [model.to_single_token(p["s"]) for p in part]
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens, attention_mask=mask)
-        attr = lens_alti.logit_attribution(cache, io, s, attention_mask=mask, tokens=tokens)
+        yield part, tokens, mask, io, logits, cache, lens_alti.logit_attribution(
+            cache, io, s, attention_mask=mask, tokens=tokens
+        )
+        del logits, cache  # one chunk's cache alive at a time
+
+
+def ioi_study(model, n: int, seed: int) -> dict:
+    """Part 1: held-out IOI, IO rank by `top_tokens`, the sink's share, the bias variant and deletion."""
+    prompts, dropped = held_out_ioi(model, n, seed)
+    rows, single, std_scores, bias_scores = [], [], [], []
+    for part, tokens, mask, io, logits, cache, attr in explained_chunks(model, prompts):
         bias = bias_tokens(cache, attr, mask)
         for b, p in enumerate(part):
             labels = attr.str_tokens[b]
@@ -245,14 +253,7 @@ def source_study(model, n: int, seed: int) -> dict:
     held-out prompts the model gets right; how often a miss is won by the token just before the IO name."""
     prompts, _ = held_out_ioi(model, n, seed)
     mapped, unmapped, previous = [], [], 0
-    for start in range(0, len(prompts), CHUNK):
-        part = prompts[start : start + CHUNK]
-        tokens, mask = left_padded(model, [p["text"] for p in part])
-        io = [model.to_single_token(p["io"]) for p in part]
-        s = [model.to_single_token(p["s"]) for p in part]
-        with torch.no_grad():
-            logits, cache = model.run_with_cache(tokens, attention_mask=mask)
-        attr = lens_alti.logit_attribution(cache, io, s, attention_mask=mask, tokens=tokens)
+    for part, _tokens, mask, io, logits, cache, attr in explained_chunks(model, prompts):
         cand = mask.bool() & ~attr.sinks.cpu()
         cand[:, -1] = False
         pos = torch.tensor([max(i for i, t in enumerate(attr.str_tokens[b]) if t == p["io"] and mask[b, i])
