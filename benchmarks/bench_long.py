@@ -23,13 +23,15 @@ same n, measured in the same run. Rows whose estimated memory exceeds what is fr
 with the estimate printed. The explained numbers are saved per row, and rows that explain the
 same thing are compared (max |diff|).
 
-`--gemma3` runs a random model shaped like Gemma-3-1B (26 layers, d_model 1152, 4 heads and 1
-key/value head of 256, d_mlp 6912, vocabulary 262144, sliding windows of 512 in five layers of
-six) built from its config, at `--sizes 32768` by default.
+`--model gemma3` runs a random model shaped like Gemma-3-1B (26 layers, d_model 1152, 4 heads and
+1 key/value head of 256, d_mlp 6912, vocabulary 262144, sliding windows of 512 in five layers of
+six) built from its config; `--model gemma3-270m` the pretrained gemma-3-270m (18 layers, d_model
+640, the same heads and windows, a 32k context) from the PyPI wheels, on the docs' text (one
+<bos> first); both at `--sizes 32768` by default.
 
 Usage:
     PYTHONPATH=. python benchmarks/bench_long.py --sizes 1024 2048 --json long.json
-    PYTHONPATH=. python benchmarks/bench_long.py --gemma3 --rows bare-sdpa logit --json gemma3.json
+    PYTHONPATH=. python benchmarks/bench_long.py --model gemma3-270m --rows bare-sdpa attribute --json g3.json
 """
 
 from __future__ import annotations
@@ -80,22 +82,31 @@ def gemma3_shape() -> Any:
                                                    device="cpu")
 
 
-def load(gemma3: bool) -> Any:
-    if gemma3:
+MODELS = ("smollm2", "gemma3", "gemma3-270m")
+TITLES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-1B shape (random)",
+          "gemma3-270m": "gemma-3-270m (pretrained, from the PyPI wheels)"}
+
+
+def load(kind: str) -> Any:
+    if kind == "gemma3":
         return gemma3_shape()
-    from lens_alti.models.pretrained import load_smollm2
+    from lens_alti.models.pretrained import load_gemma3, load_smollm2
 
-    return load_smollm2()
+    return load_gemma3() if kind == "gemma3-270m" else load_smollm2()
 
 
-def prompt_ids(model: Any, n: int, gemma3: bool) -> torch.Tensor:
-    """`[1, n]` ids: the README and docs tokenised, repeated (random ids in 4..999 for the random model)."""
-    if gemma3:
-        return torch.randint(4, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+def prompt_ids(model: Any, n: int, kind: str) -> torch.Tensor:
+    """`[1, n]` ids: the README and docs tokenised, repeated (the random model: <bos>, random ids in 4..999)."""
+    if kind == "gemma3":  # a Gemma prompt starts with <bos> (the tokenizer's special token), as a real one would
+        ids = torch.randint(4, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+        ids[0, 0] = int(model.tokenizer.bos_token_id)
+        return ids
     text = "\n\n".join(p.read_text() for p in [HERE.parent / "README.md", *sorted((HERE.parent / "docs").glob("*.md"))])
     ids = model.to_tokens(text, truncate=False)[0]
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    head, ids = (ids[:1], ids[1:]) if bos is not None and int(ids[0]) == bos else (ids[:0], ids)  # BOS once, first
     reps = -(-n // ids.shape[0])
-    return ids.repeat(reps)[:n][None]
+    return torch.cat([head, ids.repeat(reps)])[:n][None]
 
 
 def run_row(row: str, model: Any, ids: torch.Tensor, target: int, chunk: int | None = None) -> dict[str, Any]:
@@ -132,14 +143,14 @@ def run_row(row: str, model: Any, ids: torch.Tensor, target: int, chunk: int | N
     raise ValueError(row)
 
 
-def worker(row: str, n: int, gemma3: bool, save: str, chunk: int | None = None) -> None:
+def worker(row: str, n: int, kind: str, save: str, chunk: int | None = None) -> None:
     """One row at one n, in this (fresh) process: prints `RESULT {json}`."""
     from bench_alti import PeakMemory
 
     torch.set_grad_enabled(False)
-    model = load(gemma3)
-    ids = prompt_ids(model, n, gemma3)
-    target = 1000 if gemma3 else int(model.to_single_token(" the"))
+    model = load(kind)
+    ids = prompt_ids(model, n, kind)
+    target = 1000 if kind == "gemma3" else int(model.to_single_token(" the"))
     run_row(row, model, ids[:, :16], target, chunk)  # warm: kernels, the registered attention, first-call costs
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     with PeakMemory(torch.device("cpu")) as mem:
@@ -157,9 +168,10 @@ def worker(row: str, n: int, gemma3: bool, save: str, chunk: int | None = None) 
                                   "peak_extra_mb": mem.extra / MB, "weights_mb": weights / MB, **numbers}), flush=True)
 
 
-def estimate_bytes(row: str, n: int, gemma3: bool) -> int:
+def estimate_bytes(row: str, n: int, kind: str) -> int:
     """Rough peak extra memory of a row (to skip rows that cannot fit instead of starting them)."""
-    layers, heads, d_model, d_mlp, vocab = (26, 4, 1152, 6912, 262144) if gemma3 else (30, 9, 576, 1536, 49152)
+    shapes = {"gemma3": (26, 4, 1152, 6912, 262144), "gemma3-270m": (18, 4, 640, 2048, 262144)}
+    layers, heads, d_model, d_mlp, vocab = shapes.get(kind, (30, 9, 576, 1536, 49152))
     eager = (2 * heads + 1) * n * n * 4 + n * (10 * d_model + 3 * d_mlp) * 4 + n * vocab * 4
     if row == "attribute-cache":  # every layer's scores and pattern, the activations, the logits
         return layers * (2 * heads * n * n + n * (12 * d_model + 2 * d_mlp)) * 4 + n * vocab * 4 + eager
@@ -173,13 +185,13 @@ def available() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def measure(row: str, n: int, gemma3: bool, tmp: str, timeout: float, chunk: int | None = None) -> dict[str, Any]:
-    need = estimate_bytes(row, n, gemma3)
+def measure(row: str, n: int, kind: str, tmp: str, timeout: float, chunk: int | None = None) -> dict[str, Any]:
+    need = estimate_bytes(row, n, kind)
     free = available()
     if need > 0.8 * free:
         return {"row": row, "n": n, "skipped": f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB available"}
     save = os.path.join(tmp, f"{row}-{n}.pt")
-    cmd = [sys.executable, __file__, "--worker", row, "--n", str(n), "--save", save] + (["--gemma3"] if gemma3 else [])
+    cmd = [sys.executable, __file__, "--worker", row, "--n", str(n), "--save", save, "--model", kind]
     cmd += [] if chunk is None else ["--max-chunk-bytes", str(chunk)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -237,7 +249,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=None)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
-    parser.add_argument("--gemma3", action="store_true", help="a random Gemma-3-1B-shaped model (default n = 32768)")
+    parser.add_argument("--model", default="smollm2", choices=MODELS,
+                        help="smollm2 (default), gemma3 (a random Gemma-3-1B-shaped model) or gemma3-270m "
+                        "(pretrained); the Gemma models default to n = 32768")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per row")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--max-chunk-bytes", type=int, help="max_chunk_bytes of the lens_alti rows")
@@ -246,19 +260,19 @@ def main() -> None:
     parser.add_argument("--save", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.n, args.gemma3, args.save, args.max_chunk_bytes)
+        worker(args.worker, args.n, args.model, args.save, args.max_chunk_bytes)
         return
-    sizes = args.sizes or ([32768] if args.gemma3 else [1024, 2048, 4096, 8192])
+    sizes = args.sizes or ([32768] if args.model != "smollm2" else [1024, 2048, 4096, 8192])
     import lens_alti
 
     print(f"lens_alti {lens_alti.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {_load_average()}, {'Gemma-3-1B shape (random)' if args.gemma3 else 'SmolLM2-135M'}",
+          f"load average {_load_average()}, {TITLES[args.model]}",
           flush=True)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             for row in args.rows:
-                r = measure(row, n, args.gemma3, tmp, args.timeout, args.max_chunk_bytes)
+                r = measure(row, n, args.model, tmp, args.timeout, args.max_chunk_bytes)
                 r["load_after"] = _load_average()
                 results.append(r)
                 what = r.get("skipped") or (f"{r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s cpu, "

@@ -1,6 +1,6 @@
 """ALTI-Logit (docs/spec.md §7): a logit (difference) split exactly into direct parts, and mapped to input tokens.
 
-Everything here works on one explained position per batch item ("row" `N_b`) and on
+Everything here works on explained positions (rows `N_{b,m}`, any number per batch item) and on
 *directions*: with the final norm's scale fixed at its real value, the logit is an affine
 function of the residual stream at N, `logit = x·w + c`. Going down the stack, each step
 either adds to the stream (its parts are read as `part·w`) or, in post-norm models, is
@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens_alti.alti.decompose import TransformedVectors, decompose, group_heads
-from lens_alti.alti.rows import RowWise, row_block
+from lens_alti.alti.decompose import group_heads
+from lens_alti.alti.rows import RowWise
 
 if TYPE_CHECKING:  # records are the interface; alti never imports reading at run time
     from lens_alti.reading.records import AttentionBlock, NormAfterAttention
@@ -29,108 +29,60 @@ if TYPE_CHECKING:  # records are the interface; alti never imports reading at ru
 COMPLETENESS_TOLERANCE = 1e-4
 
 
-def _rows(t: Tensor, rows: Int[Tensor, " b"], dim: int) -> Tensor:
-    """`t` restricted to index `rows[b]` along `dim` for each batch item (kept as size 1)."""
-    shape = list(t.shape)
-    shape[dim] = 1
-    index = rows.to(t.device).view(-1, *([1] * (t.dim() - 1))).expand(shape)
-    return t.gather(dim, index)
-
-
-def restrict_rows(block: AttentionBlock, rows: Int[Tensor, " b"]) -> AttentionBlock:
-    """The record with one receiver per batch item, `rows[b]` (pattern `[b, h, 1, k]`).
-
-    The sources (keys, values) are untouched; the residual, the target and the post-norm
-    scale are those of the receiver. Used for the explained position only.
-    """
-    from dataclasses import replace
-
-    # the receiver's own source is no longer "the diagonal"
-    return replace(row_block(block, rows.view(-1, 1)), residual_column="last", receivers=None)
-
-
 def channel_groups(block: AttentionBlock) -> int:
     """Channels per reported head: the record's grouping, or all its channels as one part when
     they form no heads (a mixer without heads is then one "head" of its layer)."""
     return block.channels_per_head if block.has_heads else block.pattern.shape[1]
 
 
-def _pass_norm(norm: NormAfterAttention | None, w: Float[Tensor, "b d"]) -> tuple[Tensor, Tensor]:
-    """(direction below a post-norm of placement "block", its bias's logit update `[b]`).
+def _pass_norm(norm: NormAfterAttention | None, w: Float[Tensor, "b m d"]) -> tuple[Tensor, Tensor]:
+    """(direction below a post-norm of placement "block", its bias's logit update `[b, m]`).
 
-    `out = s ⊙ centre(z) + β` (LayerNorm) or `s ⊙ z + β` (RMSNorm) with `s = weight / scale_N`:
-    `out·w = z·centre(s ⊙ w) + β·w`.
+    `out = s ⊙ centre(z) + β` (LayerNorm) or `s ⊙ z + β` (RMSNorm) with `s = weight / scale_N`
+    (`norm.scale[b, m]`, restricted to the explained rows): `out·w = z·centre(s ⊙ w) + β·w`.
     """
     if norm is None or norm.placement != "block":
-        return w, w.new_zeros(w.shape[0])
-    s = norm.weight.to(w.dtype) / norm.scale[:, 0, None].to(w.dtype)  # [b, d]
+        return w, w.new_zeros(w.shape[:-1])
+    s = norm.weight.to(w.dtype) / norm.scale[..., None].to(w.dtype)  # [b, m, d]
     below = s * w
     if norm.kind == "layernorm":
         below = below - below.mean(-1, keepdim=True)
-    bias = (norm.bias.to(w.dtype) * w).sum(-1) if norm.bias is not None else w.new_zeros(w.shape[0])
+    bias = (norm.bias.to(w.dtype) * w).sum(-1) if norm.bias is not None else w.new_zeros(w.shape[:-1])
     return below, bias
-
-
-@dataclass(frozen=True)
-class AttentionUpdate:
-    """Logit updates of one attention block at the explained position.
-
-    `heads[b, h, k]` = `T^h_N(x_k)·w` (docs/spec.md §7 Δ^l[h, k]; a head's channels summed when the
-    record groups channels into heads, all channels as one "head" when they form none);
-    `bias[b]` = the block's terms owned by no source (b_O, post-norm β) read through w;
-    `below[b, d]` the direction at the block's input; `tv` the decomposition restricted to the
-    explained row and `row_block` that row's record (so its reconstruction can be checked).
-    """
-
-    heads: Float[Tensor, "b h k"]
-    bias: Float[Tensor, " b"]
-    below: Float[Tensor, "b d"]
-    tv: TransformedVectors
-    row_block: AttentionBlock
-
-
-def attention_update(
-    block: AttentionBlock, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"], dtype: torch.dtype
-) -> AttentionUpdate:
-    """Δ^l[h, k] of one attention block for the direction `w` at its output (docs/spec.md §7)."""
-    row_block = restrict_rows(block, rows)
-    tv = decompose(row_block, dtype=dtype)
-    w = w.to(dtype)
-    # s_N ⊙ A[h,N,k]·VO[h,k] read through w: A[h,N,k] · (VO[h,k] · (s_N ⊙ w)).
-    sw = w if tv.scale is None else tv.scale[:, 0] * w  # [b, d]
-    vo_w = torch.einsum("bhkd,bd->bhk", tv.vo, sw)
-    heads = group_heads(tv.weights[:, :, 0, :] * vo_w, channel_groups(block))  # channels → real heads
-    bias = (tv.bias[:, 0] * w).sum(-1)
-    below, _ = _pass_norm(row_block.norm, w)
-    return AttentionUpdate(heads=heads, bias=bias, below=below, tv=tv, row_block=row_block)
 
 
 @dataclass(frozen=True)
 class ExplainedUpdate:
     """Logit updates of one block at the explained rows, from a `RowWise` block (docs/spec.md §7b).
 
-    `heads[b, h, k]`, `bias[b]` and `below[b, d]` as in `AttentionUpdate`; `error`: the explained
-    rows' relative reconstruction error (NaN when unchecked).
+    `heads[b, m, h, k]` = `T^h_N(x_k)·w` for explained row m of batch item b (docs/spec.md §7
+    Δ^l[h, k]; a head's channels summed when the record groups channels into heads, all channels
+    as one "head" when they form none); `bias[b, m]` = the block's terms owned by no source (b_O,
+    post-norm β) read through w; `below[b, m, d]` the direction at the block's input; `error`: the
+    explained rows' relative reconstruction error (NaN when unchecked).
     """
 
-    heads: Float[Tensor, "b h k"]
-    bias: Float[Tensor, " b"]
-    below: Float[Tensor, "b d"]
+    heads: Float[Tensor, "b m h k"]
+    bias: Float[Tensor, "b m"]
+    below: Float[Tensor, "b m d"]
     error: float
 
 
-def explained_update(block: RowWise, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"]) -> ExplainedUpdate:
-    """Δ^l[h, k] of a block prepared for row-wise work, at the explained rows `rows[b]`, for the direction `w`.
+def explained_update(
+    block: RowWise, rows: Int[Tensor, "b m"], w: Float[Tensor, "b m d"]
+) -> ExplainedUpdate:
+    """Δ^l[h, k] of a block prepared for row-wise work, at the explained rows `rows[b, m]`, for the
+    directions `w[b, m]` (one per explained row: several positions of one item share the block's work).
 
     The rows are checked (NaN, padding, reconstruction) and decomposed by `block.vectors`, with the
     block's value vectors formed once (`RowWise`).
     """
-    tv, error = block.vectors(rows.view(-1, 1))
+    tv, error = block.vectors(rows)
     w = w.to(tv.vo.dtype)
-    sw = w if tv.scale is None else tv.scale[:, 0] * w  # [b, d]
-    vo_w = torch.einsum("bhkd,bd->bhk", tv.vo, sw)
-    heads = group_heads(tv.weights[:, :, 0, :] * vo_w, channel_groups(block.block))
-    bias = (tv.bias[:, 0] * w).sum(-1)
+    sw = w if tv.scale is None else tv.scale * w  # [b, m, d]
+    vo_w = torch.einsum("bhkd,bmd->bmhk", tv.vo, sw)
+    heads = group_heads(tv.weights.transpose(1, 2) * vo_w, channel_groups(block.block), dim=2)
+    bias = (tv.bias * w).sum(-1)
     norm = block.block.norm
     below = w
     if norm is not None and norm.placement == "block":  # docs/spec.md §7b: the direction below a post-norm
@@ -139,12 +91,13 @@ def explained_update(block: RowWise, rows: Int[Tensor, " b"], w: Float[Tensor, "
 
 
 def write_update(
-    output: Float[Tensor, "b d"], norm: NormAfterAttention | None, w: Float[Tensor, "b d"]
+    output: Float[Tensor, "b m d"], norm: NormAfterAttention | None, w: Float[Tensor, "b m d"]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logit update `[b]`, bias update `[b]`, direction below `[b, d]`) of a direct write (an MLP).
+    """(logit update `[b, m]`, bias update `[b, m]`, direction below `[b, m, d]`) of a direct write (an
+    MLP) at the explained rows.
 
-    `norm` is the post-norm after the write (placement "block", scale restricted to the row),
-    or None.
+    `norm` is the post-norm after the write (placement "block", scale `[b, m]` restricted to the
+    explained rows), or None.
     """
     below, bias = _pass_norm(norm, w)
     return (output.to(w.dtype) * below).sum(-1), bias, below

@@ -1,11 +1,11 @@
 """`context_attribution` (docs/spec.md §13): which units of a context made a decoder give its response.
 
 The steps: build the prompt (template, chat template) and find the context's units among its
-tokens (`lens_alti.api.inputs`); generate the response greedily when it is not given; one forward
-pass for the log-probability and the prediction p at each response token; for each response
-token t, `logit_attribution` of `logit_t − Σ_v p_v·logit_v` (the first-order split of log p(t));
-sum the token contributions over the response tokens and over each unit's tokens
-(`lens_alti.alti.context`).
+tokens (`lens_alti.api.inputs`); generate the response greedily when it is not given; run the
+model once and, for every response token t at once, in one walk down the stack
+(`logit_attribution_at`), read log p(t) and the prediction p and explain `logit_t − Σ_v p_v·logit_v`
+with ALTI-Logit (the first-order split of log p(t)); sum the token contributions over the response
+tokens and over each unit's tokens (`lens_alti.alti.context`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lens_alti.api.inputs import (
     token_units,
     tokens_with_offsets,
 )
-from lens_alti.api.logit import logit_attribution
+from lens_alti.api.logit import logit_attribution_at
 from lens_alti.api.options import DTYPES
 from lens_alti.errors import ContextLengthError, InvalidArgumentError, UnsupportedModelError
 from lens_alti.reading.generate import greedy_continuation
@@ -173,27 +173,29 @@ def _generated_offsets(model: Any, answer: list[int]) -> list[tuple[int, int]]:
 
 def _explain(model: Any, full: Tensor, n_prompt: int, check: bool, dtype: torch.dtype) -> dict[str, Any]:
     """Per response token: log p, and ALTI-Logit of `logit_t − Σ p·logit` summed into token scores."""
-    logits = model(full)
-    logits = logits.logits if hasattr(logits, "logits") else logits
     targets = full[0, n_prompt:]
-    log_prob, p = predictions(logits[0, n_prompt - 1 : -1], targets)
+    seen: dict[str, Tensor] = {}
+
+    def own_prediction(logits: Tensor) -> Tensor:  # the run's own logits at the explained positions
+        seen["log_prob"], p = predictions(logits, targets)
+        return p.to(dtype)
+
     n = full.shape[1]
     tokens = torch.zeros(n, dtype=dtype)
-    explained, rest, gaps, arch = [], [], [], ""
-    for r, target in enumerate(targets.tolist()):
-        q = n_prompt + r - 1  # the position that predicts response token r
-        attr = logit_attribution(
-            model, target, p[r].to(dtype), tokens=full[:, : q + 1], position=-1, heads=False, check=check,
-            dtype=dtype,
-        )
-        row = attr.tokens[0].detach().cpu().to(dtype)
-        tokens[: q + 1] += row
-        explained.append(float(attr.logit[0]))
-        rest.append(float(attr.logit[0]) - float(row.sum()) - float(attr.completeness_gap[0]))
-        gaps.append(float(attr.completeness_gap[0]))
-        arch = attr.architecture
+    # every response token at once: position n_prompt + r − 1 predicts token r (a causal model's
+    # position does not see the ones after it, so the last token is not needed as input)
+    attr = logit_attribution_at(
+        model, targets, own_prediction, positions=list(range(n_prompt - 1, n - 1)), tokens=full[:, :-1], heads=False,
+        check=check, dtype=dtype,
+    )
+    rows = attr.tokens.detach().cpu().to(dtype)
+    tokens[: n - 1] += rows.sum(0)
+    explained = [float(v) for v in attr.logit]
+    gaps = [float(v) for v in attr.completeness_gap]
+    rest = [e - float(row.sum()) - g for e, row, g in zip(explained, rows, gaps, strict=True)]
+    arch = attr.architecture
     as_t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
     return {
-        "tokens": tokens, "explained": as_t(explained), "log_prob": log_prob.to(dtype).cpu(),
+        "tokens": tokens, "explained": as_t(explained), "log_prob": seen["log_prob"].to(dtype).cpu(),
         "not_to_tokens": as_t(rest), "gap": as_t(gaps), "architecture": arch,
     }

@@ -24,7 +24,6 @@ from lens_alti.alti.contributions import DEFAULT_CHUNK_BYTES
 from lens_alti.alti.decompose import HALF_TOLERANCE
 from lens_alti.alti.logit import (
     COMPLETENESS_TOLERANCE,
-    _rows,
     completeness_gap,
     explained_update,
     readout_direction,
@@ -33,7 +32,7 @@ from lens_alti.alti.logit import (
 )
 from lens_alti.alti.masking import check_declared_padding
 from lens_alti.alti.memory import RUN_ADVICE, BlockShape, attribute_bytes, check_fits, forward_cache_bytes
-from lens_alti.alti.rows import RowWise
+from lens_alti.alti.rows import RowWise, gather_rows
 from lens_alti.alti.topdown import RowRollout
 from lens_alti.api.inputs import (
     contrast_distribution,
@@ -49,6 +48,7 @@ from lens_alti.api.sinks import SinkFinder
 from lens_alti.api.sources import ATTENTION, CacheSource, ReplaySource, model_shape, model_tokens
 from lens_alti.errors import (
     CompletenessError,
+    InvalidArgumentError,
     MissingHooksError,
     NonFiniteError,
     UnsupportedModelError,
@@ -57,7 +57,7 @@ from lens_alti.reading import ModelLayout, cache_and_model, is_cache, model_layo
 from lens_alti.reading.logit import DirectWrite, LogitLayout, logit_layout, recorded_hooks
 from lens_alti.reading.replay import replayable
 from lens_alti.results import LogitAttribution, Seq2SeqAltiResult
-from lens_alti.validation import check_choice, check_type
+from lens_alti.validation import check_choice, check_positions, check_type
 
 
 @dataclass(frozen=True)
@@ -191,21 +191,30 @@ class ReadoutParts:
 
 
 def readout_parts(
-    run: LogitRun, target: Any, contrast: Any, items: Int[Tensor, " b"], rows: Int[Tensor, " b"], dtype: torch.dtype
+    run: LogitRun, target: Any, contrast: Any, items: Int[Tensor, " k"], rows: Int[Tensor, " k"], dtype: torch.dtype
 ) -> ReadoutParts:
     """The readout direction of `target` (minus `contrast`) at position `rows[i]` of batch item `items[i]`.
 
-    Only the explained positions are read out (the logits of other positions are never formed).
+    Explained item i is row `rows[i]` of batch item `items[i]` (an item may be explained at several
+    rows); only the explained positions are read out (the logits of other positions are never formed).
     """
     store = run.store(run.top_layer)
-    n_items = _n_items(run)
-    at = torch.zeros(n_items, dtype=torch.long)
-    at[items.cpu()] = rows.cpu()
-    readout = run.logit_layout.readout(store, at)
-    device = readout.final_residual.device
-    items = items.to(device)
+    items, rows = items.cpu(), rows.cpu()
+    slot = torch.zeros_like(items)  # each explained row's place among its batch item's rows
+    for b in items.unique().tolist():
+        picked = (items == b).nonzero().flatten()
+        slot[picked] = torch.arange(len(picked))
+    at = torch.zeros(_n_items(run), max(1, int(slot.max()) + 1 if len(slot) else 1), dtype=torch.long)
+    at[items, slot] = rows
+    read = run.logit_layout.readout(store, at)
+    device = read.final_residual.device
+    readout = replace(read, final_residual=read.final_residual[items.to(device), slot.to(device)][:, None],
+                      real_logits=read.real_logits[items.to(device), slot.to(device)][:, None])
+    items = torch.arange(len(rows), device=device)
     vocab = int(readout.W_U.shape[-1])
     tgt = token_ids(run.model, target, len(items), "target", vocab).to(device)
+    if callable(contrast):
+        contrast = _contrast_from_logits(contrast, readout, items)
     soft = contrast_distribution(contrast, len(items), vocab)
     ctr = None if contrast is None or soft is not None else token_ids(
         run.model, contrast, len(items), "contrast", vocab).to(device)
@@ -228,6 +237,21 @@ def readout_parts(
     norm = readout.norm
     w, bias = readout_direction(x_final, norm.kind, norm.gain, norm.bias, norm.eps, u, u_bias)
     return ReadoutParts(w, bias, logit, tgt, ctr, readout.softcap, soft is not None, scale)
+
+
+def _contrast_from_logits(fn: Any, readout: Any, items: Tensor) -> Tensor:
+    """A contrast distribution computed from the model's logits `[k, vocab]` at the explained rows (after
+    soft-capping, as the model outputs them), e.g. its own prediction `softmax` (docs/spec.md §13b)."""
+    shown = readout.real_logits[items, 0]
+    if readout.softcap is not None:
+        shown = readout.softcap * torch.tanh(shown / readout.softcap)
+    out = fn(shown)
+    if not isinstance(out, Tensor) or not out.dtype.is_floating_point:
+        raise InvalidArgumentError(
+            "contrast", f"a function returning {type(out).__name__}", "a function of the logits [k, vocab] that "
+            "returns distributions [k, vocab] (a float tensor)",
+        )
+    return out
 
 
 @torch.no_grad()
@@ -277,30 +301,35 @@ class DirectParts:
 
 
 def direct_parts(
-    run: LogitRun, rows: Int[Tensor, " b"], w: Float[Tensor, "b d"], valid: Tensor, src_valid: Tensor | None,
+    run: LogitRun, rows: Int[Tensor, "b m"], w: Float[Tensor, "k d"], valid: Tensor, src_valid: Tensor | None,
     dtype: torch.dtype, check: bool, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, sinks: SinkFinder | None = None,
 ) -> DirectParts:
     """Walk the stack top-down: each step's logit update for the direction `w` above it, and `w` below it.
 
+    Batch item b is explained at rows `rows[b, :]`; explained item `k = b·m + j` is row `rows[b, j]`
+    (`w[k]` its readout direction): the rows of one batch item share each block's work.
     Decoder-only, in the same walk (docs/spec.md §7d, §11): after attention block l, the updates of
     the layers above are pushed one layer down through its ALTI contributions (l1), and its own
     update Δ^l joins them, so `by_layer[l] = Δ^l @ R^(l−1)` is complete at the bottom; `sinks`
     sees every self-attention block (docs/spec.md §10).
     """
-    steps, batch = run.logit_layout.steps, w.shape[0]
-    n_layers = 1 + max(s.layer for s in steps)
+    steps, (batch, m) = run.logit_layout.steps, rows.shape
+    n_layers, n_items = 1 + max(s.layer for s in steps), batch * m
     zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=w.device)  # noqa: E731
-    parts = DirectParts(None, None, zeros(batch, n_layers), zeros(batch, n_layers), zeros(batch), zeros(batch), [])
+    flat = lambda t: t.reshape(n_items, *t.shape[2:])  # noqa: E731  [b, m, ...] → [k, ...]
+    parts = DirectParts(None, None, zeros(n_items, n_layers), zeros(n_items, n_layers), zeros(n_items),
+                        zeros(n_items), [])
     roll = RowRollout(batch, valid.shape[1], dtype, w.device) if src_valid is None else None
+    w = w.view(batch, m, -1)
     for step in reversed(steps):
         record = step.build(run.store(step.layer))
         if isinstance(record, DirectWrite):
-            out = _rows(record.output, rows, 1)[:, 0]
+            out = gather_rows(record.output, rows, 1)
             check_finite_rows(record.name, out)
-            norm = None if record.norm is None else replace(record.norm, scale=_rows(record.norm.scale, rows, 1))
+            norm = None if record.norm is None else replace(record.norm, scale=gather_rows(record.norm.scale, rows, 1))
             value, bias, w = write_update(out, norm, w)
-            parts.mlp[:, step.layer] += value
-            parts.write_bias += bias
+            parts.mlp[:, step.layer] += flat(value)
+            parts.write_bias += flat(bias)
             continue
         valid_k = src_valid if step.kind == "cross" and src_valid is not None else valid  # cross: seq2seq only
         if sinks is not None and step.kind == "self":
@@ -309,21 +338,22 @@ def direct_parts(
         upd = explained_update(block, rows, w)
         if check:
             parts.errors.append(upd.error)
-        _store_heads(parts, step.kind, step.layer, n_layers, upd.heads, run.layout.architecture, record.name)
-        parts.attn_bias[:, step.layer] += upd.bias
+        _store_heads(parts, step.kind, step.layer, n_layers, flat(upd.heads), run.layout.architecture, record.name)
+        parts.attn_bias[:, step.layer] += flat(upd.bias)
         w = upd.below
         if roll is not None:
             roll.through(block, "l1", max_chunk_bytes=max_chunk_bytes)  # the layers above: one layer further down
-            roll.add(upd.heads.sum(1)[:, None])
+            roll.add(upd.heads.sum(2))
         del record, block, upd  # one layer at a time: dropped before the next one is read
     embedded = run.store(0)[run.logit_layout.embedding_hook]
-    parts.embedding = (_rows(embedded, rows, 1)[:, 0].to(dtype) * w).sum(-1)
+    parts.embedding = flat((gather_rows(embedded, rows, 1).to(dtype) * w).sum(-1))
     parts.activation_dtype = embedded.dtype
     if parts.self_heads is None:
         arch = run.layout.architecture
         raise UnsupportedModelError(f"{arch}: no attention (or mixer) block to attribute the logit to")
-    if roll is not None:
-        parts.by_layer = roll.vectors.flip(1)  # added from the top layer down
+    if roll is not None:  # added from the top layer down, m rows per layer
+        by_layer = roll.vectors.view(batch, -1, m, roll.vectors.shape[-1]).flip(1)
+        parts.by_layer = by_layer.transpose(1, 2).reshape(n_items, -1, by_layer.shape[-1])
     return parts
 
 
@@ -462,7 +492,9 @@ def logit_attribution(
             `target − contrast` is then explained; or a distribution over the vocabulary (a float
             tensor `[vocab]` or `[batch, vocab]`, rows summing to 1): `logit_target − Σ_v p_v·logit_v`
             is then explained, e.g. with p the model's own prediction, the first-order split of
-            log p(target) (docs/spec.md §13b).
+            log p(target) (docs/spec.md §13b); or a function that computes such distributions
+            `[batch, vocab]` from the model's logits at the explained positions (as the model
+            outputs them, after any soft-capping), e.g. `lambda z: z.double().softmax(-1)`.
         position: the position whose next-token logit is explained: an int (negative counts from
             the last real token of each item) or one per batch item. Encoder-decoders: a target
             (decoder input) position.
@@ -490,16 +522,79 @@ def logit_attribution(
         target tokens.
         Soft-capped logits (Gemma-2) are explained before the cap (`result.softcap` says so).
     """
-    check_choice("dtype", dtype, DTYPES)
-    for flag, value in (("heads", heads), ("check", check)):
-        check_type(flag, value, bool, "True or False")
-    chunk = AltiOptions.checked(max_chunk_bytes=max_chunk_bytes).max_chunk_bytes
+    chunk = _checked_options(dtype, heads, check, max_chunk_bytes)
     run = open_run(cache_or_model, tokens, attention_mask, decoder_tokens, "logit_attribution", attention=attention,
                    max_chunk_bytes=chunk, dtype=dtype)
     valid, src_valid = explained_masks(run, attention_mask, decoder_attention_mask)
     rows = explained_rows(position, valid)
-    items = torch.arange(len(rows), device=rows.device)
-    readout = readout_parts(run, target, contrast, items, rows, dtype)
+    return _attribute_rows(run, rows[:, None], target, contrast, valid, src_valid, heads=heads, check=check,
+                           dtype=dtype, chunk=chunk, decoder_tokens=decoder_tokens)
+
+
+@torch.no_grad()
+def logit_attribution_at(
+    cache_or_model: Any,
+    target: Any,
+    contrast: Any = None,
+    *,
+    positions: Any,
+    tokens: Any = None,
+    heads: bool = False,
+    check: bool = True,
+    dtype: torch.dtype = torch.float32,
+    attention: str = "auto",
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> LogitAttribution:
+    """ALTI-Logit at several positions of one sequence, in one walk down the stack (decoder-only).
+
+    Item i of the result explains `target[i]` (minus `contrast[i]`) predicted at `positions[i]`,
+    exactly as `logit_attribution(..., position=positions[i])` would (the same numbers: a causal
+    model's position does not see the ones after it), but the model runs once and each layer's
+    rows and ALTI contributions are computed once for all positions. Used by `context_attribution`
+    to explain every token of a response.
+
+    Args:
+        cache_or_model: a decoder-only model (with `tokens=`: one sequence) or its cache (batch 1).
+        target: one token id or one-token string per position.
+        contrast: None, one token per position, distributions `[len(positions), vocab]`, or a
+            function of the logits at the positions, as `logit_attribution`'s `contrast` with one
+            item per position.
+        positions: the explained positions (ints; negative count from the end), in any order.
+        tokens, heads, check, dtype, attention, max_chunk_bytes: as for `logit_attribution`.
+
+    Returns:
+        A LogitAttribution whose batch axis is the positions (`position[i] = positions[i]`).
+    """
+    chunk = _checked_options(dtype, heads, check, max_chunk_bytes)
+    run = open_run(cache_or_model, tokens, None, None, "logit_attribution_at", decoder_only=True,
+                   attention=attention, max_chunk_bytes=chunk, dtype=dtype)
+    valid, _ = explained_masks(run, None, None)
+    if valid.shape[0] != 1:
+        raise InvalidArgumentError("tokens", tokens, f"one sequence (got a batch of {valid.shape[0]})")
+    rows = check_positions("positions", positions, valid[0].cpu())
+    if not rows:
+        raise InvalidArgumentError("positions", positions, "at least one position")
+    rows_2d = torch.tensor([rows], dtype=torch.long, device=valid.device)
+    return _attribute_rows(run, rows_2d, target, contrast, valid, None, heads=heads, check=check, dtype=dtype,
+                           chunk=chunk, decoder_tokens=None)
+
+
+def _checked_options(dtype: torch.dtype, heads: bool, check: bool, max_chunk_bytes: int) -> int:
+    """Check the options every logit attribution takes; the chunk budget."""
+    check_choice("dtype", dtype, DTYPES)
+    for flag, value in (("heads", heads), ("check", check)):
+        check_type(flag, value, bool, "True or False")
+    return AltiOptions.checked(max_chunk_bytes=max_chunk_bytes).max_chunk_bytes
+
+
+def _attribute_rows(
+    run: LogitRun, rows: Int[Tensor, "b m"], target: Any, contrast: Any, valid: Tensor, src_valid: Tensor | None,
+    *, heads: bool, check: bool, dtype: torch.dtype, chunk: int, decoder_tokens: Any,
+) -> LogitAttribution:
+    """Explain row `rows[b, j]` of batch item b as result item `b·m + j`: readout, top-down walk, result."""
+    batch, m = rows.shape
+    items = torch.arange(batch).repeat_interleave(m)
+    readout = readout_parts(run, target, contrast, items, rows.flatten(), dtype)
     sinks = None if src_valid is not None else SinkFinder(
         run.model, run.source.input_ids(run.tokens), valid, run.layout.family == "decoder", chunk
     )
@@ -507,23 +602,29 @@ def logit_attribution(
     gap = check_completeness(parts, readout, check, parts.activation_dtype)
     by_layer = to_tokens(run, parts, valid, src_valid, check, dtype)
     found = None if sinks is None else sinks.sinks()
-    return _result(run, parts, readout, by_layer, gap, rows, valid, src_valid, heads, decoder_tokens, found)
+    return _result(run, parts, readout, by_layer, gap, items, rows.flatten(), valid, src_valid, heads,
+                   decoder_tokens, found)
 
 
 def _result(
-    run: LogitRun, parts: DirectParts, readout: ReadoutParts, by_layer: Tensor, gap: Tensor, rows: Tensor,
-    valid: Tensor, src_valid: Tensor | None, keep_heads: bool, decoder_tokens: Any, sinks: Tensor | None,
+    run: LogitRun, parts: DirectParts, readout: ReadoutParts, by_layer: Tensor, gap: Tensor, items: Tensor,
+    rows: Tensor, valid: Tensor, src_valid: Tensor | None, keep_heads: bool, decoder_tokens: Any,
+    sinks: Tensor | None,
 ) -> LogitAttribution:
-    """Assemble the LogitAttribution: token totals (with the embedding on the explained token), labels and
-    the attention sinks of decoder-only runs (docs/spec.md §10; `sink` = their share of `tokens`)."""
+    """Assemble the LogitAttribution of the explained items (item i: row `rows[i]` of batch item `items[i]`):
+    token totals (with the embedding on the explained token), labels and the attention sinks of
+    decoder-only runs (docs/spec.md §10; `sink` = their share of `tokens`)."""
     assert parts.self_heads is not None  # internal: direct_parts refuses stacks without blocks
-    batch, src_len = len(rows), 0 if src_valid is None else src_valid.shape[1]
+    n_items, src_len = len(rows), 0 if src_valid is None else src_valid.shape[1]
     tok = by_layer.sum(1)
-    tok[torch.arange(batch, device=tok.device), rows.to(tok.device) + src_len] += parts.embedding
-    labels = token_labels(run.model, run.tokens, batch)
+    tok[torch.arange(n_items, device=tok.device), rows.to(tok.device) + src_len] += parts.embedding
+    labels = token_labels(run.model, run.tokens, valid.shape[0])
     if src_valid is not None and labels is not None:
-        dec = token_labels(run.model, decoder_tokens, batch, name="decoder_tokens")
+        dec = token_labels(run.model, decoder_tokens, valid.shape[0], name="decoder_tokens")
         labels = [s + t for s, t in zip(labels, dec, strict=True)] if dec is not None else None
+    labels = None if labels is None else [labels[int(i)] for i in items]
+    valid, sinks = valid[items.to(valid.device)], None if sinks is None else sinks[items.to(sinks.device)]
+    source_mask = None if src_valid is None else src_valid[items.to(src_valid.device)].long()
     has_tokenizer = getattr(run.model, "tokenizer", None) is not None
     name = lambda ids: None if ids is None or not has_tokenizer else decode_pieces(run.model, ids.tolist())  # noqa: E731
     return LogitAttribution(
@@ -549,8 +650,8 @@ def _result(
         cross_head_totals=None if parts.cross_heads is None else parts.cross_heads.sum(-1),
         str_tokens=labels,
         target_str=name(readout.target),
-        contrast_str=[_SOFT] * batch if readout.soft_contrast else name(readout.contrast),
-        extra={"reconstruction_error": parts.errors, "source_mask": None if src_valid is None else src_valid.long(),
+        contrast_str=[_SOFT] * n_items if readout.soft_contrast else name(readout.contrast),
+        extra={"reconstruction_error": parts.errors, "source_mask": source_mask,
                "soft_contrast": readout.soft_contrast},
         sinks=sinks,
     )

@@ -99,9 +99,9 @@ class Step:
 class LogitLayout:
     """What logit attribution reads: the embedding, the steps and the readout.
 
-    `readout(cache, rows=None)`: with `rows[b]`, every per-position tensor of the readout is read
-    at position `rows[b]` of item b only (`[b, 1, ...]`), so the logits of other positions are
-    never formed. `readout_hooks`: what the readout reads (the last residual stream).
+    `readout(cache, rows=None)`: with `rows[b]` or `rows[b, m]`, every per-position tensor of the
+    readout is read at those positions of item b only (`[b, 1, ...]` or `[b, m, ...]`), so the
+    logits of other positions are never formed. `readout_hooks`: what the readout reads (the last residual stream).
     """
 
     family: Literal["decoder", "encoder_decoder"]
@@ -199,11 +199,11 @@ def _readout_reader(model: Any, stack: str, n_layers: int) -> tuple[Callable[...
     cached: dict[str, FinalNorm] = {}
 
     def read(cache: Any, rows: Tensor | None = None) -> Readout:
-        def at(t: Tensor) -> Tensor:  # the explained position of each item only, [b, 1, ...]
+        def at(t: Tensor) -> Tensor:  # the explained positions of each item only, [b, m, ...]
             if rows is None:
                 return t
-            index = rows.to(t.device).view(-1, 1, *([1] * (t.dim() - 2))).expand(t.shape[0], 1, *t.shape[2:])
-            return t.gather(1, index)
+            index = rows.to(t.device).view(t.shape[0], -1, *([1] * (t.dim() - 2)))
+            return t.gather(1, index.expand(*index.shape[:2], *t.shape[2:]))
 
         x = at(cache[last])
         if "norm" not in cached:

@@ -17,20 +17,12 @@ from lens_alti.errors import (
 )
 from tests.support.errors import raises_exactly
 from tests.support.models import build_seq2seq
-from tests.support.reference_logit import reference_logit_decoder, reference_logit_marian
+from tests.support.reference_logit import close, reference_logit_decoder, reference_logit_marian
 from tests.support.tokenizer import tokenizer
-
-TOL = 1e-5
 
 
 def _ids(batch: int, pos: int, seed: int) -> torch.Tensor:
     return torch.randint(4, 1000, (batch, pos), generator=torch.Generator().manual_seed(seed))
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -> None:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=0)
 
 
 @pytest.fixture(scope="module")

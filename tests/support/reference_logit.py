@@ -347,3 +347,10 @@ def reference_logit_marian(
     o["head_totals"] = o["heads"].sum(-1)
     o["cross_head_totals"] = o["cross_heads"].sum(-1)
     return o
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    """`actual` equals the float64 reference `expected` within `tol` of the reference's scale (at least 1)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=0)
