@@ -57,11 +57,33 @@ def pattern_at(block: AttentionBlock, positions: Int[Tensor, "b r"]) -> Float[Te
     return gather_rows(block.pattern, positions, 2)
 
 
-def row_block(block: AttentionBlock, positions: Int[Tensor, "b r"]) -> AttentionBlock:
-    """The record with only the receivers `positions[b, r]` (sources untouched), dense rows.
+def span_at(block: AttentionBlock, positions: Int[Tensor, "b r"]) -> tuple[Float[Tensor, "b h r s"], int]:
+    """(the attention rows of receivers `positions[b, r]` over keys `lo .. lo + s − 1`, `lo`): every key
+    outside the span has weight exactly 0 in every row, and the span holds every receiver's own key."""
+    if block.pattern_rows is not None:
+        rows, lo = block.pattern_rows.span_rows(positions.to(block.residual.device))
+    else:
+        rows = gather_rows(block.pattern, positions, 2)
+        cols = (rows != 0).any(dim=2).any(dim=(0, 1)).nonzero().flatten()
+        lo = int(cols[0]) if len(cols) else int(positions.min())
+        rows = rows[..., lo : int(cols[-1]) + 1] if len(cols) else rows[..., :0]
+    first, last = int(positions.min()), int(positions.max()) + 1
+    before, after = max(0, lo - first), max(0, last - (lo + rows.shape[-1]))
+    if before or after:  # a receiver's own key (its residual's column) lies outside: widen with zeros
+        rows = torch.nn.functional.pad(rows, (before, after))
+        lo -= before
+    return rows, lo
+
+
+def row_block(
+    block: AttentionBlock, positions: Int[Tensor, "b r"], span: tuple[Tensor, int] | None = None
+) -> AttentionBlock:
+    """The record with only the receivers `positions[b, r]`, dense rows.
 
     The pattern rows, the residual, the output, the norm scale and a per-receiver `b_O` are
-    those of the receivers; `receivers` records their positions.
+    those of the receivers; `receivers` records their positions. With `span = (rows, lo)`
+    (`span_at`) the sources are cut to the span's keys `lo .. lo + s − 1` too, and `receivers`
+    counts from `lo`: the record of the same receivers over the keys their rows reach.
     """
     norm = block.norm
     if norm is not None:
@@ -69,15 +91,19 @@ def row_block(block: AttentionBlock, positions: Int[Tensor, "b r"]) -> Attention
     b_O = block.b_O
     if b_O is not None and b_O.dim() == 3:  # a per-receiver bias (recurrent mixers)
         b_O = gather_rows(b_O, positions, 1)
+    receivers = positions.to(block.residual.device, torch.long)
+    pattern, values = (pattern_at(block, positions), block.values) if span is None else (
+        span[0], block.values[:, span[1] : span[1] + span[0].shape[-1]])
     return replace(
         block,
-        pattern=pattern_at(block, positions),
+        pattern=pattern,
         pattern_rows=None,
+        values=values,
         b_O=b_O,
         residual=gather_rows(block.residual, positions, 1),
         target=gather_rows(block.target, positions, 1),
         norm=norm,
-        receivers=positions.to(block.residual.device, torch.long),
+        receivers=receivers if span is None else receivers - span[1],
     )
 
 
@@ -124,17 +150,36 @@ class RowWise:
 
     def vectors(self, positions: Int[Tensor, "b r"]) -> tuple[TransformedVectors, float]:
         """(the decomposed receivers `positions[b, r]`, their relative reconstruction error or NaN)."""
-        block = row_block(self.block, positions)
+        return self._decomposed(row_block(self.block, positions), positions, self.valid_k, self.vo)
+
+    def span_vectors(self, positions: Int[Tensor, "b r"]) -> tuple[TransformedVectors, float, int]:
+        """`vectors` over the keys the receivers' rows reach only, `lo .. lo + s − 1` (`span_at`; a
+        causal chunk's earlier keys, a sliding window's window): `(tv, error, lo)`, the sources of `tv`
+        (and its `receivers`) counted from `lo`. Self-attention records only (the residual's column is
+        the receiver's own key); others get every key, `lo = 0`."""
+        if self.block.residual_column != "diagonal":
+            tv, error = self.vectors(positions)
+            return tv, error, 0
+        rows, lo = span_at(self.block, positions)
+        keys = slice(lo, lo + rows.shape[-1])
+        block = row_block(self.block, positions, (rows, lo))
+        tv, error = self._decomposed(block, positions, self.valid_k[:, keys], self.vo[:, :, keys])
+        return tv, error, lo
+
+    def _decomposed(
+        self, block: AttentionBlock, positions: Tensor, valid_k: Tensor, vo: Tensor
+    ) -> tuple[TransformedVectors, float]:
+        """Check and decompose a record of receivers `positions` (`row_block`) with the sources' `valid_k`, `vo`."""
         valid_rows = self.valid_q.gather(1, positions.to(self.valid_q.device))
         for what, t in (("attention pattern", block.pattern), ("residual stream", block.residual),
                         ("block output", block.target)):
             _check_finite(block.name, what, t, valid_rows[:, None] if t.dim() == 4 else valid_rows, block.layer)
-        block = _isolate_rows(block, valid_rows, self.valid_k)
+        block = _isolate_rows(block, valid_rows, valid_k)
         if self.check:
             tolerance = 10 * HALF_TOLERANCE.get(block.pattern.dtype, 1e-4)
-            keys = None if bool(self.valid_k.all()) else self.valid_k  # padded keys are 0 already: no masked copy
+            keys = None if bool(valid_k.all()) else valid_k  # padded keys are 0 already: no masked copy
             check_pattern_distribution(block, valid_rows, keys, tolerance)
-        tv = decompose(block, dtype=self.dtype, valid_rows=valid_rows, vo=self.vo)
+        tv = decompose(block, dtype=self.dtype, valid_rows=valid_rows, vo=vo)
         if not self.check:
             return tv, float("nan")
         tolerance = HALF_TOLERANCE.get(block.target.dtype, RECONSTRUCTION_TOLERANCE)

@@ -5,8 +5,10 @@ pushed down through the blocks, `r ← r C^l`, starting from the top. `RowRollou
 vectors (any number per batch item) over the positions entering the current block, and
 `through(block)` replaces each by `r C^l`, computing `C^l` in chunks of receivers
 (`lens_alti.alti.rows.RowWise`) and never holding it whole: a chunk of receivers `R` adds
-`r[R] @ C^l[R, :]`. A chunk whose entries are 0 in every row vector is skipped (in a causal
-model, receivers after the explained position), unless one of its rows is kept.
+`r[R] @ C^l[R, :]`, over the keys the chunk's rows reach only (`RowWise.span_vectors`: a causal
+chunk's earlier keys, a sliding window's window). A chunk whose entries are 0 in every row
+vector is skipped (in a causal model, receivers after the explained position), unless one of its
+rows is kept.
 
 Used by `attribute(..., positions=...)` (the rollout rows of the explained positions after each
 layer) and by `logit_attribution` (each layer's update `Δ^l` pushed through the layers below it,
@@ -79,14 +81,18 @@ class RowRollout:
             if not wanted and not bool(V[:, :, i0:i1].any()):
                 continue
             positions = torch.arange(i0, i1, device=device).expand(b, i1 - i0)
-            tv, err = block.vectors(positions)
+            tv, err, lo = block.span_vectors(positions)  # sources lo .. hi − 1: the keys these rows reach
+            hi = lo + tv.weights.shape[-1]
             worst = err if worst != worst else max(worst, err)  # NaN-aware max
-            c = block_contributions(tv, measure, key_mask=key_mask, max_chunk_bytes=max_chunk_bytes, backend=backend)
+            span_mask = None if key_mask is None else key_mask[:, lo:hi]
+            c = block_contributions(tv, measure, key_mask=span_mask, max_chunk_bytes=max_chunk_bytes, backend=backend)
             rows = (c.tokens * block.valid_q[:, i0:i1, None].to(c.tokens.dtype)).to(V.device, V.dtype)
             if m:
-                out += torch.einsum("bmc,bck->bmk", V[:, :, i0:i1], rows[..., :keys])
+                out[..., lo:hi] += torch.einsum("bmc,bck->bmk", V[:, :, i0:i1], rows[..., : hi - lo])
             if wanted and keep is not None:
-                kept = _keep_rows(kept, rows, keep.to(V.device), i0, i1)
+                whole = rows.new_zeros(b, i1 - i0, keys)
+                whole[..., lo:hi] = rows[..., : hi - lo]
+                kept = _keep_rows(kept, whole, keep.to(V.device), i0, i1)
         self.vectors = out
         return kept, worst
 

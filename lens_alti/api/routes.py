@@ -186,3 +186,6 @@ class _ItemRows:
         everyone[self.batch] = positions[0]
         got = self.inner.rows(everyone)[self.batch : self.batch + 1]
         return got if bool(self.valid.all()) else got * self.valid[:, None, None, :].to(got.dtype)
+
+    def span_rows(self, positions: Tensor) -> tuple[Tensor, int]:
+        return self.rows(positions), 0

@@ -167,6 +167,18 @@ class RecomputedPattern:
 
     def rows(self, positions: Int[Tensor, "b r"]) -> Float[Tensor, "b h r k"]:
         """The attention rows of receivers `positions[b, r]` over every key, as the model's eager attention."""
+        probs, lo = self.span_rows(positions)
+        n_k = self.k.shape[2]
+        if probs.shape[-1] == n_k:
+            return probs
+        out = probs.new_zeros(*probs.shape[:3], n_k)
+        out[..., lo : lo + probs.shape[-1]] = probs
+        return out
+
+    def span_rows(self, positions: Int[Tensor, "b r"]) -> tuple[Float[Tensor, "b h r s"], int]:
+        """(the rows of `positions[b, r]` over the keys `lo .. lo + s − 1` only, `lo`): every key outside
+        the span is masked for every one of these rows (a causal chunk's later keys, a sliding
+        window's earlier ones), so its probability is exactly 0 and is never formed."""
         positions = positions.to(self.device, torch.long)
         b, h, _, e = self.q.shape
         h_kv, n_k = self.k.shape[1], self.k.shape[2]
@@ -185,12 +197,7 @@ class RecomputedPattern:
                 scores.masked_fill_(~part, torch.finfo(scores.dtype).min)
             else:
                 scores.add_(part.to(scores.dtype))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-        if (lo, hi) == (0, n_k):
-            return probs
-        out = probs.new_zeros(b, h, r, n_k)
-        out[..., lo:hi] = probs
-        return out
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype), lo
 
     def output(self, v: Float[Tensor, "b h_kv k e"]) -> Float[Tensor, "b h n e"]:
         """The attention output `A @ v` of every query, never forming all rows at once."""

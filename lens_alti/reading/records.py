@@ -37,8 +37,10 @@ class PatternRows(Protocol):
     """Attention rows computed on demand, for a block whose dense pattern is never formed.
 
     `rows(positions)` gives `[b, h, r, k]`: row `r` is the attention of receiver `positions[b, r]`
-    over every key, exactly the probabilities the model applied (docs/spec.md §9). `shape` is the
-    whole pattern's `[b, h, q, k]`; `dtype` and `device` those of the rows.
+    over every key, exactly the probabilities the model applied (docs/spec.md §9);
+    `span_rows(positions)` gives `(rows[b, h, r, s], lo)`, the same rows over keys `lo .. lo + s − 1`
+    only, every other key having probability exactly 0 in each of them. `shape` is the whole
+    pattern's `[b, h, q, k]`; `dtype` and `device` those of the rows.
     """
 
     shape: tuple[int, int, int, int]
@@ -46,6 +48,8 @@ class PatternRows(Protocol):
     device: torch.device
 
     def rows(self, positions: Int[Tensor, "b r"]) -> Float[Tensor, "b h r k"]: ...
+
+    def span_rows(self, positions: Int[Tensor, "b r"]) -> tuple[Float[Tensor, "b h r s"], int]: ...
 
 
 def pattern_placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -106,10 +106,16 @@ def test_row_vectors_through_a_block_are_the_matrix_product(decoder):
     assert chunk_rows(2, 4, N, 4 * 4 * 4 * N * 2) == 1  # two items of four heads: a 2-row budget per item
     calls = []
     roll = RowRollout(2, N, torch.float32, torch.device("cpu"))
-    roll.add(torch.zeros(2, 1, N))
     wise = RowWise(block, valid, valid, dtype=torch.float32, check=True)
-    wise_vectors = wise.vectors
-    wise.vectors = lambda positions: calls.append(positions) or wise_vectors(positions)  # type: ignore[method-assign]
+    for name in ("vectors", "span_vectors"):
+        computed = getattr(wise, name)
+        setattr(wise, name, lambda positions, computed=computed: calls.append(positions) or computed(positions))
+    roll.add(torch.ones(2, 1, N) * valid[:, None])
+    roll.through(wise, "l1", max_chunk_bytes=1)
+    assert len(calls) == N  # a row vector over every receiver: every receiver computed, one per chunk
+    calls.clear()
+    roll = RowRollout(2, N, torch.float32, torch.device("cpu"))
+    roll.add(torch.zeros(2, 1, N))
     roll.through(wise, "l1", max_chunk_bytes=1)
     assert calls == []  # every row vector is 0: no receiver is computed
 

@@ -93,6 +93,41 @@ def test_recomputed_rows_equal_the_eager_pattern(cls_name):
         assert bool((got[0, :, 3:, :3] == 0).all())  # real rows give padding exactly 0
 
 
+WINDOWED = ["Gemma2Attention", "MistralAttention"]  # the windowed families the float64 reference reads
+
+
+@pytest.mark.parametrize("cls_name", WINDOWED)
+def test_top_down_rows_over_the_window_only_equal_the_reference(cls_name, monkeypatch):
+    """The top-down rollout reads each chunk's rows over the keys they reach only (docs/spec.md §12a): a
+    sliding window of 4 < N gives chunks of one receiver at most 4 sources, and the rollout rows still
+    equal the dense float64 reference's (right padding: the reference shifts no position ids)."""
+    import lens_alti.alti.topdown as topdown
+    from tests.support.reference import reference_decoder_only
+
+    name, overrides = FAMILIES[cls_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf, bridge = build_tiny(name, **overrides)
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, 7:] = 0
+    widths: list[int] = []
+    contributions = topdown.block_contributions
+    monkeypatch.setattr(topdown, "block_contributions",
+                        lambda tv, *a, **k: widths.append(tv.weights.shape[-1]) or contributions(tv, *a, **k))
+    ref = reference_decoder_only(hf, IDS, attention_mask=mask)
+    for budget in (1, 2**28):  # one receiver per chunk, or all at once
+        widths.clear()
+        res = lens_alti.attribute(bridge, tokens=IDS, attention_mask=mask, positions=[-1, 5], attention="recomputed",
+                                  max_chunk_bytes=budget)
+        p = res.positions
+        want = torch.stack([ref["rollout"][b][:, p[b]] for b in range(2)])
+        torch.testing.assert_close(res.rollout.double(), want, atol=1e-5, rtol=0)
+        if budget == 1:
+            assert min(widths) <= 4 < N, widths  # a window's chunk: its 4 keys, not all N
+        else:
+            assert max(widths) <= N
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_forward_pass_with_recomputed_attention_equals_eager(arch):
     _, bridge = build_bridge(arch)

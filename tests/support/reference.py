@@ -75,7 +75,7 @@ def _layers(model: nn.Module) -> list[_Layer]:
         backbone = getattr(model, "transformer", model)
         h = cfg.n_head
         return [_Layer(b.ln_1, b.attn, h, h, cfg.n_embd // h, kind) for b in backbone.h]
-    if kind in ("llama", "gemma2"):
+    if kind in ("llama", "mistral", "gemma2"):  # Mistral: LLaMA's layout with a sliding window
         backbone = getattr(model, "model", model)
         out = []
         for b in backbone.layers:
@@ -141,7 +141,7 @@ def _values_and_out_proj(layer: _Layer, xn: torch.Tensor) -> tuple[torch.Tensor,
         v = v.view(b, n, h, dh)
         w_o = attn.c_proj.weight.view(h, dh, d)  # Conv1D weight is [in, out]
         b_o = attn.c_proj.bias
-    elif layer.kind in ("llama", "gemma2"):
+    elif layer.kind in ("llama", "mistral", "gemma2"):
         v = _linear(xn, attn.v_proj.weight, attn.v_proj.bias).view(b, n, n_kv, dh)
         v = v.repeat_interleave(h // n_kv, dim=2)  # query head q uses kv head q // (h // n_kv)
         w_o = attn.o_proj.weight.T.reshape(h, dh, d)  # Linear weight is [out, in]
